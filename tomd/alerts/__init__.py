@@ -1,0 +1,1 @@
+"""Stage 1: alert streams → normalised Alert records."""
