@@ -1,0 +1,1 @@
+"""Database: tables (models), the SQL (repository), migrations (migrate)."""

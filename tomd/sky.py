@@ -1,0 +1,183 @@
+"""Positions on the sky: separations, galactic coordinates, the HEALPix index.
+
+Pure functions. Every position is ICRS degrees. Separations use Vincenty's
+formula (stable at all distances, at the poles and across RA 0/360), never
+Euclidean differences of RA.
+
+The sky index is the nested HEALPix pixel at depth 29 (about 0.4 mas), a
+64-bit integer. A pixel at a coarser depth d covers the contiguous range
+``[p << 2(29-d), (p+1) << 2(29-d))`` of depth-29 indices, so a cone becomes
+a handful of integer ranges that any B-tree index answers in a few probes,
+whatever the number of targets.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import numpy as np
+
+INDEX_DEPTH = 29
+_DEG = math.pi / 180.0
+
+
+def separation_deg(ra1: float, dec1: float, ra2: float, dec2: float) -> float:
+    """Great-circle distance in degrees (Vincenty)."""
+    l1, b1, l2, b2 = ra1 * _DEG, dec1 * _DEG, ra2 * _DEG, dec2 * _DEG
+    dl = l2 - l1
+    sdl, cdl = math.sin(dl), math.cos(dl)
+    s1, c1 = math.sin(b1), math.cos(b1)
+    s2, c2 = math.sin(b2), math.cos(b2)
+    num1 = c2 * sdl
+    num2 = c1 * s2 - s1 * c2 * cdl
+    den = s1 * s2 + c1 * c2 * cdl
+    return math.atan2(math.hypot(num1, num2), den) / _DEG
+
+
+def separation_deg_array(ra1, dec1, ra2, dec2) -> np.ndarray:
+    """Vectorised :func:`separation_deg`."""
+    l1, b1 = np.radians(ra1), np.radians(dec1)
+    l2, b2 = np.radians(ra2), np.radians(dec2)
+    dl = l2 - l1
+    sdl, cdl = np.sin(dl), np.cos(dl)
+    s1, c1 = np.sin(b1), np.cos(b1)
+    s2, c2 = np.sin(b2), np.cos(b2)
+    num1 = c2 * sdl
+    num2 = c1 * s2 - s1 * c2 * cdl
+    den = s1 * s2 + c1 * c2 * cdl
+    return np.degrees(np.arctan2(np.hypot(num1, num2), den))
+
+
+@lru_cache(maxsize=1)
+def _icrs_to_galactic_matrix() -> np.ndarray:
+    """The ICRS→Galactic rotation, taken once from astropy (not hand-typed)."""
+    import astropy.units as u
+    from astropy.coordinates import SkyCoord
+
+    # The ICRS unit vectors x, y, z are (ra, dec) = (0, 0), (90, 0), (0, 90).
+    g = SkyCoord(ra=[0.0, 90.0, 0.0] * u.deg, dec=[0.0, 0.0, 90.0] * u.deg, frame="icrs").galactic
+    cart = g.cartesian
+    # Column j is the image of ICRS basis vector j.
+    return np.vstack([cart.x.value, cart.y.value, cart.z.value])
+
+
+def to_galactic(ra, dec):
+    """ICRS (deg) → Galactic (l, b) in degrees; scalars or arrays."""
+    ra_r, dec_r = np.radians(ra), np.radians(dec)
+    xyz = np.array([np.cos(dec_r) * np.cos(ra_r), np.cos(dec_r) * np.sin(ra_r), np.sin(dec_r)])
+    g = _icrs_to_galactic_matrix() @ xyz
+    lon = np.degrees(np.arctan2(g[1], g[0])) % 360.0
+    lat = np.degrees(np.arcsin(np.clip(g[2], -1.0, 1.0)))
+    if np.ndim(lon) == 0:
+        return float(lon), float(lat)
+    return lon, lat
+
+
+def check_position(ra: float, dec: float) -> tuple[float, float]:
+    """Validate and normalise a position: RA wrapped into [0, 360), Dec in [-90, 90]."""
+    if not (math.isfinite(ra) and math.isfinite(dec)):
+        raise ValueError(f"position must be finite, got ra={ra}, dec={dec}")
+    if not -90.0 <= dec <= 90.0:
+        raise ValueError(f"dec must be within [-90, 90] degrees, got {dec}")
+    return ra % 360.0, dec
+
+
+def parse_ra(text: str | float) -> float:
+    """RA in degrees from degrees ("150.1") or sexagesimal hours ("10:00:24.0", "10h00m24s")."""
+    return _parse_angle(text, is_ra=True)
+
+
+def parse_dec(text: str | float) -> float:
+    """Dec in degrees from degrees or sexagesimal degrees ("-12:30:00", "-12d30m")."""
+    return _parse_angle(text, is_ra=False)
+
+
+def _parse_angle(text: str | float, *, is_ra: bool) -> float:
+    from astropy import units as u
+    from astropy.coordinates import Angle
+
+    if isinstance(text, (int, float)):
+        value = float(text)
+    else:
+        s = str(text).strip()
+        if not s:
+            raise ValueError("empty angle")
+        try:
+            value = float(s)
+        except ValueError:
+            sexagesimal = any(c in s for c in ": hmsd°'\"")
+            if not sexagesimal:
+                raise ValueError(f"not an angle: {s!r}") from None
+            unit = u.hourangle if (is_ra and "d" not in s and "°" not in s) else u.deg
+            try:
+                value = float(Angle(s, unit=unit).deg)
+            except Exception as exc:  # astropy raises several kinds
+                raise ValueError(f"not an angle: {s!r} ({exc})") from None
+    if not math.isfinite(value):
+        raise ValueError(f"not a finite angle: {text!r}")
+    if is_ra:
+        if not 0.0 <= value <= 360.0:
+            raise ValueError(f"ra must be within [0, 360] degrees, got {value}")
+        return value % 360.0
+    if not -90.0 <= value <= 90.0:
+        raise ValueError(f"dec must be within [-90, 90] degrees, got {value}")
+    return value
+
+
+def sky_index(ra: float, dec: float) -> int:
+    """Nested HEALPix pixel of (ra, dec) at depth 29."""
+    return int(sky_index_array([ra], [dec])[0])
+
+
+def sky_index_array(ra, dec) -> np.ndarray:
+    # The Rust core of cdshealpix, called directly: its astropy wrapper costs
+    # ~400 µs per call in Quantity handling, the core ~2 µs. tests/test_sky.py
+    # checks both agree.
+    from cdshealpix import cdshealpix as core
+
+    lon = np.radians(np.asarray(ra, dtype=np.float64) % 360.0).reshape(-1)
+    lat = np.radians(np.asarray(dec, dtype=np.float64)).reshape(-1)
+    n = lon.shape[0]
+    ipix = np.empty(n, dtype=np.uint64)
+    dx = np.empty(n, dtype=np.float64)
+    dy = np.empty(n, dtype=np.float64)
+    depth = np.full(n, INDEX_DEPTH, dtype=np.uint8)
+    core.lonlat_to_healpix(depth, lon, lat, ipix, dx, dy, np.uint16(1))
+    return ipix.astype(np.int64)
+
+
+def _depth_for_radius(radius_deg: float) -> int:
+    # Mean pixel size at depth d is about 58.6° / 2**d. A cell a few times
+    # larger than the cone keeps the cover to a handful of cells (few ranges).
+    if radius_deg <= 0:
+        return INDEX_DEPTH
+    d = int(math.floor(math.log2(58.6 / (4.0 * radius_deg))))
+    return max(0, min(INDEX_DEPTH, d))
+
+
+def cone_ranges(ra: float, dec: float, radius_deg: float) -> list[tuple[int, int]]:
+    """Half-open depth-29 index ranges covering the cone (a superset; filter exactly after)."""
+    from cdshealpix import cdshealpix as core
+
+    if radius_deg >= 180.0:
+        return [(0, 12 << (2 * INDEX_DEPTH))]
+    depth = _depth_for_radius(radius_deg)
+    # Rust core directly, as in sky_index_array; same arguments as
+    # cdshealpix.nested.cone_search(lon, lat, radius, depth, depth_delta=2).
+    ipix, depths, _ = core.cone_search(
+        np.uint8(depth), np.uint8(2), np.float64(math.radians(ra % 360.0)),
+        np.float64(math.radians(dec)), np.float64(math.radians(radius_deg)), False,
+    )
+    ranges = []
+    for p, d in zip(ipix.tolist(), depths.tolist()):
+        shift = 2 * (INDEX_DEPTH - int(d))
+        ranges.append((int(p) << shift, (int(p) + 1) << shift))
+    ranges.sort()
+    merged: list[tuple[int, int]] = []
+    for lo, hi in ranges:
+        if merged and lo <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(hi, merged[-1][1]))
+        else:
+            merged.append((lo, hi))
+    return merged
