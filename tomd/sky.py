@@ -181,3 +181,12 @@ def cone_ranges(ra: float, dec: float, radius_deg: float) -> list[tuple[int, int
         else:
             merged.append((lo, hi))
     return merged
+
+
+def cells_of_ranges(ranges: list[tuple[int, int]], depth: int) -> list[int]:
+    """The depth-``depth`` cells that the depth-29 ranges touch (sorted)."""
+    shift = 2 * (INDEX_DEPTH - depth)
+    cells: set[int] = set()
+    for lo, hi in ranges:
+        cells.update(range(lo >> shift, ((hi - 1) >> shift) + 1))
+    return sorted(cells)

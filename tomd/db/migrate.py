@@ -17,6 +17,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session, sessionmaker
 
 from tomd.errors import DatabaseNotReady, redact
 
@@ -33,15 +34,28 @@ def connect(url: str, *, pool_size: int = 5, echo: bool = False) -> Engine:
         engine = create_engine(url, echo=echo, connect_args={"timeout": 30})
 
         @event.listens_for(engine, "connect")
-        def _sqlite_pragmas(dbapi_conn, _record):  # pragma: no cover - trivial
+        def _sqlite_pragmas(dbapi_conn, _record):
+            # Let SQLAlchemy's "begin" event open transactions (below), not pysqlite.
+            dbapi_conn.isolation_level = None
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA foreign_keys=ON")
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA synchronous=NORMAL")
             cur.close()
 
+        @event.listens_for(engine, "begin")
+        def _sqlite_begin(conn):
+            # Take the write lock at BEGIN: two processes that both look for a
+            # target and then create it are serialised, not interleaved.
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+
         return engine
     return create_engine(url, echo=echo, pool_size=pool_size, pool_pre_ping=True)
+
+
+def sessions(engine: Engine) -> sessionmaker[Session]:
+    """The session factory; objects stay readable after commit."""
+    return sessionmaker(engine, expire_on_commit=False)
 
 
 def _alembic_config() -> AlembicConfig:

@@ -1,0 +1,393 @@
+"""The ``tomd`` command. The only place that configures logging.
+
+Every user mistake ends as one clear line on stderr and exit status 1 (2 for
+usage errors, from argparse); tracebacks are for bugs only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from tomd import __version__
+from tomd.errors import ConfigError, DatabaseNotReady, InputError, NotFoundError, TomdError, UserError
+
+log = logging.getLogger("tomd")
+
+
+# ------------------------------------------------------------ app context --
+
+
+@dataclass
+class App:
+    """What a command needs, built lazily from the config."""
+
+    config_arg: str | None
+
+    @cached_property
+    def config(self):
+        from tomd.config import load_config, resolve_config_path
+
+        return load_config(resolve_config_path(self.config_arg) if self.config_arg else None)
+
+    @cached_property
+    def engine(self):
+        from tomd.db.migrate import connect
+
+        db = self.config.database
+        return connect(_db_url(db), pool_size=db.pool_size, echo=db.echo)
+
+    @cached_property
+    def sessions(self):
+        """Session factory on a database at the current schema revision."""
+        from tomd.db.migrate import ensure_current, sessions
+
+        ensure_current(self.engine)
+        return sessions(self.engine)
+
+
+def _db_url(db) -> str:
+    """The database URL with its password (from ``password``/``password_file``) filled in."""
+    from sqlalchemy.engine import make_url
+
+    url = make_url(db.url)
+    if db.password is not None:
+        url = url.set(password=db.password.reveal())
+    return url.render_as_string(hide_password=False)
+
+
+# --------------------------------------------------------------- commands --
+
+
+def cmd_config_check(app: App, args) -> int:
+    from tomd.config import check_config_file, resolve_config_path
+
+    path = resolve_config_path(app.config_arg)
+    if not path.exists():
+        print(f"{path}: no such file", file=sys.stderr)
+        return 1
+    problems = check_config_file(path)
+    for p in problems:
+        print(p, file=sys.stderr)
+    if not problems:
+        print(f"{path}: OK")
+    return 1 if problems else 0
+
+
+def cmd_db_upgrade(app: App, args) -> int:
+    from tomd.db.migrate import upgrade
+
+    before, after = upgrade(app.engine)
+    if before == after:
+        print(f"database already at revision {after}")
+    else:
+        print(f"database migrated from {before or 'empty'} to {after}")
+    return 0
+
+
+def cmd_db_status(app: App, args) -> int:
+    from tomd.db.migrate import current_revision, head_revision
+
+    cur, head = current_revision(app.engine), head_revision()
+    print(f"revision {cur or 'none'} (this tomd: {head})")
+    return 0 if cur == head else 1
+
+
+def _spec_from_args(args):
+    from tomd import sky
+    from tomd.targets.io import _infer
+    from tomd.targets.model import ELEMENT_FIELDS, TargetSpec
+
+    def angle(value, parse, field):
+        if value is None:
+            return None
+        try:
+            return parse(value)
+        except ValueError as exc:
+            raise InputError(str(exc), field=f"--{field}") from None
+
+    extras = {}
+    for item in args.extra or []:
+        if "=" not in item:
+            raise InputError(f"expected KEY=VALUE, got {item!r}", field="--extra")
+        k, v = item.split("=", 1)
+        extras[k.strip()] = _infer(v.strip())
+    return TargetSpec(
+        name=args.name,
+        ra=angle(args.ra, sky.parse_ra, "ra"),
+        dec=angle(args.dec, sky.parse_dec, "dec"),
+        epoch=args.epoch, pm_ra=args.pm_ra, pm_dec=args.pm_dec,
+        parallax=args.parallax, distance=args.distance,
+        scheme=args.scheme,
+        aliases=tuple(args.alias or ()), tags=tuple(args.tag or ()), lists=tuple(args.list or ()),
+        extras=extras, name_source="user",
+        **{f: getattr(args, f) for f in ELEMENT_FIELDS},
+    )
+
+
+def cmd_target_add(app: App, args) -> int:
+    from tomd.targets.model import SpecError
+    from tomd.targets.store import upsert
+
+    spec = _spec_from_args(args)
+    try:
+        with app.sessions.begin() as s:
+            res = upsert(s, spec, radius_arcsec=app.config.targets.match_radius_arcsec, origin="cli")
+            from tomd.db.repository import get_target
+
+            name = get_target(s, res.target_id).name
+    except SpecError as exc:
+        raise InputError(str(exc).split(": ", 1)[1], field=f"--{exc.field.replace('_', '-')}") from None
+    if res.created:
+        print(f"created target #{res.target_id} {name}")
+    else:
+        how = "name" if res.match.by == "name" else f'position ({res.match.separation_arcsec:.2f}" away)'
+        print(f"matched existing target #{res.target_id} {name} by {how}")
+        if res.new_names:
+            print(f"  added names: {', '.join(res.new_names)}")
+        if res.changes:
+            print(f"  updated: {', '.join(res.changes)}")
+    for n in res.conflicts:
+        print(f"  warning: name {n!r} already belongs to another target; not added", file=sys.stderr)
+    return 0
+
+
+def _parse_cone(values: Sequence[str]) -> tuple[float, float, float]:
+    from tomd import sky
+
+    ra_s, dec_s, r_s = values
+    try:
+        ra, dec = sky.parse_ra(ra_s), sky.parse_dec(dec_s)
+    except ValueError as exc:
+        raise InputError(str(exc), field="--cone") from None
+    try:
+        radius = float(r_s)
+    except ValueError:
+        raise InputError(f"radius must be arcseconds, got {r_s!r}", field="--cone") from None
+    if radius <= 0:
+        raise InputError(f"radius must be > 0 arcseconds, got {r_s}", field="--cone")
+    return ra, dec, radius
+
+
+def cmd_target_list(app: App, args) -> int:
+    from tomd.db import repository as repo
+    from tomd.targets.store import cone, describe
+
+    with app.sessions() as s:
+        seps: dict[int, float] = {}
+        ids = None
+        if args.cone:
+            ra, dec, radius = _parse_cone(args.cone)
+            hits = cone(s, ra, dec, radius)
+            seps = dict(hits)
+            ids = [h[0] for h in hits]
+        rows = describe(s, repo.query_targets(s, ids=ids, tag=args.tag, list_name=args.list, limit=args.limit))
+    if seps:
+        for r in rows:
+            r["separation_arcsec"] = seps[r["id"]]
+        rows.sort(key=lambda r: r["separation_arcsec"])
+    if args.json:
+        print(json.dumps(rows, indent=2, default=str))
+        return 0
+    if not rows:
+        print("no targets", file=sys.stderr)
+        return 0
+    cols = ["id", "name", "ra", "dec", "tags"] + (["separation_arcsec"] if seps else [])
+    _print_table(rows, cols)
+    return 0
+
+
+def _print_table(rows: list[dict[str, Any]], cols: list[str]) -> None:
+    def cell(v: Any) -> str:
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            return f"{v:.6f}" if abs(v) < 1000 else f"{v:.2f}"
+        if isinstance(v, list):
+            return ",".join(map(str, v)) or "-"
+        return str(v)
+
+    table = [[cell(r.get(c)) for c in cols] for r in rows]
+    heads = [c.replace("separation_arcsec", 'sep(")') for c in cols]
+    widths = [max(len(h), *(len(t[i]) for t in table)) for i, h in enumerate(heads)]
+    print("  ".join(h.ljust(w) for h, w in zip(heads, widths)))
+    for t in table:
+        print("  ".join(v.ljust(w) for v, w in zip(t, widths)))
+
+
+def cmd_target_show(app: App, args) -> int:
+    from tomd.targets.store import describe, resolve
+
+    with app.sessions() as s:
+        t = resolve(s, args.name)
+        if t is None:
+            raise NotFoundError(f"no target named {args.name!r}")
+        d = describe(s, [t])[0]
+    if args.json:
+        print(json.dumps(d, indent=2, default=str))
+        return 0
+    print(f"#{d['id']} {d['name']} ({d['type']})")
+    for k, v in d.items():
+        if k in ("id", "name", "type") or v in (None, [], {}):
+            continue
+        print(f"  {k:13s} {v}")
+    return 0
+
+
+def cmd_target_import(app: App, args) -> int:
+    from tomd.targets.importer import import_file
+
+    path = Path(args.file)
+    report = import_file(app.sessions, path, radius_arcsec=app.config.targets.match_radius_arcsec,
+                         progress=None if not args.no_progress else False)
+    for line in report.errors + report.warnings:
+        print(line, file=sys.stderr)
+    print(f"{path}: {report.created} created, {report.updated} updated, {report.unchanged} unchanged, "
+          f"{len(report.errors)} bad rows")
+    return 0 if report.ok else 1
+
+
+def cmd_target_export(app: App, args) -> int:
+    from tomd.db import repository as repo
+    from tomd.targets.io import export_rows, write_csv, write_ecsv
+    from tomd.targets.store import describe
+
+    with app.sessions() as s:
+        rows = describe(s, repo.query_targets(s, tag=args.tag, list_name=args.list))
+    header, out = export_rows(rows)
+    text = write_ecsv(header, out) if args.format == "ecsv" else write_csv(header, out)
+    if args.output and args.output != "-":
+        Path(args.output).write_text(text, encoding="utf-8")
+        print(f"wrote {len(out)} targets to {args.output}", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def cmd_demo(app: App, args) -> int:
+    from tomd.demo import run_demo
+
+    return run_demo(Path(args.workdir))
+
+
+# ----------------------------------------------------------------- parser --
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tomd", description="Headless Target and Observation Manager.")
+    p.add_argument("--config", "-c", help="config file (default: $TOMD_CONFIG or ./tomd.toml)")
+    p.add_argument("--log-format", choices=["text", "json"], help="log line format (default: from config)")
+    p.add_argument("--verbose", "-v", action="store_true", help="debug logging")
+    p.add_argument("--version", action="version", version=f"tomd {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def leaf(parent, name: str, func: Callable, help_: str) -> argparse.ArgumentParser:
+        q = parent.add_parser(name, help=help_, description=help_)
+        q.set_defaults(func=func)
+        return q
+
+    config = sub.add_parser("config", help="configuration").add_subparsers(dest="sub", required=True, metavar="SUB")
+    leaf(config, "check", cmd_config_check, "validate the config file; exit 1 with one line per problem")
+
+    db = sub.add_parser("db", help="database schema").add_subparsers(dest="sub", required=True, metavar="SUB")
+    leaf(db, "upgrade", cmd_db_upgrade, "create or migrate the database schema")
+    leaf(db, "status", cmd_db_status, "show the schema revision")
+
+    target = sub.add_parser("target", help="targets").add_subparsers(dest="sub", required=True, metavar="SUB")
+    q = leaf(target, "add", cmd_target_add, "add a target, or merge into the one it matches")
+    q.add_argument("name")
+    q.add_argument("--ra", help="degrees or sexagesimal hours (10:00:24.1)")
+    q.add_argument("--dec", help="degrees or sexagesimal degrees (-12:30:00)")
+    q.add_argument("--epoch", type=float, help="Julian year of ra/dec (default J2000)")
+    q.add_argument("--pm-ra", type=float, help="proper motion in RA*cos(dec), mas/yr")
+    q.add_argument("--pm-dec", type=float, help="proper motion in Dec, mas/yr")
+    q.add_argument("--parallax", type=float, help="mas")
+    q.add_argument("--distance", type=float, help="pc")
+    q.add_argument("--scheme", help="orbital elements: MPC_MINOR_PLANET, MPC_COMET or JPL_MAJOR_PLANET")
+    from tomd.targets.model import ELEMENT_FIELDS
+
+    for f in ELEMENT_FIELDS:
+        q.add_argument(f"--{f}", type=float, help=argparse.SUPPRESS)
+    q.add_argument("--alias", action="append", help="another name (repeatable)")
+    q.add_argument("--tag", action="append", help="a tag (repeatable)")
+    q.add_argument("--list", action="append", help="a target list (repeatable)")
+    q.add_argument("--extra", action="append", metavar="KEY=VALUE", help="a typed extra (repeatable)")
+
+    q = leaf(target, "list", cmd_target_list, "list targets")
+    q.add_argument("--json", action="store_true")
+    q.add_argument("--cone", nargs=3, metavar=("RA", "DEC", "RADIUS_ARCSEC"), help="targets within a cone")
+    q.add_argument("--tag")
+    q.add_argument("--list")
+    q.add_argument("--limit", type=int)
+
+    q = leaf(target, "show", cmd_target_show, "show one target by any of its names")
+    q.add_argument("name")
+    q.add_argument("--json", action="store_true")
+
+    q = leaf(target, "import", cmd_target_import, "import targets from CSV or ECSV")
+    q.add_argument("file")
+    q.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
+
+    q = leaf(target, "export", cmd_target_export, "export targets as CSV or ECSV")
+    q.add_argument("--format", choices=["csv", "ecsv"], default="csv")
+    q.add_argument("--output", "-o", help="file (default: stdout)")
+    q.add_argument("--tag")
+    q.add_argument("--list")
+
+    q = leaf(sub, "demo", cmd_demo, "run the whole pipeline on embedded defaults and summarise")
+    q.add_argument("--workdir", default="demo-work", help="where the demo keeps its database and files")
+    return p
+
+
+def _setup_logging(args, app: App) -> None:
+    fmt = args.log_format
+    level = logging.DEBUG if args.verbose else logging.INFO
+    if fmt is None:
+        try:
+            fmt = app.config.logging.format
+            level = logging.DEBUG if args.verbose else getattr(logging, app.config.logging.level)
+        except TomdError:
+            fmt = "text"  # a bad config is reported by the command itself
+    from tomd.logs import configure
+
+    configure(fmt=fmt, level=level)
+
+
+_NEGATIVE_ANGLE = re.compile(r"^-\d[\d:.hdms'\"°]*$")
+
+
+def _protect_negative_angles(argv: Sequence[str]) -> list[str]:
+    # argparse takes "-12:30:00" for an option; a leading space hides it
+    # (angle parsing strips it). No tomd option starts with a digit.
+    return [f" {a}" if _NEGATIVE_ANGLE.match(a) else a for a in argv]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(_protect_negative_angles(sys.argv[1:] if argv is None else argv))
+    app = App(args.config)
+    try:
+        if args.func is not cmd_config_check:
+            _setup_logging(args, app)
+        return args.func(app, args)
+    except ConfigError as exc:
+        for line in exc.problems:
+            print(line, file=sys.stderr)
+        return 1
+    except (UserError, DatabaseNotReady) as exc:
+        print(f"tomd: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Stage 2: targets: names, positions, matching, import/export."""
