@@ -109,14 +109,24 @@ class _Invalid(Exception):
     """A value failed a check; the message says what was expected."""
 
 
+def _expects(text: str):
+    """Name what a check wants ("an http(s) URL"), also used for type errors."""
+    def mark(check):
+        check.expected = text
+        return check
+    return mark
+
+
 def opt(default: Any = MISSING, *, factory: Any = MISSING,
         check: Callable[[Any], Any] | None = None,
         parse: Callable[[Any], Any] | None = None,
+        precheck: Callable[[Any, tuple, Any], None] | None = None,
         redacted: bool = False, repr: bool = True) -> Any:
     """A dataclass field with validation metadata.
 
     ``parse`` replaces type conversion (it gets the raw TOML value, strings
-    already ``${}``-expanded); ``check`` runs after conversion; ``redacted``
+    already ``${}``-expanded); ``check`` runs after conversion; ``precheck``
+    looks at the raw value (reporting through ``ctx.bad``) before; ``redacted``
     passes the shown value through :func:`tomd.errors.redact`; ``repr=False``
     keeps a credential-like value (a Slack webhook URL) out of ``repr()``.
     """
@@ -125,6 +135,8 @@ def opt(default: Any = MISSING, *, factory: Any = MISSING,
         meta["check"] = check
     if parse is not None:
         meta["parse"] = parse
+    if precheck is not None:
+        meta["precheck"] = precheck
     return field(default=default, default_factory=factory, metadata=meta, repr=repr)
 
 
@@ -153,21 +165,21 @@ def parse_duration(value: Any) -> float:
 def _between(lo: float | None = None, hi: float | None = None, *, above: float | None = None):
     """A range check: ``lo <= v <= hi`` and ``v > above`` (each optional)."""
     if lo is not None and hi is not None:
-        expected = f"expected a number from {lo:g} to {hi:g}"
+        bounds = f"from {lo:g} to {hi:g}"
     else:
-        parts = ([f"greater than {above:g}"] if above is not None else []) + \
-                ([f"at least {lo:g}"] if lo is not None else []) + \
-                ([f"at most {hi:g}"] if hi is not None else [])
-        expected = "expected a number " + " and ".join(parts)
+        bounds = " and ".join(([f"greater than {above:g}"] if above is not None else [])
+                              + ([f"at least {lo:g}"] if lo is not None else [])
+                              + ([f"at most {hi:g}"] if hi is not None else []))
 
     def check(v):
         if ((above is not None and not v > above) or (lo is not None and v < lo)
                 or (hi is not None and v > hi)):
-            raise _Invalid(expected)
+            raise _Invalid(f"expected {'an integer' if isinstance(v, int) else 'a number'} {bounds}")
         return v
     return check
 
 
+@_expects('an http(s) URL')
 def _http_url(v: str) -> str:
     parts = urlsplit(v)
     if parts.scheme not in ("http", "https") or not parts.hostname or any(c.isspace() for c in v):
@@ -178,6 +190,7 @@ def _http_url(v: str) -> str:
 _HOSTPORT = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(\d{1,5})")
 
 
+@_expects('host:port, like "127.0.0.1:9464"')
 def _host_port(v: str) -> str:
     m = _HOSTPORT.fullmatch(v)
     if not m or not 0 < int(m.group(1)) < 65536:
@@ -185,6 +198,7 @@ def _host_port(v: str) -> str:
     return v
 
 
+@_expects('host:port[,host:port...], like "localhost:9092"')
 def _bootstrap(v: str) -> str:
     parts = [p.strip() for p in v.split(",")]
     for p in parts:
@@ -194,6 +208,7 @@ def _bootstrap(v: str) -> str:
     return ",".join(parts)
 
 
+@_expects('sqlite:///PATH or postgresql+psycopg://USER@HOST/DB')
 def _database_url(v: str) -> str:
     if v.startswith("postgresql://"):
         v = "postgresql+psycopg://" + v[len("postgresql://"):]
@@ -204,6 +219,7 @@ def _database_url(v: str) -> str:
     raise _Invalid("expected sqlite:///PATH or postgresql+psycopg://USER@HOST/DB")
 
 
+@_expects('file://PATH or s3://BUCKET/PREFIX')
 def _storage_url(v: str) -> str:
     if v.startswith("file://") and len(v) > len("file://"):
         return v
@@ -259,6 +275,23 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _NAME_HELP = "expected a name of letters, digits, '-', '_' or '.'"
 
 
+def _check_names(raw: Any, path: tuple, ctx: _Ctx) -> None:
+    """Table keys that name things (facilities, channels) must be simple names."""
+    for name in raw if isinstance(raw, dict) else ():
+        if not _NAME.fullmatch(name):
+            ctx.bad(path + (name,), f"{_NAME_HELP}, got {_show(name)}")
+
+
+def _check_unique_names(raw: Any, path: tuple, ctx: _Ctx) -> None:
+    seen: dict[str, int] = {}
+    for i, item in enumerate(raw if isinstance(raw, list) else ()):
+        name = item.get("name") if isinstance(item, dict) else None
+        if isinstance(name, str) and name in seen:
+            ctx.bad(path + (i, "name"), f'duplicate stream name "{name}" (also streams[{seen[name]}])')
+        elif isinstance(name, str):
+            seen[name] = i
+
+
 def _is_kafka_secret(key: str) -> bool:
     k = key.lower()
     return k == "sasl.password" or "secret" in k or "password" in k
@@ -285,10 +318,12 @@ class Database:
     @classmethod
     def _check(cls, values: dict, path: tuple, ctx: _Ctx) -> None:
         url = values.get("url", "sqlite:///tomd.db")
+        password = values.get("password")
+        if url is _FAIL or password is _FAIL:
+            return
         parts = urlsplit(url)
         userinfo, at, hostport = parts.netloc.rpartition("@")
         user, colon, inline_pw = userinfo.partition(":")
-        password = values.get("password")
         if url.startswith("sqlite:"):
             if password is not None:
                 ctx.bad(path + ("password",), "a sqlite database takes no password")
@@ -328,8 +363,10 @@ class Stream:
 
     @classmethod
     def _check(cls, values: dict, path: tuple, ctx: _Ctx) -> None:
-        if values.get("kind", "kafka") == "kafka" and not values.get("bootstrap"):
+        if values.get("kind", "kafka") == "kafka" and "bootstrap" not in values:
             ctx.bad(path + ("bootstrap",), 'missing required key for a kafka stream; expected host:port[,host:port...]')
+        if values.get("kafka", {}) is _FAIL:
+            return
         kafka = dict(values.get("kafka", {}))
         for key in ("bootstrap.servers", "group.id"):
             if key in kafka:
@@ -367,10 +404,12 @@ class Facility:
 
     @classmethod
     def _check(cls, values: dict, path: tuple, ctx: _Ctx) -> None:
-        kind = values["kind"]
-        if kind != "sim" and values.get("url") is None:
+        kind = values.get("kind", _FAIL)
+        if kind is _FAIL:
+            return
+        if kind != "sim" and "url" not in values:
             ctx.bad(path + ("url",), f'missing required key for a "{kind}" facility; expected an http(s) URL')
-        if kind in ("lco", "soar") and values.get("token") is None:
+        if kind in ("lco", "soar") and "token" not in values:
             ctx.bad(path + ("token",), f'missing required key for a "{kind}" facility; '
                     "expected an API token (or token_file)")
 
@@ -441,28 +480,25 @@ class Channel:
 
     @classmethod
     def _check(cls, values: dict, path: tuple, ctx: _Ctx) -> None:
-        kind = values["kind"]
-        if kind in ("slack", "webhook") and values.get("url") is None:
+        kind = values.get("kind", _FAIL)
+        if kind is _FAIL:
+            return
+        if kind in ("slack", "webhook") and "url" not in values:
             ctx.bad(path + ("url",), f'missing required key for a "{kind}" channel; expected an http(s) URL')
         if kind == "email":
-            if not values.get("smtp_host"):
+            if "smtp_host" not in values:
                 ctx.bad(path + ("smtp_host",), 'missing required key for an "email" channel; expected a host name')
-            if not values.get("to"):
+            to = values.get("to", [])
+            if not to:
                 ctx.bad(path + ("to",), 'missing required key for an "email" channel; expected a list of addresses')
-            for i, addr in enumerate(values.get("to", [])):
+            for i, addr in enumerate(to if to is not _FAIL else []):
                 if not re.fullmatch(r"[^@\s]+@[^@\s]+", addr):
                     ctx.bad(path + ("to", i), f"expected an e-mail address, got {_show(addr)}")
 
 
 @dataclass(frozen=True, kw_only=True)
 class Notify:
-    channels: dict[str, Channel] = opt(factory=dict)
-
-    @classmethod
-    def _check(cls, values: dict, path: tuple, ctx: _Ctx) -> None:
-        for name in values.get("channels", {}):
-            if not _NAME.fullmatch(name):
-                ctx.bad(path + ("channels", name), f"{_NAME_HELP}, got {_show(name)}")
+    channels: dict[str, Channel] = opt(factory=dict, precheck=_check_names)
 
 
 def _default_facilities() -> dict[str, Facility]:
@@ -474,8 +510,8 @@ class Config:
     """The whole configuration. ``Config()`` is the embedded default."""
 
     database: Database = opt(factory=Database)
-    streams: list[Stream] = opt(factory=list)
-    facilities: dict[str, Facility] = opt(factory=_default_facilities)
+    streams: list[Stream] = opt(factory=list, precheck=_check_unique_names)
+    facilities: dict[str, Facility] = opt(factory=_default_facilities, precheck=_check_names)
     storage: Storage = opt(factory=Storage)
     targets: Targets = opt(factory=Targets)
     rules: Rules = opt(factory=Rules)
@@ -485,18 +521,6 @@ class Config:
     notify: Notify = opt(factory=Notify)
     source: Optional[Path] = field(default=None, compare=False, metadata={"internal": True})
     """The file this was read from (None for the embedded defaults)."""
-
-    @classmethod
-    def _check(cls, values: dict, path: tuple, ctx: _Ctx) -> None:
-        seen: dict[str, int] = {}
-        for i, stream in enumerate(values.get("streams", [])):
-            if stream.name in seen:
-                ctx.bad(("streams", i, "name"),
-                        f'duplicate stream name "{stream.name}" (also streams[{seen[stream.name]}])')
-            seen.setdefault(stream.name, i)
-        for name in values.get("facilities", {}):
-            if not _NAME.fullmatch(name):
-                ctx.bad(("facilities", name), f"{_NAME_HELP}, got {_show(name)}")
 
 
 # --------------------------------------------------------------------------
@@ -582,7 +606,7 @@ def _build(cls: type, raw: Any, path: KeyPath, ctx: _Ctx) -> Any:
     for key in raw:
         if key not in known:
             ctx.bad(path + (key,), _unknown_key(key, known))
-    values: dict[str, Any] = {}
+    values: dict[str, Any] = {}  # given keys only; _FAIL where conversion failed
     ok = True
     for name, f in flds.items():
         if name in secrets:
@@ -591,22 +615,21 @@ def _build(cls: type, raw: Any, path: KeyPath, ctx: _Ctx) -> Any:
             value = _field(raw[name], hints[name], f.metadata, path + (name,), ctx)
         else:
             value = _ABSENT
-        if value is _FAIL:
-            ok = False
-        elif value is _ABSENT:
+        if value is _ABSENT:
             if f.default is MISSING and f.default_factory is MISSING:
-                ctx.bad(path + (name,), f"missing required key; expected {_describe(hints[name])}")
+                ctx.bad(path + (name,), f"missing required key; expected {_describe(hints[name], f.metadata)}")
                 ok = False
         else:
             values[name] = value
-    if not ok:
-        return _FAIL
+            ok = ok and value is not _FAIL
+    # Cross-field checks run even when some field failed (they skip _FAIL
+    # values), so that every problem is reported in one go.
     check = getattr(cls, "_check", None)
+    before = len(ctx.problems)
     if check is not None:
-        before = len(ctx.problems)
         check(values, path, ctx)
-        if len(ctx.problems) > before:
-            return _FAIL
+    if not ok or len(ctx.problems) > before:
+        return _FAIL
     return cls(**values)
 
 
@@ -631,6 +654,12 @@ def _secret_field(raw: dict, name: str, path: KeyPath, ctx: _Ctx) -> Any:
 
 
 def _field(raw: Any, hint: Any, meta: Mapping, path: KeyPath, ctx: _Ctx) -> Any:
+    if "precheck" in meta:
+        before = len(ctx.problems)
+        meta["precheck"](raw, path, ctx)
+        if len(ctx.problems) > before:
+            _field(raw, hint, {k: v for k, v in meta.items() if k != "precheck"}, path, ctx)
+            return _FAIL
     shown = raw
     if "parse" in meta:
         if isinstance(raw, str):
@@ -643,7 +672,8 @@ def _field(raw: Any, hint: Any, meta: Mapping, path: KeyPath, ctx: _Ctx) -> Any:
         except _Invalid as e:
             ctx.bad(path, f"{e}, got {_show(shown, meta.get('redacted', False))}")
             return _FAIL
-    value = _convert(raw, hint, path, ctx, meta.get("redacted", False))
+    expected = getattr(meta.get("check"), "expected", None)
+    value = _convert(raw, hint, path, ctx, meta.get("redacted", False), expected)
     if value is _FAIL or "check" not in meta or value is None:
         return value
     try:
@@ -653,7 +683,8 @@ def _field(raw: Any, hint: Any, meta: Mapping, path: KeyPath, ctx: _Ctx) -> Any:
         return _FAIL
 
 
-def _convert(raw: Any, hint: Any, path: KeyPath, ctx: _Ctx, redacted: bool = False) -> Any:
+def _convert(raw: Any, hint: Any, path: KeyPath, ctx: _Ctx, redacted: bool = False,
+             expected: str | None = None) -> Any:
     """Convert one TOML value to ``hint``; _FAIL (and a problem) if it does not fit."""
     from_env = isinstance(raw, str) and "${" in raw
     if isinstance(raw, str):
@@ -663,7 +694,7 @@ def _convert(raw: Any, hint: Any, path: KeyPath, ctx: _Ctx, redacted: bool = Fal
     origin, args = typing.get_origin(hint), typing.get_args(hint)
 
     def wrong() -> Any:
-        ctx.bad(path, f"expected {_describe(hint)}, got {_show(raw, redacted)}")
+        ctx.bad(path, f"expected {expected or _describe(hint)}, got {_show(raw, redacted)}")
         return _FAIL
 
     if hint is Any:
@@ -671,7 +702,7 @@ def _convert(raw: Any, hint: Any, path: KeyPath, ctx: _Ctx, redacted: bool = Fal
     if origin in (Union, types.UnionType):
         choices = [a for a in args if a is not type(None)]
         if len(choices) == 1:
-            return _convert(raw, choices[0], path, ctx, redacted)
+            return _convert(raw, choices[0], path, ctx, redacted, expected)
         # a union of scalars (kafka settings): keep the TOML value as it is
         scalars = tuple(a for a in choices if a in (str, int, float, bool))
         return raw if isinstance(raw, scalars) else wrong()
@@ -736,7 +767,9 @@ def _strip_optional(hint: Any) -> Any:
     return hint
 
 
-def _describe(hint: Any) -> str:
+def _describe(hint: Any, meta: Mapping = {}) -> str:
+    if getattr(meta.get("check"), "expected", None):
+        return meta["check"].expected
     hint = _strip_optional(hint)
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin is Literal:
@@ -785,6 +818,8 @@ def _show(value: Any, redacted: bool = False) -> str:
             value = redact(value)
         text = json.dumps(value, ensure_ascii=False)
         return text if len(text) <= 80 else text[:76] + '..."'
+    if value == [] or value == {}:
+        return "[]" if value == [] else "{}"
     return _kind_word(value)
 
 
@@ -974,9 +1009,10 @@ def _from_dict(raw: dict, file: Path, text: str, env: Mapping[str, str]) -> Conf
     config = _build(Config, raw, (), ctx)
     if ctx.problems:
         lines = _key_lines(text)
+        located = [(_line_of(p, lines), p, message) for p, message in ctx.problems]
+        located.sort(key=lambda x: x[0] or 0)  # file order; stable within a line
         out = []
-        for p, message in ctx.problems:
-            line = _line_of(p, lines)
+        for line, p, message in located:
             where = f"{file}:{line}" if line else str(file)
             out.append(f"{where}: {_render(p)}: {message}" if p else f"{where}: {message}")
         raise ConfigError(out)
