@@ -230,17 +230,25 @@ def _storage_url(v: str) -> str:
 
 
 def _start(v: Any) -> str:
+    """"earliest", "latest" or a timestamp, returned as ISO-8601 with an
+    explicit offset (a timestamp without one is UTC)."""
+    if v in ("earliest", "latest"):
+        return v
+    when = None
     if isinstance(v, _dt.datetime):  # an unquoted TOML date-time
-        return v.isoformat()
-    if isinstance(v, str):
-        if v in ("earliest", "latest"):
-            return v
+        when = v
+    elif isinstance(v, _dt.date):
+        when = _dt.datetime(v.year, v.month, v.day)
+    elif isinstance(v, str):
         try:
-            _dt.datetime.fromisoformat(v)
-            return v
+            when = _dt.datetime.fromisoformat(v)
         except ValueError:
             pass
-    raise _Invalid('expected "earliest", "latest" or an ISO-8601 timestamp')
+    if when is None:
+        raise _Invalid('expected "earliest", "latest" or an ISO-8601 timestamp')
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=_dt.timezone.utc)
+    return when.isoformat()
 
 
 def _topics(v: list[str]) -> list[str]:
@@ -273,6 +281,30 @@ KafkaValue = Union[str, int, float, bool]
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _NAME_HELP = "expected a name of letters, digits, '-', '_' or '.'"
+
+
+def _simple_name(v: str) -> str:
+    if not _NAME.fullmatch(v):
+        raise _Invalid(_NAME_HELP)
+    return v
+
+
+def _consumer_group(v: str) -> str:
+    if not v.strip() or any(c.isspace() for c in v):
+        raise _Invalid("expected a consumer group name without spaces")
+    return v
+
+
+def _redact_url(url: str) -> str:
+    """``scheme://user:PASSWORD@host/...`` → ``scheme://user:***@host/...``.
+
+    Everything up to the last "@" is user info, so a password holding "@" or
+    "/" is still hidden (over-redacting an odd path is the safe error)."""
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, host = rest.rpartition("@")
+    if sep and at and ":" in userinfo:
+        return f"{scheme}://{userinfo.split(':', 1)[0]}:***@{host}"
+    return redact(url)
 
 
 def _check_names(raw: Any, path: tuple, ctx: _Ctx) -> None:
@@ -309,7 +341,7 @@ class Database:
 
     @property
     def safe_url(self) -> str:
-        return redact(self.url)
+        return _redact_url(self.url)
 
     def __repr__(self) -> str:
         return (f"Database(url={self.safe_url!r}, password={self.password!r}, "
@@ -343,12 +375,12 @@ class Database:
 
 @dataclass(frozen=True, kw_only=True)
 class Stream:
-    name: str = opt(check=lambda v: _match(_NAME, v, _NAME_HELP))
+    name: str = opt(check=_simple_name)
     kind: Literal["kafka", "file"] = "kafka"
     bootstrap: Optional[str] = opt(None, check=_bootstrap)
     topics: list[str] = opt(check=_topics)
     format: StreamFormat = opt()
-    group: str = opt("tomd", check=lambda v: _match(re.compile(r"\S+"), v, "expected a non-empty consumer group"))
+    group: str = opt("tomd", check=_consumer_group)
     start: str = opt("earliest", parse=_start)
     batch_size: int = opt(500, check=_between(1, 100000))
     batch_timeout: float = opt(0.5, parse=parse_duration)
@@ -815,18 +847,12 @@ def _show(value: Any, redacted: bool = False) -> str:
         return repr(value)
     if isinstance(value, str):
         if redacted:
-            value = redact(value)
+            value = _redact_url(value)
         text = json.dumps(value, ensure_ascii=False)
         return text if len(text) <= 80 else text[:76] + '..."'
     if value == [] or value == {}:
         return "[]" if value == [] else "{}"
     return _kind_word(value)
-
-
-def _match(pattern: re.Pattern, value: str, help_: str) -> str:
-    if not pattern.fullmatch(value):
-        raise _Invalid(help_)
-    return value
 
 
 def _unknown_key(key: str, known: set[str]) -> str:
@@ -902,7 +928,7 @@ def _scan_rest(text: str, state: dict) -> None:
             i += 1
 
 
-def _key_lines(text: str) -> dict[KeyPath, int]:
+def _key_lines(text: str) -> dict[KeyPath, int] | None:
     lines: dict[KeyPath, int] = {}
     counts: dict[KeyPath, int] = {}  # array-of-tables path → number of elements so far
     table: KeyPath = ()
@@ -924,7 +950,7 @@ def _key_lines(text: str) -> dict[KeyPath, int]:
         if m and line.lstrip().startswith("["):
             keys = _split_key(m.group(2))
             if keys is None:
-                return lines
+                return None
             if m.group(1) == "[[":
                 prefix = resolve(keys[:-1]) + (keys[-1],)
                 counts[prefix] = counts.get(prefix, 0) + 1
@@ -939,10 +965,34 @@ def _key_lines(text: str) -> dict[KeyPath, int]:
         if m:
             keys = _split_key(m.group(1))
             if keys is None:
-                return lines
+                return None
             for j in range(1, len(keys) + 1):
                 lines.setdefault(table + keys[:j], lineno)
             _scan_rest(line[m.end():], state)
+        elif line.strip() and not line.lstrip().startswith("#"):
+            return None  # valid TOML has nothing else here: the scan lost track
+    return None if state["ml"] or state["depth"] else lines
+
+
+def _exists(doc: Any, path: KeyPath) -> bool:
+    for part in path:
+        if isinstance(part, int):
+            if not isinstance(doc, list) or part >= len(doc):
+                return False
+        elif not isinstance(doc, dict) or part not in doc:
+            return False
+        doc = doc[part]
+    return True
+
+
+def _reliable_key_lines(text: str, doc: dict) -> dict[KeyPath, int]:
+    """Line numbers only if the scan agrees with what tomllib parsed."""
+    try:
+        lines = _key_lines(text)
+    except Exception:  # a scanner bug must never hide the real problem
+        return {}
+    if lines is None or not all(_exists(doc, p) for p in lines):
+        return {}
     return lines
 
 
@@ -1008,7 +1058,7 @@ def _from_dict(raw: dict, file: Path, text: str, env: Mapping[str, str]) -> Conf
     ctx = _Ctx(env, file.parent)
     config = _build(Config, raw, (), ctx)
     if ctx.problems:
-        lines = _key_lines(text)
+        lines = _reliable_key_lines(text, raw)
         located = [(_line_of(p, lines), p, message) for p, message in ctx.problems]
         located.sort(key=lambda x: x[0] or 0)  # file order; stable within a line
         out = []
