@@ -151,6 +151,10 @@ def cmd_target_add(app: App, args) -> int:
     else:
         how = "name" if res.match.by == "name" else f'position ({res.match.separation_arcsec:.2f}" away)'
         print(f"matched existing target #{res.target_id} {name} by {how}")
+        sep = res.match.separation_arcsec
+        if res.match.by == "name" and sep is not None and sep > app.config.targets.match_radius_arcsec:
+            print(f'  warning: the stored position is {sep:.1f}" from the one given; it was kept',
+                  file=sys.stderr)
         if res.new_names:
             print(f"  added names: {', '.join(res.new_names)}")
         if res.changes:

@@ -58,17 +58,35 @@ def cone(s: Session, ra: float, dec: float, radius_arcsec: float) -> list[tuple[
 
 
 def match(s: Session, spec: TargetSpec, radius_arcsec: float = DEFAULT_RADIUS_ARCSEC) -> Match | None:
-    """The existing target ``spec`` denotes, by name first, then by position."""
+    """The existing target ``spec`` denotes.
+
+    In order: its primary name; else the nearest target within the radius;
+    else one of its aliases. A position beats an alias because an alias that
+    points far away is more likely a mistake than the position is; the alias
+    is then reported as a conflict and stays where it is.
+    """
     known = repo.target_id_by_norm(s, [normalize(n) for n in spec.names()])
-    if known:
-        # The primary name decides when names point at different targets.
-        tid = known.get(normalize(spec.name)) or next(iter(known.values()))
-        return Match(tid, "name")
+    primary = known.get(normalize(spec.name))
+    if primary is not None:
+        return Match(primary, "name", _separation(s, primary, spec))
     if spec.ra is not None and spec.dec is not None and radius_arcsec > 0:
         hits = cone(s, spec.ra, spec.dec, radius_arcsec)
         if hits:
             return Match(hits[0][0], "position", hits[0][1])
+    if known:
+        tid = next(iter(known.values()))
+        return Match(tid, "name", _separation(s, tid, spec))
     return None
+
+
+def _separation(s: Session, target_id: int, spec: TargetSpec) -> float | None:
+    """Arcseconds between a stored target and the spec's position, when both have one."""
+    if spec.ra is None or spec.dec is None:
+        return None
+    t = repo.get_target(s, target_id)
+    if t is None or t.ra is None or t.dec is None:
+        return None
+    return sky.separation_deg(t.ra, t.dec, spec.ra, spec.dec) * 3600.0
 
 
 def upsert(
