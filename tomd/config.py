@@ -127,7 +127,7 @@ def opt(default: Any = MISSING, *, factory: Any = MISSING,
     ``parse`` replaces type conversion (it gets the raw TOML value, strings
     already ``${}``-expanded); ``check`` runs after conversion; ``precheck``
     looks at the raw value (reporting through ``ctx.bad``) before; ``redacted``
-    passes the shown value through :func:`tomd.errors.redact`; ``repr=False``
+    hides a URL's password in messages; ``repr=False``
     keeps a credential-like value (a Slack webhook URL) out of ``repr()``.
     """
     meta: dict[str, Any] = {"redacted": redacted}
@@ -407,10 +407,12 @@ class Stream:
         for key in list(kafka):
             base = key[:-len("_file")] if key.endswith("_file") else None
             if base is not None and _is_kafka_secret(base):
-                value = ctx.read_secret_file(kafka.pop(key), path + ("kafka", key))
+                file_name = kafka.pop(key)
                 if base in kafka:
                     ctx.bad(path + ("kafka", key), f"{base} and {key} are both set; keep one")
-                elif value is not None:
+                    continue
+                value = ctx.read_secret_file(file_name, path + ("kafka", key))
+                if value is not None:
                     kafka[base] = value
         for key, value in list(kafka.items()):
             if _is_kafka_secret(key) and not isinstance(value, Secret):
