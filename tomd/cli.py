@@ -34,16 +34,16 @@ class App:
 
     @cached_property
     def config(self):
-        from tomd.config import load_config, resolve_config_path
+        from tomd.config import load_config
 
-        return load_config(resolve_config_path(self.config_arg) if self.config_arg else None)
+        return load_config(self.config_arg)
 
     @cached_property
     def engine(self):
         from tomd.db.migrate import connect
 
         db = self.config.database
-        return connect(_db_url(db), pool_size=db.pool_size, echo=db.echo)
+        return connect(db.url, pool_size=db.pool_size, echo=db.echo)
 
     @cached_property
     def sessions(self):
@@ -52,16 +52,6 @@ class App:
 
         ensure_current(self.engine)
         return sessions(self.engine)
-
-
-def _db_url(db) -> str:
-    """The database URL with its password (from ``password``/``password_file``) filled in."""
-    from sqlalchemy.engine import make_url
-
-    url = make_url(db.url)
-    if db.password is not None:
-        url = url.set(password=db.password.reveal())
-    return url.render_as_string(hide_password=False)
 
 
 # --------------------------------------------------------------- commands --

@@ -118,10 +118,10 @@ def _parse_angle(text: str | float, *, is_ra: bool) -> float:
         raise ValueError(f"not a finite angle: {text!r}")
     if is_ra:
         if not 0.0 <= value <= 360.0:
-            raise ValueError(f"ra must be within [0, 360] degrees, got {value}")
+            raise ValueError(f"expected degrees within [0, 360], got {value:g}")
         return value % 360.0
     if not -90.0 <= value <= 90.0:
-        raise ValueError(f"dec must be within [-90, 90] degrees, got {value}")
+        raise ValueError(f"expected degrees within [-90, 90], got {value:g}")
     return value
 
 

@@ -1,0 +1,95 @@
+"""The tomd command, end to end in-process, on both databases."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tomd.cli import main
+
+
+@pytest.fixture
+def config(db, tmp_path, monkeypatch):
+    path = tmp_path / "tomd.toml"
+    path.write_text(f'[database]\nurl = "{db.url}"\n')
+    monkeypatch.setenv("TOMD_CONFIG", str(path))
+    return path
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_target_add_show_list_cone(config, capsys):
+    code, out, _ = run(capsys, "target", "add", "SN 2025xyz", "--ra", "10:00:24", "--dec", "-12:30:00",
+                       "--alias", "ZTF25aaabbbc", "--tag", "sn", "--extra", "redshift=0.05")
+    assert code == 0 and "created target #1 SN 2025xyz" in out
+    code, out, _ = run(capsys, "target", "add", "other name", "--ra", "150.1", "--dec", "-12.5002")
+    assert code == 0 and "matched existing target #1" in out and "position" in out
+    code, out, _ = run(capsys, "target", "show", "ztf 25aaabbbc", "--json")
+    shown = json.loads(out)
+    assert shown["ra"] == pytest.approx(150.1) and shown["extras"] == {"redshift": 0.05}
+    assert shown["aliases"] == ["ZTF25aaabbbc", "other name"]
+    run(capsys, "target", "add", "far", "--ra", "150.2", "--dec", "-12.5")
+    code, out, _ = run(capsys, "target", "list", "--json", "--cone", "10:00:24", "-12:30:00", "10")
+    hits = json.loads(out)
+    assert [h["name"] for h in hits] == ["SN 2025xyz"] and hits[0]["separation_arcsec"] < 1e-6
+    code, out, _ = run(capsys, "target", "list", "--tag", "sn")
+    assert code == 0 and "SN 2025xyz" in out and "far" not in out
+
+
+def test_bad_input_is_one_line_and_exit_1(config, capsys):
+    code, _, err = run(capsys, "target", "add", "x", "--ra", "400", "--dec", "0")
+    assert code == 1 and err.strip() == "tomd: --ra: expected degrees within [0, 360], got 400"
+    code, _, err = run(capsys, "target", "show", "nope")
+    assert code == 1 and "no target named 'nope'" in err
+    code, _, err = run(capsys, "target", "add", "x", "--ra", "1", "--dec", "1", "--scheme", "MPC_COMET")
+    assert code == 1 and "Traceback" not in err and "--epochofel" in err
+
+
+def test_import_exit_status_and_export(config, capsys, tmp_path):
+    good = tmp_path / "good.csv"
+    good.write_text("name,ra,dec\nA,1,2\nB,3,4\n")
+    bad = tmp_path / "bad.csv"
+    bad.write_text("name,ra,dec\nC,5,6\nD,5,100\n")
+    code, out, _ = run(capsys, "target", "import", str(good))
+    assert code == 0 and "2 created" in out
+    code, out, err = run(capsys, "target", "import", str(bad))
+    assert code == 1 and f"{bad}:3: dec:" in err and "1 created" in out
+    code, out, _ = run(capsys, "target", "export")
+    assert out.splitlines()[0].startswith("name,type,ra,dec") and len(out.splitlines()) == 4
+
+
+def test_unmigrated_database_is_refused_with_the_fix(tmp_path, capsys, monkeypatch):
+    path = tmp_path / "tomd.toml"
+    path.write_text(f'[database]\nurl = "sqlite:///{tmp_path / "new.db"}"\n')
+    monkeypatch.setenv("TOMD_CONFIG", str(path))
+    code, _, err = run(capsys, "target", "list")
+    assert code == 1 and "run `tomd db upgrade`" in err
+    code, out, _ = run(capsys, "db", "upgrade")
+    assert code == 0 and "migrated" in out
+    code, out, _ = run(capsys, "db", "upgrade")
+    assert code == 0 and "already" in out
+    code, _, _ = run(capsys, "target", "list")
+    assert code == 0
+
+
+def test_config_check(tmp_path, capsys):
+    good = tmp_path / "good.toml"
+    good.write_text('[database]\nurl = "sqlite:///x.db"\n')
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[database]\nurl = 42\n[facilities.lco]\nkind = "lco"\nurl = "ftp://x"\nbogus = 1\n')
+    assert run(capsys, "--config", str(good), "config", "check")[0] == 0
+    code, _, err = run(capsys, "--config", str(bad), "config", "check")
+    lines = err.strip().splitlines()
+    assert code == 1 and len(lines) == 4  # the three above and lco's missing token
+    assert all(line.startswith(f"{bad}") for line in lines)
+    assert any("database.url" in line for line in lines)
+    assert any("facilities.lco.url" in line for line in lines)
+    assert any("facilities.lco.bogus" in line for line in lines)
+    assert any("facilities.lco.token" in line for line in lines)
+    code, _, err = run(capsys, "--config", str(tmp_path / "missing.toml"), "config", "check")
+    assert code == 1 and "no such file" in err
