@@ -10,11 +10,14 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from sqlalchemy import and_, delete, func, insert, or_, select, text
+from functools import lru_cache
+
+from sqlalchemy import and_, bindparam, delete, func, insert, or_, select, text
 from sqlalchemy.orm import Session
 
 from tomd.db.models import (
     OutboxEvent,
+    utcnow,
     Target,
     TargetList,
     TargetListMember,
@@ -30,27 +33,57 @@ def get_target(s: Session, target_id: int) -> Target | None:
     return s.get(Target, target_id)
 
 
+# Hot-path statements are built once with bind parameters: building a
+# SQLAlchemy expression costs more than running the query on an index.
+_NAMES = TargetName.__table__
+_BY_NORM = select(_NAMES.c.norm, _NAMES.c.target_id).where(_NAMES.c.norm.in_(bindparam("norms", expanding=True)))
+
+
 def target_id_by_norm(s: Session, norms: Sequence[str]) -> dict[str, int]:
     """Map each known normalised name in ``norms`` to its target id."""
     if not norms:
         return {}
-    rows = s.execute(select(TargetName.norm, TargetName.target_id).where(TargetName.norm.in_(list(norms))))
+    rows = s.execute(_BY_NORM, {"norms": list(norms)})
     return {norm: tid for norm, tid in rows}
+
+
+@lru_cache(maxsize=64)
+def _in_ranges(n: int):
+    t = Target.__table__
+    cond = or_(*(and_(t.c.hpx >= bindparam(f"lo{i}"), t.c.hpx < bindparam(f"hi{i}")) for i in range(n)))
+    return select(t.c.id, t.c.ra, t.c.dec).where(cond)
 
 
 def targets_in_ranges(s: Session, ranges: Sequence[tuple[int, int]]) -> list[tuple[int, float, float]]:
     """(id, ra, dec) of targets whose sky index falls in any half-open range."""
     if not ranges:
         return []
-    cond = or_(*(and_(Target.hpx >= lo, Target.hpx < hi) for lo, hi in ranges))
-    return [tuple(r) for r in s.execute(select(Target.id, Target.ra, Target.dec).where(cond))]
+    params = {}
+    for i, (lo, hi) in enumerate(ranges):
+        params[f"lo{i}"], params[f"hi{i}"] = lo, hi
+    return [tuple(r) for r in s.execute(_in_ranges(len(ranges)), params)]
 
 
-def insert_target(s: Session, columns: dict[str, Any]) -> Target:
-    row = Target(**columns)
-    s.add(row)
-    s.flush()
-    return row
+# Core statements on the tables (not the ORM entities): the ORM's bulk
+# path costs ~0.5 ms per call, Core ~0.05 ms.
+_TARGETS = Target.__table__
+_INSERT_TARGET = _TARGETS.insert().returning(_TARGETS.c.id)
+_TARGET_ROW = select(_TARGETS).where(_TARGETS.c.id == bindparam("id"))
+
+
+def target_row(s: Session, target_id: int):
+    """The target's columns as a read-only mapping (cheaper than the ORM object)."""
+    return s.execute(_TARGET_ROW, {"id": target_id}).mappings().first()
+
+
+def update_target(s: Session, target_id: int, values: dict[str, Any]) -> None:
+    s.execute(_TARGETS.update().where(_TARGETS.c.id == target_id).values(modified_at=utcnow(), **values))
+
+
+def insert_target(s: Session, columns: dict[str, Any]) -> int:
+    """Insert a target row; returns its id."""
+    now = utcnow()
+    return s.execute(_INSERT_TARGET, {"created_at": now, "modified_at": now, **columns}).scalar_one()
 
 
 def bulk_insert_targets(s: Session, rows: list[dict[str, Any]], names: list[dict[str, Any]]) -> None:
@@ -65,10 +98,10 @@ def max_target_id(s: Session) -> int:
     return s.scalar(select(func.coalesce(func.max(Target.id), 0))) or 0
 
 
-def add_name(s: Session, target_id: int, name: str, norm: str, *, primary: bool = False,
-             source: str | None = None) -> None:
-    s.add(TargetName(target_id=target_id, name=name, norm=norm, primary=primary, source=source))
-    s.flush()
+def add_names(s: Session, rows: list[dict[str, Any]]) -> None:
+    """Insert name rows (target_id, name, norm, primary, source)."""
+    if rows:
+        s.execute(TargetName.__table__.insert(), rows)
 
 
 def names_of(s: Session, target_ids: Iterable[int]) -> dict[int, list[TargetName]]:
@@ -111,6 +144,9 @@ def lists_of(s: Session, target_ids: Iterable[int]) -> dict[int, list[str]]:
 
 def add_tags(s: Session, target_id: int, tags: Iterable[str]) -> list[str]:
     """Add tags the target lacks; return the ones added."""
+    tags = list(tags)
+    if not tags:
+        return []
     have = set(s.scalars(select(TargetTag.tag).where(TargetTag.target_id == target_id)))
     new = [t for t in dict.fromkeys(tags) if t not in have]
     for t in new:
@@ -122,7 +158,7 @@ def add_tags(s: Session, target_id: int, tags: Iterable[str]) -> list[str]:
 
 def add_to_lists(s: Session, target_id: int, list_names: Iterable[str]) -> list[str]:
     """Put the target on the named lists (creating lists as needed); return lists joined."""
-    added = []
+    added: list[str] = []
     for name in dict.fromkeys(list_names):
         lst = s.scalar(select(TargetList).where(TargetList.name == name))
         if lst is None:
@@ -190,10 +226,10 @@ def lock_sky_cells(s: Session, cells: Sequence[int]) -> None:
 # ------------------------------------------------------------------ outbox --
 
 
-def add_event(s: Session, event: Event, *, target_id: int | None = None) -> OutboxEvent:
-    row = OutboxEvent(kind=event.kind, version=event.version, payload=event.payload(), target_id=target_id)
-    s.add(row)
-    return row
+def add_event(s: Session, event: Event, *, target_id: int | None = None) -> None:
+    """Write ``event`` to the outbox in the caller's transaction."""
+    s.execute(OutboxEvent.__table__.insert(), [{"kind": event.kind, "version": event.version, "payload": event.payload(),
+                                     "target_id": target_id, "created_at": utcnow()}])
 
 
 def events_since(s: Session, after_id: int = 0, limit: int = 1000) -> list[OutboxEvent]:

@@ -65,7 +65,14 @@ def match(s: Session, spec: TargetSpec, radius_arcsec: float = DEFAULT_RADIUS_AR
     points far away is more likely a mistake than the position is; the alias
     is then reported as a conflict and stays where it is.
     """
-    known = repo.target_id_by_norm(s, [normalize(n) for n in spec.names()])
+    return _match(s, spec, radius_arcsec, _known_names(s, spec))
+
+
+def _known_names(s: Session, spec: TargetSpec) -> dict[str, int]:
+    return repo.target_id_by_norm(s, list({normalize(n) for n in spec.names()}))
+
+
+def _match(s: Session, spec: TargetSpec, radius_arcsec: float, known: dict[str, int]) -> Match | None:
     primary = known.get(normalize(spec.name))
     if primary is not None:
         return Match(primary, "name", _separation(s, primary, spec))
@@ -83,10 +90,10 @@ def _separation(s: Session, target_id: int, spec: TargetSpec) -> float | None:
     """Arcseconds between a stored target and the spec's position, when both have one."""
     if spec.ra is None or spec.dec is None:
         return None
-    t = repo.get_target(s, target_id)
-    if t is None or t.ra is None or t.dec is None:
+    t = repo.target_row(s, target_id)
+    if t is None or t["ra"] is None or t["dec"] is None:
         return None
-    return sky.separation_deg(t.ra, t.dec, spec.ra, spec.dec) * 3600.0
+    return sky.separation_deg(t["ra"], t["dec"], spec.ra, spec.dec) * 3600.0
 
 
 def upsert(
@@ -107,63 +114,64 @@ def upsert(
     if spec.ra is not None and spec.dec is not None:
         ranges = sky.cone_ranges(spec.ra, spec.dec, max(radius_arcsec, 1e-3) / 3600.0)
         repo.lock_sky_cells(s, sky.cells_of_ranges(ranges, _LOCK_DEPTH))
-    found = match(s, spec, radius_arcsec)
+    known = _known_names(s, spec)
+    found = _match(s, spec, radius_arcsec, known)
     if found is None:
-        return _create(s, spec, origin)
-    return _merge(s, found, spec, origin)
+        return _create(s, spec, origin, known)
+    return _merge(s, found, spec, origin, known)
 
 
-def _create(s: Session, spec: TargetSpec, origin: str) -> UpsertResult:
+def _create(s: Session, spec: TargetSpec, origin: str, known: dict[str, int]) -> UpsertResult:
     columns = {f: getattr(spec, f) for f in (*SIDEREAL_FIELDS, *ELEMENT_FIELDS, "scheme")}
     columns.update(derived_columns(spec))
-    row = repo.insert_target(s, {"name": spec.name, "extras": dict(spec.extras), **columns})
-    names, conflicts = _add_names(s, row.id, spec, primary_first=True)
-    repo.add_tags(s, row.id, spec.tags)
-    repo.add_to_lists(s, row.id, spec.lists)
-    repo.add_event(s, TargetCreated(row.id, row.name, row.ra, row.dec, origin), target_id=row.id)
-    return UpsertResult(row.id, True, None, tuple(names), {}, tuple(conflicts))
+    tid = repo.insert_target(s, {"name": spec.name, "extras": dict(spec.extras), **columns})
+    names, conflicts = _add_names(s, tid, spec, known, primary_first=True)
+    repo.add_tags(s, tid, spec.tags)
+    repo.add_to_lists(s, tid, spec.lists)
+    repo.add_event(s, TargetCreated(tid, spec.name, spec.ra, spec.dec, origin), target_id=tid)
+    return UpsertResult(tid, True, None, tuple(names), {}, tuple(conflicts))
 
 
-def _merge(s: Session, found: Match, spec: TargetSpec, origin: str) -> UpsertResult:
-    row = repo.get_target(s, found.target_id)
+def _merge(s: Session, found: Match, spec: TargetSpec, origin: str, known: dict[str, int]) -> UpsertResult:
+    row = repo.target_row(s, found.target_id)
     assert row is not None
     changes: dict[str, Any] = {}
     # Fill what is missing; never move a stored position or change its kind.
-    if row.type == spec.type:
+    if row["type"] == spec.type:
         for f in (*SIDEREAL_FIELDS, *ELEMENT_FIELDS, "scheme"):
             new = getattr(spec, f)
-            if new is not None and getattr(row, f) is None:
-                setattr(row, f, new)
+            if new is not None and row[f] is None:
                 changes[f] = new
-        if "ra" in changes or "dec" in changes:
-            for k, v in derived_columns(spec).items():
-                setattr(row, k, v)
-    extras = dict(row.extras or {})
+    update = dict(changes)
+    if "ra" in changes or "dec" in changes:
+        update.update(derived_columns(spec))
+    extras = dict(row["extras"] or {})
     for k, v in spec.extras.items():
         if extras.get(k) != v:
             extras[k] = v
             changes[f"extras.{k}"] = v
-    if extras != (row.extras or {}):
-        row.extras = extras
-    names, conflicts = _add_names(s, row.id, spec, primary_first=False)
-    tags = repo.add_tags(s, row.id, spec.tags)
-    lists = repo.add_to_lists(s, row.id, spec.lists)
+    if extras != (row["extras"] or {}):
+        update["extras"] = extras
+    if update:
+        repo.update_target(s, row["id"], update)
+    names, conflicts = _add_names(s, row["id"], spec, known, primary_first=False)
+    tags = repo.add_tags(s, row["id"], spec.tags)
+    lists = repo.add_to_lists(s, row["id"], spec.lists)
     if tags:
         changes["tags"] = tags
     if lists:
         changes["lists"] = lists
     if changes or names:
-        s.flush()
-        repo.add_event(s, TargetUpdated(row.id, row.name, changes, tuple(names), origin), target_id=row.id)
-    return UpsertResult(row.id, False, found, tuple(names), changes, tuple(conflicts))
+        repo.add_event(s, TargetUpdated(row["id"], row["name"], changes, tuple(names), origin), target_id=row["id"])
+    return UpsertResult(row["id"], False, found, tuple(names), changes, tuple(conflicts))
 
 
-def _add_names(s: Session, target_id: int, spec: TargetSpec, *, primary_first: bool) -> tuple[list[str], list[str]]:
-    wanted = {}
+def _add_names(s: Session, target_id: int, spec: TargetSpec, known: dict[str, int], *,
+               primary_first: bool) -> tuple[list[str], list[str]]:
+    wanted: dict[str, str] = {}
     for n in spec.names():
         wanted.setdefault(normalize(n), n)
-    known = repo.target_id_by_norm(s, list(wanted))
-    added, conflicts = [], []
+    rows, added, conflicts = [], [], []
     for i, (norm, n) in enumerate(wanted.items()):
         owner = known.get(norm)
         if owner == target_id:
@@ -171,8 +179,10 @@ def _add_names(s: Session, target_id: int, spec: TargetSpec, *, primary_first: b
         if owner is not None:
             conflicts.append(n)
             continue
-        repo.add_name(s, target_id, n, norm, primary=primary_first and i == 0, source=spec.name_source)
+        rows.append({"target_id": target_id, "name": n, "norm": norm,
+                     "primary": primary_first and i == 0, "source": spec.name_source})
         added.append(n)
+    repo.add_names(s, rows)
     return added, conflicts
 
 
