@@ -41,4 +41,47 @@ class TargetUpdated(Event):
     origin: str = ""
 
 
-EVENT_TYPES: dict[str, type[Event]] = {e.kind: e for e in (TargetCreated, TargetUpdated)}
+@dataclass(frozen=True)
+class AlertIngested(Event):
+    kind: ClassVar[str] = "alert.ingested"
+    alert_id: int
+    source: str
+    key: str
+    target_id: int | None
+    object_id: str | None = None
+    time: str = ""  # ISO UTC
+    ra: float | None = None
+    dec: float | None = None
+    mag: float | None = None
+    band: str | None = None
+    coords: str | None = None  # topic[partition]@offset, or file
+
+
+@dataclass(frozen=True)
+class NoticeReceived(Event):
+    """A localisation-only event (GRB, GW, neutrino) arrived or changed."""
+
+    kind: ClassVar[str] = "notice.received"
+    notice_id: int
+    source: str
+    event_id: str
+    notice_type: str | None = None
+    ra: float | None = None
+    dec: float | None = None
+    error_deg: float | None = None
+    retracted: bool = False
+    target_id: int | None = None
+
+
+@dataclass(frozen=True)
+class AlertDeadLettered(Event):
+    kind: ClassVar[str] = "alert.dead_lettered"
+    dead_letter_id: int
+    stream: str
+    coords: str | None
+    error: str
+
+
+EVENT_TYPES: dict[str, type[Event]] = {
+    e.kind: e for e in (TargetCreated, TargetUpdated, AlertIngested, NoticeReceived, AlertDeadLettered)
+}

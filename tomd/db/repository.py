@@ -16,7 +16,11 @@ from sqlalchemy import and_, bindparam, delete, func, insert, or_, select, text
 from sqlalchemy.orm import Session
 
 from tomd.db.models import (
+    AlertRow,
+    DeadLetter,
+    Notice,
     OutboxEvent,
+    Photometry,
     utcnow,
     Target,
     TargetList,
@@ -221,6 +225,84 @@ def lock_sky_cells(s: Session, cells: Sequence[int]) -> None:
         return
     for cell in sorted(set(cells)):
         s.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": int(cell)})
+
+
+# ------------------------------------------------------------------ alerts --
+
+
+def _insert_ignore(s: Session, table):
+    """INSERT … ON CONFLICT DO NOTHING for the session's database."""
+    if s.get_bind().dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as dialect_insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert as dialect_insert
+    return dialect_insert(table).on_conflict_do_nothing()
+
+
+_ALERTS = AlertRow.__table__
+
+
+def existing_alert_keys(s: Session, source: str, keys: Sequence[str]) -> set[str]:
+    if not keys:
+        return set()
+    q = select(_ALERTS.c.key).where(_ALERTS.c.source == source, _ALERTS.c.key.in_(list(keys)))
+    return set(s.scalars(q))
+
+
+def insert_alert(s: Session, row: dict[str, Any]) -> int:
+    return s.execute(_ALERTS.insert().returning(_ALERTS.c.id), {"ingested_at": utcnow(), **row}).scalar_one()
+
+
+def insert_photometry(s: Session, rows: list[dict[str, Any]]) -> None:
+    """Insert points; a point already stored for the target (same dedupe key) is skipped."""
+    if rows:
+        s.execute(_insert_ignore(s, Photometry.__table__), rows)
+
+
+def photometry_of(s: Session, target_id: int) -> list[Photometry]:
+    q = select(Photometry).where(Photometry.target_id == target_id).order_by(Photometry.mjd, Photometry.id)
+    return list(s.scalars(q))
+
+
+def alerts_of(s: Session, target_id: int) -> list[AlertRow]:
+    return list(s.scalars(select(AlertRow).where(AlertRow.target_id == target_id).order_by(AlertRow.time)))
+
+
+def count_rows(s: Session, model) -> int:
+    return s.scalar(select(func.count()).select_from(model)) or 0
+
+
+def get_notice(s: Session, source: str, event_id: str) -> Notice | None:
+    return s.scalar(select(Notice).where(Notice.source == source, Notice.event_id == event_id))
+
+
+def save_notice(s: Session, values: dict[str, Any]) -> Notice:
+    """Create or update the notice for (source, event_id); later notices refine earlier ones."""
+    row = get_notice(s, values["source"], values["event_id"])
+    if row is None:
+        row = Notice(**values)
+        s.add(row)
+    else:
+        for k, v in values.items():
+            if v is not None:
+                setattr(row, k, v)
+    s.flush()
+    return row
+
+
+def add_dead_letter(s: Session, values: dict[str, Any]) -> int:
+    return s.execute(
+        DeadLetter.__table__.insert().returning(DeadLetter.__table__.c.id), {"created_at": utcnow(), **values}
+    ).scalar_one()
+
+
+def dead_letters(s: Session, *, unresolved_only: bool = True, limit: int | None = None) -> list[DeadLetter]:
+    q = select(DeadLetter).order_by(DeadLetter.id)
+    if unresolved_only:
+        q = q.where(DeadLetter.resolved_at.is_(None))
+    if limit:
+        q = q.limit(limit)
+    return list(s.scalars(q))
 
 
 # ------------------------------------------------------------------ outbox --

@@ -1,0 +1,261 @@
+"""From raw messages to stored alerts, targets and photometry.
+
+``Ingestor.handle`` takes a batch of raw messages (from Kafka or files),
+decodes and parses each, and writes everything the batch causes in ONE
+database transaction: alert rows, targets (matched by name or position),
+photometry, notices, dead letters and outbox events. Only after that commit
+does the caller commit the Kafka offsets, so a crash in between replays the
+batch, and the replay changes nothing: each alert's ``(source, key)`` is
+unique and already-stored alerts are skipped, photometry has a dedupe key.
+
+Undecodable or unparseable messages go to the dead-letter table with their
+``topic[partition]@offset``, the error and the raw bytes; the stream goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from tomd.alerts.model import Alert, PhotPoint
+from tomd.db import repository as repo
+from tomd.errors import AlertError, RetryableError, redact
+from tomd.events import AlertDeadLettered, AlertIngested, NoticeReceived
+from tomd.targets.model import SpecError, TargetSpec
+from tomd.targets.store import upsert
+
+log = logging.getLogger(__name__)
+
+
+class Message(Protocol):
+    """What ingest needs of a message: Kafka's RawMessage or a file's record."""
+
+    topic: str | None
+    partition: int | None
+    offset: int | None
+    key: bytes | None
+    value: bytes | None
+
+    @property
+    def coords(self) -> str: ...
+
+
+@dataclass(frozen=True)
+class FileMessage:
+    """A message read from a file (replay), with the file as its coordinates."""
+
+    path: str
+    index: int
+    value: bytes
+    key: bytes | None = None
+    topic: str | None = None
+    partition: int | None = None
+    offset: int | None = None
+
+    @property
+    def coords(self) -> str:
+        return f"{self.path}#{self.index}"
+
+
+Parser = Callable[[bytes], list[Alert]]
+
+
+@dataclass(frozen=True)
+class IngestSettings:
+    stream: str
+    format: str
+    include_test: bool = False
+    localization_max_deg: float = 0.1
+    match_radius_arcsec: float = 1.5
+    keep_payload: bool = True
+
+
+@dataclass
+class BatchResult:
+    messages: int = 0
+    alerts: int = 0  # newly stored
+    duplicates: int = 0  # already stored (replay)
+    skipped_test: int = 0
+    dead_letters: int = 0
+    targets_created: int = 0
+    photometry_points: int = 0
+    notices: int = 0
+    alert_ids: list[int] = field(default_factory=list)
+
+
+class Ingestor:
+    """The BatchHandler for one stream: messages in, one transaction out."""
+
+    def __init__(self, sessions: sessionmaker[Session], settings: IngestSettings, parser: Parser):
+        self.sessions = sessions
+        self.settings = settings
+        self.parser = parser
+        self.totals = BatchResult()
+
+    # The consumer calls this; it must commit durably or raise.
+    def handle(self, messages: Sequence[Message]) -> BatchResult:
+        parsed: list[tuple[Message, list[Alert] | None, str | None]] = []
+        for m in messages:
+            try:
+                if m.value is None:
+                    raise AlertError("empty message (no value)")
+                parsed.append((m, self.parser(m.value), None))
+            except AlertError as exc:
+                parsed.append((m, None, str(exc)))
+            except Exception as exc:  # a parser bug must not stop the stream
+                log.exception("parser failed on %s", m.coords, extra={"coords": m.coords})
+                parsed.append((m, None, f"internal error: {exc.__class__.__name__}: {exc}"))
+        try:
+            with self.sessions.begin() as s:
+                result = self._apply(s, parsed)
+        except (OperationalError, IntegrityError, DBAPIError) as exc:
+            # Database down, or another daemon stored the same alert a moment
+            # ago: nothing was committed; the batch is retried as a whole.
+            raise RetryableError(f"database: {redact(str(getattr(exc, 'orig', exc)) or exc.__class__.__name__)}") \
+                from exc
+        self._add_totals(result)
+        return result
+
+    def _add_totals(self, r: BatchResult) -> None:
+        t = self.totals
+        for f in ("messages", "alerts", "duplicates", "skipped_test", "dead_letters", "targets_created",
+                  "photometry_points", "notices"):
+            setattr(t, f, getattr(t, f) + getattr(r, f))
+
+    def _apply(self, s: Session, parsed) -> BatchResult:
+        r = BatchResult(messages=len(parsed))
+        # Skip alerts already stored (replays): one query per source per batch.
+        wanted: dict[str, list[str]] = {}
+        for _, alerts, _ in parsed:
+            for a in alerts or ():
+                wanted.setdefault(a.source, []).append(a.key)
+        stored = {src: repo.existing_alert_keys(s, src, keys) for src, keys in wanted.items()}
+        seen: set[tuple[str, str]] = set()
+        photometry: list[dict[str, Any]] = []
+        for m, alerts, error in parsed:
+            if error is not None:
+                self._dead_letter(s, m, error)
+                r.dead_letters += 1
+                continue
+            if not alerts:
+                r.skipped_test += 1  # the parser dropped a test/mock event
+                continue
+            for a in alerts:
+                k = (a.source, a.key)
+                if k in seen or a.key in stored.get(a.source, ()):
+                    r.duplicates += 1
+                    continue
+                seen.add(k)
+                if a.test and not self.settings.include_test:
+                    r.skipped_test += 1
+                    continue
+                try:
+                    self._store(s, m, a, r, photometry)
+                except SpecError as exc:
+                    self._dead_letter(s, m, f"{a.source} alert {a.key}: {exc}")
+                    r.dead_letters += 1
+        repo.insert_photometry(s, photometry)
+        r.photometry_points = len(photometry)
+        return r
+
+    def _store(self, s: Session, m: Message, a: Alert, r: BatchResult, photometry: list[dict[str, Any]]) -> None:
+        target_id = None
+        notice_id = None
+        if a.kind == "localization" or a.event_id is not None and a.object_id is None:
+            notice_id, target_id = self._notice(s, a)
+            r.notices += 1
+        elif a.ra is not None and a.dec is not None:
+            res = upsert(s, self._spec(a), radius_arcsec=self.settings.match_radius_arcsec,
+                         origin=f"alert:{a.source}")
+            target_id = res.target_id
+            r.targets_created += res.created
+        alert_id = repo.insert_alert(s, {
+            "source": a.source, "key": a.key, "stream": self.settings.stream,
+            "topic": m.topic, "partition": m.partition, "offset": m.offset,
+            "kind": a.kind, "object_id": a.object_id, "target_id": target_id, "notice_id": notice_id,
+            "time": a.time, "ra": a.ra, "dec": a.dec, "band": a.band,
+            "mag": _finite(a.mag), "mag_err": _finite(a.mag_err),
+            "flux": _finite(a.flux), "flux_err": _finite(a.flux_err),
+            "fields": _jsonable(a.fields), "payload": _jsonable(a.payload) if self.settings.keep_payload else None,
+        })
+        r.alerts += 1
+        r.alert_ids.append(alert_id)
+        if target_id is not None:
+            photometry.extend(_phot_row(target_id, alert_id, a.source, p) for p in a.photometry)
+        repo.add_event(s, AlertIngested(
+            alert_id, a.source, a.key, target_id, a.object_id, a.time.isoformat(), a.ra, a.dec, a.mag, a.band,
+            m.coords,
+        ), target_id=target_id)
+
+    def _spec(self, a: Alert) -> TargetSpec:
+        name = a.object_id or f"{a.source}-{a.key}"
+        return TargetSpec(name=name, ra=a.ra, dec=a.dec, aliases=tuple(x for x in a.aliases if x != name),
+                          name_source=a.source)
+
+    def _notice(self, s: Session, a: Alert) -> tuple[int, int | None]:
+        loc = a.localization
+        ra = loc.ra if loc and loc.ra is not None else a.ra
+        dec = loc.dec if loc and loc.dec is not None else a.dec
+        err = loc.error_deg if loc else None
+        event_id = a.event_id or a.key
+        target_id = None
+        small = err is not None and err <= self.settings.localization_max_deg
+        if ra is not None and dec is not None and small and not a.retraction:
+            res = upsert(s, TargetSpec(name=f"{a.source.upper()} {event_id}", ra=ra, dec=dec, name_source=a.source),
+                         radius_arcsec=max(self.settings.match_radius_arcsec, err * 3600.0),
+                         origin=f"notice:{a.source}")
+            target_id = res.target_id
+        notice = repo.save_notice(s, {
+            "source": a.source, "event_id": event_id, "notice_type": a.notice_type, "time": a.time,
+            "ra": ra, "dec": dec, "error_deg": err,
+            "area_90_deg2": loc.area_90_deg2 if loc else None,
+            "retracted": True if a.retraction else None, "test": a.test, "target_id": target_id,
+        })
+        repo.add_event(s, NoticeReceived(notice.id, a.source, event_id, a.notice_type, ra, dec, err,
+                                         bool(notice.retracted), notice.target_id), target_id=notice.target_id)
+        return notice.id, notice.target_id
+
+    def _dead_letter(self, s: Session, m: Message, error: str) -> None:
+        error = redact(error)[:4000]
+        dl_id = repo.add_dead_letter(s, {
+            "stream": self.settings.stream, "format": self.settings.format, "topic": m.topic,
+            "partition": m.partition, "offset": m.offset, "key": m.key, "raw": m.value or b"", "error": error,
+        })
+        repo.add_event(s, AlertDeadLettered(dl_id, self.settings.stream, m.coords, error))
+        log.warning("dead letter %s: %s", m.coords, error, extra={"coords": m.coords, "stream": self.settings.stream})
+
+
+def _finite(v: float | None) -> float | None:
+    return v if v is not None and math.isfinite(v) else None
+
+
+def _phot_row(target_id: int, alert_id: int, source: str, p: PhotPoint) -> dict[str, Any]:
+    src = p.source or source
+    return {
+        "target_id": target_id, "alert_id": alert_id, "source": src, "mjd": p.mjd, "band": p.band,
+        "kind": p.kind, "mag": _finite(p.mag), "mag_err": _finite(p.mag_err), "flux": _finite(p.flux),
+        "flux_err": _finite(p.flux_err), "limit": _finite(p.limit),
+        # The same measurement arrives again in later alerts' histories.
+        "dedupe": f"{src}|{p.band}|{p.kind}|{p.mjd:.6f}",
+    }
+
+
+def _jsonable(v: Any) -> Any:
+    """Payloads as JSON: bytes dropped (cutouts live elsewhere), NaN → None."""
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items() if not isinstance(x, (bytes, bytearray))}
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    if isinstance(v, (str, int, bool)) or v is None:
+        return v
+    if isinstance(v, (bytes, bytearray)):
+        return None
+    return str(v)
