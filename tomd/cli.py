@@ -266,6 +266,83 @@ def cmd_target_export(app: App, args) -> int:
     return 0
 
 
+def _parser_for(app: App, fmt: str, include_test: bool = False):
+    from tomd.alerts.parse import parse_message
+
+    def parse(data: bytes):
+        return parse_message(fmt, data, include_test=include_test)
+
+    return parse
+
+
+def cmd_alert_replay(app: App, args) -> int:
+    from tomd.alerts.ingest import FileMessage, IngestSettings, Ingestor
+
+    paths = [Path(p) for p in args.files]
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        raise InputError("no such file", where=str(missing[0]))
+    settings = IngestSettings(stream="replay", format=args.format, include_test=args.include_test,
+                              match_radius_arcsec=app.config.targets.match_radius_arcsec)
+    ing = Ingestor(app.sessions, settings, _parser_for(app, args.format, args.include_test))
+    bar = None
+    if sys.stderr.isatty() and not args.no_progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(paths), unit="file", file=sys.stderr)
+    batch: list = []
+    for i, p in enumerate(paths):
+        batch.append(FileMessage(str(p), 0, p.read_bytes()))
+        if len(batch) >= args.batch_size or i == len(paths) - 1:
+            ing.handle(batch)
+            if bar is not None:
+                bar.update(len(batch))
+            batch = []
+    if bar is not None:
+        bar.close()
+    t = ing.totals
+    print(f"{t.messages} files: {t.alerts} alerts stored, {t.duplicates} already stored, "
+          f"{t.targets_created} new targets, {t.photometry_points} photometry points, {t.notices} notices, "
+          f"{t.skipped_test} test events skipped, {t.dead_letters} dead letters")
+    return 1 if t.dead_letters else 0
+
+
+def cmd_alert_dead_letters(app: App, args) -> int:
+    from tomd.db import repository as repo
+
+    with app.sessions() as s:
+        rows = repo.dead_letters(s, unresolved_only=not args.all)
+    out = [{"id": d.id, "stream": d.stream, "format": d.format,
+            "coords": f"{d.topic}[{d.partition}]@{d.offset}" if d.partition is not None else d.topic,
+            "error": d.error, "bytes": len(d.raw), "retries": d.retries,
+            "created_at": d.created_at.isoformat(),
+            "resolved_at": d.resolved_at.isoformat() if d.resolved_at else None} for d in rows]
+    if args.json:
+        print(json.dumps(out, indent=2))
+    elif not out:
+        print("no dead letters", file=sys.stderr)
+    else:
+        for d in out:
+            print(f"#{d['id']} {d['stream']} {d['coords']} ({d['bytes']} bytes, {d['retries']} retries): {d['error']}")
+    return 0
+
+
+def cmd_alert_retry_dead_letters(app: App, args) -> int:
+    from tomd.alerts.ingest import IngestSettings, retry_dead_letters
+
+    streams = {st.name: st for st in app.config.streams}
+
+    def settings_for(stream: str, fmt: str) -> IngestSettings:
+        st = streams.get(stream)
+        return IngestSettings(stream=stream, format=fmt, include_test=bool(st and st.include_test),
+                              localization_max_deg=st.localization_max_deg if st else 0.1,
+                              match_radius_arcsec=app.config.targets.match_radius_arcsec)
+
+    res = retry_dead_letters(app.sessions, lambda fmt: _parser_for(app, fmt), settings_for, stream=args.stream)
+    print(f"{res.retried} dead letters retried: {res.resolved} ingested, {res.still_failing} still failing")
+    return 1 if res.still_failing else 0
+
+
 def cmd_demo(app: App, args) -> int:
     from tomd.demo import run_demo
 
@@ -335,6 +412,19 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--output", "-o", help="file (default: stdout)")
     q.add_argument("--tag")
     q.add_argument("--list")
+
+    alert = sub.add_parser("alert", help="alerts").add_subparsers(dest="sub", required=True, metavar="SUB")
+    q = leaf(alert, "replay", cmd_alert_replay, "ingest saved alerts (Avro, JSON, XML, GCN binary) like the stream")
+    q.add_argument("files", nargs="+")
+    q.add_argument("--format", default="auto", help="alert format (default: guess from the bytes)")
+    q.add_argument("--include-test", action="store_true", help="also ingest mock/test events")
+    q.add_argument("--batch-size", type=int, default=200)
+    q.add_argument("--no-progress", action="store_true")
+    q = leaf(alert, "dead-letters", cmd_alert_dead_letters, "list messages that could not be ingested")
+    q.add_argument("--json", action="store_true")
+    q.add_argument("--all", action="store_true", help="include resolved ones")
+    q = leaf(alert, "retry-dead-letters", cmd_alert_retry_dead_letters, "parse dead letters again and ingest them")
+    q.add_argument("--stream", help="only this stream's letters")
 
     q = leaf(sub, "demo", cmd_demo, "run the whole pipeline on embedded defaults and summarise")
     q.add_argument("--workdir", default="demo-work", help="where the demo keeps its database and files")
