@@ -1,0 +1,130 @@
+"""Survey formats: how to decode a message's bytes and parse its records.
+
+``FORMATS`` maps a stream's configured ``format`` name to a :class:`Format`:
+a decode step (bytes → records, see :mod:`tomd.alerts.decode`) and a parse
+step (record → Alerts, one module per survey here). ``"auto"`` sniffs the
+framing and picks the parser from the record's shape.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from tomd.alerts import decode
+from tomd.alerts.model import Alert
+from tomd.errors import DecodeError, ParseError
+
+from . import antares, fink, gcn_binary, gcn_json, hop, lasair, lvk, rubin, voevent, ztf
+
+Decoder = Callable[[bytes, "decode.SchemaSource | None"], list[Any]]
+Parser = Callable[[Any], list[Alert]]
+
+
+@dataclass(frozen=True, slots=True)
+class Format:
+    """One message format: its name, its decode step and its parse step."""
+
+    name: str
+    decode: Decoder
+    parse: Parser
+    description: str = ""
+
+
+def _ocf(data: bytes, _src: decode.SchemaSource | None) -> list[Any]:
+    return decode.decode_avro_ocf(data)
+
+
+def _confluent(data: bytes, src: decode.SchemaSource | None) -> list[Any]:
+    return decode.decode_confluent(data, src)
+
+
+def _json(data: bytes, _src: decode.SchemaSource | None) -> list[Any]:
+    return decode.decode_json(data)
+
+
+def _json_object(data: bytes, _src: decode.SchemaSource | None) -> list[Any]:
+    records = decode.decode_json(data)
+    for r in records:
+        if not isinstance(r, dict):
+            raise DecodeError(f"expected a JSON object, got {type(r).__name__}")
+    return records
+
+
+def _voevent(data: bytes, _src: decode.SchemaSource | None) -> list[Any]:
+    return decode.decode_voevent(data)
+
+
+def _gcn_binary(data: bytes, _src: decode.SchemaSource | None) -> list[Any]:
+    return decode.decode_gcn_binary(data)
+
+
+def _antares(data: bytes, _src: decode.SchemaSource | None) -> list[Any]:
+    return decode.decode_antares(data)
+
+
+def _auto_decode(data: bytes, src: decode.SchemaSource | None) -> list[Any]:
+    kind = decode.sniff(data)
+    if kind == "avro-ocf":
+        return decode.decode_avro_ocf(data)
+    if kind == "confluent-avro":
+        return decode.decode_confluent(data, src)
+    if kind == "json":
+        return decode.decode_json(data)
+    if kind == "xml":
+        return decode.decode_voevent(data)
+    if kind == "gcn-binary":
+        return decode.decode_gcn_binary(data)
+    if kind == "zlib":
+        return decode.decode_antares(data)
+    raise DecodeError(f"cannot tell the format of a {len(data)}-byte message (starts {bytes(data[:8])!r})")
+
+
+def pick_parser(record: Any) -> Parser:
+    """The parser for a decoded record, chosen by its shape (for "auto")."""
+    if not isinstance(record, dict):
+        raise ParseError(f"record is a {type(record).__name__}, not an object")
+    keys = record.keys()
+    if "candidate" in keys:
+        return fink.parse if any(k not in ztf.PACKET_KEYS for k in keys) else ztf.parse
+    if "diaSource" in keys:
+        return fink.parse if any(k not in rubin.PACKET_KEYS for k in keys) else rubin.parse
+    if "superevent_id" in keys:
+        return lvk.parse
+    if "words" in keys and "packet_type" in keys:
+        return gcn_binary.parse
+    if "ivorn" in keys and "params" in keys:
+        return voevent.parse
+    if "content" in keys or "_id" in keys:
+        return hop.parse
+    if ("diaObjectId" in keys or "objectId" in keys) and "$schema" not in keys:
+        return lasair.parse
+    if "data" in keys and isinstance(record.get("data"), dict) and "attributes" in record["data"]:
+        return antares.parse
+    if "locus_id" in keys:
+        return antares.parse
+    return gcn_json.parse
+
+
+def _auto_parse(record: Any) -> list[Alert]:
+    return pick_parser(record)(record)
+
+
+FORMATS: dict[str, Format] = {
+    f.name: f
+    for f in (
+        Format("ztf-avro", _ocf, ztf.parse, "ZTF alert: Avro container, schema embedded"),
+        Format("rubin-avro", _confluent, rubin.parse, "Rubin alert: Confluent wire format"),
+        Format("rubin-avro-file", _ocf, rubin.parse, "Rubin alert(s) in an Avro container"),
+        Format("fink-avro", _ocf, fink.parse, "Fink output (ZTF or Rubin + Fink columns)"),
+        Format("lasair-json", _json_object, lasair.parse, "Lasair filter output"),
+        Format("gcn-json", _json_object, gcn_json.parse, "GCN Kafka JSON notice (gcn-schema)"),
+        Format("gcn-voevent", _voevent, voevent.parse, "VOEvent 2.0 XML"),
+        Format("gcn-binary", _gcn_binary, gcn_binary.parse, "classic GCN 160-byte packet"),
+        Format("lvk-avro", _ocf, lvk.parse, "LVK igwn.gwalert, Avro container"),
+        Format("lvk-json", _json_object, lvk.parse, "LVK igwn.gwalert, JSON"),
+        Format("antares", _antares, antares.parse, "ANTARES locus: zlib + BSON"),
+        Format("hop", _json_object, hop.parse, "SCiMMA hop envelope (JSON)"),
+        Format("auto", _auto_decode, _auto_parse, "sniff the framing, pick by record shape"),
+    )
+}

@@ -1,0 +1,211 @@
+"""Rubin (LSST) alert packets, lsst.v3 – v11 → Alert.
+
+The packet centres on one ``diaSource`` (the trigger) with the object's
+history ``prvDiaSources`` (detections), ``prvDiaForcedSources`` (forced
+photometry) and, up to v7, ``prvDiaNondetectionLimits``. Names changed
+across versions: v3–v4 have ``midPointTai``/``filterName``/``decl``/
+``psFlux``; v5+ ``midpointMjdTai``/``band``/``dec``/``psfFlux``; v7.0 calls
+the top-level id ``alertId``, later versions ``diaSourceId``; v8+ carry
+``ssSource`` for known solar-system objects. Times are MJD in TAI (converted
+to UTC here); fluxes are nJy.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from tomd.alerts.model import Alert, PhotPoint
+from tomd.errors import ParseError
+
+from ._common import (
+    check_radec,
+    finite,
+    flux_err_to_mag_err,
+    flux_to_mag,
+    mjd_tai_to_datetime,
+    mjd_tai_to_mjd_utc,
+    require,
+)
+from .ztf import clean
+
+CUTOUTS = {"cutoutScience": "science", "cutoutTemplate": "template", "cutoutDifference": "difference"}
+PACKET_KEYS = frozenset(
+    {
+        "alertId", "diaSourceId", "observation_reason", "target_name", "diaSource", "prvDiaSources",
+        "prvDiaForcedSources", "prvDiaNondetectionLimits", "diaObject", "ssObject", "ssSource",
+        "MPCORB", "mpc_orbits", *CUTOUTS,
+    }
+)
+SOURCE_FIELDS = (
+    "reliability", "snr", "extendedness", "isDipole", "isNegative", "scienceFlux", "scienceFluxErr",
+    "templateFlux", "templateFluxErr", "apFlux", "apFluxErr", "trailLength", "visit", "detector",
+    "pixelFlags", "pixelFlags_saturatedCenter", "pixelFlags_crCenter", "spuriousness", "totFlux",
+)
+OBJECT_FIELDS = ("nDiaSources", "firstDiaSourceMjdTai", "lastDiaSourceMjdTai", "validityStartMjdTai")
+# A 5-sigma limit is the usual reading of a non-detection noise level.
+LIMIT_SIGMA = 5.0
+
+
+def _get(row: dict, *names: str) -> Any:
+    for n in names:
+        v = row.get(n)
+        if v is not None:
+            return v
+    return None
+
+
+def band_name(value: Any) -> str | None:
+    """'g' → 'lsstg' (the sncosmo/ZTF-style bandpass name, prefixed like 'ztfg')."""
+    if value is None:
+        return None
+    b = str(value).strip()
+    if not b:
+        return None
+    return b if b.startswith("lsst") else "lsst" + b
+
+
+def _mjd_tai(row: dict) -> float | None:
+    return finite(_get(row, "midpointMjdTai", "midPointTai"))
+
+
+def source_point(row: dict, kind: str, source: str, id_field: str) -> PhotPoint | None:
+    """A diaSource / diaForcedSource row → PhotPoint (negative fluxes kept)."""
+    mjd = _mjd_tai(row)
+    band = band_name(_get(row, "band", "filterName"))
+    if mjd is None or band is None:
+        return None
+    flux = finite(_get(row, "psfFlux", "psFlux"))
+    flux_err = finite(_get(row, "psfFluxErr", "psFluxErr"))
+    if flux is None:
+        return None
+    mid = row.get(id_field)
+    return PhotPoint(
+        mjd=mjd_tai_to_mjd_utc(mjd),
+        band=band,
+        kind=kind,  # type: ignore[arg-type]
+        flux=flux,
+        flux_err=flux_err,
+        mag=flux_to_mag(flux),
+        mag_err=flux_err_to_mag_err(flux, flux_err),
+        source=source,
+        measurement_id=str(mid) if mid is not None else None,
+    )
+
+
+def limit_point(row: dict, source: str) -> PhotPoint | None:
+    mjd = _mjd_tai(row)
+    band = band_name(_get(row, "band", "filterName"))
+    noise = finite(row.get("diaNoise"))
+    if mjd is None or band is None or noise is None or noise <= 0:
+        return None
+    return PhotPoint(
+        mjd=mjd_tai_to_mjd_utc(mjd), band=band, kind="upper_limit",
+        limit=flux_to_mag(LIMIT_SIGMA * noise), source=source,
+    )
+
+
+def parse(record: dict, *, source: str = "rubin") -> list[Alert]:
+    """One Rubin alert record → one Alert."""
+    dia = require(record, "diaSource")
+    if not isinstance(dia, dict):
+        raise ParseError("field diaSource is not a record")
+    key = _get(dia, "diaSourceId") or _get(record, "diaSourceId", "alertId")
+    if key is None:
+        raise ParseError("missing field diaSource.diaSourceId")
+    mjd_tai = _mjd_tai(dia)
+    if mjd_tai is None:
+        raise ParseError("missing field diaSource.midpointMjdTai")
+    if not 50000 < mjd_tai < 80000:
+        raise ParseError(f"field diaSource.midpointMjdTai is not a plausible MJD: {mjd_tai}")
+    ra = finite(dia.get("ra"))
+    dec = finite(_get(dia, "dec", "decl"))
+    if ra is None:
+        raise ParseError("missing field diaSource.ra")
+    if dec is None:
+        raise ParseError("missing field diaSource.dec")
+    ra, dec = check_radec(ra, dec, "diaSource.")
+    band = band_name(_get(dia, "band", "filterName"))
+    flux = finite(_get(dia, "psfFlux", "psFlux"))
+    flux_err = finite(_get(dia, "psfFluxErr", "psFluxErr"))
+
+    trigger = PhotPoint(
+        mjd=mjd_tai_to_mjd_utc(mjd_tai), band=band or "", kind="detection", flux=flux,
+        flux_err=flux_err, mag=flux_to_mag(flux), mag_err=flux_err_to_mag_err(flux, flux_err),
+        source=source, measurement_id=str(key),
+    )
+    phot = [trigger] if flux is not None and band else []
+    seen = {str(key)}
+    for row in record.get("prvDiaSources") or ():
+        p = source_point(row, "detection", source, "diaSourceId")
+        if p is not None and p.measurement_id not in seen:
+            seen.add(p.measurement_id or "")
+            phot.append(p)
+    for row in record.get("prvDiaForcedSources") or ():
+        p = source_point(row, "forced", source, "diaForcedSourceId")
+        if p is not None:
+            phot.append(p)
+    for row in record.get("prvDiaNondetectionLimits") or ():
+        p = limit_point(row, source)
+        if p is not None:
+            phot.append(p)
+
+    fields: dict[str, Any] = {}
+    for name in SOURCE_FIELDS:
+        if name in dia:
+            v = dia[name]
+            fields[name] = (v if math.isfinite(v) else None) if isinstance(v, float) else v
+    fields["real_bogus"] = finite(dia.get("reliability"))
+    obj = record.get("diaObject")
+    if isinstance(obj, dict):
+        for name in OBJECT_FIELDS:
+            if name in obj:
+                fields[name] = obj[name]
+    for name in ("observation_reason", "target_name"):
+        if record.get(name) is not None:
+            fields[name] = record[name]
+
+    kind = "transient"
+    ss = record.get("ssSource")
+    ss_id = dia.get("ssObjectId")
+    if isinstance(ss, dict):
+        kind = "solar_system"
+        ss_id = ss.get("ssObjectId", ss_id)
+        if ss.get("designation") is not None:
+            fields["ss_designation"] = ss["designation"]
+    if ss_id:  # 0 / null mean "not associated"
+        fields["ssObjectId"] = ss_id
+
+    object_id = dia.get("diaObjectId")
+    if not object_id and isinstance(obj, dict):
+        object_id = obj.get("diaObjectId")
+
+    ra_err = finite(dia.get("raErr"))
+    dec_err = finite(_get(dia, "decErr", "declErr"))
+
+    payload = {k: clean(v) for k, v in record.items() if k not in CUTOUTS}
+    cutouts = {
+        name: bytes(record[k]) for k, name in CUTOUTS.items() if isinstance(record.get(k), (bytes, bytearray))
+    }
+    return [
+        Alert(
+            source=source,
+            key=str(key),
+            time=mjd_tai_to_datetime(mjd_tai),
+            kind=kind,  # type: ignore[arg-type]
+            object_id=str(object_id) if object_id else None,
+            ra=ra,
+            dec=dec,
+            ra_err_arcsec=ra_err * 3600.0 if ra_err is not None else None,
+            dec_err_arcsec=dec_err * 3600.0 if dec_err is not None else None,
+            band=band,
+            mag=flux_to_mag(flux),
+            mag_err=flux_err_to_mag_err(flux, flux_err),
+            flux=flux,
+            flux_err=flux_err,
+            photometry=tuple(phot),
+            fields=fields,
+            payload=payload,
+            cutouts=cutouts,
+        )
+    ]

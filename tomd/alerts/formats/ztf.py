@@ -1,0 +1,225 @@
+"""ZTF alert packets (public schemas 1.8 – 4.02) → Alert.
+
+A packet holds the triggering ``candidate``, the 30-day history
+``prv_candidates`` (detections, and non-detections whose ``candid``/``magpsf``
+are null and only ``diffmaglim`` is set; in the 3.5 "forced photometry"
+branch the history entries are forced-photometry rows) and, from 4.0,
+``fp_hists`` (forced photometry on the difference images). Times are ``jd``
+(UTC); magnitudes are AB.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from tomd.alerts.model import Alert, PhotPoint
+from tomd.errors import ParseError
+
+from ._common import (
+    MJD0,
+    AB_ZP_NJY,
+    check_radec,
+    finite,
+    flux_err_to_mag_err,
+    flux_to_mag,
+    jd_utc_to_datetime,
+    require,
+    require_float,
+    scalar_items,
+)
+
+BANDS = {1: "ztfg", 2: "ztfr", 3: "ztfi"}
+CUTOUTS = {"cutoutScience": "science", "cutoutTemplate": "template", "cutoutDifference": "difference"}
+# Keys of the ZTF packet itself; anything else at top level was added by a broker.
+PACKET_KEYS = frozenset(
+    {"schemavsn", "publisher", "objectId", "candid", "candidate", "prv_candidates", "fp_hists", *CUTOUTS}
+)
+# Candidate fields worth having at top level for rules (when present in the schema version).
+FIELDS = (
+    "rb", "drb", "rbversion", "drbversion", "ndethist", "ncovhist", "jdstarthist", "jdendhist",
+    "ssdistnr", "ssmagnr", "ssnamenr", "sgscore1", "sgscore2", "sgscore3", "distpsnr1", "distpsnr2",
+    "distpsnr3", "objectidps1", "sgmag1", "srmag1", "simag1", "szmag1", "distnr", "magnr", "sigmagnr",
+    "nbad", "fwhm", "elong", "magdiff", "classtar", "diffmaglim", "programid", "field", "rcid",
+    "neargaia", "neargaiabright", "maggaia", "maggaiabright", "tooflag", "nmtchps", "nneg", "scorr",
+    "magap", "sigmagap", "isdiffpos",
+)
+FORCED_SENTINEL = -99999.0  # fp_hists: "no measurement"
+
+
+def _band(fid: Any, where: str) -> str:
+    try:
+        return BANDS[int(fid)]
+    except (KeyError, TypeError, ValueError):
+        raise ParseError(f"field {where}fid has an unknown filter id: {fid!r}") from None
+
+
+def _positive(isdiffpos: Any) -> bool:
+    """ZTF writes 't'/'f' (older packets '1'/'0')."""
+    return str(isdiffpos).strip().lower() in ("t", "1", "true")
+
+
+def _mag_to_flux(mag: float | None, positive: bool) -> float | None:
+    if mag is None:
+        return None
+    f = 10.0 ** (-0.4 * (mag - AB_ZP_NJY))
+    return f if positive else -f
+
+
+def _forced_point(row: dict, source: str, where: str) -> PhotPoint | None:
+    """A forced-photometry row (fp_hists, or 3.5 prv_candidates) in nJy."""
+    flux = finite(row.get("forcediffimflux"))
+    flux_err = finite(row.get("forcediffimfluxunc"))
+    zp = finite(row.get("magzpsci"))
+    jd = finite(row.get("jd"))
+    if flux is None or flux == FORCED_SENTINEL or zp is None or jd is None:
+        return None
+    if flux_err == FORCED_SENTINEL:
+        flux_err = None
+    # Counts in the science-image zero point → nJy (AB: 31.4 ↔ 1 nJy).
+    scale = 10.0 ** (-0.4 * (zp - AB_ZP_NJY))
+    f = flux * scale
+    fe = flux_err * scale if flux_err is not None else None
+    return PhotPoint(
+        mjd=jd - MJD0,
+        band=_band(row.get("fid"), where),
+        kind="forced",
+        flux=f,
+        flux_err=fe,
+        mag=flux_to_mag(f),
+        mag_err=flux_err_to_mag_err(f, fe),
+        limit=finite(row.get("diffmaglim")),
+        source=source,
+        measurement_id=str(row["pid"]) if row.get("pid") is not None else None,
+    )
+
+
+def _history_point(row: dict, source: str, where: str) -> PhotPoint | None:
+    if "forcediffimflux" in row and row.get("magpsf") is None:
+        return _forced_point(row, source, where)
+    jd = finite(row.get("jd"))
+    if jd is None:
+        return None
+    mag = finite(row.get("magpsf"))
+    band = _band(row.get("fid"), where)
+    if row.get("candid") is None or mag is None:
+        limit = finite(row.get("diffmaglim"))
+        if limit is None:
+            return None
+        return PhotPoint(mjd=jd - MJD0, band=band, kind="upper_limit", limit=limit, source=source)
+    err = finite(row.get("sigmapsf"))
+    flux = _mag_to_flux(mag, _positive(row.get("isdiffpos")))
+    return PhotPoint(
+        mjd=jd - MJD0,
+        band=band,
+        kind="detection",
+        mag=mag,
+        mag_err=err,
+        flux=flux,
+        flux_err=abs(flux) * err * math.log(10) / 2.5 if err is not None and flux is not None else None,
+        limit=finite(row.get("diffmaglim")),
+        source=source,
+        measurement_id=str(row["candid"]),
+    )
+
+
+def clean(value: Any) -> Any:
+    """A JSON-safe copy: NaN/inf → None, bytes dropped (cutouts live elsewhere)."""
+    if isinstance(value, dict):
+        return {k: clean(v) for k, v in value.items() if not isinstance(v, (bytes, bytearray))}
+    if isinstance(value, list):
+        return [clean(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def parse(record: dict, *, source: str = "ztf") -> list[Alert]:
+    """One ZTF packet (decoded Avro record) → one Alert."""
+    cand = require(record, "candidate")
+    if not isinstance(cand, dict):
+        raise ParseError("field candidate is not a record")
+    candid = record.get("candid", cand.get("candid"))
+    if candid is None:
+        raise ParseError("missing field candid")
+    object_id = require(record, "objectId")
+    jd = require_float(cand, "jd", "candidate.")
+    if not 2.4e6 < jd < 2.6e6:
+        raise ParseError(f"field candidate.jd is not a plausible Julian date: {jd}")
+    ra, dec = check_radec(
+        require_float(cand, "ra", "candidate."), require_float(cand, "dec", "candidate."), "candidate."
+    )
+    band = _band(require(cand, "fid", "candidate."), "candidate.")
+    mag = finite(cand.get("magpsf"))
+    mag_err = finite(cand.get("sigmapsf"))
+    positive = _positive(cand.get("isdiffpos"))
+    flux = _mag_to_flux(mag, positive)
+    flux_err = abs(flux) * mag_err * math.log(10) / 2.5 if flux is not None and mag_err is not None else None
+
+    trigger = PhotPoint(
+        mjd=jd - MJD0, band=band, kind="detection", mag=mag, mag_err=mag_err, flux=flux,
+        flux_err=flux_err, limit=finite(cand.get("diffmaglim")), source=source,
+        measurement_id=str(candid),
+    )
+    phot = [trigger]
+    seen = {str(candid)}
+    for i, row in enumerate(record.get("prv_candidates") or ()):
+        p = _history_point(row, source, f"prv_candidates[{i}].")
+        if p is None:
+            continue
+        if p.measurement_id and p.kind == "detection":
+            if p.measurement_id in seen:
+                continue
+            seen.add(p.measurement_id)
+        phot.append(p)
+    for i, row in enumerate(record.get("fp_hists") or ()):
+        p = _forced_point(row, source, f"fp_hists[{i}].")
+        if p is not None:
+            phot.append(p)
+
+    fields: dict[str, Any] = {}
+    for name in FIELDS:
+        if name in cand:
+            v = cand[name]
+            fields[name] = (v if math.isfinite(v) else None) if isinstance(v, float) else v
+    if "isdiffpos" in fields:
+        fields["isdiffpos"] = positive
+    rb = finite(cand.get("drb"))
+    fields["real_bogus"] = rb if rb is not None else finite(cand.get("rb"))
+    fields["schemavsn"] = record.get("schemavsn")
+
+    payload = {k: clean(v) for k, v in record.items() if k not in CUTOUTS}
+    cutouts = {}
+    for key, name in CUTOUTS.items():
+        c = record.get(key)
+        if isinstance(c, dict):  # {"fileName", "stampData"} in every ZTF schema
+            c = c.get("stampData")
+        if isinstance(c, (bytes, bytearray)):
+            cutouts[name] = bytes(c)
+
+    return [
+        Alert(
+            source=source,
+            key=str(candid),
+            time=jd_utc_to_datetime(jd),
+            kind="transient",
+            object_id=str(object_id),
+            ra=ra,
+            dec=dec,
+            band=band,
+            mag=mag,
+            mag_err=mag_err,
+            flux=flux,
+            flux_err=flux_err,
+            photometry=tuple(phot),
+            fields=fields,
+            payload=payload,
+            cutouts=cutouts,
+        )
+    ]
+
+
+def extra_columns(record: dict) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Broker-added top-level columns: (scalars for ``fields``, everything for payload)."""
+    extra = {k: v for k, v in record.items() if k not in PACKET_KEYS}
+    return scalar_items(extra), clean(extra)
