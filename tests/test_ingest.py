@@ -99,3 +99,28 @@ def test_database_down_is_retryable_and_commits_nothing(tmp_path, shared_data):
     ing = Ingestor(migrate.sessions(engine), IngestSettings(stream="ztf", format="ztf-avro"), ztf_parser)
     with pytest.raises(RetryableError, match="database"):
         ing.handle(messages(ztf_files()[:2]))
+
+
+def test_dead_letters_are_ingested_after_a_fix(db, shared_data):
+    from tomd.alerts.ingest import retry_dead_letters
+    from tomd.errors import ParseError
+
+    def broken(data):  # a parser with a bug, as deployed before the fix
+        raise ParseError("candidate.fid: unexpected value 4")
+
+    msgs = messages(ztf_files()[:4])
+    Ingestor(db.sessions, IngestSettings(stream="ztf", format="ztf-avro"), broken).handle(msgs)
+    assert counts(db)["dead_letters"] == 4 and counts(db)["alerts"] == 0
+
+    def settings_for(stream, fmt):
+        return IngestSettings(stream=stream, format=fmt)
+
+    still = retry_dead_letters(db.sessions, lambda fmt: broken, settings_for)
+    assert (still.retried, still.resolved, still.still_failing) == (4, 0, 4)
+    fixed = retry_dead_letters(db.sessions, lambda fmt: ztf_parser, settings_for)
+    assert (fixed.retried, fixed.resolved, fixed.still_failing) == (4, 4, 0)
+    assert counts(db)["alerts"] == 4
+    with db.sessions() as s:
+        assert repo.dead_letters(s) == []
+        assert all(d.retries == 2 for d in repo.dead_letters(s, unresolved_only=False))
+    assert retry_dead_letters(db.sessions, lambda fmt: ztf_parser, settings_for).retried == 0

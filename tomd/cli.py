@@ -334,7 +334,7 @@ def cmd_alert_retry_dead_letters(app: App, args) -> int:
 
     def settings_for(stream: str, fmt: str) -> IngestSettings:
         st = streams.get(stream)
-        return IngestSettings(stream=stream, format=fmt, include_test=bool(st and st.include_test),
+        return IngestSettings(stream=stream, format=st.format if st else fmt, include_test=bool(st and st.include_test),
                               localization_max_deg=st.localization_max_deg if st else 0.1,
                               match_radius_arcsec=app.config.targets.match_radius_arcsec)
 

@@ -286,9 +286,11 @@ def retry_dead_letters(sessions: sessionmaker[Session], parser_for: Callable[[st
     resolved = failing = 0
     for d in letters:
         msg = _DeadLetterMessage(d.topic, d.partition, d.offset, d.key, d.raw, d.id)
+        # The stream's current settings decide (the fix may have been a config change).
         settings = settings_for(d.stream, d.format)
+        parser = parser_for(settings.format)
         try:
-            alerts = parser_for(d.format)(d.raw)
+            alerts = parser(d.raw)
             error = None
         except Exception as exc:  # noqa: BLE001 - recorded on the letter
             alerts, error = None, f"{exc.__class__.__name__}: {exc}" if not isinstance(exc, AlertError) else str(exc)
@@ -299,7 +301,7 @@ def retry_dead_letters(sessions: sessionmaker[Session], parser_for: Callable[[st
                 row.error = redact(error)[:4000]
                 failing += 1
                 continue
-            Ingestor(sessions, settings, parser_for(d.format))._apply(s, [(msg, alerts, None)])
+            Ingestor(sessions, settings, parser)._apply(s, [(msg, alerts, None)])
             row.resolved_at = utcnow()
             resolved += 1
     return RetryResult(len(letters), resolved, failing)
