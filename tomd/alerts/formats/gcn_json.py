@@ -3,8 +3,8 @@
 gcn-schema defines no notice id, so the key is built from what identifies a
 notice: the notice type (the ``$schema`` path, e.g. ``fermi/gbm/trigger``),
 the mission trigger id(s), and the record number / alert type / alert time
-that distinguish the notices of one trigger. Without a trigger id the key is
-a content hash. Positions are ICRS degrees; ``ra_dec_error`` is a radius or
+that distinguish the notices of one trigger, plus a short content hash. Without a trigger id
+the key is a content hash. Positions are ICRS degrees; ``ra_dec_error`` is a radius or
 an ellipse ``[a, b, pa]`` (its semi-major axis is kept as the radius).
 ``alert_tense`` "test" or "injection" marks a test notice.
 """
@@ -96,6 +96,10 @@ def parse(record: dict, *, source: str = "gcn") -> list[Alert]:
             str(record.get("alert_type", "")),
             str(record.get("alert_datetime") or record.get("trigger_time") or ""),
         ]
+        # gcn-schema examples show distinct notices sharing all of the above
+        # (SVOM slewing/not-slewing, MAXI circle/ellipse), so a short content
+        # hash ends the key; a replay of the same bytes still maps to it.
+        parts.append(content_key(record)[7:19])
         key = ":".join(parts)
     else:
         key = content_key(record)

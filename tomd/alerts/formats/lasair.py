@@ -22,6 +22,7 @@ from ._common import (
     MJD0,
     check_radec,
     finite,
+    flux_to_mag,
     jd_utc_to_datetime,
     mjd_tai_to_datetime,
     mjd_utc_to_datetime,
@@ -95,7 +96,7 @@ def _parse_lsst(record: dict, source: str) -> Alert:
         fields["real_bogus"] = finite(latest.get("reliability"))
     elif finite(record.get("latestR")) is not None:
         fields["real_bogus"] = finite(record.get("latestR"))
-    mag = rubin.flux_to_mag(flux) if flux is not None else None
+    mag = flux_to_mag(flux)
     aliases = (record["tns_name"],) if record.get("tns_name") else ()
     return Alert(
         source=source,

@@ -74,15 +74,17 @@ def parse(record: dict, *, source: str = "gcn") -> list[Alert]:
     dec = finite(record.get("dec"))
     err = finite(record.get("error_radius"))
     unit = (record.get("position_unit") or "deg").lower()
+    if err is not None and err <= 0:
+        err = None
+    # GCN writes RA=Dec=0 with no error for notices that carry no position.
+    if ra == 0.0 and dec == 0.0 and err is None:
+        ra = dec = None
     if ra is not None and dec is not None:
         if unit not in ("deg", "degree", "degrees"):
             raise ParseError(f"field Position2D@unit {unit!r} is not degrees")
         ra, dec = check_radec(ra, dec, "Position2D.")
         ra, dec = check_radec(*_to_icrs(ra, dec, frame))
     else:
-        ra = dec = None
-    # GCN writes RA=Dec=0 with no error for notices that carry no position.
-    if ra == 0.0 and dec == 0.0 and not err:
         ra = dec = None
 
     ptype = params.get("Packet_Type")

@@ -11,6 +11,8 @@ branch the history entries are forced-photometry rows) and, from 4.0,
 from __future__ import annotations
 
 import math
+from datetime import date, datetime
+from decimal import Decimal
 from typing import Any
 
 from tomd.alerts.model import Alert, PhotPoint
@@ -124,14 +126,21 @@ def _history_point(row: dict, source: str, where: str) -> PhotPoint | None:
 
 
 def clean(value: Any) -> Any:
-    """A JSON-safe copy: NaN/inf → None, bytes dropped (cutouts live elsewhere)."""
+    """A JSON-safe copy: NaN/inf → None, bytes dropped (cutouts live elsewhere),
+    Avro logical types (timestamps, dates, decimals, UUIDs) as strings/floats."""
     if isinstance(value, dict):
         return {k: clean(v) for k, v in value.items() if not isinstance(v, (bytes, bytearray))}
-    if isinstance(value, list):
+    if isinstance(value, (list, tuple)):
         return [clean(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if value is None or isinstance(value, (str, int, bool)):
+        return value
+    if isinstance(value, (datetime, date)):
+        return value.isoformat()
+    if isinstance(value, Decimal):
+        return float(value)
+    return str(value)
 
 
 def parse(record: dict, *, source: str = "ztf") -> list[Alert]:

@@ -1,0 +1,416 @@
+"""Every shared real/official sample packet → Alerts, checked for sense.
+
+The samples live in ``shared/data`` beside the repository (see its README);
+the tests skip when it is absent. Astronomy is checked against astropy.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import struct
+from datetime import timezone
+from pathlib import Path
+
+import fastavro
+import pytest
+from astropy.time import Time
+
+from tomd.alerts import decode
+from tomd.alerts.formats import rubin
+from tomd.alerts.parse import parse_message
+from tomd.errors import ParseError
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason=f"sample data not found at {DATA}")
+
+# Which format each sample folder is, as a stream would be configured.
+SKIP_SUFFIXES = {".md", ".txt", ".avsc"}
+
+
+def _format_for(rel: str) -> str | None:
+    if rel.endswith(".schema.json") or "avro_schema_ftransfer" in rel:
+        return None
+    if rel.startswith("ztf/"):
+        return "ztf-avro"
+    if rel.startswith("other/fink/") or rel.startswith("lsst/fink-broker"):
+        return "fink-avro"
+    if rel.startswith("lsst/pittgoogle-confluent-wire/"):
+        return "rubin-avro"
+    if rel.startswith("other/lasair/"):
+        return "lasair-json"
+    if rel.endswith(".xml"):
+        return "gcn-voevent"
+    if rel.startswith("lvk/"):
+        return "lvk-avro" if rel.endswith(".avro") else "lvk-json"
+    if rel.endswith(".bin"):
+        return "gcn-binary"
+    if rel.startswith("gcn/") and rel.endswith(".json"):
+        return "gcn-json"
+    return None
+
+
+def _samples() -> list[tuple[str, str]]:
+    if not DATA.is_dir():
+        return []
+    out = []
+    for p in sorted(DATA.rglob("*")):
+        if not p.is_file() or p.suffix in SKIP_SUFFIXES:
+            continue
+        rel = p.relative_to(DATA).as_posix()
+        fmt = _format_for(rel)
+        if fmt:
+            out.append((rel, fmt))
+    return out
+
+
+SAMPLES = _samples()
+# Official examples that are not notices, or carry deliberately unusable values.
+EXPECTED_ERRORS = {
+    # gcn-schema "core" fragments: parts of a notice, no time at all.
+    **{rel: "trigger_time" for rel, _ in SAMPLES if "/notices/core/" in rel},
+    # lsst-alert-packet's v7 sample values put 1480360995.0 in midpointMjdTai.
+    **{rel: "midpointMjdTai" for rel, _ in SAMPLES if "lsst.v7_" in rel},
+}
+YEARS = {  # plausible year range of each source's sample times
+    "ztf": (2018, 2027), "fink": (2019, 2027), "rubin": (2024, 2027), "lasair": (2025, 2027),
+    "gcn": (2010, 2027), "lvk": (2018, 2027),
+}
+BAND_PREFIX = {"ztf": "ztf", "rubin": "lsst", "lasair": "lsst"}
+
+
+def _parse(rel: str, fmt: str, **kw):
+    return parse_message(fmt, (DATA / rel).read_bytes(), include_test=True, **kw)
+
+
+def _no_nan(*values) -> bool:
+    return all(v is None or (isinstance(v, float) and math.isfinite(v)) or isinstance(v, int) for v in values)
+
+
+@pytest.mark.parametrize(("rel", "fmt"), SAMPLES, ids=[r for r, _ in SAMPLES])
+def test_every_sample_parses_sensibly(rel: str, fmt: str) -> None:
+    if rel in EXPECTED_ERRORS:
+        with pytest.raises(ParseError, match=EXPECTED_ERRORS[rel]):
+            _parse(rel, fmt)
+        return
+    alerts = _parse(rel, fmt)
+    if fmt == "gcn-binary" and not alerts:
+        # Only non-event packet types (pointing, light curves, images) give nothing.
+        words = struct.unpack(">40i", (DATA / rel).read_bytes())
+        from tomd.alerts.formats.gcn_binary import TYPES
+
+        assert TYPES[words[0]].mode == "ignore", rel
+        return
+    assert alerts, rel
+    keys = [a.key for a in alerts]
+    assert len(set(keys)) == len(keys), "keys must be unique within a message"
+    for a in alerts:
+        assert a.time.tzinfo is not None and a.time.utcoffset().total_seconds() == 0
+        lo, hi = YEARS[a.source]
+        assert lo <= a.time.year <= hi, (a.source, a.time)
+        assert _no_nan(a.ra, a.dec, a.mag, a.mag_err, a.flux, a.flux_err)
+        if a.ra is not None:
+            assert 0.0 <= a.ra < 360.0 and -90.0 <= a.dec <= 90.0
+        else:
+            assert a.dec is None
+        assert a.key and isinstance(a.key, str)
+        if a.kind in ("transient", "solar_system") and a.source != "gcn":
+            assert a.ra is not None
+            # A known solar-system source may have no diaObject; a transient always has an id.
+            assert a.object_id or a.kind == "solar_system"
+        survey = a.fields.get("survey", a.source)
+        prefix = BAND_PREFIX.get(survey)
+        for p in a.photometry:
+            assert _no_nan(p.mag, p.mag_err, p.flux, p.flux_err, p.limit, p.mjd)
+            assert 40000 < p.mjd < 70000
+            if prefix:
+                assert p.band.startswith(prefix), p.band
+            if p.kind == "upper_limit":
+                assert p.limit is not None and p.mag is None and p.flux is None
+            elif p.kind == "detection":
+                assert p.mag is not None or p.flux is not None
+        assert not any(isinstance(v, (bytes, bytearray)) for v in a.payload.values())
+        json.dumps(a.payload, allow_nan=False)  # payload is storable as JSON
+
+
+@pytest.mark.parametrize(("rel", "fmt"), [s for s in SAMPLES if s[0] not in EXPECTED_ERRORS],
+                         ids=[r for r, _ in SAMPLES if r not in EXPECTED_ERRORS])
+def test_auto_agrees_with_configured_format(rel: str, fmt: str) -> None:
+    explicit = _parse(rel, fmt)
+    auto = _parse(rel, "auto")
+    assert [a.key for a in auto] == [a.key for a in explicit]
+    assert [a.time for a in auto] == [a.time for a in explicit]
+
+
+def _ztf_samples() -> list[str]:
+    return [r for r, f in SAMPLES if f == "ztf-avro"]
+
+
+def test_keys_unique_across_each_sample_set() -> None:
+    by_source: dict[str, list[str]] = {}
+    for rel, fmt in SAMPLES:
+        if rel in EXPECTED_ERRORS or fmt in ("gcn-json", "gcn-voevent", "gcn-binary"):
+            continue
+        if "lvk/" in rel or "confluent-wire" in rel:
+            continue  # the same notice/sample values in several framings or schema versions
+        for a in _parse(rel, fmt):
+            by_source.setdefault(a.source, []).append(a.key)
+    for source, keys in by_source.items():
+        assert len(keys) == len(set(keys)), source
+    gcn = [a.key for rel, fmt in SAMPLES if fmt == "gcn-json" and rel not in EXPECTED_ERRORS
+           for a in _parse(rel, fmt)]
+    assert len(gcn) == len(set(gcn))
+
+
+# --- ZTF -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("rel", _ztf_samples())
+def test_ztf_time_photometry_and_cutouts(rel: str) -> None:
+    data = (DATA / rel).read_bytes()
+    records = list(fastavro.reader(io.BytesIO(data)))
+    alerts = parse_message("ztf-avro", data)
+    assert len(alerts) == len(records)
+    for rec, a in zip(records, alerts):
+        cand = rec["candidate"]
+        assert a.key == str(rec["candid"]) and a.object_id == rec["objectId"]
+        expected = Time(cand["jd"], format="jd", scale="utc").to_datetime(timezone.utc)
+        assert abs((a.time - expected).total_seconds()) < 1e-3
+        assert a.band == {1: "ztfg", 2: "ztfr", 3: "ztfi"}[cand["fid"]]
+        assert a.mag == pytest.approx(cand["magpsf"]) and a.fields["rb"] == pytest.approx(cand["rb"])
+        prv = rec.get("prv_candidates") or []
+        forced_rows = [p for p in prv if "forcediffimflux" in p]
+        det = [p for p in prv if p.get("candid") is not None and p.get("magpsf") is not None]
+        ul = [p for p in prv if p not in forced_rows and p.get("magpsf") is None and p.get("diffmaglim") is not None]
+        fp = [f for f in (rec.get("fp_hists") or []) if f.get("forcediffimflux") not in (None, -99999.0)]
+        kinds = [p.kind for p in a.photometry]
+        assert kinds.count("detection") == 1 + len(det)
+        assert kinds.count("upper_limit") == len(ul)
+        assert kinds.count("forced") == len(fp) + sum(
+            1 for f in forced_rows if f.get("forcediffimflux") not in (None, -99999.0))
+        assert a.photometry[0].measurement_id == str(rec["candid"])
+        assert set(a.cutouts) == {"science", "template", "difference"}
+        assert all(c[:2] == b"\x1f\x8b" for c in a.cutouts.values())  # gzipped FITS stamps
+        assert not any(k.startswith("cutout") for k in a.payload)
+        assert a.payload["candidate"]["candid"] == rec["candid"]
+
+
+def test_ztf_upper_limits_present_in_samples() -> None:
+    n = sum(p.kind == "upper_limit" for rel in _ztf_samples()
+            for a in parse_message("ztf-avro", (DATA / rel).read_bytes()) for p in a.photometry)
+    assert n > 10
+
+
+def test_ztf_forced_photometry_flux_in_njy_and_negative_kept() -> None:
+    rel = next(r for r in _ztf_samples() if "v4_02" in r)
+    data = (DATA / rel).read_bytes()
+    rec = next(iter(fastavro.reader(io.BytesIO(data))))
+    (a,) = parse_message("ztf-avro", data)
+    forced = [p for p in a.photometry if p.kind == "forced"]
+    rows = [f for f in rec["fp_hists"] if f["forcediffimflux"] not in (None, -99999.0)]
+    assert len(forced) == len(rows) > 0
+    for p, f in zip(forced, rows):
+        assert p.flux == pytest.approx(f["forcediffimflux"] * 10 ** (-0.4 * (f["magzpsci"] - 31.4)))
+        assert p.mjd == pytest.approx(f["jd"] - 2400000.5)
+        if p.flux <= 0:
+            assert p.mag is None
+        else:
+            assert p.mag == pytest.approx(31.4 - 2.5 * math.log10(p.flux))
+    assert any(p.flux < 0 for p in forced), "negative difference fluxes are kept"
+
+
+def test_ztf_35_forced_history_rows_become_forced_points() -> None:
+    data = (DATA / "ztf/ztf-avro-alert/1661382530015060001.avro").read_bytes()
+    (a,) = parse_message("ztf-avro", data)
+    assert sum(p.kind == "forced" for p in a.photometry) > 10
+
+
+# --- Rubin ---------------------------------------------------------------------------
+
+def _confluent(version: str) -> bytes:
+    return (DATA / f"lsst/pittgoogle-confluent-wire/lsst.v{version}.avro").read_bytes()
+
+
+@pytest.mark.parametrize("version", ["8_0", "9_0", "10_0", "11_0", "11_1"])
+def test_rubin_tai_to_utc_is_37_s_per_astropy(version: str) -> None:
+    data = _confluent(version)
+    (rec,) = decode.decode_confluent(data)
+    (a,) = parse_message("rubin-avro", data)
+    mjd_tai = rec["diaSource"]["midpointMjdTai"]
+    t = Time(mjd_tai, format="mjd", scale="tai")
+    assert abs((a.time - t.utc.to_datetime(timezone.utc)).total_seconds()) < 1e-3
+    naive_tai = Time(mjd_tai, format="mjd", scale="utc").to_datetime(timezone.utc)  # TAI digits read as UTC
+    assert (naive_tai - a.time).total_seconds() == pytest.approx(37.0, abs=1e-3)
+    assert a.key == str(rec["diaSource"]["diaSourceId"])
+    assert a.object_id == str(rec["diaSource"]["diaObjectId"] or rec["diaObject"]["diaObjectId"])
+    assert a.band == "lsst" + rec["diaSource"]["band"]
+    assert a.flux == pytest.approx(rec["diaSource"]["psfFlux"])
+    assert a.fields["real_bogus"] == pytest.approx(rec["diaSource"]["reliability"])
+    n_prv = len(rec.get("prvDiaSources") or [])
+    n_forced = len(rec.get("prvDiaForcedSources") or [])
+    kinds = [p.kind for p in a.photometry]
+    assert kinds.count("forced") == n_forced
+    assert kinds.count("detection") <= 1 + n_prv
+    for p in a.photometry:
+        assert abs(p.mjd - Time(p.mjd, format="mjd", scale="utc").mjd) < 1e-9
+
+
+@pytest.mark.parametrize("version", ["7_0", "7_1", "7_2", "7_3", "7_4"])
+def test_rubin_v7_parses_once_the_sample_time_is_real(version: str) -> None:
+    (rec,) = decode.decode_confluent(_confluent(version))
+    rec["diaSource"]["midpointMjdTai"] = 60500.25
+    for row in rec.get("prvDiaSources") or []:
+        row["midpointMjdTai"] = 60490.1
+    for row in rec.get("prvDiaForcedSources") or []:
+        row["midpointMjdTai"] = 60480.1
+    (a,) = rubin.parse(rec)
+    assert a.key == str(rec["diaSource"]["diaSourceId"])
+    assert a.time.year == 2024 and a.band and a.band.startswith("lsst")
+
+
+def test_rubin_negative_flux_is_kept_without_magnitude() -> None:
+    (rec,) = decode.decode_confluent(_confluent("11_1"))
+    rec["diaSource"]["psfFlux"] = -1234.5
+    (a,) = rubin.parse(rec)
+    assert a.flux == -1234.5 and a.mag is None
+    assert a.photometry[0].flux == -1234.5 and a.photometry[0].mag is None
+
+
+def test_rubin_solar_system_source_kind() -> None:
+    hits = [a for rel, fmt in SAMPLES if rel.startswith("lsst/fink-broker")
+            for a in _parse(rel, fmt) if a.kind == "solar_system"]
+    assert hits and all(a.fields.get("ssObjectId") for a in hits)
+
+
+def test_rubin_container_written_by_broker() -> None:
+    rel = next(r for r, _ in SAMPLES if r.startswith("lsst/fink-broker"))
+    (a,) = _parse(rel, "rubin-avro-file")
+    (f,) = _parse(rel, "fink-avro")
+    assert a.source == "rubin" and f.source == "fink" and a.key == f.key
+    assert "brokerIngestMjd" in f.fields and f.fields["survey"] == "rubin"
+    assert set(a.cutouts) == {"science", "template", "difference"}
+
+
+# --- Fink ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("rel", ["other/fink/ztf/part-3-305711.avro", "other/fink/ztf/avro_multi_alerts.avro"])
+def test_fink_columns_land_in_fields(rel: str) -> None:
+    data = (DATA / rel).read_bytes()
+    alerts = parse_message("fink-avro", data)
+    assert len(alerts) == len(list(fastavro.reader(io.BytesIO(data))))
+    for a in alerts:
+        assert a.source == "fink" and a.fields["survey"] == "ztf"
+        assert "cdsxmatch" in a.fields
+        assert a.band in ("ztfg", "ztfr", "ztfi")
+    if "part-3" in rel:
+        assert all("finkclass" in a.fields for a in alerts)
+
+
+# --- Lasair ---------------------------------------------------------------------------
+
+def test_lasair_lsst_messages() -> None:
+    data = (DATA / "other/lasair/skyportal_lasair_lsst_stream_alerts.json").read_bytes()
+    msgs = json.loads(data)
+    alerts = parse_message("lasair-json", data)
+    assert [a.object_id for a in alerts] == [str(m["diaObjectId"]) for m in msgs]
+    for a, m in zip(alerts, msgs):
+        t = Time(m["lastDiaSourceMjdTai"], format="mjd", scale="tai").utc.to_datetime(timezone.utc)
+        assert abs((a.time - t).total_seconds()) < 1e-3
+        assert a.fields["sherlock_classifications"] == m["sherlock_classifications"]
+    full = alerts[1]
+    lists = msgs[1]["alert"]
+    kinds = [p.kind for p in full.photometry]
+    assert kinds.count("detection") == len(lists["diaSourcesList"])
+    assert kinds.count("forced") == len([r for r in lists.get("diaForcedSourcesList") or [] if r.get("psfFlux") is not None])
+    neg = [p for p in full.photometry if p.flux is not None and p.flux < 0]
+    assert neg and all(p.mag is None for p in neg), "negative difference flux kept, no magnitude"
+
+
+# --- GCN ------------------------------------------------------------------------------
+
+GCN = "gcn/gcn-schema-v7.2.1/gcn/notices/"
+
+
+def test_gcn_json_fermi_gbm_notice() -> None:
+    (a,) = _parse(GCN + "fermi/gbm/trigger.ground1.example.json", "gcn-json")
+    assert a.kind == "localization" and a.event_id == "745121685"
+    assert "bn240812094" in a.aliases and a.notice_type == "fermi/gbm/trigger"
+    assert a.localization.error_deg == pytest.approx(1.34)
+    assert (a.ra, a.dec) == (pytest.approx(92.17), pytest.approx(-66.98))
+    assert a.time.isoformat() == "2024-08-24T02:14:40.430000+00:00"
+    keys = {_parse(GCN + f"fermi/gbm/trigger.{n}.example.json", "gcn-json")[0].key
+            for n in ("alert", "flight1", "flight2", "flight3", "ground1", "ground2", "final")}
+    assert len(keys) == 7, "each notice of one trigger has its own key"
+
+
+def test_gcn_json_test_and_retraction_flags() -> None:
+    real = _parse(GCN + "superk/sn_alert.real.example.json", "gcn-json")[0]
+    test = _parse(GCN + "superk/sn_alert.test.example.json", "gcn-json")[0]
+    assert not real.test and test.test
+    data = (DATA / GCN / "superk/sn_alert.test.example.json").read_bytes()
+    assert parse_message("gcn-json", data) == []  # tests dropped by default
+    assert _parse(GCN + "maxi/gsc.unknown.retraction.example.json", "gcn-json")[0].retraction
+    (ell,) = _parse(GCN + "maxi/gsc.unknown.ellipse.example.json", "gcn-json")
+    assert ell.localization.error_deg == pytest.approx(0.22)  # semi-major axis
+
+
+def test_gcn_binary_matches_official_json_conversion() -> None:
+    base = DATA / "gcn/gcn-classic-binary"
+    for name in ("SWIFT_BAT_GRB_POS_ACK", "CALET_GBM_FLT_LC"):
+        (a,) = parse_message("gcn-binary", (base / f"{name}.bin").read_bytes())
+        ref = json.loads((base / f"{name}.json").read_text())
+        assert a.ra == pytest.approx(ref["ra"], abs=1e-6) and a.dec == pytest.approx(ref["dec"], abs=1e-6)
+        t = Time(ref["trigger_time"].rstrip("Z"), format="isot", scale="utc").to_datetime(timezone.utc)
+        assert abs((a.time - t).total_seconds()) < 1e-3
+        if "ra_dec_error" in ref:
+            assert a.localization.error_deg == pytest.approx(ref["ra_dec_error"])
+
+
+def test_gcn_binary_lvc_ids_and_test_bits() -> None:
+    base = DATA / "gcn/gcn-classic-binary"
+    pre = parse_message("gcn-binary", (base / "LVC_PRELIMINARY.bin").read_bytes(), include_test=True)[0]
+    upd = parse_message("gcn-binary", (base / "LVC_UPDATE.bin").read_bytes())[0]
+    ret = parse_message("gcn-binary", (base / "LVC_RETRACTION.bin").read_bytes(), include_test=True)[0]
+    assert pre.event_id == "MS240510f" and pre.test
+    assert upd.event_id == "S240514x" and not upd.test and upd.ra is None
+    assert ret.retraction
+
+
+def test_voevent_position_time_and_role() -> None:
+    (a,) = _parse("gcn/voevent/skyportal/GRB180116A_Fermi_GBM_Gnd_Pos.xml", "gcn-voevent")
+    assert a.key.startswith("ivo://nasa.gsfc.gcn/Fermi#GBM_Gnd_Pos_2018-01-16")
+    assert a.ra == pytest.approx(214.74, abs=1e-4) and a.dec == pytest.approx(28.14, abs=1e-4)
+    assert a.localization.error_deg == pytest.approx(11.19)
+    assert a.time.isoformat() == "2018-01-16T00:36:52.810000+00:00"
+    assert a.notice_type == "FERMI_GBM_GND_POS" and a.event_id == "537755817" and not a.test
+    (t,) = _parse("gcn/voevent/voevent-parse/no_namespace_packet.xml", "gcn-voevent")
+    assert t.test
+    (g,) = _parse("gcn/voevent/voevent-parse/Gaia16aac.xml", "gcn-voevent")
+    # Gaia gives TDB: UTC is ~69 s earlier in 2016.
+    assert (Time("2016-01-16T07:52:27", scale="tdb").utc.to_datetime(timezone.utc) - g.time).total_seconds() == pytest.approx(0, abs=1e-3)
+
+
+# --- LVK ------------------------------------------------------------------------------
+
+LVK = "lvk/userguide-examples/"
+
+
+@pytest.mark.parametrize("kind", ["earlywarning", "preliminary", "initial", "update", "retraction", "ext-update"])
+def test_lvk_avro_and_json_agree(kind: str) -> None:
+    (av,) = _parse(f"{LVK}MS181101ab-{kind}.avro", "lvk-avro")
+    (js,) = _parse(f"{LVK}MS181101ab-{kind}.json", "lvk-json")
+    assert av.key == js.key and av.time == js.time and av.event_id == js.event_id == "MS181101ab"
+    assert av.test and js.test  # "MS" = mock superevent
+    assert av.retraction == js.retraction == (kind == "retraction")
+    if kind == "retraction":
+        assert av.localization is None
+    else:
+        assert av.localization.skymap == js.localization.skymap
+        assert av.localization.skymap[:6] == b"SIMPLE"
+    assert parse_message("lvk-avro", (DATA / f"{LVK}MS181101ab-{kind}.avro").read_bytes()) == []
+
+
+def test_lvk_placeholder_skymap_is_noted_not_fatal() -> None:
+    (a,) = _parse(f"{LVK}MS181101ab-preliminary_displayexample.json", "lvk-json")
+    assert a.localization is None and "base64" in a.fields["skymap_error"]
+    assert a.fields["BNS"] == pytest.approx(0.95)
