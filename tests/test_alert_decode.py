@@ -1,0 +1,234 @@
+"""Decoding: framings, schema sources, malformed input, sniffing."""
+
+from __future__ import annotations
+
+import io
+import json
+import zlib
+from pathlib import Path
+
+import bson
+import fastavro
+import httpx
+import pytest
+
+from tomd.alerts import decode
+from tomd.alerts.parse import parse_message
+from tomd.errors import DecodeError, ParseError
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"sample data not found at {DATA}")
+ZTF = "ztf/pittgoogle/ztf_20250302_programid1_ZTF17aaarzyp_2982177112815010003.v4_02.avro"
+RUBIN = "lsst/pittgoogle-confluent-wire/lsst.v11_1.avro"
+
+
+def _ztf_bytes() -> bytes:
+    return (DATA / ZTF).read_bytes()
+
+
+def _rewrite(data: bytes, codec: str, mutate=None) -> bytes:
+    r = fastavro.reader(io.BytesIO(data))
+    recs = list(r)
+    if mutate:
+        for rec in recs:
+            mutate(rec)
+    out = io.BytesIO()
+    fastavro.writer(out, r.writer_schema, recs, codec=codec)
+    return out.getvalue()
+
+
+@needs_data
+def test_ocf_deflate_equals_null_codec_and_fastavro() -> None:
+    data = _ztf_bytes()
+    deflated = _rewrite(data, "deflate")
+    assert decode.read_ocf_header(deflated).codec == "deflate"
+    assert repr(decode.decode_avro_ocf(deflated)) == repr(decode.decode_avro_ocf(data))
+    assert repr(decode.decode_avro_ocf(data)) == repr(list(fastavro.reader(io.BytesIO(data))))
+
+
+@needs_data
+def test_ocf_schema_parsed_once_per_distinct_schema() -> None:
+    data = _ztf_bytes()
+    decode.decode_avro_ocf(data)
+    before = decode._parsed_schema.cache_info()
+    for _ in range(5):
+        decode.decode_avro_ocf(data)
+    after = decode._parsed_schema.cache_info()
+    assert after.misses == before.misses and after.hits == before.hits + 5
+
+
+@needs_data
+@pytest.mark.parametrize("cut", [3, 40, 2000, -10])
+def test_truncated_ocf_is_a_decode_error(cut: int) -> None:
+    with pytest.raises(DecodeError):
+        parse_message("ztf-avro", _ztf_bytes()[:cut])
+
+
+@needs_data
+def test_corrupt_sync_marker_and_body() -> None:
+    data = bytearray(_ztf_bytes())
+    data[-3] ^= 0xFF  # inside the final sync marker
+    with pytest.raises(DecodeError, match="sync"):
+        decode.decode_avro_ocf(bytes(data))
+
+
+def test_garbage_inputs_name_the_problem() -> None:
+    with pytest.raises(DecodeError, match="not an Avro container"):
+        parse_message("ztf-avro", b"hello world")
+    with pytest.raises(DecodeError, match="invalid JSON"):
+        parse_message("gcn-json", b"{not json")
+    with pytest.raises(DecodeError, match="not a VOEvent"):
+        parse_message("gcn-voevent", b"<html><body/></html>")
+    with pytest.raises(DecodeError, match="invalid XML"):
+        parse_message("gcn-voevent", b"<VOEvent")
+    with pytest.raises(DecodeError, match="160 bytes"):
+        parse_message("gcn-binary", b"\x00" * 100)
+    with pytest.raises(DecodeError, match="zlib"):
+        parse_message("antares", b"not compressed")
+    with pytest.raises(DecodeError, match="cannot tell"):
+        parse_message("auto", b"\x93\x11garbage")
+    with pytest.raises(DecodeError, match="Confluent"):
+        parse_message("rubin-avro", b"\x01abc")
+    with pytest.raises(ParseError, match="unknown alert format"):
+        parse_message("nope", b"{}")
+
+
+@needs_data
+def test_ztf_missing_or_bad_fields_are_parse_errors() -> None:
+    data = _ztf_bytes()
+    cases = {
+        "candidate.jd": lambda r: r["candidate"].update(jd=float("nan")),
+        "candidate.dec": lambda r: r["candidate"].update(dec=123.0),
+        "candidate.fid": lambda r: r["candidate"].update(fid=9),
+    }
+    for field, mutate in cases.items():
+        with pytest.raises(ParseError, match=field.replace(".", r"\.")):
+            parse_message("ztf-avro", _rewrite(data, "null", mutate))
+
+
+@needs_data
+def test_confluent_unknown_schema_and_trailing_bytes() -> None:
+    data = (DATA / RUBIN).read_bytes()
+    with pytest.raises(DecodeError, match="4242"):
+        parse_message("rubin-avro", b"\x00\x00\x00\x10\x92" + data[5:])
+    with pytest.raises(DecodeError, match="unread"):
+        parse_message("rubin-avro", data + b"\x00\x00")
+
+
+def _registry(schemas: dict[int, str], calls: list[str]) -> httpx.Client:
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(request.url.path)
+        sid = int(request.url.path.rsplit("/", 1)[-1])
+        if sid not in schemas:
+            return httpx.Response(404, json={"error_code": 40403, "message": "Schema not found"})
+        return httpx.Response(200, json={"schema": schemas[sid]})
+
+    return httpx.Client(transport=httpx.MockTransport(handler))
+
+
+@needs_data
+def test_registry_schema_source_caches_and_chain_falls_back() -> None:
+    from fastavro.schema import expand_schema
+
+    packaged = decode.PackagedRubinSchemas()
+    schema_json = json.dumps(expand_schema(packaged.get(1101)))
+    calls: list[str] = []
+    client = _registry({1101: schema_json}, calls)
+    reg = decode.RegistrySchemaSource("http://registry.test", client, timeout=2.0)
+    data = (DATA / RUBIN).read_bytes()
+    a1 = parse_message("rubin-avro", data, schema_source=reg)
+    a2 = parse_message("rubin-avro", data, schema_source=reg)
+    assert a1[0].key == a2[0].key == parse_message("rubin-avro", data)[0].key
+    assert calls == ["/schemas/ids/1101"], "one request, then the cache"
+    v9 = (DATA / "lsst/pittgoogle-confluent-wire/lsst.v9_0.avro").read_bytes()
+    with pytest.raises(DecodeError, match="HTTP 404"):
+        parse_message("rubin-avro", v9, schema_source=reg)
+    chain = decode.ChainSchemaSource((reg, packaged))
+    assert parse_message("rubin-avro", v9, schema_source=chain)[0].source == "rubin"
+
+
+def test_registry_timeout_is_a_decode_error() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        raise httpx.ReadTimeout("slow", request=request)
+
+    reg = decode.RegistrySchemaSource("http://r.test", httpx.Client(transport=httpx.MockTransport(handler)))
+    with pytest.raises(DecodeError, match="ReadTimeout"):
+        reg.get(700)
+
+
+def test_packaged_schema_unknown_version() -> None:
+    with pytest.raises(DecodeError, match="v99.0"):
+        decode.PackagedRubinSchemas().get(9900)
+
+
+def _antares_message(newest_mag: float = 18.2) -> bytes:
+    doc = {
+        "data": {
+            "type": "locus",
+            "id": "ANT2020abcde",
+            "attributes": {
+                "ra": 150.1, "dec": -2.5, "tags": ["nuclear_transient"], "catalogs": ["gaia_dr3"],
+                "properties": {
+                    "newest_alert_id": "ztf_candidate:1234567890", "newest_alert_observation_time": 60100.25,
+                    "ztf_object_id": "ZTF23aaaaaaa", "num_alerts": 2,
+                },
+            },
+        },
+        "included": [
+            {"type": "alert", "id": "ztf_candidate:1234567890",
+             "attributes": {"mjd": 60100.25, "properties": {"ant_mag": newest_mag, "ant_magerr": 0.05, "ant_passband": "g"}}},
+            {"type": "alert", "id": "ztf_upper_limit:1",
+             "attributes": {"mjd": 60098.2, "properties": {"ant_maglim": 20.1, "ant_passband": "R"}}},
+        ],
+    }
+    return zlib.compress(bson.encode(doc))
+
+
+def test_antares_zlib_bson_locus() -> None:
+    data = _antares_message()
+    assert decode.sniff(data) == "zlib"
+    (a,) = parse_message("antares", data)
+    assert a.source == "antares" and a.key == "ztf_candidate:1234567890" and a.object_id == "ANT2020abcde"
+    assert a.mag == 18.2 and a.band == "ztfg" and "ZTF23aaaaaaa" in a.aliases
+    assert [p.kind for p in a.photometry] == ["upper_limit", "detection"]
+    assert a.fields["tags"] == ["nuclear_transient"]
+    assert parse_message("auto", data)[0].key == a.key
+    broken = zlib.compress(bson.encode({"data": {"id": "x", "attributes": {"ra": 1.0, "dec": 2.0}}}))
+    with pytest.raises(ParseError, match="properties"):
+        parse_message("antares", broken)
+
+
+@needs_data
+def test_hop_envelope_id_and_test_flag() -> None:
+    notice = json.loads((DATA / "gcn/gcn-schema-v7.2.1/gcn/notices/icecube/"
+                         "single_neutrino_alerts.gold_bronze_track_alerts.example.json").read_text())
+    env = {"_id": "6f1c0a4e-0000-4000-8000-000000000001", "format": "json", "content": notice}
+    (a,) = parse_message("hop", json.dumps(env).encode())
+    assert a.key == env["_id"] and a.source == "hop" and a.ra == pytest.approx(345.82)
+    assert parse_message("hop", json.dumps({**env, "_test": True}).encode()) == []
+    voe = (DATA / "gcn/voevent/skyportal/SWIFT_1125809-092.xml").read_text()
+    (v,) = parse_message("hop", json.dumps({"format": "voevent", "content": voe}).encode())
+    assert v.fields["inner_key"].startswith("ivo://nasa.gsfc.gcn/SWIFT")
+
+
+@needs_data
+@pytest.mark.parametrize(
+    ("rel", "kind"),
+    [
+        (ZTF, "avro-ocf"),
+        (RUBIN, "confluent-avro"),
+        ("gcn/gcn-classic-binary/SWIFT_BAT_GRB_POS_ACK.bin", "gcn-binary"),
+        ("gcn/gcn-classic-binary/LVC_UPDATE.bin", "gcn-binary"),
+        ("gcn/voevent/skyportal/AMON.xml", "xml"),
+        ("gcn/skyportal-json/EP240508.json", "json"),
+        ("other/lasair/skyportal_lasair_lsst_stream_alerts.json", "json"),
+    ],
+)
+def test_sniff(rel: str, kind: str) -> None:
+    assert decode.sniff((DATA / rel).read_bytes()) == kind
+
+
+def test_sniff_edge_cases() -> None:
+    assert decode.sniff(b"") == "unknown"
+    assert decode.sniff(b"\xef\xbb\xbf  {\"a\": 1}") == "json"
+    assert decode.sniff(zlib.compress(b"x")) == "zlib"
