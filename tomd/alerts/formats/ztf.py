@@ -127,19 +127,41 @@ def _history_point(row: dict, source: str, where: str) -> PhotPoint | None:
 
 def clean(value: Any) -> Any:
     """A JSON-safe copy: NaN/inf → None, bytes dropped (cutouts live elsewhere),
-    Avro logical types (timestamps, dates, decimals, UUIDs) as strings/floats."""
-    if isinstance(value, dict):
-        return {k: clean(v) for k, v in value.items() if not isinstance(v, (bytes, bytearray))}
-    if isinstance(value, (list, tuple)):
+    Avro logical types (timestamps, dates, decimals, UUIDs) as strings/floats.
+
+    Dispatches on the exact type first: this runs over every field of every
+    packet, and a chain of isinstance checks cost more than the parse itself.
+    """
+    t = type(value)
+    if t is dict:
+        out = {}
+        for k, v in value.items():
+            vt = type(v)
+            if vt is float:
+                out[k] = v if v - v == 0.0 else None  # NaN and ±inf fail v - v == 0
+            elif vt is str or vt is int or v is None or vt is bool:
+                out[k] = v
+            elif vt is bytes or vt is bytearray:
+                continue
+            else:
+                out[k] = clean(v)
+        return out
+    if t is list or t is tuple:
         return [clean(v) for v in value]
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if value is None or isinstance(value, (str, int, bool)):
+    if t is float:
+        return value if value - value == 0.0 else None
+    if value is None or t is str or t is int or t is bool:
         return value
+    if isinstance(value, dict):
+        return clean(dict(value))
+    if isinstance(value, float):
+        return clean(float(value))
     if isinstance(value, (datetime, date)):
         return value.isoformat()
     if isinstance(value, Decimal):
         return float(value)
+    if isinstance(value, (bytes, bytearray)):
+        return None
     return str(value)
 
 
