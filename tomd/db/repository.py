@@ -84,6 +84,53 @@ def update_target(s: Session, target_id: int, values: dict[str, Any]) -> None:
     s.execute(_TARGETS.update().where(_TARGETS.c.id == target_id).values(modified_at=utcnow(), **values))
 
 
+_RANGE_CHUNK = 128
+
+
+@lru_cache(maxsize=1)
+def _in_range_chunk():
+    return _in_ranges(_RANGE_CHUNK)
+
+
+def targets_in_range_set(s: Session, ranges: Sequence[tuple[int, int]]) -> dict[int, tuple[float, float]]:
+    """Targets in any of many ranges, {id: (ra, dec)}, in few fixed-shape statements.
+
+    Ranges are sent 128 at a time (padded with empty ranges), so one prepared
+    statement serves every batch whatever its size.
+    """
+    out: dict[int, tuple[float, float]] = {}
+    merged = sorted(set(ranges))
+    for lo in range(0, len(merged), _RANGE_CHUNK):
+        chunk = merged[lo:lo + _RANGE_CHUNK]
+        chunk += [(0, 0)] * (_RANGE_CHUNK - len(chunk))
+        params = {}
+        for i, (a, b) in enumerate(chunk):
+            params[f"lo{i}"], params[f"hi{i}"] = a, b
+        for tid, ra, dec in s.execute(_in_range_chunk(), params):
+            out[tid] = (ra, dec)
+    return out
+
+
+def target_rows(s: Session, ids: Sequence[int]) -> dict[int, Any]:
+    """{id: row mapping} for the given targets."""
+    if not ids:
+        return {}
+    q = select(_TARGETS).where(_TARGETS.c.id.in_(bindparam("ids", expanding=True)))
+    return {r["id"]: r for r in s.execute(q, {"ids": list(ids)}).mappings()}
+
+
+_INSERT_TARGETS = _TARGETS.insert().returning(_TARGETS.c.id, sort_by_parameter_order=True)
+
+
+def insert_targets(s: Session, rows: list[dict[str, Any]]) -> list[int]:
+    """Insert target rows (same keys in each); returns their ids in order."""
+    if not rows:
+        return []
+    now = utcnow()
+    params = [{"created_at": now, "modified_at": now, **r} for r in rows]
+    return list(s.execute(_INSERT_TARGETS, params).scalars())
+
+
 def insert_target(s: Session, columns: dict[str, Any]) -> int:
     """Insert a target row; returns its id."""
     now = utcnow()
@@ -306,6 +353,16 @@ def dead_letters(s: Session, *, unresolved_only: bool = True, limit: int | None 
 
 
 # ------------------------------------------------------------------ outbox --
+
+
+def add_events(s: Session, events: Sequence[tuple[Event, int | None]]) -> None:
+    """Write (event, target_id) pairs to the outbox in one statement."""
+    if events:
+        now = utcnow()
+        s.execute(OutboxEvent.__table__.insert(), [
+            {"kind": e.kind, "version": e.version, "payload": e.payload(), "target_id": tid, "created_at": now}
+            for e, tid in events
+        ])
 
 
 def add_event(s: Session, event: Event, *, target_id: int | None = None) -> None:

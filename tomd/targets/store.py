@@ -10,6 +10,7 @@ exact Vincenty filter, so it costs the same at 10^6 targets as at 10^3.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import Any, Literal
 
 from sqlalchemy.orm import Session
@@ -58,42 +59,13 @@ def cone(s: Session, ra: float, dec: float, radius_arcsec: float) -> list[tuple[
 
 
 def match(s: Session, spec: TargetSpec, radius_arcsec: float = DEFAULT_RADIUS_ARCSEC) -> Match | None:
-    """The existing target ``spec`` denotes.
-
-    In order: its primary name; else the nearest target within the radius;
-    else one of its aliases. A position beats an alias because an alias that
-    points far away is more likely a mistake than the position is; the alias
-    is then reported as a conflict and stays where it is.
-    """
-    return _match(s, spec, radius_arcsec, _known_names(s, spec))
-
-
-def _known_names(s: Session, spec: TargetSpec) -> dict[str, int]:
-    return repo.target_id_by_norm(s, list({normalize(n) for n in spec.names()}))
-
-
-def _match(s: Session, spec: TargetSpec, radius_arcsec: float, known: dict[str, int]) -> Match | None:
-    primary = known.get(normalize(spec.name))
-    if primary is not None:
-        return Match(primary, "name", _separation(s, primary, spec))
-    if spec.ra is not None and spec.dec is not None and radius_arcsec > 0:
-        hits = cone(s, spec.ra, spec.dec, radius_arcsec)
-        if hits:
-            return Match(hits[0][0], "position", hits[0][1])
-    if known:
-        tid = next(iter(known.values()))
-        return Match(tid, "name", _separation(s, tid, spec))
-    return None
-
-
-def _separation(s: Session, target_id: int, spec: TargetSpec) -> float | None:
-    """Arcseconds between a stored target and the spec's position, when both have one."""
-    if spec.ra is None or spec.dec is None:
+    """The existing target ``spec`` denotes (see ``upsert_many`` for the order)."""
+    spec = validate(spec)
+    plan = _Plan(s, [spec], radius_arcsec)
+    step = plan.steps[0]
+    if step.target is None or step.target < 0:
         return None
-    t = repo.target_row(s, target_id)
-    if t is None or t["ra"] is None or t["dec"] is None:
-        return None
-    return sky.separation_deg(t["ra"], t["dec"], spec.ra, spec.dec) * 3600.0
+    return plan.match_of(step)
 
 
 def upsert(
@@ -103,87 +75,196 @@ def upsert(
     radius_arcsec: float = DEFAULT_RADIUS_ARCSEC,
     origin: str = "",
 ) -> UpsertResult:
-    """Create the target or merge ``spec`` into the one it matches.
+    """Create the target or merge ``spec`` into the one it matches. The caller commits."""
+    return upsert_many(s, [spec], radius_arcsec=radius_arcsec, origin=origin)[0]
 
-    Merging adds new aliases, tags and lists, sets extras, and fills fields
-    the stored target lacks; it never moves a stored position. Writes a
-    target.created / target.updated event to the outbox when anything changed.
-    The caller commits.
+
+def upsert_many(
+    s: Session,
+    specs: Sequence[TargetSpec],
+    *,
+    radius_arcsec: float = DEFAULT_RADIUS_ARCSEC,
+    origin: str = "",
+) -> list[UpsertResult]:
+    """Upsert many specs in a few statements; results in the order of ``specs``.
+
+    Each spec is the existing target named by its primary name; else the
+    nearest target within the radius; else the target one of its aliases
+    names; else a new target. A position beats an alias because an alias that
+    points far away is more likely a mistake than the position; the alias is
+    then reported as a conflict and stays where it is. Specs in one call see
+    each other: two alerts of one new object make one target.
+
+    Merging adds names, tags, lists and extras, and fills fields the stored
+    target lacks; it never moves a stored position. target.created and
+    target.updated events go to the outbox. Raises SpecError for a bad spec.
     """
-    spec = validate(spec)
-    if spec.ra is not None and spec.dec is not None:
-        ranges = sky.cone_ranges(spec.ra, spec.dec, max(radius_arcsec, 1e-3) / 3600.0)
-        repo.lock_sky_cells(s, sky.cells_of_ranges(ranges, _LOCK_DEPTH))
-    known = _known_names(s, spec)
-    found = _match(s, spec, radius_arcsec, known)
-    if found is None:
-        return _create(s, spec, origin, known)
-    return _merge(s, found, spec, origin, known)
+    specs = [validate(x) for x in specs]
+    if not specs:
+        return []
+    plan = _Plan(s, specs, radius_arcsec)
+    return plan.execute(origin)
 
 
-def _create(s: Session, spec: TargetSpec, origin: str, known: dict[str, int]) -> UpsertResult:
-    columns = {f: getattr(spec, f) for f in (*SIDEREAL_FIELDS, *ELEMENT_FIELDS, "scheme")}
-    columns.update(derived_columns(spec))
-    tid = repo.insert_target(s, {"name": spec.name, "extras": dict(spec.extras), **columns})
-    names, conflicts = _add_names(s, tid, spec, known, primary_first=True)
-    repo.add_tags(s, tid, spec.tags)
-    repo.add_to_lists(s, tid, spec.lists)
-    repo.add_event(s, TargetCreated(tid, spec.name, spec.ra, spec.dec, origin), target_id=tid)
-    return UpsertResult(tid, True, None, tuple(names), {}, tuple(conflicts))
+@dataclass
+class _Step:
+    spec: TargetSpec
+    norms: list[str]
+    target: int | None = None  # existing id (> 0) or provisional id (< 0) of a new target
+    by: str | None = None  # "name" | "position" | None (created)
+    separation_arcsec: float | None = None
+    new_names: list[str] = field(default_factory=list)
+    conflicts: list[str] = field(default_factory=list)
 
 
-def _merge(s: Session, found: Match, spec: TargetSpec, origin: str, known: dict[str, int]) -> UpsertResult:
-    row = repo.target_row(s, found.target_id)
-    assert row is not None
+class _Plan:
+    """Decides every spec's target with three queries, then writes in bulk."""
+
+    def __init__(self, s: Session, specs: list[TargetSpec], radius_arcsec: float):
+        self.s = s
+        self.radius_deg = radius_arcsec / 3600.0
+        self.steps = [_Step(x, list(dict.fromkeys(normalize(n) for n in x.names()))) for x in specs]
+        ranges = {}
+        for k, st in enumerate(self.steps):
+            if st.spec.ra is not None and st.spec.dec is not None:
+                ranges[k] = sky.cone_ranges(st.spec.ra, st.spec.dec, max(self.radius_deg, 1e-7))
+        # Two daemons must not both create the same new object (PostgreSQL).
+        repo.lock_sky_cells(s, sky.cells_of_ranges([r for rs in ranges.values() for r in rs], _LOCK_DEPTH))
+        self.known = repo.target_id_by_norm(s, sorted({n for st in self.steps for n in st.norms}))
+        need = [r for k, rs in ranges.items() if self.steps[k].norms[0] not in self.known for r in rs]
+        self.nearby = repo.targets_in_range_set(s, need) if need and self.radius_deg > 0 else {}
+        self.created: list[tuple[int, _Step]] = []  # (provisional id, step)
+        self.new_positions: list[tuple[int, float, float]] = []
+        for st in self.steps:
+            self._decide(st)
+
+    def _decide(self, st: _Step) -> None:
+        spec = st.spec
+        primary = self.known.get(st.norms[0])
+        if primary is not None:
+            st.target, st.by = primary, "name"
+        elif spec.ra is not None and spec.dec is not None and self.radius_deg > 0:
+            best = None
+            candidates = [(t, ra, dec) for t, (ra, dec) in self.nearby.items()] + self.new_positions
+            for tid, tra, tdec in candidates:
+                sep = sky.separation_deg(spec.ra, spec.dec, tra, tdec)
+                if sep <= self.radius_deg and (best is None or (sep, tid) < best[:2]):
+                    best = (sep, tid)
+            if best is not None:
+                st.target, st.by, st.separation_arcsec = best[1], "position", best[0] * 3600.0
+        if st.target is None:
+            alias = next((self.known[n] for n in st.norms[1:] if n in self.known), None)
+            if alias is not None:
+                st.target, st.by = alias, "name"
+        if st.target is None:
+            st.target = -(len(self.created) + 1)
+            self.created.append((st.target, st))
+            if spec.ra is not None and spec.dec is not None:
+                self.new_positions.append((st.target, spec.ra, spec.dec))
+        names = dict(zip((normalize(n) for n in spec.names()), spec.names()))
+        for norm in st.norms:
+            owner = self.known.get(norm)
+            if owner is None:
+                self.known[norm] = st.target
+                st.new_names.append(names[norm])
+            elif owner != st.target:
+                st.conflicts.append(names[norm])
+
+    def match_of(self, st: _Step, rows: dict[int, Any] | None = None) -> Match:
+        sep = st.separation_arcsec
+        if st.by == "name" and st.spec.ra is not None and st.spec.dec is not None:
+            row = (rows or repo.target_rows(self.s, [st.target])).get(st.target)
+            if row is not None and row["ra"] is not None and row["dec"] is not None:
+                sep = sky.separation_deg(row["ra"], row["dec"], st.spec.ra, st.spec.dec) * 3600.0
+        return Match(st.target, st.by, sep)
+
+    def execute(self, origin: str) -> list[UpsertResult]:
+        s = self.s
+        # New targets: one multi-row INSERT … RETURNING; later specs in the
+        # batch may have merged into them (fields filled into ``columns``).
+        new_columns: dict[int, dict[str, Any]] = {}
+        for prov, st in self.created:
+            cols = {f: getattr(st.spec, f) for f in (*SIDEREAL_FIELDS, *ELEMENT_FIELDS, "scheme")}
+            cols.update(derived_columns(st.spec))
+            new_columns[prov] = {"name": st.spec.name, "extras": dict(st.spec.extras), **cols}
+        existing = sorted({st.target for st in self.steps if st.target > 0})
+        rows = repo.target_rows(s, existing)
+        changes_of: list[dict[str, Any]] = []
+        updates: dict[int, dict[str, Any]] = {}
+        for st in self.steps:
+            if st.by is None:
+                changes_of.append({})
+                continue
+            base = new_columns.get(st.target) if st.target < 0 else updates.setdefault(st.target, {})
+            current = dict(rows[st.target]) if st.target > 0 else {}
+            if st.target > 0:
+                current.update(base)
+            else:
+                current = base
+            changes_of.append(_fill(current, st.spec, base))
+        real = repo.insert_targets(s, [new_columns[prov] for prov, _ in self.created])
+        ids = {prov: rid for (prov, _), rid in zip(self.created, real)}
+
+        def tid(t: int) -> int:
+            return ids.get(t, t)
+
+        for t, values in updates.items():
+            if values:
+                repo.update_target(s, t, values)
+        name_rows = []
+        events: list[tuple[Any, int]] = []
+        results = []
+        for st, changes in zip(self.steps, changes_of):
+            t = tid(st.target)
+            for n in st.new_names:
+                name_rows.append({"target_id": t, "name": n, "norm": normalize(n),
+                                  "primary": st.by is None and n == st.spec.name, "source": st.spec.name_source})
+            tags = repo.add_tags(s, t, st.spec.tags) if st.spec.tags else []
+            lists = repo.add_to_lists(s, t, st.spec.lists) if st.spec.lists else []
+            if st.by is None:
+                events.append((TargetCreated(t, st.spec.name, st.spec.ra, st.spec.dec, origin), t))
+                results.append(UpsertResult(t, True, None, tuple(st.new_names), {}, tuple(st.conflicts)))
+                continue
+            if tags:
+                changes["tags"] = tags
+            if lists:
+                changes["lists"] = lists
+            if changes or st.new_names:
+                name = rows[st.target]["name"] if st.target > 0 else new_columns[st.target]["name"]
+                events.append((TargetUpdated(t, name, changes, tuple(st.new_names), origin), t))
+            m = self.match_of(st, rows) if st.target > 0 else Match(t, st.by, st.separation_arcsec)
+            results.append(UpsertResult(t, False, Match(t, m.by, m.separation_arcsec), tuple(st.new_names),
+                                        changes, tuple(st.conflicts)))
+        repo.add_names(s, name_rows)
+        repo.add_events(s, events)
+        return results
+
+
+def _fill(current: dict[str, Any], spec: TargetSpec, out: dict[str, Any]) -> dict[str, Any]:
+    """Put into ``out`` what ``spec`` adds to a target whose columns are ``current``.
+
+    Fills missing fields of the same kind of target (never moves a position),
+    and sets extras. Returns the changes as reported to the user.
+    """
     changes: dict[str, Any] = {}
-    # Fill what is missing; never move a stored position or change its kind.
-    if row["type"] == spec.type:
+    same_kind = current.get("type", spec.type) == spec.type
+    if same_kind:
         for f in (*SIDEREAL_FIELDS, *ELEMENT_FIELDS, "scheme"):
             new = getattr(spec, f)
-            if new is not None and row[f] is None:
-                changes[f] = new
-    update = dict(changes)
-    if "ra" in changes or "dec" in changes:
-        update.update(derived_columns(spec))
-    extras = dict(row["extras"] or {})
+            if new is not None and current.get(f) is None:
+                out[f] = current[f] = changes[f] = new
+        if "ra" in changes or "dec" in changes:
+            out.update(derived_columns(spec))
+    extras = dict(current.get("extras") or {})
+    changed = False
     for k, v in spec.extras.items():
         if extras.get(k) != v:
             extras[k] = v
             changes[f"extras.{k}"] = v
-    if extras != (row["extras"] or {}):
-        update["extras"] = extras
-    if update:
-        repo.update_target(s, row["id"], update)
-    names, conflicts = _add_names(s, row["id"], spec, known, primary_first=False)
-    tags = repo.add_tags(s, row["id"], spec.tags)
-    lists = repo.add_to_lists(s, row["id"], spec.lists)
-    if tags:
-        changes["tags"] = tags
-    if lists:
-        changes["lists"] = lists
-    if changes or names:
-        repo.add_event(s, TargetUpdated(row["id"], row["name"], changes, tuple(names), origin), target_id=row["id"])
-    return UpsertResult(row["id"], False, found, tuple(names), changes, tuple(conflicts))
-
-
-def _add_names(s: Session, target_id: int, spec: TargetSpec, known: dict[str, int], *,
-               primary_first: bool) -> tuple[list[str], list[str]]:
-    wanted: dict[str, str] = {}
-    for n in spec.names():
-        wanted.setdefault(normalize(n), n)
-    rows, added, conflicts = [], [], []
-    for i, (norm, n) in enumerate(wanted.items()):
-        owner = known.get(norm)
-        if owner == target_id:
-            continue
-        if owner is not None:
-            conflicts.append(n)
-            continue
-        rows.append({"target_id": target_id, "name": n, "norm": norm,
-                     "primary": primary_first and i == 0, "source": spec.name_source})
-        added.append(n)
-    repo.add_names(s, rows)
-    return added, conflicts
+            changed = True
+    if changed:
+        out["extras"] = current["extras"] = extras
+    return changes
 
 
 def resolve(s: Session, name_or_id: str) -> Target | None:
