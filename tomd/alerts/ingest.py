@@ -27,8 +27,8 @@ from tomd.alerts.model import Alert, PhotPoint
 from tomd.db import repository as repo
 from tomd.errors import AlertError, RetryableError, redact
 from tomd.events import AlertDeadLettered, AlertIngested, NoticeReceived
-from tomd.targets.model import SpecError, TargetSpec
-from tomd.targets.store import upsert
+from tomd.targets.model import SpecError, TargetSpec, validate
+from tomd.targets.store import upsert, upsert_many
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ class Ingestor:
                 wanted.setdefault(a.source, []).append(a.key)
         stored = {src: repo.existing_alert_keys(s, src, keys) for src, keys in wanted.items()}
         seen: set[tuple[str, str]] = set()
-        photometry: list[dict[str, Any]] = []
+        todo: list[tuple[Message, Alert]] = []
         for m, alerts, error in parsed:
             if error is not None:
                 self._dead_letter(s, m, error)
@@ -155,43 +155,58 @@ class Ingestor:
                 if a.test and not self.settings.include_test:
                     r.skipped_test += 1
                     continue
+                todo.append((m, a))
+        self._store(s, todo, r)
+        return r
+
+    def _store(self, s: Session, todo: list[tuple[Message, Alert]], r: BatchResult) -> None:
+        """Targets for the whole batch in one upsert_many, then alerts, photometry, events in bulk."""
+        targets: dict[int, int | None] = {}  # index in todo → target id
+        notices: dict[int, int] = {}
+        specs, spec_of = [], []
+        for i, (m, a) in enumerate(todo):
+            if a.kind == "localization" or (a.event_id is not None and a.object_id is None):
+                notices[i], targets[i] = self._notice(s, a)
+                r.notices += 1
+            elif a.ra is not None and a.dec is not None:
                 try:
-                    self._store(s, m, a, r, photometry)
+                    specs.append(validate(self._spec(a)))
+                    spec_of.append(i)
                 except SpecError as exc:
                     self._dead_letter(s, m, f"{a.source} alert {a.key}: {exc}")
                     r.dead_letters += 1
-        repo.insert_photometry(s, photometry)
-        r.photometry_points = len(photometry)
-        return r
-
-    def _store(self, s: Session, m: Message, a: Alert, r: BatchResult, photometry: list[dict[str, Any]]) -> None:
-        target_id = None
-        notice_id = None
-        if a.kind == "localization" or a.event_id is not None and a.object_id is None:
-            notice_id, target_id = self._notice(s, a)
-            r.notices += 1
-        elif a.ra is not None and a.dec is not None:
-            res = upsert(s, self._spec(a), radius_arcsec=self.settings.match_radius_arcsec,
-                         origin=f"alert:{a.source}")
-            target_id = res.target_id
-            r.targets_created += res.created
-        alert_id = repo.insert_alert(s, {
+                    targets[i] = -1  # not stored
+        if specs:
+            results = upsert_many(s, specs, radius_arcsec=self.settings.match_radius_arcsec,
+                                  origin=f"alert:{self.settings.stream}")
+            for i, res in zip(spec_of, results):
+                targets[i] = res.target_id
+                r.targets_created += res.created
+        keep = [(i, m, a) for i, (m, a) in enumerate(todo) if targets.get(i) != -1]
+        payload = self.settings.keep_payload
+        ids = repo.insert_alerts(s, [{
             "source": a.source, "key": a.key, "stream": self.settings.stream,
             "topic": m.topic, "partition": m.partition, "offset": m.offset,
-            "kind": a.kind, "object_id": a.object_id, "target_id": target_id, "notice_id": notice_id,
+            "kind": a.kind, "object_id": a.object_id, "target_id": targets.get(i), "notice_id": notices.get(i),
             "time": a.time, "ra": a.ra, "dec": a.dec, "band": a.band,
             "mag": _finite(a.mag), "mag_err": _finite(a.mag_err),
             "flux": _finite(a.flux), "flux_err": _finite(a.flux_err),
-            "fields": _jsonable(a.fields), "payload": _jsonable(a.payload) if self.settings.keep_payload else None,
-        })
-        r.alerts += 1
-        r.alert_ids.append(alert_id)
-        if target_id is not None:
-            photometry.extend(_phot_row(target_id, alert_id, a.source, p) for p in a.photometry)
-        repo.add_event(s, AlertIngested(
-            alert_id, a.source, a.key, target_id, a.object_id, a.time.isoformat(), a.ra, a.dec, a.mag, a.band,
-            m.coords,
-        ), target_id=target_id)
+            # Parsers hand over JSON-safe fields and payloads (tests/test_alert_formats.py).
+            "fields": a.fields, "payload": a.payload if payload else None,
+        } for i, m, a in keep])
+        photometry: list[dict[str, Any]] = []
+        events = []
+        for alert_id, (i, m, a) in zip(ids, keep):
+            tid = targets.get(i)
+            if tid is not None:
+                photometry.extend(_phot_row(tid, alert_id, a.source, p) for p in a.photometry)
+            events.append((AlertIngested(alert_id, a.source, a.key, tid, a.object_id, a.time.isoformat(),
+                                         a.ra, a.dec, a.mag, a.band, m.coords), tid))
+        repo.insert_photometry(s, photometry)
+        repo.add_events(s, events)
+        r.alerts += len(ids)
+        r.alert_ids.extend(ids)
+        r.photometry_points += len(photometry)
 
     def _spec(self, a: Alert) -> TargetSpec:
         name = a.object_id or f"{a.source}-{a.key}"
@@ -246,21 +261,6 @@ def _phot_row(target_id: int, alert_id: int, source: str, p: PhotPoint) -> dict[
         # The same measurement arrives again in later alerts' histories.
         "dedupe": f"{src}|{p.band}|{p.kind}|{p.mjd:.6f}",
     }
-
-
-def _jsonable(v: Any) -> Any:
-    """Payloads as JSON: bytes dropped (cutouts live elsewhere), NaN → None."""
-    if isinstance(v, dict):
-        return {str(k): _jsonable(x) for k, x in v.items() if not isinstance(x, (bytes, bytearray))}
-    if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
-    if isinstance(v, float):
-        return v if math.isfinite(v) else None
-    if isinstance(v, (str, int, bool)) or v is None:
-        return v
-    if isinstance(v, (bytes, bytearray)):
-        return None
-    return str(v)
 
 
 @dataclass(frozen=True)

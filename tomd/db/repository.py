@@ -296,6 +296,17 @@ def existing_alert_keys(s: Session, source: str, keys: Sequence[str]) -> set[str
     return set(s.scalars(q))
 
 
+_INSERT_ALERTS = _ALERTS.insert().returning(_ALERTS.c.id, sort_by_parameter_order=True)
+
+
+def insert_alerts(s: Session, rows: list[dict[str, Any]]) -> list[int]:
+    """Insert alert rows (same keys in each); returns their ids in order."""
+    if not rows:
+        return []
+    now = utcnow()
+    return list(s.execute(_INSERT_ALERTS, [{"ingested_at": now, **r} for r in rows]).scalars())
+
+
 def insert_alert(s: Session, row: dict[str, Any]) -> int:
     return s.execute(_ALERTS.insert().returning(_ALERTS.c.id), {"ingested_at": utcnow(), **row}).scalar_one()
 

@@ -132,21 +132,33 @@ class _Plan:
         repo.lock_sky_cells(s, sky.cells_of_ranges([r for rs in ranges.values() for r in rs], _LOCK_DEPTH))
         self.known = repo.target_id_by_norm(s, sorted({n for st in self.steps for n in st.norms}))
         need = [r for k, rs in ranges.items() if self.steps[k].norms[0] not in self.known for r in rs]
-        self.nearby = repo.targets_in_range_set(s, need) if need and self.radius_deg > 0 else {}
+        nearby = repo.targets_in_range_set(s, need) if need and self.radius_deg > 0 else {}
+        # Candidates bucketed by coarse sky cell, so each spec compares with
+        # its neighbours only, not with the whole batch.
+        self.ranges = ranges
+        self.buckets: dict[int, list[tuple[int, float, float]]] = {}
+        for tid, (ra, dec) in nearby.items():
+            self._bucket(tid, ra, dec)
         self.created: list[tuple[int, _Step]] = []  # (provisional id, step)
-        self.new_positions: list[tuple[int, float, float]] = []
-        for st in self.steps:
-            self._decide(st)
+        for k, st in enumerate(self.steps):
+            self._decide(k, st)
 
-    def _decide(self, st: _Step) -> None:
+    def _bucket(self, tid: int, ra: float, dec: float) -> None:
+        cell = sky.sky_index(ra, dec) >> (2 * (sky.INDEX_DEPTH - _LOCK_DEPTH))
+        self.buckets.setdefault(cell, []).append((tid, ra, dec))
+
+    def _candidates(self, k: int):
+        for cell in sky.cells_of_ranges(self.ranges[k], _LOCK_DEPTH):
+            yield from self.buckets.get(cell, ())
+
+    def _decide(self, k: int, st: _Step) -> None:
         spec = st.spec
         primary = self.known.get(st.norms[0])
         if primary is not None:
             st.target, st.by = primary, "name"
         elif spec.ra is not None and spec.dec is not None and self.radius_deg > 0:
             best = None
-            candidates = [(t, ra, dec) for t, (ra, dec) in self.nearby.items()] + self.new_positions
-            for tid, tra, tdec in candidates:
+            for tid, tra, tdec in self._candidates(k):
                 sep = sky.separation_deg(spec.ra, spec.dec, tra, tdec)
                 if sep <= self.radius_deg and (best is None or (sep, tid) < best[:2]):
                     best = (sep, tid)
@@ -160,7 +172,7 @@ class _Plan:
             st.target = -(len(self.created) + 1)
             self.created.append((st.target, st))
             if spec.ra is not None and spec.dec is not None:
-                self.new_positions.append((st.target, spec.ra, spec.dec))
+                self._bucket(st.target, spec.ra, spec.dec)
         names = dict(zip((normalize(n) for n in spec.names()), spec.names()))
         for norm in st.norms:
             owner = self.known.get(norm)
