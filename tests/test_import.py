@@ -112,3 +112,17 @@ def test_export_round_trips_with_import(db, tmp_path, fmt):
         return {k: v for k, v in d.items() if k not in ("id", "created_at")}
 
     assert sorted(map(repr, map(key, after))) == sorted(map(repr, map(key, before)))
+
+
+def test_a_row_the_database_refuses_does_not_take_its_neighbours(db, tmp_path):
+    # PostgreSQL refuses a NUL character in JSON text; SQLite stores it.
+    path = tmp_path / "nul.csv"
+    path.write_bytes(b"name,ra,dec,note\nA,1,1,fine\nB,2,2,bad\x00byte\nC,3,3,fine\n")
+    report = import_file(db.sessions, path, radius_arcsec=1.5, progress=False)
+    with db.sessions() as s:
+        names = sorted(t.name for t in repo.query_targets(s))
+    if db.kind == "postgresql":
+        assert names == ["A", "C"]
+        assert report.errors == [f"{path}:3: database refused the row: DataError"]
+    else:
+        assert names == ["A", "B", "C"] and report.ok

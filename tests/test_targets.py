@@ -186,6 +186,7 @@ def test_non_sidereal_targets(db):
         (dict(ra=-1.0, dec=5.0), "ra"),
         (dict(ra=float("nan"), dec=5.0), "ra"),
         (dict(ra=1.0, dec=5.0, parallax=-1.0), "parallax"),
+        (dict(ra=1.0, dec=5.0, aliases=("bad\x00name",)), "aliases"),
     ],
 )
 def test_spec_validation_names_the_field(kwargs, field):

@@ -1,12 +1,14 @@
 """Store the rows of a target file: every good row kept, every bad row reported.
 
-Each row is upserted in its own savepoint, so a row the database refuses
-does not take its neighbours with it; rows are committed in chunks.
+Rows are upserted in chunks of 500 in one statement batch each; should the
+database refuse a chunk, its rows are retried one by one in savepoints, so
+a row the database refuses does not take its neighbours with it.
 """
 
 from __future__ import annotations
 
 import sys
+from itertools import islice
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,7 +16,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from tomd.targets.io import count_rows, read_targets
-from tomd.targets.store import upsert
+from tomd.targets.store import UpsertResult, upsert, upsert_many
 
 CHUNK = 500
 
@@ -44,36 +46,53 @@ def import_file(sessions: sessionmaker[Session], path: Path, *, radius_arcsec: f
 
         bar = tqdm(total=count_rows(path), unit="row", desc=path.name, file=sys.stderr)
     rows = read_targets(path)
-    done = False
+    origin = f"import:{path.name}"
     try:
-        while not done:
+        while True:
+            chunk = list(islice(rows, CHUNK))
+            if not chunk:
+                break
+            good = []
+            for row in chunk:
+                if row.spec is None:
+                    report.errors.append(f"{path}:{row.line}: {row.error}")
+                else:
+                    good.append(row)
             with sessions.begin() as s:
-                for _ in range(CHUNK):
-                    row = next(rows, None)
-                    if row is None:
-                        done = True
-                        break
-                    if bar is not None:
-                        bar.update(1)
-                    where = f"{path}:{row.line}"
-                    if row.spec is None:
-                        report.errors.append(f"{where}: {row.error}")
-                        continue
-                    try:
-                        with s.begin_nested():
-                            res = upsert(s, row.spec, radius_arcsec=radius_arcsec, origin=f"import:{path.name}")
-                    except SQLAlchemyError as exc:
-                        report.errors.append(f"{where}: database refused the row: {exc.__class__.__name__}")
-                        continue
-                    if res.created:
-                        report.created += 1
-                    elif res.changes or res.new_names:
-                        report.updated += 1
-                    else:
-                        report.unchanged += 1
-                    for name in res.conflicts:
-                        report.warnings.append(f"{where}: name: {name!r} already belongs to another target; not added")
+                try:
+                    with s.begin_nested():
+                        results = upsert_many(s, [r.spec for r in good], radius_arcsec=radius_arcsec, origin=origin)
+                    outcomes = list(zip(good, results))
+                except SQLAlchemyError:
+                    # Find the row the database refuses; keep the others.
+                    outcomes = _one_by_one(s, good, radius_arcsec, origin, report)
+                for row, res in outcomes:
+                    _count(report, f"{path}:{row.line}", res)
+            if bar is not None:
+                bar.update(len(chunk))
     finally:
         if bar is not None:
             bar.close()
     return report
+
+
+def _one_by_one(s: Session, rows, radius_arcsec: float, origin: str, report: ImportReport):
+    out = []
+    for row in rows:
+        try:
+            with s.begin_nested():
+                out.append((row, upsert(s, row.spec, radius_arcsec=radius_arcsec, origin=origin)))
+        except SQLAlchemyError as exc:
+            report.errors.append(f"{report.path}:{row.line}: database refused the row: {exc.__class__.__name__}")
+    return out
+
+
+def _count(report: ImportReport, where: str, res: UpsertResult) -> None:
+    if res.created:
+        report.created += 1
+    elif res.changes or res.new_names:
+        report.updated += 1
+    else:
+        report.unchanged += 1
+    for name in res.conflicts:
+        report.warnings.append(f"{where}: name: {name!r} already belongs to another target; not added")

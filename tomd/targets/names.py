@@ -8,6 +8,7 @@ object is classified: it stays the same object.
 from __future__ import annotations
 
 import re
+import unicodedata
 
 # TNS object-type prefixes (https://www.wis-tns.org): the name after the
 # prefix is the designation.
@@ -28,6 +29,8 @@ def check_name(name: object) -> str:
     """A usable display name, or ValueError saying why not."""
     if not isinstance(name, str):
         raise ValueError(f"a name must be text, got {name!r}")
+    if any(unicodedata.category(c) == "Cc" and c not in "\t\n\r" for c in name):
+        raise ValueError(f"a name must not contain control characters, got {name!r}")
     shown = " ".join(name.split())
     if not shown:
         raise ValueError("a name must not be empty")
