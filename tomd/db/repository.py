@@ -87,26 +87,23 @@ def update_target(s: Session, target_id: int, values: dict[str, Any]) -> None:
 _RANGE_CHUNK = 128
 
 
-@lru_cache(maxsize=1)
-def _in_range_chunk():
-    return _in_ranges(_RANGE_CHUNK)
-
-
 def targets_in_range_set(s: Session, ranges: Sequence[tuple[int, int]]) -> dict[int, tuple[float, float]]:
     """Targets in any of many ranges, {id: (ra, dec)}, in few fixed-shape statements.
 
-    Ranges are sent 128 at a time (padded with empty ranges), so one prepared
-    statement serves every batch whatever its size.
+    Ranges go 128 at a time; a shorter rest is padded with empty ranges to
+    the next power of two, so eight prepared statement shapes serve every
+    batch size without making a one-object lookup probe 128 ranges.
     """
     out: dict[int, tuple[float, float]] = {}
     merged = sorted(set(ranges))
     for lo in range(0, len(merged), _RANGE_CHUNK):
         chunk = merged[lo:lo + _RANGE_CHUNK]
-        chunk += [(0, 0)] * (_RANGE_CHUNK - len(chunk))
+        size = 1 << (len(chunk) - 1).bit_length()
+        chunk += [(0, 0)] * (size - len(chunk))
         params = {}
         for i, (a, b) in enumerate(chunk):
             params[f"lo{i}"], params[f"hi{i}"] = a, b
-        for tid, ra, dec in s.execute(_in_range_chunk(), params):
+        for tid, ra, dec in s.execute(_in_ranges(size), params):
             out[tid] = (ra, dec)
     return out
 
