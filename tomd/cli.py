@@ -343,6 +343,15 @@ def cmd_alert_retry_dead_letters(app: App, args) -> int:
     return 1 if res.still_failing else 0
 
 
+def cmd_run(app: App, args) -> int:
+    from tomd.daemon import run
+
+    config = app.config  # invalid config: one line per problem, exit 1, before anything starts
+    if not config.streams:
+        log.warning("no [[streams]] configured: nothing to consume")
+    return run(config, idle_exit_s=args.exit_when_idle)
+
+
 def cmd_demo(app: App, args) -> int:
     from tomd.demo import run_demo
 
@@ -412,6 +421,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--output", "-o", help="file (default: stdout)")
     q.add_argument("--tag")
     q.add_argument("--list")
+
+    q = leaf(sub, "run", cmd_run, "run the daemon: consume every configured stream until SIGTERM")
+    q.add_argument("--exit-when-idle", type=float, metavar="SECONDS",
+                   help="stop after this many seconds without new messages (demos, tests, catch-up runs)")
 
     alert = sub.add_parser("alert", help="alerts").add_subparsers(dest="sub", required=True, metavar="SUB")
     q = leaf(alert, "replay", cmd_alert_replay, "ingest saved alerts (Avro, JSON, XML, GCN binary) like the stream")

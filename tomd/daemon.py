@@ -1,0 +1,153 @@
+"""The composition root: builds every part of ``tomd run`` from the Config.
+
+Wiring is explicit and lives here only: one ``StreamConsumer`` per
+``[[streams]]`` entry, each feeding an ``Ingestor`` that writes to the
+database. Each stream runs in its own thread; SIGTERM/SIGINT set one stop
+event, every consumer finishes and commits its batch, then leaves its group.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from tomd.alerts.consumer import ConsumerSettings, StreamConsumer
+from tomd.alerts.ingest import IngestSettings, Ingestor, Parser
+from tomd.config import Config, Stream
+from tomd.db import migrate
+
+log = logging.getLogger(__name__)
+
+
+def parser_for(fmt: str, *, include_test: bool, schema_registry: str | None = None) -> Parser:
+    """The bytes → Alerts function for a stream's format."""
+    from tomd.alerts.parse import parse_message
+
+    schema_source = None
+    if fmt in ("rubin-avro", "auto"):
+        from tomd.alerts.decode import ChainSchemaSource, RegistrySchemaSource, default_schema_source
+
+        if schema_registry:
+            import httpx
+
+            schema_source = ChainSchemaSource(
+                [RegistrySchemaSource(schema_registry, httpx.Client(timeout=10.0)), default_schema_source()]
+            )
+        else:
+            schema_source = default_schema_source()
+
+    def parse(data: bytes):
+        return parse_message(fmt, data, schema_source=schema_source, include_test=include_test)
+
+    return parse
+
+
+@dataclass
+class StreamRunner:
+    stream: Stream
+    consumer: StreamConsumer
+    ingestor: Ingestor
+    thread: threading.Thread | None = None
+    error: BaseException | None = None
+
+
+class Daemon:
+    """``tomd run``: consumers for every stream, until stopped."""
+
+    def __init__(self, config: Config, engine: Engine | None = None):
+        self.config = config
+        self.engine = engine or migrate.connect(config.database.url, pool_size=config.database.pool_size,
+                                                echo=config.database.echo)
+        migrate.ensure_current(self.engine)  # refuse an unmigrated database before consuming anything
+        self.sessions: sessionmaker[Session] = migrate.sessions(self.engine)
+        self.stop = threading.Event()
+        self.runners = [self._runner(s) for s in config.streams if s.kind == "kafka"]
+
+    def _runner(self, st: Stream) -> StreamRunner:
+        ingestor = Ingestor(
+            self.sessions,
+            IngestSettings(stream=st.name, format=st.format, include_test=st.include_test,
+                           localization_max_deg=st.localization_max_deg,
+                           match_radius_arcsec=self.config.targets.match_radius_arcsec),
+            parser_for(st.format, include_test=st.include_test, schema_registry=st.schema_registry),
+        )
+        consumer = StreamConsumer(
+            ConsumerSettings(bootstrap=st.bootstrap or "", topics=list(st.topics), group=st.group, start=st.start,
+                             batch_size=st.batch_size, batch_timeout_s=st.batch_timeout,
+                             kafka=st.kafka_config(), client_id=f"tomd-{st.name}"),
+            ingestor,
+        )
+        return StreamRunner(st, consumer, ingestor)
+
+    def start(self) -> None:
+        for r in self.runners:
+            r.thread = threading.Thread(target=self._run_stream, args=(r,), name=f"stream-{r.stream.name}",
+                                        daemon=True)
+            r.thread.start()
+        log.info("tomd running: %d stream(s): %s", len(self.runners),
+                 ", ".join(r.stream.name for r in self.runners) or "none")
+
+    def _run_stream(self, r: StreamRunner) -> None:
+        try:
+            r.consumer.run(self.stop)
+        except BaseException as exc:  # noqa: BLE001 - reported, and the daemon stops
+            r.error = exc
+            log.exception("stream %s stopped on an error", r.stream.name)
+            self.stop.set()
+
+    def wait(self, *, idle_exit_s: float | None = None, poll_s: float = 0.2) -> int:
+        """Block until stopped (signal, error, or ``idle_exit_s`` without new messages)."""
+        last_total, last_change = -1, time.monotonic()
+        while not self.stop.is_set():
+            self.stop.wait(poll_s)
+            if idle_exit_s is not None:
+                total = sum(r.consumer.stats.consumed for r in self.runners)
+                busy = any(r.consumer.stats.backing_off for r in self.runners)
+                if total != last_total or busy:
+                    last_total, last_change = total, time.monotonic()
+                elif time.monotonic() - last_change >= idle_exit_s:
+                    log.info("no new messages for %.0f s: stopping", idle_exit_s)
+                    self.stop.set()
+        for r in self.runners:
+            if r.thread is not None:
+                r.thread.join(timeout=60)
+        return 1 if any(r.error for r in self.runners) else 0
+
+    def install_signal_handlers(self) -> None:
+        def handler(signum, _frame):
+            log.info("received %s: finishing the batches in flight, then stopping", signal.Signals(signum).name)
+            self.stop.set()
+
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)
+
+    def summary(self) -> dict[str, dict[str, int]]:
+        out = {}
+        for r in self.runners:
+            t = r.ingestor.totals
+            out[r.stream.name] = {"messages": t.messages, "alerts": t.alerts, "duplicates": t.duplicates,
+                                  "dead_letters": t.dead_letters, "targets_created": t.targets_created,
+                                  "photometry_points": t.photometry_points, "notices": t.notices,
+                                  "skipped_test": t.skipped_test}
+        return out
+
+
+def run(config: Config, *, idle_exit_s: float | None = None,
+        on_started: Callable[[Daemon], None] | None = None) -> int:
+    daemon = Daemon(config)
+    daemon.install_signal_handlers()
+    daemon.start()
+    if on_started:
+        on_started(daemon)
+    code = daemon.wait(idle_exit_s=idle_exit_s)
+    for name, counts in daemon.summary().items():
+        log.info("stream %s: %s", name, ", ".join(f"{k}={v}" for k, v in counts.items()))
+    daemon.engine.dispose()
+    return code
