@@ -65,7 +65,11 @@ def run_demo(workdir: Path) -> int:
              f"tags={','.join(r['tags']) or '-'}")
     summary.append(f"cone search around M101: {len(hits)} targets within 10'")
 
-    _step(4, "summary")
+    _step(4, "alert streams: a local Kafka broker, real packets, the daemon")
+    stream_lines = _demo_stream(workdir, url, sessions)
+    summary += stream_lines
+
+    _step(5, "summary")
     for line in summary:
         _say(f"  • {line}")
     _say(f"  done in {time.perf_counter() - t0:.1f} s; everything is in {workdir}/")
@@ -75,12 +79,91 @@ def run_demo(workdir: Path) -> int:
     _say("  .venv/bin/tomd config check           # one line per problem, exit 1 if any")
     _say("  .venv/bin/tomd db upgrade             # create or migrate the schema")
     _say("  .venv/bin/tomd target import my-targets.csv")
-    _say("  .venv/bin/tomd target list --cone 14:03:12.6 +54:20:56 600")
-    _say(f"Look around the demo's database: TOMD_DATABASE_URL={url} and a tomd.toml with")
-    _say('  [database]\n  url = "${TOMD_DATABASE_URL}"')
+    _say("  .venv/bin/tomd run                    # consume every [[streams]] entry until SIGTERM")
+    _say("Look around what the demo stored:")
+    _say(f"  TOMD_CONFIG={workdir}/tomd.toml .venv/bin/tomd target list")
+    _say(f"  TOMD_CONFIG={workdir}/tomd.toml .venv/bin/tomd target show ZTF17aaarzyp")
+    _say(f"  TOMD_CONFIG={workdir}/tomd.toml .venv/bin/tomd alert dead-letters")
     engine.dispose()
     return 0
 
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(run_demo(Path(sys.argv[1] if len(sys.argv) > 1 else "demo-work")))
+
+
+def _demo_stream(workdir: Path, url: str, sessions) -> list[str]:
+    """Publish the shipped packets to a local broker and let ``tomd run`` ingest them."""
+    from sqlalchemy import func, select
+
+    from tomd.alerts.broker import LOCAL_GROUP_SETTINGS, LocalBroker, create_topics, produce
+    from tomd.config import load_config
+    from tomd.daemon import Daemon
+    from tomd.db.models import AlertRow, Notice, Photometry
+
+    alerts_dir = resources.files("tomd.data").joinpath("alerts")
+    ztf = sorted((p.read_bytes() for p in alerts_dir.joinpath("ztf").iterdir() if p.name.endswith(".avro")))
+    gcn = [p.read_bytes() for p in sorted(alerts_dir.joinpath("gcn").iterdir(), key=lambda p: p.name)
+           if p.name.endswith((".xml", ".json"))]
+    with LocalBroker(log_path=workdir / "broker.log") as broker:
+        _say(f"Kafka-protocol broker (Tansu) on {broker.bootstrap}")
+        create_topics(broker.bootstrap, {"ztf_demo": 2, "gcn_demo": 1})
+        # One corrupted message in the middle: it must end in the dead letters.
+        produce(broker.bootstrap, "ztf_demo", ztf[:7] + [b"\x00not an alert"] + ztf[7:])
+        produce(broker.bootstrap, "gcn_demo", gcn)
+        _say(f"published {len(ztf)} ZTF alerts (+1 corrupted) to ztf_demo, {len(gcn)} GCN notices to gcn_demo")
+        cfg_path = workdir / "tomd.toml"
+        kafka = "\n".join(f'"{k}" = {v}' for k, v in LOCAL_GROUP_SETTINGS.items())
+        cfg_path.write_text(f"""# written by `tomd demo`
+[database]
+url = "{url}"
+
+[[streams]]
+name = "ztf"
+bootstrap = "{broker.bootstrap}"
+topics = ["ztf_demo"]
+format = "ztf-avro"
+[streams.kafka]
+{kafka}
+
+[[streams]]
+name = "gcn"
+bootstrap = "{broker.bootstrap}"
+topics = ["gcn_demo"]
+format = "auto"
+[streams.kafka]
+{kafka}
+""")
+        daemon = Daemon(load_config(cfg_path))
+        daemon.start()
+        daemon.wait(idle_exit_s=3.0)
+        counts = daemon.summary()
+        daemon.engine.dispose()
+    for name, c in counts.items():
+        _say(f"stream {name}: {c['messages']} messages → {c['alerts']} alerts, {c['targets_created']} new targets, "
+             f"{c['photometry_points']} photometry points, {c['notices']} notices, {c['dead_letters']} dead letters")
+    with sessions() as s:
+        for d in repo.dead_letters(s):
+            _say(f"  dead letter: {d.topic}[{d.partition}]@{d.offset}: {d.error}")
+        name, tid, n = s.execute(
+            select(AlertRow.object_id, AlertRow.target_id, func.count(Photometry.id))
+            .join(Photometry, Photometry.target_id == AlertRow.target_id)
+            .where(AlertRow.source == "ztf").group_by(AlertRow.object_id, AlertRow.target_id)
+            .order_by(func.count(Photometry.id).desc()).limit(1)
+        ).one()
+        _say(f"  light curve of {name} (target #{tid}), {n} points:")
+        for p in repo.photometry_of(s, tid)[-6:]:
+            if p.mag is not None:
+                value = f"{p.mag:6.2f} ± {p.mag_err or 0:.2f} mag"
+            elif p.flux is not None:
+                value = f"{p.flux:9.0f} ± {p.flux_err or 0:.0f} nJy"
+            else:
+                value = f"fainter than {p.limit:.2f} mag"
+            _say(f"    MJD {p.mjd:.4f} {p.band:5s} {p.kind:11s} {value}")
+        for notice in s.scalars(select(Notice).order_by(Notice.id)):
+            err = f"{notice.error_deg * 3600:.1f}\"" if notice.error_deg is not None else "?"
+            tgt = f"→ target #{notice.target_id}" if notice.target_id else "(too coarse for a target)"
+            _say(f"  notice {notice.event_id} {notice.notice_type}: error {err} {tgt}")
+    total = sum(c["alerts"] for c in counts.values())
+    return [f"{total} alerts ingested from a local Kafka broker; the corrupted message went to the dead letters",
+            f"the daemon's config for this run: {cfg_path}"]
