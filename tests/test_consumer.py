@@ -46,11 +46,12 @@ def wait_for(condition, timeout: float, what: str, interval: float = 0.05):
         time.sleep(interval)
 
 
-def settings(broker: LocalBroker, topic: str | list[str], group: str, **kw) -> ConsumerSettings:
+def settings(broker: LocalBroker, topic: str | list[str], group: str, kafka: dict | None = None,
+             **kw) -> ConsumerSettings:
     kw.setdefault("batch_timeout_s", 0.1)
     kw.setdefault("retry_initial_s", 0.05)
     return ConsumerSettings(bootstrap=broker.bootstrap, topics=[topic] if isinstance(topic, str) else topic,
-                            group=group, kafka=LOCAL_GROUP_SETTINGS, **kw)
+                            group=group, kafka={**LOCAL_GROUP_SETTINGS, **(kafka or {})}, **kw)
 
 
 class Running:
@@ -202,27 +203,70 @@ def test_retryable_error_twice_then_success(kafka_broker, make_topic, tmp_path):
     assert committed(kafka_broker, group, topic, 3) == {0: 40, 1: 40, 2: 40}
 
 
-def test_database_locked_for_a_while_backs_off_and_keeps_the_group(kafka_broker, make_topic, tmp_path):
-    """A real outage: another connection holds SQLite's write lock for ~2 s."""
+def test_database_locked_longer_than_max_poll_interval(kafka_broker, make_topic, tmp_path, caplog):
+    """A real outage: another connection holds SQLite's write lock for 3 s,
+    longer than max.poll.interval.ms. Polling while paused keeps the member
+    in the group; the batch is retried until the lock goes away."""
     topic = make_topic(2)
     fill(kafka_broker, topic, 2, 30)
     ledger = Ledger(tmp_path / "ledger.db", busy_timeout=0.05)
-    with running(StreamConsumer(settings(kafka_broker, topic, "g-lock", batch_size=20,
-                                         retry_max_s=0.4), ledger)) as r:
+    s = settings(kafka_broker, topic, "g-lock", batch_size=20, retry_max_s=0.4,
+                 kafka={"max.poll.interval.ms": 2000})
+    with running(StreamConsumer(s, ledger)) as r:
         wait_for(lambda: ledger.count() == 60, 15, "first 60 rows")
         rebalances = r.stats.rebalances
         blocker = sqlite3.connect(tmp_path / "ledger.db", isolation_level=None)
         blocker.execute("BEGIN EXCLUSIVE")
         fill(kafka_broker, topic, 2, 30, tag="during")
         wait_for(lambda: r.stats.retries >= 3, 10, "retries while locked")
-        assert r.stats.backing_off or r.stats.retries >= 3
-        time.sleep(1.0)  # longer than session.timeout.ms / 2: heartbeats must go on
+        assert r.stats.backing_off
+        time.sleep(3.0)
         blocker.execute("COMMIT")
         blocker.close()
         wait_for(lambda: ledger.count() == 120, 15, "rows after the outage")
         assert r.stats.rebalances == rebalances  # never left the group
+        assert not r.stats.backing_off
     assert_exactly_once(ledger, topic, 2, 60)
     assert ledger.counters()["delivered"] == 120
+    retried = [rec for rec in caplog.records if "retrying in" in rec.getMessage()]
+    assert retried and f"{topic}[" in retried[0].getMessage() and "@" in retried[0].coords
+
+
+@pytest.mark.parametrize("strategy", ["range", "cooperative-sticky"])
+def test_rebalance_while_backing_off(kafka_broker, make_topic, tmp_path, strategy):
+    """A second member joins while the first waits to retry a batch: the
+    records of partitions it gives away are dropped from the pending batch
+    and read again by their new owner, so each is handled once."""
+    topic = make_topic(4)
+    group = f"g-rebalance-backoff-{strategy}"
+    db = tmp_path / "ledger.db"
+    kafka = {"partition.assignment.strategy": strategy}
+    a_ledger = Ledger(db, busy_timeout=0.05)
+    b_ledger = Ledger(db, busy_timeout=0.05)
+    blocker = sqlite3.connect(db, isolation_level=None)
+    a = Running(StreamConsumer(settings(kafka_broker, topic, group, kafka, batch_size=100,
+                                        retry_max_s=0.3), a_ledger))
+    b = None
+    try:
+        wait_for(lambda: len(a.stats.assigned) == 4, 15, "first member owns 4 partitions")
+        blocker.execute("BEGIN EXCLUSIVE")
+        fill(kafka_broker, topic, 4, 25)
+        wait_for(lambda: a.stats.retries >= 2, 10, "first member backing off")
+        pending = {m.partition for m in a_ledger.calls[-1]}
+        b = Running(StreamConsumer(settings(kafka_broker, topic, group, kafka, batch_size=100,
+                                            retry_max_s=0.3), b_ledger))
+        wait_for(lambda: len(a.stats.assigned) == 2 and len(b.stats.assigned) == 2, 15, "a 2+2 split")
+        blocker.execute("COMMIT")
+        wait_for(lambda: ledger_count(db) == 100, 15, "all rows")
+        assert pending - {p for _, p in a.stats.assigned}, "the rebalance took nothing pending away"
+    finally:
+        blocker.close()
+        a.stop()
+        if b is not None:
+            b.stop()
+    assert_exactly_once(a_ledger, topic, 4, 25)
+    assert a_ledger.counters()["delivered"] == 100
+    assert committed(kafka_broker, group, topic, 4) == {p: 25 for p in range(4)}
 
 
 def test_sigkill_between_database_commit_and_offset_commit(kafka_broker, make_topic, tmp_path):
@@ -257,18 +301,20 @@ def test_sigkill_between_database_commit_and_offset_commit(kafka_broker, make_to
     assert_exactly_once(ledger, topic, 3, 100)  # ... and changed nothing
 
 
-def test_two_members_split_partitions_and_take_over(kafka_broker, make_topic, tmp_path):
+@pytest.mark.parametrize("strategy", ["range", "cooperative-sticky"])
+def test_two_members_split_partitions_and_take_over(kafka_broker, make_topic, tmp_path, strategy):
     topic = make_topic(4)
-    group = "g-pair"
+    group = f"g-pair-{strategy}"
+    kafka = {"partition.assignment.strategy": strategy}
     db = tmp_path / "ledger.db"
     a_ledger, b_ledger = Ledger(db), Ledger(db)
-    a = Running(StreamConsumer(settings(kafka_broker, topic, group, batch_size=30), a_ledger))
+    a = Running(StreamConsumer(settings(kafka_broker, topic, group, kafka, batch_size=30), a_ledger))
     b = None
     try:
         wait_for(lambda: len(a.stats.assigned) == 4, 15, "first member owns 4 partitions")
         fill(kafka_broker, topic, 4, 50, tag="one")
         wait_for(lambda: ledger_count(db) == 200, 15, "first wave")
-        b = Running(StreamConsumer(settings(kafka_broker, topic, group, batch_size=30), b_ledger))
+        b = Running(StreamConsumer(settings(kafka_broker, topic, group, kafka, batch_size=30), b_ledger))
         wait_for(lambda: len(a.stats.assigned) == 2 and len(b.stats.assigned) == 2, 15, "a 2+2 split")
         assert a.stats.assigned.isdisjoint(b.stats.assigned)
         fill(kafka_broker, topic, 4, 50, tag="two")

@@ -323,9 +323,10 @@ class StreamConsumer:
         self._consumer.pause(partitions)
 
     def _wait(self, delay: float, stop: threading.Event) -> bool:
-        """Poll, consuming nothing, for ``delay`` seconds; False if stopped."""
+        """Poll, consuming nothing, for ``delay`` seconds (less if a rebalance took
+        the whole pending batch away); False if stopped."""
         deadline = time.monotonic() + delay
-        while not stop.is_set() and (left := deadline - time.monotonic()) > 0:
+        while self._pending and not stop.is_set() and (left := deadline - time.monotonic()) > 0:
             # Polling keeps max.poll.interval.ms satisfied and serves rebalances.
             strays = [m for m in self._consumer.consume(num_messages=self.settings.batch_size,
                                                         timeout=min(left, 0.2))
@@ -372,6 +373,11 @@ class StreamConsumer:
             consumer.assign(partitions)
         if self._pending:  # backing off: nothing new until the pending batch is handled
             self._pause(partitions)
+        else:
+            # librdkafka keeps a partition's pause flag across an eager
+            # rebalance: one paused during a back-off that was revoked and
+            # comes back would otherwise stay paused for good.
+            consumer.resume(partitions)
         self.stats.assigned = frozenset(_key(tp) for tp in consumer.assignment())
         log.info("assigned %s", _partitions_text(partitions))
 
