@@ -1,0 +1,154 @@
+"""End-to-end ingest rate: real ZTF packets through a local Kafka broker into the database.
+
+Produces N copies of the real ZTF alerts in ../shared/data (cutouts included,
+unique candid/objectId, spread positions) to a local Tansu broker, then:
+
+1. the ceiling: consume and decode the same messages with plain
+   confluent-kafka + fastavro and nothing else;
+2. ``tomd run``'s consumer and ingestor (the daemon's own wiring) into a
+   fresh SQLite database and a fresh PostgreSQL database.
+
+Prints JSON (rates, where the time goes) and one human line per backend.
+
+    python bench/ingest.py [--alerts 5000] [--backends sqlite,postgresql] [--batch-size 500]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import secrets
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import fastavro
+from confluent_kafka import Consumer
+from sqlalchemy import create_engine, text
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from tomd.alerts.broker import LOCAL_GROUP_SETTINGS, LocalBroker, create_topics, produce  # noqa: E402
+from tomd.config import Config, Database, Stream  # noqa: E402
+from tomd.daemon import Daemon  # noqa: E402
+from tomd.db import migrate  # noqa: E402
+from ztf_copies import ztf_copies  # noqa: E402
+
+ADMIN_URL = os.environ.get("TOMD_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+
+
+def ceiling(bootstrap: str, topic: str, n: int) -> float:
+    """Alerts/s for consume + fastavro decode, nothing else."""
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"ceiling-{secrets.token_hex(3)}",
+                  "auto.offset.reset": "earliest", "enable.auto.commit": False, **LOCAL_GROUP_SETTINGS})
+    c.subscribe([topic])
+    done = 0
+    t0 = None
+    deadline = time.monotonic() + 300
+    while done < n and time.monotonic() < deadline:
+        for m in c.consume(500, 1.0):
+            if m.error():
+                continue
+            if t0 is None:
+                t0 = time.perf_counter()
+            for _ in fastavro.reader(io.BytesIO(m.value())):
+                pass
+            done += 1
+    elapsed = time.perf_counter() - (t0 or time.perf_counter())
+    c.close()
+    return done / elapsed if elapsed else 0.0
+
+
+def database(kind: str):
+    if kind == "sqlite":
+        d = tempfile.mkdtemp(prefix="tomd-ingest-")
+        return f"sqlite:///{d}/bench.db", lambda: None
+    name = f"tomd_bench_{os.getpid()}_{secrets.token_hex(3)}"
+    admin = create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as c:
+        c.execute(text(f'CREATE DATABASE "{name}"'))
+
+    def drop():
+        with admin.connect() as c:
+            c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+    return ADMIN_URL.rsplit("/", 1)[0] + f"/{name}", drop
+
+
+def tomd_rate(kind: str, bootstrap: str, topic: str, n: int, batch_size: int) -> dict:
+    url, drop = database(kind)
+    try:
+        engine = migrate.connect(url)
+        migrate.upgrade(engine)
+        config = Config(
+            database=Database(url=url),
+            streams=[Stream(name="bench", bootstrap=bootstrap, topics=[topic], format="ztf-avro",
+                            group=f"bench-{kind}-{secrets.token_hex(3)}", batch_size=batch_size,
+                            kafka=dict(LOCAL_GROUP_SETTINGS))],
+        )
+        daemon = Daemon(config, engine=engine)
+        ing = daemon.runners[0].ingestor
+        daemon.start()
+        waiter = threading.Thread(target=daemon.wait, daemon=True)
+        waiter.start()
+        t0 = None
+        deadline = time.monotonic() + 900
+        while ing.totals.messages < n and time.monotonic() < deadline:
+            if t0 is None and daemon.runners[0].consumer.stats.consumed:
+                t0 = time.perf_counter()
+            time.sleep(0.01)
+        elapsed = time.perf_counter() - (t0 or time.perf_counter())
+        daemon.stop.set()
+        waiter.join(60)
+        engine.dispose()
+        t = ing.totals
+        busy = ing.seconds["parse"] + ing.seconds["database"]
+        return {
+            "backend": kind, "alerts": t.alerts, "alerts_per_s": round(t.alerts / elapsed, 1),
+            "seconds": round(elapsed, 2),
+            "time_share": {
+                "decode_parse": round(ing.seconds["parse"] / elapsed, 3),
+                "database": round(ing.seconds["database"] / elapsed, 3),
+                "kafka_and_other": round(max(0.0, 1 - busy / elapsed), 3),
+            },
+            "ms_per_alert": {"decode_parse": round(ing.seconds["parse"] / max(t.alerts, 1) * 1e3, 3),
+                             "database": round(ing.seconds["database"] / max(t.alerts, 1) * 1e3, 3)},
+            "photometry_points": t.photometry_points, "targets_created": t.targets_created,
+        }
+    finally:
+        drop()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--alerts", type=int, default=5000)
+    p.add_argument("--backends", default="sqlite,postgresql")
+    p.add_argument("--batch-size", type=int, default=500)
+    args = p.parse_args()
+    values = ztf_copies(args.alerts, seed=11)
+    mb = sum(map(len, values)) / 1e6
+    out: dict = {"benchmark": "ingest", "alerts": args.alerts, "megabytes": round(mb, 1),
+                 "batch_size": args.batch_size, "goal_alerts_per_s_postgresql": 2000, "rules": 0}
+    with LocalBroker() as broker:
+        topic = "ztf_bench"
+        create_topics(broker.bootstrap, {topic: 2})
+        produce(broker.bootstrap, topic, values)
+        out["ceiling_alerts_per_s"] = round(ceiling(broker.bootstrap, topic, args.alerts), 1)
+        out["runs"] = [tomd_rate(k, broker.bootstrap, topic, args.alerts, args.batch_size)
+                       for k in args.backends.split(",")]
+    print(json.dumps(out, indent=2))
+    for r in out["runs"]:
+        print(f"{r['backend']}: {r['alerts_per_s']} alerts/s end to end "
+              f"({r['alerts_per_s'] / out['ceiling_alerts_per_s']:.2f} of the plain consume+decode ceiling, "
+              f"{out['ceiling_alerts_per_s']} alerts/s); decode+parse {r['ms_per_alert']['decode_parse']} ms, "
+              f"database {r['ms_per_alert']['database']} ms per alert", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
