@@ -401,6 +401,26 @@ def test_timestamp_start_applies_only_to_partitions_without_a_committed_offset(
     assert ledger.per_partition() == {(topic, 0): [3, 4, 5, 6, 7, 8, 9]}
 
 
+def test_a_bug_in_the_handler_stops_the_loop_without_committing_its_batch(
+        kafka_broker, make_topic, tmp_path, caplog):
+    topic = make_topic(1)
+    fill(kafka_broker, topic, 1, 50)
+
+    def buggy(batch, call_no):
+        if call_no == 2:
+            raise KeyError("magpsf")
+
+    ledger = Ledger(tmp_path / "ledger.db", before=buggy)
+    r = Running(StreamConsumer(settings(kafka_broker, topic, "g-bug", batch_size=10), ledger))
+    r.thread.join(20)
+    assert isinstance(r.error, KeyError)
+    first = ledger.calls[0]
+    assert committed(kafka_broker, "g-bug", topic, 1) == {0: first[-1].offset + 1}
+    failed = ledger.calls[1]
+    [record] = [rec for rec in caplog.records if "stopping without committing" in rec.getMessage()]
+    assert record.coords == failed[0].coords and describe(failed) in record.getMessage()
+
+
 # ------------------------------------------------------------------ stop
 
 def test_stop_during_a_batch_finishes_and_commits_it(kafka_broker, make_topic, tmp_path):

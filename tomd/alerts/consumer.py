@@ -226,7 +226,8 @@ class StreamConsumer:
             self.stats.consumed += 1
             if self._before_start(raw):
                 self.stats.skipped += 1
-                self._uncommitted[_key(raw)] = raw.offset + 1  # nothing to do for it: done
+                # Nothing to do for it: done, so its offset may be committed.
+                self._uncommitted[_key(raw)] = max(self._uncommitted.get(_key(raw), 0), raw.offset + 1)
                 continue
             batch.append(raw)
         self._update_lag()
