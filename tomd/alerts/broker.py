@@ -246,3 +246,18 @@ def produce(bootstrap: str, topic: str, values: Iterable[bytes], key: bytes | No
     if failures:
         raise KafkaException(failures[0])
     return count
+
+
+def main() -> None:
+    """``python -m tomd.alerts.broker``: run a local broker until Ctrl-C."""
+    with LocalBroker() as broker:
+        print(f"Tansu broker at {broker.bootstrap} (log {broker.log_path}); Ctrl-C stops it", flush=True)
+        try:
+            while broker._proc is not None and broker._proc.poll() is None:
+                time.sleep(0.5)
+        except KeyboardInterrupt:
+            pass
+
+
+if __name__ == "__main__":
+    main()
