@@ -329,9 +329,12 @@ class StreamConsumer:
         deadline = time.monotonic() + delay
         while self._pending and not stop.is_set() and (left := deadline - time.monotonic()) > 0:
             # Polling keeps max.poll.interval.ms satisfied and serves rebalances.
-            strays = [m for m in self._consumer.consume(num_messages=self.settings.batch_size,
-                                                        timeout=min(left, 0.2))
-                      if m.error() is None]
+            strays = []
+            for msg in self._consumer.consume(num_messages=self.settings.batch_size, timeout=min(left, 0.2)):
+                if msg.error() is not None:
+                    self._on_message_error(msg)
+                else:
+                    strays.append(msg)
             self._raise_if_fatal()
             if strays:  # paused partitions return nothing; never drop a record if one does
                 self._rewind([RawMessage.from_kafka(m) for m in strays])
