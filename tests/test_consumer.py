@@ -428,7 +428,6 @@ def test_stop_during_a_batch_finishes_and_commits_it(kafka_broker, make_topic, t
     fill(kafka_broker, topic, 1, 100)
     group = "g-stop"
     holder: dict[str, Running] = {}
-    started = threading.Event()
 
     def slow(batch, call_no):
         if call_no == 2:
