@@ -71,13 +71,6 @@ def targets_in_ranges(s: Session, ranges: Sequence[tuple[int, int]]) -> list[tup
 # Core statements on the tables (not the ORM entities): the ORM's bulk
 # path costs ~0.5 ms per call, Core ~0.05 ms.
 _TARGETS = Target.__table__
-_INSERT_TARGET = _TARGETS.insert().returning(_TARGETS.c.id)
-_TARGET_ROW = select(_TARGETS).where(_TARGETS.c.id == bindparam("id"))
-
-
-def target_row(s: Session, target_id: int):
-    """The target's columns as a read-only mapping (cheaper than the ORM object)."""
-    return s.execute(_TARGET_ROW, {"id": target_id}).mappings().first()
 
 
 def update_target(s: Session, target_id: int, values: dict[str, Any]) -> None:
@@ -126,12 +119,6 @@ def insert_targets(s: Session, rows: list[dict[str, Any]]) -> list[int]:
     now = utcnow()
     params = [{"created_at": now, "modified_at": now, **r} for r in rows]
     return list(s.execute(_INSERT_TARGETS, params).scalars())
-
-
-def insert_target(s: Session, columns: dict[str, Any]) -> int:
-    """Insert a target row; returns its id."""
-    now = utcnow()
-    return s.execute(_INSERT_TARGET, {"created_at": now, "modified_at": now, **columns}).scalar_one()
 
 
 def bulk_insert_targets(s: Session, rows: list[dict[str, Any]], names: list[dict[str, Any]]) -> None:
@@ -304,10 +291,6 @@ def insert_alerts(s: Session, rows: list[dict[str, Any]]) -> list[int]:
     return list(s.execute(_INSERT_ALERTS, [{"ingested_at": now, **r} for r in rows]).scalars())
 
 
-def insert_alert(s: Session, row: dict[str, Any]) -> int:
-    return s.execute(_ALERTS.insert().returning(_ALERTS.c.id), {"ingested_at": utcnow(), **row}).scalar_one()
-
-
 def insert_photometry(s: Session, rows: list[dict[str, Any]]) -> None:
     """Insert points; a point already stored for the target (same dedupe key) is skipped."""
     if rows:
@@ -377,8 +360,3 @@ def add_event(s: Session, event: Event, *, target_id: int | None = None) -> None
     """Write ``event`` to the outbox in the caller's transaction."""
     s.execute(OutboxEvent.__table__.insert(), [{"kind": event.kind, "version": event.version, "payload": event.payload(),
                                      "target_id": target_id, "created_at": utcnow()}])
-
-
-def events_since(s: Session, after_id: int = 0, limit: int = 1000) -> list[OutboxEvent]:
-    q = select(OutboxEvent).where(OutboxEvent.id > after_id).order_by(OutboxEvent.id).limit(limit)
-    return list(s.scalars(q))
