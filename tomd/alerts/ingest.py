@@ -68,6 +68,24 @@ Parser = Callable[[bytes], list[Alert]]
 
 
 @dataclass(frozen=True)
+class Ingested:
+    """One alert as stored, handed to the stages that act on it (rules)."""
+
+    alert_id: int
+    alert: Alert
+    target_id: int | None
+    notice_id: int | None
+    coords: str  # topic[partition]@offset, or the file
+
+
+class AlertSink(Protocol):
+    """Acts on stored alerts inside the ingest transaction (rules record their
+    decisions there, so verdict and alert commit together: Invariant 2)."""
+
+    def __call__(self, s: Session, stored: Sequence[Ingested]) -> None: ...
+
+
+@dataclass(frozen=True)
 class IngestSettings:
     stream: str
     format: str
@@ -93,10 +111,12 @@ class BatchResult:
 class Ingestor:
     """The BatchHandler for one stream: messages in, one transaction out."""
 
-    def __init__(self, sessions: sessionmaker[Session], settings: IngestSettings, parser: Parser):
+    def __init__(self, sessions: sessionmaker[Session], settings: IngestSettings, parser: Parser,
+                 sinks: Sequence[AlertSink] = ()):
         self.sessions = sessions
         self.settings = settings
         self.parser = parser
+        self.sinks = list(sinks)
         self.totals = BatchResult()
         # Seconds spent per stage, for metrics and benchmarks.
         self.seconds = {"parse": 0.0, "database": 0.0}
@@ -203,7 +223,9 @@ class Ingestor:
         } for i, m, a in keep])
         photometry: list[dict[str, Any]] = []
         events = []
+        stored = []
         for alert_id, (i, m, a) in zip(ids, keep):
+            stored.append(Ingested(alert_id, a, targets.get(i), notices.get(i), m.coords))
             tid = targets.get(i)
             if tid is not None:
                 photometry.extend(_phot_row(tid, alert_id, a.source, p) for p in a.photometry)
@@ -211,6 +233,8 @@ class Ingestor:
                                          a.ra, a.dec, a.mag, a.band, m.coords), tid))
         repo.insert_photometry(s, photometry)
         repo.add_events(s, events)
+        for sink in self.sinks:  # after photometry: light-curve features include this alert
+            sink(s, stored)
         r.alerts += len(ids)
         r.alert_ids.extend(ids)
         r.photometry_points += len(photometry)
