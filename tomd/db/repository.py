@@ -118,7 +118,25 @@ def insert_targets(s: Session, rows: list[dict[str, Any]]) -> list[int]:
         return []
     now = utcnow()
     params = [{"created_at": now, "modified_at": now, **r} for r in rows]
-    return list(s.execute(_INSERT_TARGETS, params).scalars())
+    return _insert_many(s, _TARGETS, _INSERT_TARGETS, params)
+
+
+def _insert_many(s: Session, table, returning_stmt, rows: list[dict[str, Any]]) -> list[int]:
+    """Multi-row insert that returns the new ids in order.
+
+    PostgreSQL: ids are drawn from the sequence first, then the rows go as a
+    pipelined executemany of one prepared statement; a multi-row
+    INSERT … RETURNING of large rows (alert payloads) costs several times
+    more there, mostly in building and parsing one huge statement.
+    """
+    if s.get_bind().dialect.name != "postgresql":
+        return list(s.execute(returning_stmt, rows).scalars())
+    ids = list(s.scalars(
+        text("SELECT nextval(pg_get_serial_sequence(:t, 'id')) FROM generate_series(1, :n)"),
+        {"t": table.name, "n": len(rows)},
+    ))
+    s.execute(table.insert(), [{**r, "id": i} for r, i in zip(rows, ids)])
+    return ids
 
 
 def bulk_insert_targets(s: Session, rows: list[dict[str, Any]], names: list[dict[str, Any]]) -> None:
@@ -252,10 +270,11 @@ def lock_sky_cells(s: Session, cells: Sequence[int]) -> None:
     then cannot both create it. SQLite serialises writers already (tomd opens
     its transactions with BEGIN IMMEDIATE).
     """
-    if s.get_bind().dialect.name != "postgresql":
+    if s.get_bind().dialect.name != "postgresql" or not cells:
         return
-    for cell in sorted(set(cells)):
-        s.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": int(cell)})
+    # One statement for the whole batch; unnest keeps the array's (sorted) order.
+    s.execute(text("SELECT count(pg_advisory_xact_lock(k)) FROM unnest(CAST(:keys AS bigint[])) AS k"),
+              {"keys": sorted({int(c) for c in cells})})
 
 
 # ------------------------------------------------------------------ alerts --
@@ -288,7 +307,7 @@ def insert_alerts(s: Session, rows: list[dict[str, Any]]) -> list[int]:
     if not rows:
         return []
     now = utcnow()
-    return list(s.execute(_INSERT_ALERTS, [{"ingested_at": now, **r} for r in rows]).scalars())
+    return _insert_many(s, _ALERTS, _INSERT_ALERTS, [{"ingested_at": now, **r} for r in rows])
 
 
 def insert_photometry(s: Session, rows: list[dict[str, Any]]) -> None:
