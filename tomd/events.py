@@ -8,7 +8,7 @@ State changes write their event to the outbox table in the same transaction
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
 
@@ -18,7 +18,9 @@ class Event:
     version: ClassVar[int] = 1
 
     def payload(self) -> dict[str, Any]:
-        return asdict(self)
+        # Shallow on purpose: fields are plain values, and asdict's deep copy
+        # costs ~70 µs per event on the ingest path.
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 @dataclass(frozen=True)
