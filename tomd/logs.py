@@ -9,23 +9,60 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
+from collections.abc import Mapping
+from typing import Any
 
-from tomd.errors import redact
+from tomd.errors import redact as _redact_errors
 
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
 
+# Beyond tomd.errors.redact: bare bearer tokens, Slack webhook paths, and
+# common token shapes (GitHub, Slack, AWS keys) wherever they appear.
+_MORE_SECRETS = [
+    re.compile(r"(?i)(\bbearer\s+)[A-Za-z0-9._~+/=-]{8,}"),
+    re.compile(r"(hooks\.slack\.com/(?:services|workflows|triggers)/)[A-Za-z0-9/_-]+"),
+    re.compile(r"\b(?:xox[abposr]-[A-Za-z0-9-]{10,}|gh[pousr]_[A-Za-z0-9]{20,}|AKIA[0-9A-Z]{16})\b"),
+]
+# An extra whose key says it holds a secret is hidden whatever its value.
+_SECRET_KEY = re.compile(r"(?i)(token|password|passwd|secret|api[_-]?key|authorization|credential)")
+
+
+def redact(text: str) -> str:
+    """``tomd.errors.redact`` plus the log-only patterns above."""
+    out = _redact_errors(text)
+    for pat in _MORE_SECRETS:
+        out = pat.sub(lambda m: (m.group(1) if pat.groups else "") + "***", out)
+    return out
+
+
+def _clean(value: Any, depth: int = 0) -> Any:
+    """A JSON-safe copy of an extra with every string redacted (before encoding,
+    so redaction can never break the JSON)."""
+    if value is None or isinstance(value, (bool, int, float)):
+        return value
+    if isinstance(value, str):
+        return redact(value)
+    if depth < 4 and isinstance(value, Mapping):
+        return {str(k): ("***" if _SECRET_KEY.search(str(k)) and v not in (None, "") else _clean(v, depth + 1))
+                for k, v in value.items()}
+    if depth < 4 and isinstance(value, (list, tuple, set, frozenset)):
+        return [_clean(v, depth + 1) for v in value]
+    return redact(str(value))
+
 
 def _extras(record: logging.LogRecord) -> dict:
-    return {k: v for k, v in vars(record).items() if k not in _STANDARD and not k.startswith("_")}
+    return {k: ("***" if _SECRET_KEY.search(k) else v) for k, v in vars(record).items()
+            if k not in _STANDARD and not k.startswith("_")}
 
 
 class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
         msg = record.getMessage()
-        extra = " ".join(f"{k}={v}" for k, v in _extras(record).items())
+        extra = " ".join(f"{k}={_clean(v)}" for k, v in _extras(record).items())
         line = f"{ts}Z {record.levelname:7s} {record.name}: {msg}" + (f" [{extra}]" if extra else "")
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
@@ -34,16 +71,33 @@ class TextFormatter(logging.Formatter):
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        doc = {
+        doc: dict[str, Any] = {
             "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
             "level": record.levelname,
             "logger": record.name,
-            "message": record.getMessage(),
-            **_extras(record),
+            "message": redact(record.getMessage()),
         }
+        for k, v in _extras(record).items():
+            doc.setdefault(k, _clean(v))  # an extra never replaces time/level/logger/message
         if record.exc_info:
-            doc["exception"] = self.formatException(record.exc_info)
-        return redact(json.dumps(doc, default=str))
+            doc["exception"] = redact(self.formatException(record.exc_info))
+        elif record.exc_text:
+            doc["exception"] = redact(record.exc_text)
+        if record.stack_info:
+            doc["stack"] = redact(self.formatStack(record.stack_info))
+        return json.dumps(doc, ensure_ascii=False)
+
+
+class AlertLog(logging.LoggerAdapter):
+    """A logger whose every line carries an alert's coordinates:
+    ``AlertLog(log, "ztf_20250101[3]@1234").warning("...")`` → ``coords`` field."""
+
+    def __init__(self, logger: logging.Logger, coords: str, **fields: Any):
+        super().__init__(logger, {"coords": coords, **fields})
+
+    def process(self, msg, kwargs):
+        kwargs["extra"] = {**self.extra, **(kwargs.get("extra") or {})}
+        return msg, kwargs
 
 
 def configure(*, fmt: str = "text", level: int = logging.INFO) -> None:

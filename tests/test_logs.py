@@ -1,0 +1,122 @@
+"""Log lines: JSON that parses, alert coordinates carried, secrets never shown."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+
+import pytest
+
+from tomd.logs import AlertLog, JsonFormatter, TextFormatter, redact
+
+SECRETS = ["s3cr3t-pa55", "tok_9f8e7d6c5b4a", "ghp_abcdefghijklmnopqrstuvwxyz012345", "T000/B000/XXXXyyyyZZZZ"]
+
+
+@pytest.fixture
+def capture():
+    """A logger writing through one formatter into a buffer; returns (logger, lines())."""
+    made = []
+
+    def make(formatter: logging.Formatter):
+        buf = io.StringIO()
+        handler = logging.StreamHandler(buf)
+        handler.setFormatter(formatter)
+        logger = logging.getLogger(f"tomd.test.logs.{len(made)}")
+        logger.handlers[:] = [handler]
+        logger.propagate = False
+        logger.setLevel(logging.DEBUG)
+        made.append(logger)
+        return logger, lambda: buf.getvalue().splitlines()
+
+    yield make
+    for logger in made:
+        logger.handlers.clear()
+
+
+def json_lines(lines):
+    return [json.loads(line) for line in lines if line.startswith("{")]
+
+
+def test_every_json_line_parses_and_keeps_the_standard_fields(capture):
+    log, lines = capture(JsonFormatter())
+    log.info("plain")
+    log.warning('quotes " and \\ backslashes and \n newlines and ünïcode')
+    log.info("args %s %d", "x", 3, extra={"coords": "ztf_20250101_programid1[3]@1234", "n": 3,
+                                           "obj": object(), "nested": {"a": [1, 2, {"b": None}]}})
+    log.info("extra named like a standard field", extra={"time": "not a time", "level": "nope"})
+    try:
+        raise RuntimeError("inner \"quoted\" failure")
+    except RuntimeError:
+        log.exception("it failed")
+    docs = json_lines(lines())
+    assert len(docs) == len(lines()) == 5
+    for d in docs:
+        assert {"time", "level", "logger", "message"} <= d.keys()
+        assert d["time"].endswith("Z")
+    assert docs[1]["message"].startswith('quotes " and \\')
+    assert docs[2]["coords"] == "ztf_20250101_programid1[3]@1234"
+    assert docs[2]["message"] == "args x 3" and docs[2]["n"] == 3 and docs[2]["nested"]["a"][2] == {"b": None}
+    assert docs[3]["level"] == "INFO" and docs[3]["time"] != "not a time"
+    assert "RuntimeError" in docs[4]["exception"] and docs[4]["level"] == "ERROR"
+
+
+def test_alert_log_adapter_carries_the_coordinates_on_every_line(capture):
+    log, lines = capture(JsonFormatter())
+    alog = AlertLog(log, "ztf[0]@42", alert_key="1095578115815010001")
+    alog.info("stored")
+    alog.warning("odd value", extra={"field": "magpsf"})
+    docs = json_lines(lines())
+    assert [d["coords"] for d in docs] == ["ztf[0]@42", "ztf[0]@42"]
+    assert docs[0]["alert_key"] == "1095578115815010001" and docs[1]["field"] == "magpsf"
+
+
+def test_text_lines_show_the_coordinates(capture):
+    log, lines = capture(TextFormatter())
+    log.warning("handler failed", extra={"coords": "gcn[1]@7"})
+    assert lines()[0].endswith("handler failed [coords=gcn[1]@7]")
+
+
+@pytest.mark.parametrize("formatter", [JsonFormatter(), TextFormatter()], ids=["json", "text"])
+def test_secrets_are_redacted_in_messages_exceptions_urls_and_extras(capture, formatter):
+    log, lines = capture(formatter)
+    log.info("connecting to postgresql+psycopg://tomd:s3cr3t-pa55@db.example.org:5432/tomd")
+    log.info("GET https://observe.lco.global/api/requests/?token=tok_9f8e7d6c5b4a&page=2")
+    log.info("sending header Authorization: Token tok_9f8e7d6c5b4a")
+    log.info("header was Bearer tok_9f8e7d6c5b4a")
+    log.info("posting to https://hooks.slack.com/services/T000/B000/XXXXyyyyZZZZ")
+    log.info("kafka sasl.password=%s", "s3cr3t-pa55")
+    log.info("pushed with ghp_abcdefghijklmnopqrstuvwxyz012345")
+    log.info("settings", extra={"settings": {"sasl.password": "s3cr3t-pa55", "api_key": "tok_9f8e7d6c5b4a"},
+                                "db_password": "s3cr3t-pa55"})
+    try:
+        raise ConnectionError("could not connect to https://user:s3cr3t-pa55@broker.example.org/ (api_key=tok_9f8e7d6c5b4a)")
+    except ConnectionError:
+        log.exception("stream stopped")
+    out = "\n".join(lines())
+    for secret in SECRETS:
+        assert secret not in out, secret
+    assert out.count("***") >= 9
+    # What is not secret stays readable.
+    assert "db.example.org:5432/tomd" in out and "page=2" in out and "hooks.slack.com/services/" in out
+    if isinstance(formatter, JsonFormatter):
+        docs = json_lines(lines())
+        assert len(docs) == 9
+        assert docs[7]["settings"] == {"sasl.password": "***", "api_key": "***"}
+        assert docs[7]["db_password"] == "***"
+        assert "broker.example.org" in docs[8]["exception"]
+
+
+def test_redaction_cannot_break_json(capture):
+    # A "password" whose value ends in a quote and a URL whose password holds JSON-ish text.
+    log, lines = capture(JsonFormatter())
+    log.info('password="abc" token:\'x\' http://u:p"a,s}s@h/ {"k": "v"}')
+    log.info("x", extra={"coords": 'weird"topic[0]@1', "password": {"nested": "s3cr3t-pa55"}})
+    for line in lines():
+        json.loads(line)
+    assert "s3cr3t-pa55" not in "".join(lines())
+
+
+def test_redact_keeps_ordinary_text():
+    text = "ztf_20250101_programid1[3]@1234: magpsf=18.2 band=r, tokens of appreciation"
+    assert redact(text) == text
