@@ -1,0 +1,317 @@
+"""Metrics and the operations endpoint: real HTTP on loopback, real ingest, real databases."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from types import SimpleNamespace
+
+import pytest
+from prometheus_client import REGISTRY
+from prometheus_client.parser import text_string_to_metric_families
+
+from tomd.alerts.consumer import ConsumerStats, RawMessage
+from tomd.alerts.ingest import IngestSettings, Ingestor
+from tomd.db import migrate
+from tomd.errors import RetryableError
+from tomd.health import daemon_checks, database_check, parse_listen, start_http
+from tomd.metrics import Metrics, instrument
+
+
+def get(url: str, timeout: float = 10.0) -> tuple[int, str, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return resp.status, resp.headers.get("Content-Type", ""), resp.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers.get("Content-Type", ""), e.read()
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # nothing listens here once the socket is closed
+
+
+@pytest.fixture
+def serve():
+    handles = []
+
+    def start(*args, **kwargs):
+        h = start_http(*args, **kwargs)
+        handles.append(h)
+        return h
+
+    yield start
+    for h in handles:
+        h.stop()
+
+
+def value(m: Metrics, name: str, **labels) -> float:
+    v = m.registry.get_sample_value(name, labels)
+    return 0.0 if v is None else v
+
+
+# ------------------------------------------------------------------ HTTP
+
+
+def test_endpoints_answer_over_http(serve):
+    m = Metrics()
+    h = serve("127.0.0.1:0", m.registry, checks={"always": lambda: True})
+    assert h.port > 0 and h.url == f"http://127.0.0.1:{h.port}"
+    assert get(h.url + "/healthz")[:2] == (200, "text/plain; charset=utf-8")
+    code, ctype, body = get(h.url + "/metrics")
+    assert code == 200 and ctype.startswith("text/plain; version=")
+    families = {f.name: f for f in text_string_to_metric_families(body.decode())}
+    info = families["tomd_build_info"].samples[0]
+    from tomd import __version__
+    assert info.labels["version"] == __version__ and info.value == 1
+    assert "tomd_consumer_lag_messages" in families and "process_cpu_seconds" in families
+    code, ctype, body = get(h.url + "/readyz")
+    assert (code, ctype) == (200, "application/json")
+    assert json.loads(body) == {"status": "ready", "checks": {"always": {"ok": True}}}
+    assert get(h.url + "/nope")[0] == 404
+    req = urllib.request.Request(h.url + "/healthz", method="HEAD")
+    with urllib.request.urlopen(req, timeout=5) as resp:
+        assert resp.status == 200 and resp.read() == b""
+    h.stop()
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", h.port), timeout=1).close()
+
+
+def test_readyz_is_503_when_the_database_is_unreachable(serve, db):
+    down = migrate.connect(f"postgresql+psycopg://tomd@127.0.0.1:{closed_port()}/tomd")
+    h = serve("127.0.0.1:0", checks={"database": database_check(down), "up": database_check(db.engine)})
+    t0 = time.monotonic()
+    code, _, body = get(h.url + "/readyz")
+    assert code == 503 and time.monotonic() - t0 < 5
+    doc = json.loads(body)
+    assert doc["status"] == "not ready"
+    assert doc["checks"]["database"]["ok"] is False and "OperationalError" in doc["checks"]["database"]["error"]
+    assert doc["checks"]["up"] == {"ok": True}  # the real database (SQLite and PostgreSQL) answers
+    assert get(h.url + "/healthz")[0] == 200  # alive all the same: liveness must not restart it
+    down.dispose()
+
+
+def test_a_hanging_check_times_out_and_is_not_started_twice(serve):
+    release = threading.Event()
+    calls = []
+
+    def hangs():
+        calls.append(1)
+        release.wait(30)
+        return True
+
+    h = serve("127.0.0.1:0", checks={"slow": hangs, "false": lambda: False, "says": lambda: "consumer idle"},
+              check_timeout_s=0.3)
+    for _ in range(3):
+        code, _, body = get(h.url + "/readyz")
+        checks = json.loads(body)["checks"]
+        assert code == 503 and "no answer within 0.3 s" in checks["slow"]["error"]
+        assert checks["false"]["ok"] is False and checks["says"]["error"] == "consumer idle"
+    assert len(calls) == 1  # the probe waited on the one run in flight
+    release.set()
+    time.sleep(0.1)
+    assert json.loads(get(h.url + "/readyz")[2])["checks"]["slow"] == {"ok": True}
+
+
+def test_concurrent_requests_are_bounded(serve):
+    gate = threading.Event()
+    h = serve("127.0.0.1:0", checks={"slow": lambda: gate.wait(10)}, max_concurrent=1, check_timeout_s=5)
+    results = []
+    t = threading.Thread(target=lambda: results.append(get(h.url + "/readyz")[0]))
+    t.start()
+    time.sleep(0.3)
+    assert get(h.url + "/healthz")[0] == 503  # the only slot is busy: refused at once, not queued
+    gate.set()
+    t.join(10)
+    assert results == [200]
+    assert get(h.url + "/healthz")[0] == 200
+
+
+def test_listen_parsing():
+    assert parse_listen("127.0.0.1:9464") == ("127.0.0.1", 9464)
+    assert parse_listen("[::1]:0") == ("::1", 0)
+    assert parse_listen(":9464") == ("0.0.0.0", 9464)
+    with pytest.raises(ValueError):
+        parse_listen("localhost")
+
+
+def test_daemon_checks_on_a_real_daemon(serve, db):
+    from tomd.config import Config
+    from tomd.daemon import Daemon
+
+    daemon = Daemon(Config(), engine=db.engine)
+    scheduler = SimpleNamespace(running=False)
+    h = serve("127.0.0.1:0", checks=daemon_checks(daemon, scheduler=scheduler))
+    code, _, body = get(h.url + "/readyz")
+    assert code == 503 and json.loads(body)["checks"] == {
+        "database": {"ok": True}, "scheduler": {"ok": False, "error": "scheduler not running"}}
+    scheduler.running = True
+    assert get(h.url + "/readyz")[0] == 200
+
+
+# --------------------------------------------------------------- metrics
+
+
+def test_each_metrics_object_owns_its_registry():
+    a, b = Metrics(), Metrics()
+    a.observe_verdict("young", True)
+    assert value(a, "tomd_rule_verdicts_total", rule="young", outcome="fired") == 1
+    assert value(b, "tomd_rule_verdicts_total", rule="young", outcome="fired") == 0
+    assert not any(n.startswith("tomd_") for n in _names(REGISTRY))  # nothing in the process-global registry
+
+
+def _names(registry):
+    return {f.name for f in registry.collect()}
+
+
+def ztf_parser(data: bytes):
+    from tomd.alerts.decode import decode_avro_ocf
+    from tomd.alerts.formats import ztf
+
+    return [a for rec in decode_avro_ocf(data) for a in ztf.parse(rec)]
+
+
+def kafka_messages(paths, topic="ztf_20250101_programid1"):
+    return [RawMessage(topic, i % 2, i, None, p.read_bytes(), None) for i, p in enumerate(paths)]
+
+
+def test_metrics_follow_a_real_ingest(db, shared_data):
+    from tests.alert_samples import ztf_files
+
+    m = Metrics()
+    ing = Ingestor(db.sessions, IngestSettings(stream="ztf", format="ztf-avro"), ztf_parser)
+    handler = m.observe_ingestor("ztf", ing)
+    msgs = kafka_messages(ztf_files()[:30])
+    other = RawMessage("ztf_20250102_programid1", 0, 0, None, msgs[0].value, None)  # same alert, another topic
+    garbage = RawMessage("ztf_20250101_programid1", 0, 999, None, b"not avro at all", None)
+    batches = [msgs[:10], msgs[10:20], msgs[20:] + [other, garbage]]
+    for b in batches:
+        handler.handle(b)
+    t = ing.totals
+    assert t.alerts == len(msgs) and t.dead_letters == 1 and t.duplicates == 1
+    assert value(m, "tomd_alerts_ingested_total", stream="ztf", topic="ztf_20250101_programid1") == t.alerts
+    assert value(m, "tomd_alerts_ingested_total", stream="ztf", topic="ztf_20250102_programid1") == 0
+    assert value(m, "tomd_messages_handled_total", stream="ztf", topic="ztf_20250101_programid1") == len(msgs) + 1
+    assert value(m, "tomd_messages_handled_total", stream="ztf", topic="ztf_20250102_programid1") == 1
+    assert value(m, "tomd_alerts_dead_lettered_total", stream="ztf") == 1
+    assert value(m, "tomd_alerts_duplicate_total", stream="ztf") == 1
+    assert value(m, "tomd_targets_created_total", stream="ztf") == t.targets_created > 0
+    assert value(m, "tomd_photometry_points_total", stream="ztf") == t.photometry_points > 0
+    assert value(m, "tomd_ingest_batch_size_count", stream="ztf") == 3
+    assert value(m, "tomd_ingest_batch_size_sum", stream="ztf") == len(msgs) + 2
+    for stage in ("parse", "database", "total"):
+        assert value(m, "tomd_ingest_stage_seconds_count", stream="ztf", stage=stage) == 3
+    assert value(m, "tomd_ingest_stage_seconds_sum", stream="ztf", stage="database") == pytest.approx(
+        ing.seconds["database"])
+    assert (value(m, "tomd_ingest_stage_seconds_sum", stream="ztf", stage="total")
+            >= value(m, "tomd_ingest_stage_seconds_sum", stream="ztf", stage="database"))
+    assert time.time() - value(m, "tomd_last_alert_ingested_timestamp_seconds", stream="ztf") < 60
+    # Replay: nothing new, every alert a duplicate; wrapped attributes still reachable.
+    handler.handle(msgs)
+    assert value(m, "tomd_alerts_ingested_total", stream="ztf", topic="ztf_20250101_programid1") == len(msgs)
+    assert value(m, "tomd_alerts_duplicate_total", stream="ztf") == 1 + len(msgs)
+    assert handler.totals is ing.totals
+
+
+def test_a_database_failure_is_counted_and_still_raised():
+    from tomd.errors import DecodeError
+
+    def parser(data):
+        raise DecodeError("bad bytes")  # a dead letter: ingest has to write to the database
+
+    m = Metrics()
+    down = migrate.connect(f"postgresql+psycopg://tomd@127.0.0.1:{closed_port()}/tomd")
+    ing = Ingestor(migrate.sessions(down), IngestSettings(stream="ztf", format="ztf-avro"), parser)
+    handler = m.observe_ingestor("ztf", ing)
+    with pytest.raises(RetryableError):
+        handler.handle([RawMessage("t", 0, 0, None, b"x", None)])
+    assert value(m, "tomd_database_errors_total", component="ingest") == 1
+    assert value(m, "tomd_ingest_batch_failures_total", stream="ztf", kind="retryable") == 1
+    assert value(m, "tomd_ingest_batch_size_count", stream="ztf") == 0
+    down.dispose()
+
+
+def test_consumer_stats_are_read_at_scrape_time():
+    m = Metrics()
+    consumer = SimpleNamespace(stats=ConsumerStats())
+    m.watch_consumer("ztf", consumer)
+    assert value(m, "tomd_consumer_assigned_partitions", stream="ztf") == 0
+    consumer.stats.consumed = 120
+    consumer.stats.retries = 2
+    consumer.stats.rebalances = 1
+    consumer.stats.backing_off = True
+    consumer.stats.assigned = frozenset({("ztf_a", 0), ("ztf_a", 1)})
+    consumer.stats.lag = {("ztf_a", 0): 15, ("ztf_a", 1): 0, ("ztf_a", 2): 99}  # 2: revoked since
+    consumer.stats.committed = {("ztf_a", 0): 1000}
+    assert value(m, "tomd_consumer_messages_total", stream="ztf") == 120
+    assert value(m, "tomd_consumer_retries_total", stream="ztf") == 2
+    assert value(m, "tomd_consumer_backing_off", stream="ztf") == 1
+    assert value(m, "tomd_consumer_assigned_partitions", stream="ztf") == 2
+    assert value(m, "tomd_consumer_lag_messages", stream="ztf", topic="ztf_a", partition="0") == 15
+    assert m.registry.get_sample_value("tomd_consumer_lag_messages",
+                                       {"stream": "ztf", "topic": "ztf_a", "partition": "2"}) is None
+    assert value(m, "tomd_consumer_committed_offset", stream="ztf", topic="ztf_a", partition="0") == 1000
+
+
+def test_instrument_wraps_every_stream_of_a_daemon():
+    ingestor = SimpleNamespace(sinks=[], seconds={"parse": 0.0, "database": 0.0})
+    runner = SimpleNamespace(stream=SimpleNamespace(name="gcn"), ingestor=ingestor,
+                             consumer=SimpleNamespace(handler=ingestor, stats=ConsumerStats(consumed=3)))
+    m = instrument(SimpleNamespace(runners=[runner]))
+    assert runner.consumer.handler.ingestor is ingestor and len(ingestor.sinks) == 1
+    assert value(m, "tomd_consumer_messages_total", stream="gcn") == 3
+
+
+def test_later_stage_observers():
+    m = Metrics()
+    m.observe_verdict("r1", False)
+    m.observe_verdict("r1", "suppressed", seconds=0.0002)
+    m.observe_submission("lco", "submitted", alert_age_s=95.0)
+    m.observe_submission("lco", "rejected")
+    m.observe_submission("lco", "retry")
+    with pytest.raises(ValueError):
+        m.observe_submission("lco", "maybe")
+    m.observe_facility_call("lco", "submit", 201, 0.4)
+    m.observe_facility_call("lco", "status", "timeout", 10.0)
+    m.set_open_requests({"PENDING": 3, "WINDOW_EXPIRED": 1})
+    m.set_open_requests({"PENDING": 2})
+    m.observe_product("lco", 2_880_000)
+    m.observe_product("lco", None, ok=False)
+    m.observe_hook("slack_summary", "failed", 0.2)
+    m.observe_notification("slack-transients", True)
+    m.observe_notification("email", False)
+    assert value(m, "tomd_rule_verdicts_total", rule="r1", outcome="not_fired") == 1
+    assert value(m, "tomd_rule_evaluation_seconds_count") == 1
+    assert value(m, "tomd_alert_to_submission_seconds_bucket", facility="lco", le="120.0") == 1
+    assert value(m, "tomd_alert_to_submission_seconds_bucket", facility="lco", le="60.0") == 0
+    assert value(m, "tomd_submission_rejections_total", facility="lco") == 1
+    assert value(m, "tomd_submission_retries_total", facility="lco") == 1
+    assert value(m, "tomd_facility_requests_total", facility="lco", operation="status", code="timeout") == 1
+    assert value(m, "tomd_facility_request_seconds_count", facility="lco", operation="submit") == 1
+    assert value(m, "tomd_observation_requests_open", state="PENDING") == 2
+    assert value(m, "tomd_observation_requests_open", state="WINDOW_EXPIRED") == 0
+    assert value(m, "tomd_data_products_downloaded_bytes_total", facility="lco") == 2_880_000
+    assert value(m, "tomd_data_product_failures_total", facility="lco") == 1
+    assert value(m, "tomd_hook_runs_total", hook="slack_summary", outcome="failed") == 1
+    assert value(m, "tomd_notifications_sent_total", channel="slack-transients") == 1
+    assert value(m, "tomd_notifications_failed_total", channel="email") == 1
+
+
+def test_names_follow_prometheus_conventions():
+    import re
+
+    m = Metrics()
+    for fam in m.registry.collect():
+        if not fam.name.startswith("tomd_"):
+            continue
+        assert re.fullmatch(r"tomd_[a-z][a-z0-9_]*", fam.name), fam.name
+        if fam.type == "counter":
+            assert not fam.name.endswith("_total")  # the client adds _total to the sample
+        if fam.type == "histogram":
+            assert fam.name.endswith(("_seconds", "_size", "_bytes")), fam.name
+        assert fam.documentation, fam.name
