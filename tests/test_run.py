@@ -143,3 +143,25 @@ def test_invalid_config_refuses_to_start(tmp_path):
     out, _ = p.communicate(timeout=60)
     assert p.returncode == 1 and "Traceback" not in out
     assert "streams[0].format" in out and "streams[0].topics" in out
+
+
+def test_hop_messages_with_kafka_headers(db, kafka_broker, make_topic, shared_data, tmp_path):
+    """hop-client ≥ 0.8: content as the value, _id/_test/_format in headers."""
+    import uuid
+
+    topic = make_topic(partitions=1)
+    voevent = (shared_data / "gcn/voevent/skyportal/SWIFT_1125809-104.xml").read_bytes()
+    real_id, test_id = uuid.uuid4(), uuid.uuid4()
+    produce(kafka_broker.bootstrap, topic, [voevent],
+            headers=[("_id", real_id.bytes), ("_format", b"voevent"), ("_test", b"false")])
+    produce(kafka_broker.bootstrap, topic, [voevent],
+            headers=[("_id", test_id.bytes), ("_format", b"voevent"), ("_test", b"true")])
+    produce(kafka_broker.bootstrap, topic, [voevent],  # the same message again: deduplicated by _id
+            headers=[("_id", real_id.bytes), ("_format", b"voevent"), ("_test", b"false")])
+    cfg = write_config(tmp_path, db, kafka_broker.bootstrap, topic)
+    cfg.write_text(cfg.read_text().replace('format = "ztf-avro"', 'format = "hop"'))
+    out = run_until_idle(cfg)
+    assert "alerts=1" in out and "skipped_test=1" in out and "duplicates=1" in out, out
+    with db.sessions() as s:
+        (row,) = s.scalars(select(AlertRow)).all()
+    assert row.source == "hop" and row.key == real_id.hex  # uuid.hex is a property

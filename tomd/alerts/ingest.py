@@ -24,6 +24,7 @@ from typing import Any, Protocol
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
+from tomd.alerts.formats.hop import with_headers as hop_with_headers
 from tomd.alerts.model import Alert, PhotPoint
 from tomd.db import repository as repo
 from tomd.errors import AlertError, RetryableError, redact
@@ -129,7 +130,10 @@ class Ingestor:
             try:
                 if m.value is None:
                     raise AlertError("empty message (no value)")
-                parsed.append((m, self.parser(m.value), None))
+                value = m.value
+                if self.settings.format == "hop" and getattr(m, "headers", None):
+                    value = hop_with_headers(value, m.headers)  # _id, _test, _format live in headers
+                parsed.append((m, self.parser(value), None))
             except AlertError as exc:
                 parsed.append((m, None, str(exc)))
             except Exception as exc:  # a parser bug must not stop the stream

@@ -62,3 +62,35 @@ def parse(record: dict, *, source: str = "hop") -> list[Alert]:
             )
         )
     return out
+
+
+def with_headers(value: bytes, headers) -> bytes:
+    """The JSON envelope ``parse`` reads, from a Kafka value and its headers.
+
+    hop-client ≥ 0.8 sends the content itself as the value and puts ``_id``
+    (16 UUID bytes), ``_test`` and ``_format`` in Kafka headers; older clients
+    sent a ``{"format", "content"}`` envelope. Either way the result carries
+    ``_id`` (hex) and ``_test`` for dedupe and test filtering.
+    """
+    h = {k: v for k, v in (headers or ()) if k in ("_id", "_test", "_format")}
+    if not h:
+        return value
+    extra: dict[str, Any] = {}
+    if h.get("_id"):
+        raw = h["_id"]
+        extra["_id"] = raw.hex() if len(raw) == 16 else raw.decode("utf-8", "replace")
+    if h.get("_test") is not None:
+        extra["_test"] = h["_test"].strip().lower() in (b"true", b"1", b"yes")
+    fmt = h.get("_format")
+    text = value.decode("utf-8", "replace") if isinstance(value, (bytes, bytearray)) else value
+    if fmt is not None:
+        envelope: dict[str, Any] = {"format": fmt.decode("utf-8", "replace"), "content": text}
+    else:
+        try:
+            envelope = json.loads(text)
+        except ValueError:
+            envelope = {"format": "blob", "content": text}
+        if not isinstance(envelope, dict):
+            envelope = {"format": "json", "content": envelope}
+    envelope.update(extra)
+    return json.dumps(envelope).encode()
