@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from sqlalchemy import func, select
@@ -165,3 +166,44 @@ def test_hop_messages_with_kafka_headers(db, kafka_broker, make_topic, shared_da
     with db.sessions() as s:
         (row,) = s.scalars(select(AlertRow)).all()
     assert row.source == "hop" and row.key == real_id.hex  # uuid.hex is a property
+
+
+def test_database_outage_pauses_and_resumes_without_loss(db, kafka_broker, make_topic, tmp_path):
+    """The line to PostgreSQL is cut mid-stream for a few seconds, then restored."""
+    if db.kind != "postgresql":
+        pytest.skip("a network outage needs a database behind a network")
+    from sqlalchemy.engine import make_url
+
+    from tests.netfault import TcpProxy
+
+    sys.path.insert(0, str(REPO / "bench"))
+    from ztf_copies import ztf_copies
+
+    url = make_url(db.url)
+    proxy = TcpProxy(url.host or "127.0.0.1", url.port or 5432)
+    try:
+        n = 400
+        topic = make_topic(partitions=2)
+        produce(kafka_broker.bootstrap, topic, ztf_copies(n, seed=9))
+
+        proxied = SimpleNamespace(kind=db.kind, url=url.set(port=proxy.port).render_as_string(hide_password=False))
+        cfg = write_config(tmp_path, proxied, kafka_broker.bootstrap, topic, batch_size=20)
+        p = tomd(cfg, "run", "--exit-when-idle", "6")
+        deadline = time.monotonic() + 120
+        while count(db, AlertRow) < 60:
+            assert p.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        proxy.cut()
+        time.sleep(4)
+        stalled = count(db, AlertRow)
+        time.sleep(1)
+        assert count(db, AlertRow) == stalled  # nothing is written while the line is down
+        proxy.restore()
+        out, _ = p.communicate(timeout=180)
+        assert p.returncode == 0, out
+        assert "database" in out  # the outage was seen and reported
+        assert count(db, AlertRow) == n
+        with db.sessions() as s:
+            assert len(set(s.scalars(select(AlertRow.key)))) == n
+    finally:
+        proxy.close()
