@@ -87,3 +87,24 @@ class AlertDeadLettered(Event):
 EVENT_TYPES: dict[str, type[Event]] = {
     e.kind: e for e in (TargetCreated, TargetUpdated, AlertIngested, NoticeReceived, AlertDeadLettered)
 }
+
+
+@dataclass(frozen=True)
+class DataStored(Event):
+    """A file was stored and recorded as a data product (download, upload, skymap)."""
+
+    kind: ClassVar[str] = "data.stored"
+    data_product_id: int  # data_products.id
+    facility: str  # facility name, "upload", or the notice source ("lvk", "gcn")
+    product_id: str  # the facility's id, unique per facility
+    product_kind: str  # image | spectroscopy | photometry | skymap
+    filename: str
+    storage_key: str
+    size: int
+    md5: str
+    target_id: int | None = None
+    request_id: int | None = None
+    notice_id: int | None = None
+
+
+EVENT_TYPES[DataStored.kind] = DataStored

@@ -379,3 +379,51 @@ def add_event(s: Session, event: Event, *, target_id: int | None = None) -> None
     """Write ``event`` to the outbox in the caller's transaction."""
     s.execute(OutboxEvent.__table__.insert(), [{"kind": event.kind, "version": event.version, "payload": event.payload(),
                                      "target_id": target_id, "created_at": utcnow()}])
+
+
+# ----------------------------------------------------------- data products --
+
+from tomd.db.models import DataProduct  # noqa: E402  (section appended; keeps the imports above untouched)
+
+
+def get_data_product(s: Session, facility: str, product_id: str) -> DataProduct | None:
+    return s.scalar(select(DataProduct).where(DataProduct.facility == facility,
+                                              DataProduct.product_id == product_id))
+
+
+def add_data_product(s: Session, values: dict[str, Any]) -> tuple[DataProduct, bool]:
+    """Insert the product unless (facility, product_id) exists; returns (row, created).
+
+    Two writers storing the same product at once: one insert wins, the other
+    gets the winner's row (ON CONFLICT DO NOTHING, then a read).
+    """
+    now = utcnow()
+    res = s.execute(_insert_ignore(s, DataProduct.__table__).returning(DataProduct.__table__.c.id),
+                    [{"created_at": now, "meta": {}, **values}])
+    new_id = res.scalar_one_or_none()
+    if new_id is not None:
+        return s.get(DataProduct, new_id), True
+    return get_data_product(s, values["facility"], values["product_id"]), False
+
+
+def data_products(s: Session, *, target_id: int | None = None, notice_id: int | None = None,
+                  kind: str | None = None, limit: int | None = None) -> list[DataProduct]:
+    q = select(DataProduct).order_by(DataProduct.id)
+    if target_id is not None:
+        q = q.where(DataProduct.target_id == target_id)
+    if notice_id is not None:
+        q = q.where(DataProduct.notice_id == notice_id)
+    if kind is not None:
+        q = q.where(DataProduct.kind == kind)
+    if limit:
+        q = q.limit(limit)
+    return list(s.scalars(q))
+
+
+def existing_photometry_keys(s: Session, target_id: int, keys: Sequence[str]) -> set[str]:
+    """The dedupe keys among ``keys`` already stored for the target."""
+    if not keys:
+        return set()
+    q = select(Photometry.dedupe).where(Photometry.target_id == target_id,
+                                        Photometry.dedupe.in_(bindparam("keys", expanding=True)))
+    return set(s.scalars(q, {"keys": list(keys)}))
