@@ -75,7 +75,10 @@ def parse(record: dict, *, source: str = "lvk") -> list[Alert]:
     return [
         Alert(
             source=source,
-            key=f"{sid}:{alert_type}:{record['time_created']}",
+            # An external-coincidence UPDATE can share time_created with the
+            # plain UPDATE (the LVK user-guide examples do): keep both.
+            key=f"{sid}:{alert_type}:{record['time_created']}"
+            + (f":ext:{ext.get('gcn_notice_id') or ext.get('ivorn') or 'coinc'}" if ext else ""),
             time=time,
             kind="localization",
             event_id=sid,
