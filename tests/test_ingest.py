@@ -124,3 +124,31 @@ def test_dead_letters_are_ingested_after_a_fix(db, shared_data):
         assert repo.dead_letters(s) == []
         assert all(d.retries == 2 for d in repo.dead_letters(s, unresolved_only=False))
     assert retry_dead_letters(db.sessions, lambda fmt: ztf_parser, settings_for).retried == 0
+
+
+@pytest.mark.parametrize("known", [False, True])
+def test_solar_system_alerts_join_the_named_target_never_by_position(db, shared_data, known):
+    from tomd.alerts.parse import parse_message
+    from tomd.targets.model import TargetSpec
+
+    path = shared_data / "lsst/fink-broker-rubin_test_data_9_0/169298432645136561_169298432645136561.avro"
+    (alert,) = parse_message("auto", path.read_bytes())
+    assert alert.kind == "solar_system"
+    ss_name = f"ssObject {alert.fields['ssObjectId']}"
+    with db.sessions.begin() as s:
+        # A sidereal target right at the alert's position must not capture it.
+        store.upsert(s, TargetSpec("field star", ra=alert.ra, dec=alert.dec))
+        if known:
+            store.upsert(s, TargetSpec("2011 XY1", scheme="MPC_MINOR_PLANET", epochofel=60900.0, orbinc=5.0,
+                                       longascnode=10.0, argofperih=20.0, meandist=2.7, eccentricity=0.1,
+                                       meananom=30.0, aliases=(ss_name,)))
+    ing = Ingestor(db.sessions, IngestSettings(stream="rubin", format="auto"), lambda d: parse_message("auto", d))
+    ing.handle(messages([path]))
+    with db.sessions() as s:
+        row = s.scalars(select(AlertRow)).one()
+        if known:
+            assert row.target_id == store.resolve(s, "2011 XY1").id
+            assert len(repo.photometry_of(s, row.target_id)) == len(alert.photometry)
+        else:
+            assert row.target_id is None
+        assert store.resolve(s, "field star").id != row.target_id

@@ -199,6 +199,12 @@ class Ingestor:
             if a.kind == "localization" or (a.event_id is not None and a.object_id is None):
                 notices[i], targets[i] = self._notice(s, a)
                 r.notices += 1
+            elif a.kind == "solar_system":
+                # A moving object is never matched by position. It joins the
+                # target that bears one of its names (its designation or
+                # ssObjectId), created from orbital elements; else it is kept
+                # without a target.
+                targets[i] = _known_target(s, _solar_system_names(a))
             elif a.ra is not None and a.dec is not None:
                 try:
                     specs.append(validate(self._spec(a)))
@@ -281,6 +287,20 @@ class Ingestor:
         })
         repo.add_event(s, AlertDeadLettered(dl_id, self.settings.stream, m.coords, error))
         log.warning("dead letter %s: %s", m.coords, error, extra={"coords": m.coords, "stream": self.settings.stream})
+
+
+def _solar_system_names(a: Alert) -> list[str]:
+    names = [str(a.fields[k]) for k in ("ss_designation", "ssnamenr") if a.fields.get(k)]
+    if a.fields.get("ssObjectId"):
+        names.append(f"ssObject {a.fields['ssObjectId']}")
+    return names + list(a.aliases)
+
+
+def _known_target(s: Session, names: list[str]) -> int | None:
+    from tomd.targets.names import normalize
+
+    known = repo.target_id_by_norm(s, [normalize(n) for n in names if normalize(n)])
+    return next(iter(known.values()), None)
 
 
 def _finite(v: float | None) -> float | None:
