@@ -207,3 +207,23 @@ def test_database_outage_pauses_and_resumes_without_loss(db, kafka_broker, make_
             assert len(set(s.scalars(select(AlertRow.key)))) == n
     finally:
         proxy.close()
+
+
+def test_file_stream_reads_its_files_once(db, shared_data, tmp_path):
+    cfg = tmp_path / "tomd.toml"
+    cfg.write_text(f"""
+[database]
+url = "{db.url}"
+
+[[streams]]
+name = "archive"
+kind = "file"
+topics = ["{shared_data / 'ztf/pittgoogle'}/*.avro", "{shared_data / 'ztf/ztf-avro-alert'}/*.avro"]
+format = "ztf-avro"
+""")
+    expected = len(list((shared_data / "ztf/pittgoogle").glob("*.avro"))) + len(
+        list((shared_data / "ztf/ztf-avro-alert").glob("*.avro")))
+    out = run_until_idle(cfg, idle=2.0)
+    assert count(db, AlertRow) == expected, out
+    out = run_until_idle(cfg, idle=2.0)  # a second start reads them again: nothing changes
+    assert f"duplicates={expected}" in out and count(db, AlertRow) == expected

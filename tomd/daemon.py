@@ -1,8 +1,8 @@
 """The composition root: builds every part of ``tomd run`` from the Config.
 
-Wiring is explicit and lives here only: one ``StreamConsumer`` per
-``[[streams]]`` entry, each feeding an ``Ingestor`` that writes to the
-database. Each stream runs in its own thread; SIGTERM/SIGINT set one stop
+Wiring is explicit and lives here only: one ``StreamConsumer`` per Kafka
+``[[streams]]`` entry (a ``FileStream`` for ``kind = "file"``), each feeding
+an ``Ingestor`` that writes to the database. Each stream runs in its own thread; SIGTERM/SIGINT set one stop
 event, every consumer finishes and commits its batch, then leaves its group.
 """
 
@@ -49,10 +49,64 @@ def parser_for(fmt: str, *, include_test: bool, schema_registry: str | None = No
     return parse
 
 
+class FileStream:
+    """A ``kind = "file"`` stream: the files its ``topics`` globs name, read once.
+
+    Same path as the Kafka streams (the ingestor), so a file already read on
+    an earlier start changes nothing when read again.
+    """
+
+    def __init__(self, stream: Stream, ingestor: Ingestor):
+        self.stream = stream
+        self.ingestor = ingestor
+        self.stats = _FileStats()
+
+    def run(self, stop: threading.Event) -> None:
+        import glob
+
+        from tomd.alerts.ingest import FileMessage
+
+        paths = sorted({p for pattern in self.stream.topics for p in glob.glob(pattern, recursive=True)})
+        if not paths:
+            log.warning("stream %s: no file matches %s", self.stream.name, ", ".join(self.stream.topics))
+        batch: list[FileMessage] = []
+        for i, path in enumerate(paths):
+            if stop.is_set():
+                break
+            with open(path, "rb") as fh:
+                batch.append(FileMessage(path, 0, fh.read()))
+            self.stats.consumed += 1
+            if len(batch) >= self.stream.batch_size or i == len(paths) - 1:
+                self._handle(batch, stop)
+                batch = []
+
+    def _handle(self, batch, stop: threading.Event) -> None:
+        from tomd.errors import RetryableError
+
+        delay = 0.5
+        while not stop.is_set():
+            try:
+                self.ingestor.handle(batch)
+                return
+            except RetryableError as exc:
+                self.stats.backing_off = True
+                log.warning("stream %s: %s; retrying in %.1f s", self.stream.name, exc, delay)
+                stop.wait(delay)
+                delay = min(delay * 2, 30.0)
+            finally:
+                self.stats.backing_off = False
+
+
+@dataclass
+class _FileStats:
+    consumed: int = 0
+    backing_off: bool = False
+
+
 @dataclass
 class StreamRunner:
     stream: Stream
-    consumer: StreamConsumer
+    consumer: StreamConsumer | FileStream
     ingestor: Ingestor
     thread: threading.Thread | None = None
     error: BaseException | None = None
@@ -68,7 +122,7 @@ class Daemon:
         migrate.ensure_current(self.engine)  # refuse an unmigrated database before consuming anything
         self.sessions: sessionmaker[Session] = migrate.sessions(self.engine)
         self.stop = threading.Event()
-        self.runners = [self._runner(s) for s in config.streams if s.kind == "kafka"]
+        self.runners = [self._runner(s) for s in config.streams]
 
     def _runner(self, st: Stream) -> StreamRunner:
         ingestor = Ingestor(
@@ -78,6 +132,8 @@ class Daemon:
                            match_radius_arcsec=self.config.targets.match_radius_arcsec),
             parser_for(st.format, include_test=st.include_test, schema_registry=st.schema_registry),
         )
+        if st.kind == "file":
+            return StreamRunner(st, FileStream(st, ingestor), ingestor)
         consumer = StreamConsumer(
             ConsumerSettings(bootstrap=st.bootstrap or "", topics=list(st.topics), group=st.group, start=st.start,
                              batch_size=st.batch_size, batch_timeout_s=st.batch_timeout,
