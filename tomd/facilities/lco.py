@@ -1,0 +1,591 @@
+"""LCO / SOAR Observation Portal client (the OCS API), over httpx.
+
+API shapes follow the public portal (observation-portal, developers.lco.global):
+
+- ``POST /api/requestgroups/validate/`` → ``{"request_durations": …, "errors": …}``
+- ``POST /api/requestgroups/`` → 201 with the stored group (``id``, ``state``,
+  ``requests[].id``), or 400 with DRF field errors nested like the document
+- ``GET /api/requestgroups/?name=…&id=…&state=…&limit=&offset=`` → paginated
+  ``{"count", "next", "previous", "results"}`` (``name`` matches *contains*,
+  so the ambiguity check compares names exactly here)
+- ``POST /api/requestgroups/{id}/cancel/``, ``GET /api/proposals/``,
+  ``GET /api/instruments/``; archive ``GET /frames/?request_id=`` with
+  ``url`` and ``version_set[].md5``
+- ``Authorization: Token …``; a bad token is 401/403; 429 carries Retry-After;
+  every path ends with a slash.
+
+Every call is bounded (invariant 5): a timeout per HTTP exchange, a limited
+number of attempts with exponential backoff and full jitter, a per-facility
+rate limit (token bucket shared by every thread using this client), and
+Retry-After honoured. Only what is safe is retried inside the client: reads,
+validation, cancellation, and any call that certainly never reached the
+server (connect failure, 429). A submission that may have reached the server
+(timeout or reset after sending, 5xx) raises ``AmbiguousError``: the caller
+looks the group up by name before trying again.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime, timedelta, timezone
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+
+from tomd.errors import AmbiguousError, NotFoundError, PermanentError, RetryableError, redact
+from tomd.facilities.base import (
+    CheckReport,
+    DataProduct,
+    FacilityState,
+    Intent,
+    RequestStatus,
+    Site,
+    Submitted,
+    TemplateError,
+    TokenRefused,
+    Validation,
+    ValidationIssue,
+    ValidationRejected,
+)
+
+log = logging.getLogger(__name__)
+
+# Request (and request group) states of the portal → tomd's common states.
+LCO_STATES: dict[str, str] = {
+    "PENDING": "pending",
+    "SCHEDULED": "scheduled",  # observation-level word, kept for completeness
+    "IN_PROGRESS": "in_progress",
+    "COMPLETED": "completed",
+    "WINDOW_EXPIRED": "expired",
+    "FAILURE_LIMIT_REACHED": "failed",
+    "FAILED": "failed",
+    "CANCELED": "cancelled",
+    "ABORTED": "failed",
+    "NOT_ATTEMPTED": "pending",
+}
+
+LCO_SITES: tuple[Site, ...] = (
+    Site("ogg", "Haleakala Observatory", 20.7069, -156.2575, 3055.0),
+    Site("elp", "McDonald Observatory", 30.6797, -104.0151, 2070.0),
+    Site("lsc", "Cerro Tololo", -30.1674, -70.8048, 2198.0),
+    Site("cpt", "SAAO Sutherland", -32.3806, 20.8101, 1460.0),
+    Site("coj", "Siding Spring Observatory", -31.2733, 149.0706, 1116.0),
+    Site("tfn", "Teide Observatory", 28.3003, -16.5118, 2330.0),
+    Site("tlv", "Wise Observatory", 30.5958, 34.7633, 875.0),
+)
+SOAR_SITES: tuple[Site, ...] = (Site("sor", "SOAR, Cerro Pachon", -30.2378, -70.7337, 2713.0),)
+
+OBSERVATION_TYPES = ("NORMAL", "RAPID_RESPONSE", "TIME_CRITICAL")
+DEFAULT_ARCHIVE = "https://archive-api.lco.global"
+MAX_RETRY_AFTER_S = 60.0  # a longer Retry-After goes back to the caller as RetryableError
+
+
+def map_state(word: str) -> FacilityState:
+    return FacilityState(LCO_STATES.get(word.upper(), "pending"), word)
+
+
+# -------------------------------------------------------- request building --
+
+_SIDEREAL_MAP = (("pm_ra", "proper_motion_ra"), ("pm_dec", "proper_motion_dec"), ("parallax", "parallax"))
+_SCHEME_FIELDS = {
+    "MPC_MINOR_PLANET": ("epochofel", "orbinc", "longascnode", "argofperih", "meandist", "eccentricity",
+                         "meananom"),
+    "MPC_COMET": ("epochofel", "orbinc", "longascnode", "argofperih", "perihdist", "eccentricity",
+                  "epochofperih"),
+    "JPL_MAJOR_PLANET": ("epochofel", "orbinc", "longascnode", "argofperih", "meandist", "eccentricity",
+                         "meananom", "dailymot"),
+}
+_TEMPLATE_KEYS = {
+    "instrument_type", "proposal", "ipp", "ipp_value", "observation_type", "filters", "filter",
+    "exposure_time", "exposure_count", "exposures", "max_airmass", "min_lunar_distance",
+    "max_lunar_phase", "acceptability_threshold", "telescope_class", "site", "configuration_type",
+    "guiding", "acquisition", "window", "readout_mode", "optimization_type", "configuration_repeats",
+    "operator", "extra_params", "archive_url",
+}
+
+
+def _iso(t: datetime) -> str:
+    return t.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _duration_s(v: Any, where: str) -> float:
+    from tomd.config import _Invalid, parse_duration
+
+    try:
+        return parse_duration(v)
+    except _Invalid as exc:
+        raise TemplateError(f"{where}: {exc}") from None
+
+
+def target_document(target: Any) -> dict[str, Any]:
+    """The portal's target: ICRS for sidereal targets, ORBITAL_ELEMENTS otherwise."""
+    name = getattr(target, "name", None) or "target"
+    scheme = getattr(target, "scheme", None)
+    if scheme:
+        fields = _SCHEME_FIELDS.get(scheme)
+        if fields is None:
+            raise TemplateError(f"target {name}: unknown orbital element scheme {scheme!r}")
+        doc: dict[str, Any] = {"name": name, "type": "ORBITAL_ELEMENTS", "scheme": scheme}
+        for f in _SCHEME_FIELDS["JPL_MAJOR_PLANET"] + ("perihdist", "epochofperih"):
+            v = getattr(target, f, None)
+            if v is not None:
+                doc[f] = v
+        missing = [f for f in fields if doc.get(f) is None]
+        if missing:
+            raise TemplateError(f"target {name}: scheme {scheme} needs {', '.join(missing)}")
+        return doc
+    ra, dec = getattr(target, "ra", None), getattr(target, "dec", None)
+    if ra is None or dec is None:
+        raise TemplateError(f"target {name}: needs ra/dec or orbital elements")
+    doc = {"name": name, "type": "ICRS", "ra": ra, "dec": dec, "epoch": getattr(target, "epoch", None) or 2000.0}
+    for ours, theirs in _SIDEREAL_MAP:
+        v = getattr(target, ours, None)
+        if v is not None:
+            doc[theirs] = v
+    return doc
+
+
+def _instrument_configs(t: Mapping[str, Any], where: str) -> list[dict[str, Any]]:
+    if "exposures" in t:
+        items = t["exposures"]
+        if not isinstance(items, list) or not items:
+            raise TemplateError(f"{where}.exposures: expected a non-empty list of tables")
+    else:
+        filters = t.get("filters", [t["filter"]] if "filter" in t else None)
+        if not filters:
+            raise TemplateError(f"{where}: needs filters (or filter, or exposures)")
+        if isinstance(filters, str):
+            filters = [filters]
+        items = [{"filter": f} for f in filters]
+    out = []
+    for i, e in enumerate(items):
+        if not isinstance(e, Mapping):
+            raise TemplateError(f"{where}.exposures[{i}]: expected a table")
+        exp_time = e.get("exposure_time", t.get("exposure_time"))
+        if exp_time is None:
+            raise TemplateError(f"{where}: needs exposure_time")
+        ic: dict[str, Any] = {
+            "exposure_time": exp_time,
+            "exposure_count": e.get("exposure_count", e.get("count", t.get("exposure_count", 1))),
+            "mode": e.get("readout_mode", t.get("readout_mode", "")),
+            "optical_elements": {},
+            "extra_params": {},
+        }
+        filt = e.get("filter")
+        if filt:
+            ic["optical_elements"]["filter"] = filt
+        for k in ("slit", "grating", "rotation"):
+            if k in e:
+                ic["optical_elements" if k != "rotation" else "extra_params"][k] = e[k]
+        out.append(ic)
+    return out
+
+
+def build_request_group(template: Mapping[str, Any], target: Any, intent: Intent, *,
+                        default_proposal: str | None = None, template_name: str = "template",
+                        now: datetime | None = None) -> dict[str, Any]:
+    """The portal's request group for ``target`` from a config template and an intent.
+
+    Pure: no I/O. The group's ``name`` is the intent's idempotency key. The
+    intent's mode overrides the template's ``observation_type``, its priority
+    the template's ``ipp``; its window, when given, overrides the template's
+    ``window`` duration (default 24 h from ``now``).
+    """
+    where = template_name if "." in template_name else f"templates.{template_name}"
+    unknown = sorted(set(template) - _TEMPLATE_KEYS)
+    if unknown:
+        raise TemplateError(f"{where}: unknown key {unknown[0]!r}; expected one of {', '.join(sorted(_TEMPLATE_KEYS))}")
+    if not template.get("instrument_type"):
+        raise TemplateError(f"{where}: needs instrument_type")
+    proposal = template.get("proposal") or default_proposal
+    if not proposal:
+        raise TemplateError(f"{where}: needs proposal (or the facility's proposal)")
+    obs_type = (intent.mode or template.get("observation_type") or "NORMAL").upper()
+    if obs_type not in OBSERVATION_TYPES:
+        raise TemplateError(f"{where}: observation type {obs_type!r}; expected one of {', '.join(OBSERVATION_TYPES)}")
+    now = now or datetime.now(timezone.utc)
+    start = intent.window_start or now
+    end = intent.window_end or (start + timedelta(seconds=_duration_s(template.get("window", "24h"), f"{where}.window")))
+    ipp = intent.priority if intent.priority is not None else template.get("ipp_value", template.get("ipp", 1.0))
+    constraints: dict[str, Any] = {"max_airmass": template.get("max_airmass", 1.6),
+                                   "min_lunar_distance": template.get("min_lunar_distance", 30.0)}
+    if "max_lunar_phase" in template:
+        constraints["max_lunar_phase"] = template["max_lunar_phase"]
+    configuration = {
+        "type": template.get("configuration_type", "EXPOSE"),
+        "instrument_type": template["instrument_type"],
+        "target": target_document(target),
+        "constraints": constraints,
+        "acquisition_config": {"mode": template.get("acquisition", "OFF"), "extra_params": {}},
+        "guiding_config": {"mode": template.get("guiding", "ON"), "optional": True, "extra_params": {}},
+        "instrument_configs": _instrument_configs(template, where),
+    }
+    if "configuration_repeats" in template:
+        configuration["repeat_duration"] = None
+    request: dict[str, Any] = {
+        "acceptability_threshold": template.get("acceptability_threshold", 90),
+        "configurations": [configuration],
+        "windows": [{"start": _iso(start), "end": _iso(end)}],
+    }
+    if "configuration_repeats" in template:
+        request["configuration_repeats"] = template["configuration_repeats"]
+    if "optimization_type" in template:
+        request["optimization_type"] = template["optimization_type"]
+    location: dict[str, Any] = {}
+    if template.get("telescope_class"):
+        location["telescope_class"] = template["telescope_class"]
+    if template.get("site"):
+        location["site"] = template["site"]
+    if location:
+        request["location"] = location
+    if template.get("extra_params"):
+        request["extra_params"] = dict(template["extra_params"])
+    return {
+        "name": intent.name,
+        "proposal": proposal,
+        "ipp_value": ipp,
+        "operator": template.get("operator", "SINGLE"),
+        "observation_type": obs_type,
+        "requests": [request],
+    }
+
+
+# ------------------------------------------------------------ error shapes --
+
+
+def flatten_errors(errors: Any, path: str = "") -> list[ValidationIssue]:
+    """DRF's nested error document → one issue per message, with its field path.
+
+    ``{"requests": [{"configurations": [{"target": {"ra": ["…"]}}]}]}`` →
+    ``requests[0].configurations[0].target.ra: …``. Empty entries of a list
+    (``{}`` for a valid element) are skipped; ``non_field_errors`` and
+    ``detail`` name the enclosing path.
+    """
+    out: list[ValidationIssue] = []
+    if isinstance(errors, Mapping):
+        for key, value in errors.items():
+            sub = path if key in ("non_field_errors", "detail", "__all__") else (f"{path}.{key}" if path else str(key))
+            out.extend(flatten_errors(value, sub))
+    elif isinstance(errors, list):
+        if all(isinstance(e, str) for e in errors):
+            out.extend(ValidationIssue(path, e) for e in errors)
+        else:
+            for i, e in enumerate(errors):
+                if isinstance(e, str):
+                    out.append(ValidationIssue(path, e))
+                elif e:
+                    out.extend(flatten_errors(e, f"{path}[{i}]"))
+    elif errors not in (None, "", {}):
+        out.append(ValidationIssue(path, str(errors)))
+    return out
+
+
+# -------------------------------------------------------------- rate limit --
+
+
+class RateLimiter:
+    """A token bucket: at most ``rate`` calls per second on average, bursts of ``burst``.
+
+    Thread-safe; one per facility client, shared by every thread using it.
+    """
+
+    def __init__(self, rate: float, burst: float | None = None, clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep):
+        self.rate = float(rate)
+        self.burst = float(burst if burst is not None else max(1.0, rate))
+        self._tokens = self.burst
+        self._clock, self._sleep = clock, sleep
+        self._last = clock()
+        self._lock = threading.Lock()
+        self.paused_until = 0.0  # set from a 429's Retry-After: nobody calls before
+
+    def acquire(self, deadline: float | None = None) -> None:
+        while True:
+            with self._lock:
+                now = self._clock()
+                self._tokens = min(self.burst, self._tokens + (now - self._last) * self.rate)
+                self._last = now
+                wait = max(self.paused_until - now, 0.0)
+                if wait == 0.0 and self._tokens >= 1.0:
+                    self._tokens -= 1.0
+                    return
+                if wait == 0.0:
+                    wait = (1.0 - self._tokens) / self.rate
+            if deadline is not None and self._clock() + wait > deadline:
+                raise RetryableError("rate limit: no slot before the call's deadline", retry_after=wait)
+            self._sleep(wait)
+
+    def pause(self, seconds: float) -> None:
+        with self._lock:
+            self.paused_until = max(self.paused_until, self._clock() + seconds)
+
+
+def backoff_delay(attempt: int, base: float, cap: float, rng: random.Random | None = None) -> float:
+    """Exponential backoff with full jitter: uniform in [0, min(cap, base·2^attempt)]."""
+    r = rng or random
+    return r.uniform(0.0, min(cap, base * (2 ** attempt)))
+
+
+def _retry_after(resp: httpx.Response) -> float | None:
+    value = resp.headers.get("Retry-After")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        from email.utils import parsedate_to_datetime
+
+        return max(0.0, (parsedate_to_datetime(value) - datetime.now(timezone.utc)).total_seconds())
+    except (TypeError, ValueError):
+        return None
+
+
+# ------------------------------------------------------------------ client --
+
+
+class LCOClient:
+    """The Observation Portal (LCO network or SOAR) as a ``Facility``."""
+
+    def __init__(self, name: str, *, url: str, token: Any = None, proposal: str | None = None,
+                 templates: Mapping[str, Mapping[str, Any]] | None = None, timeout: float = 30.0,
+                 rate_limit: float = 5.0, kind: str = "lco", archive_url: str | None = None,
+                 max_attempts: int = 4, backoff_base: float = 0.5, backoff_cap: float = 10.0,
+                 transport: httpx.BaseTransport | None = None, sites: Sequence[Site] | None = None,
+                 page_size: int = 100):
+        self.name = name
+        self.kind = kind
+        self.base = url.rstrip("/")
+        self.archive = (archive_url or (DEFAULT_ARCHIVE if urlsplit(url).hostname == "observe.lco.global"
+                                         else self.base)).rstrip("/")
+        self.proposal = proposal
+        self.templates = {k: dict(v) for k, v in (templates or {}).items()}
+        self.timeout = float(timeout)
+        self.max_attempts = max(1, int(max_attempts))
+        self.backoff_base, self.backoff_cap = backoff_base, backoff_cap
+        self.page_size = page_size
+        self.limiter = RateLimiter(rate_limit)
+        self._sites = tuple(sites) if sites is not None else (SOAR_SITES if kind == "soar" else LCO_SITES)
+        headers = {"Accept": "application/json", "User-Agent": "tomd"}
+        secret = token.reveal() if hasattr(token, "reveal") else token
+        if secret:
+            headers["Authorization"] = f"Token {secret}"
+        self._http = httpx.Client(timeout=httpx.Timeout(self.timeout), headers=headers, transport=transport,
+                                  follow_redirects=False)
+
+    @classmethod
+    def from_config(cls, name: str, cfg: Any, **kw: Any) -> "LCOClient":
+        """From a ``tomd.config.Facility``; ``kw`` overrides (url for an in-process sim, transport...)."""
+        args = dict(url=cfg.url, token=cfg.token, proposal=cfg.proposal, templates=cfg.templates,
+                    timeout=cfg.timeout, rate_limit=cfg.rate_limit, kind=cfg.kind)
+        args.update(kw)
+        return cls(name, **args)
+
+    # -- Facility protocol ----------------------------------------------------
+
+    def sites(self) -> Sequence[Site]:
+        return self._sites
+
+    def map_state(self, word: str) -> FacilityState:
+        return map_state(word)
+
+    def build_request(self, template: str, target: Any, intent: Intent) -> dict[str, Any]:
+        if template not in self.templates:
+            known = ", ".join(sorted(self.templates)) or "none configured"
+            raise TemplateError(f"facilities.{self.name}.templates: no template {template!r} (known: {known})")
+        return build_request_group(self.templates[template], target, intent, default_proposal=self.proposal,
+                                   template_name=f"facilities.{self.name}.templates.{template}")
+
+    def validate(self, request: Mapping[str, Any]) -> Validation:
+        body = self._json("POST", "/api/requestgroups/validate/", json=request, safe=True)
+        issues = tuple(flatten_errors(body.get("errors") or {}))
+        durations = body.get("request_durations") or {}
+        duration = durations.get("duration") if isinstance(durations, Mapping) else None
+        return Validation(ok=not issues, issues=issues, duration_s=duration)
+
+    def submit(self, request: Mapping[str, Any]) -> Submitted:
+        body = self._json("POST", "/api/requestgroups/", json=request, safe=False)
+        return Submitted(facility_id=str(body["id"]), state=map_state(body.get("state", "PENDING")),
+                         name=body.get("name", request.get("name", "")))
+
+    def find_by_name(self, name: str) -> list[RequestStatus]:
+        # The portal's name filter means "contains": compare exactly here.
+        return [self._status(g) for g in self._pages("/api/requestgroups/", {"name": name}) if g.get("name") == name]
+
+    def statuses(self, facility_ids: Sequence[str], since: datetime | None = None) -> dict[str, RequestStatus]:
+        """Status of many request groups.
+
+        The portal filters by one ``id`` at a time, so with ``since`` (the last
+        poll) one paginated ``modified_after`` listing answers for all of
+        them (ids absent from it did not change); without it each group is
+        read on its own (rate-limited).
+        """
+        wanted = {str(i) for i in facility_ids}
+        out: dict[str, RequestStatus] = {}
+        if since is not None:
+            for g in self._pages("/api/requestgroups/", {"modified_after": _iso(since)}):
+                st = self._status(g)
+                if st.facility_id in wanted:
+                    out[st.facility_id] = st
+            return out
+        for fid in sorted(wanted):
+            try:
+                out[fid] = self._status(self._json("GET", f"/api/requestgroups/{int(fid)}/", safe=True))
+            except NotFoundError:
+                continue
+        return out
+
+    def cancel(self, facility_id: str) -> RequestStatus:
+        body = self._json("POST", f"/api/requestgroups/{int(facility_id)}/cancel/", json={}, safe=True)
+        return self._status(body)
+
+    def data_products(self, facility_id: str) -> list[DataProduct]:
+        group = self._json("GET", f"/api/requestgroups/{int(facility_id)}/", safe=True)
+        out: list[DataProduct] = []
+        for req in group.get("requests", []):
+            for f in self._pages("/frames/", {"request_id": req["id"]}, base=self.archive):
+                versions = f.get("version_set") or []
+                md5 = versions[0].get("md5") if versions else None
+                out.append(DataProduct(
+                    product_id=str(f["id"]), filename=f.get("filename") or f.get("basename", str(f["id"])),
+                    url=f.get("url") or (versions[0].get("url") if versions else ""), md5=md5,
+                    size=f.get("filesize"), kind="spectroscopy" if f.get("configuration_type") == "SPECTRUM" else "image",
+                    meta={k: f[k] for k in ("DATE_OBS", "FILTER", "OBJECT", "SITEID", "INSTRUME", "reduction_level",
+                                            "request_id") if k in f}))
+        return out
+
+    def check(self) -> CheckReport:
+        problems: list[str] = []
+        proposals: list[str] = []
+        instruments: list[str] = []
+        try:
+            proposals = [p["id"] for p in self._pages("/api/proposals/", {}) if p.get("active", True)]
+            if self.proposal and self.proposal not in proposals:
+                problems.append(f"proposal {self.proposal} is not among this token's active proposals "
+                                f"({', '.join(proposals) or 'none'})")
+            inst = self._json("GET", "/api/instruments/", safe=True)
+            instruments = sorted(inst) if isinstance(inst, Mapping) else []
+            for tname, t in self.templates.items():
+                it = t.get("instrument_type")
+                if it and instruments and it not in instruments:
+                    problems.append(f"template {tname}: instrument type {it} is not offered")
+                tp = t.get("proposal")
+                if tp and tp not in proposals:
+                    problems.append(f"template {tname}: proposal {tp} is not among this token's active proposals")
+        except (PermanentError, RetryableError) as exc:
+            problems.append(str(exc))
+        return CheckReport(self.name, not problems, tuple(proposals), tuple(instruments), tuple(problems))
+
+    def close(self) -> None:
+        self._http.close()
+
+    # -- HTTP -----------------------------------------------------------------
+
+    def _pages(self, path: str, params: Mapping[str, Any], *, base: str | None = None):
+        """Every result of a paginated listing, following ``next``."""
+        url: str | None = (base or self.base) + path
+        query: Mapping[str, Any] | None = {**params, "limit": self.page_size}
+        seen = 0
+        while url:
+            body = self._json("GET", url, params=query, safe=True, absolute=True)
+            results = body.get("results", []) if isinstance(body, Mapping) else body
+            yield from results
+            seen += len(results)
+            nxt = body.get("next") if isinstance(body, Mapping) else None
+            if not nxt or not results or seen > 1_000_000:
+                return
+            url, query = self._same_origin(nxt, base or self.base), None
+
+    @staticmethod
+    def _same_origin(nxt: str, base: str) -> str:
+        """Follow ``next`` but never off to another host (a proxy may rewrite it)."""
+        n, b = urlsplit(nxt), urlsplit(base)
+        if n.netloc and n.netloc != b.netloc:
+            return f"{b.scheme}://{b.netloc}{n.path}" + (f"?{n.query}" if n.query else "")
+        return nxt if n.netloc else f"{b.scheme}://{b.netloc}{nxt}"
+
+    def _json(self, method: str, path: str, *, json: Any = None, params: Any = None, safe: bool,
+              absolute: bool = False) -> Any:
+        url = path if absolute else self.base + path
+        resp = self._send(method, url, json=json, params=params, safe=safe)
+        try:
+            return resp.json()
+        except ValueError:
+            raise RetryableError(f"{self.name}: {method} {self._show(url)}: answer is not JSON "
+                                 f"(HTTP {resp.status_code})") from None
+
+    def _show(self, url: str) -> str:
+        return redact(urlsplit(url).path)
+
+    def _send(self, method: str, url: str, *, json: Any, params: Any, safe: bool) -> httpx.Response:
+        what = f"{self.name}: {method} {self._show(url)}"
+        deadline = time.monotonic() + self.max_attempts * (self.timeout + self.backoff_cap) + MAX_RETRY_AFTER_S
+        last: Exception | None = None
+        for attempt in range(self.max_attempts):
+            self.limiter.acquire(deadline)
+            try:
+                resp = self._http.request(method, url, json=json, params=params)
+            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+                # Never reached the server: safe to retry whatever the method.
+                last = RetryableError(f"{what}: cannot connect ({type(exc).__name__})")
+            except (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError) as exc:
+                kind = "no answer within the timeout" if isinstance(exc, httpx.TimeoutException) \
+                    else f"connection lost ({type(exc).__name__})"
+                if not safe:
+                    raise AmbiguousError(f"{what}: {kind} after sending; the request may exist") from None
+                last = RetryableError(f"{what}: {kind}")
+            else:
+                status = resp.status_code
+                if status < 300:
+                    return resp
+                if status in (401, 403):
+                    raise TokenRefused(f"{self.name} refused the API token (HTTP {status}): "
+                                       f"check facilities.{self.name}.token")
+                if status == 429:
+                    wait = _retry_after(resp)
+                    wait = 1.0 if wait is None else wait
+                    self.limiter.pause(wait)
+                    last = RetryableError(f"{what}: rate limited by the facility (HTTP 429, Retry-After {wait:g}s)",
+                                          retry_after=wait)
+                    if wait > MAX_RETRY_AFTER_S or time.monotonic() + wait > deadline:
+                        raise last
+                    continue  # the limiter waits out Retry-After before the next attempt
+                if status >= 500:
+                    if not safe:
+                        raise AmbiguousError(f"{what}: HTTP {status} from the facility; the request may exist")
+                    last = RetryableError(f"{what}: HTTP {status} from the facility", retry_after=_retry_after(resp))
+                elif status == 400:
+                    try:
+                        body = resp.json()
+                    except ValueError:
+                        body = resp.text[:500]
+                    if isinstance(body, Mapping) and "errors" in body and len(body) <= 2:
+                        body = body["errors"]
+                    raise ValidationRejected(self.name, flatten_errors(body))
+                elif status == 404:
+                    raise NotFoundError(f"{what}: not found at the facility (HTTP 404)")
+                else:
+                    raise PermanentError(f"{what}: HTTP {status}: {redact(resp.text[:300])}")
+            if attempt + 1 < self.max_attempts:
+                delay = backoff_delay(attempt, self.backoff_base, self.backoff_cap)
+                if isinstance(last, RetryableError) and last.retry_after:
+                    delay = max(delay, last.retry_after)
+                if time.monotonic() + delay > deadline:
+                    break
+                time.sleep(delay)
+        assert last is not None
+        raise last
+
+    def _status(self, group: Mapping[str, Any]) -> RequestStatus:
+        reqs = group.get("requests") or []
+        return RequestStatus(
+            facility_id=str(group["id"]), name=group.get("name", ""),
+            state=map_state(group.get("state", "PENDING")), modified=group.get("modified"),
+            request_ids=tuple(str(r["id"]) for r in reqs if "id" in r),
+        )
