@@ -1,0 +1,223 @@
+"""deploy/: files parse, reference what exists, and use only metrics tomd exports.
+
+No container engine here: the compose file, the Kubernetes manifests and the
+Grafana dashboard are checked structurally; the alert rules pass
+``promtool check rules`` and the unit ``systemd-analyze verify`` when those
+tools are installed.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tomd.config import load_config
+from tomd.metrics import Metrics
+
+DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
+ENV = {"TOMD_DB_PASSWORD": "pw", "LCO_API_TOKEN": "t", "GCN_CLIENT_ID": "id", "GCN_CLIENT_SECRET": "s"}
+METRIC = re.compile(r"\b((?:tomd|process|python)_[a-z0-9_]+)\b")
+
+
+def load_yaml(path: Path):
+    return list(yaml.safe_load_all(path.read_text()))
+
+
+@pytest.fixture(scope="module")
+def exported() -> set[str]:
+    return Metrics().sample_names()
+
+
+def test_every_yaml_file_parses():
+    files = sorted(DEPLOY.rglob("*.yaml")) + sorted(DEPLOY.rglob("*.yml"))
+    assert len(files) >= 12
+    for f in files:
+        docs = load_yaml(f)
+        assert docs and all(d is not None for d in docs), f
+
+
+# ------------------------------------------------------------- compose
+
+
+def compose() -> dict:
+    return yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+
+
+def test_compose_references_files_that_exist():
+    c = compose()
+    for name, svc in c["services"].items():
+        build = svc.get("build")
+        if build:
+            ctx = (DEPLOY / build["context"]).resolve()
+            assert (ctx / build["dockerfile"]).is_file(), name
+            assert (ctx / "pyproject.toml").is_file()
+        for vol in svc.get("volumes", []):
+            source = vol.split(":", 1)[0]
+            if source.startswith((".", "/")):
+                assert (DEPLOY / source).exists(), f"{name}: {source}"
+            else:
+                assert source in c["volumes"], f"{name}: undeclared volume {source}"
+        for dep in svc.get("depends_on", {}):
+            assert dep in c["services"], f"{name} depends on unknown {dep}"
+
+
+def test_compose_runs_kraft_kafka_postgres_two_replicas_prometheus_grafana():
+    c = compose()
+    s = c["services"]
+    assert {"kafka", "postgres", "migrate", "tomd", "prometheus", "grafana"} <= s.keys()
+    assert "zookeeper" not in s
+    assert "controller" in s["kafka"]["environment"]["KAFKA_PROCESS_ROLES"]
+    assert s["tomd"]["deploy"]["replicas"] == 2
+    assert s["tomd"]["command"] == ["run"] and s["migrate"]["command"] == ["db", "upgrade"]
+    assert s["tomd"]["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
+    # Prometheus finds every replica by DNS on the service name and port.
+    prom = yaml.safe_load((DEPLOY / "prometheus/prometheus.yml").read_text())
+    job = next(j for j in prom["scrape_configs"] if j["job_name"] == "tomd")
+    assert job["dns_sd_configs"][0]["names"] == ["tomd"] and job["dns_sd_configs"][0]["port"] == 9464
+    assert "/etc/prometheus/alerts.yml" in prom["rule_files"]
+
+
+def test_the_shipped_tomd_configs_are_valid_and_listen_where_probed(tmp_path):
+    configmap = yaml.safe_load((DEPLOY / "kubernetes/configmap.yaml").read_text())
+    k8s = tmp_path / "k8s.toml"
+    k8s.write_text(configmap["data"]["tomd.toml"])
+    for path in (DEPLOY / "compose/tomd.toml", k8s):
+        cfg = load_config(path, env=ENV)
+        assert cfg.metrics.enabled and cfg.metrics.listen == "0.0.0.0:9464", path
+        assert cfg.database.url.startswith("postgresql+psycopg://")
+        groups = {s.group for s in cfg.streams}
+        assert groups, path
+
+
+# ------------------------------------------------------- Dockerfile
+
+
+def test_dockerfile_is_slim_non_root_with_healthcheck():
+    text = (DEPLOY / "Dockerfile").read_text()
+    assert re.search(r"^FROM python:3\.11-slim", text, re.M)
+    user = re.findall(r"^USER (\S+)", text, re.M)
+    assert user and not user[-1].startswith(("root", "0"))
+    assert "HEALTHCHECK" in text and "/healthz" in text
+    assert 'ENTRYPOINT ["tomd"]' in text and 'CMD ["run"]' in text
+    assert "EXPOSE 9464" in text
+    root = DEPLOY.parent
+    for src in re.findall(r"^COPY (?!--from)(.+) \S+$", text, re.M):
+        for part in src.split():
+            assert (root / part).exists(), part
+
+
+# ------------------------------------------------------- Kubernetes
+
+
+def test_kubernetes_manifests():
+    k = DEPLOY / "kubernetes"
+    kust = yaml.safe_load((k / "kustomization.yaml").read_text())
+    docs = [d for f in kust["resources"] for d in load_yaml(k / f)]
+    kinds = {d["kind"] for d in docs}
+    assert {"Deployment", "ConfigMap", "Secret", "Service", "Job"} <= kinds
+    dep = next(d for d in docs if d["kind"] == "Deployment")
+    assert dep["spec"]["replicas"] >= 2
+    pod = dep["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    (c,) = pod["containers"]
+    assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert any(p["containerPort"] == 9464 and p["name"] == "metrics" for p in c["ports"])
+    assert {"secretRef": {"name": "tomd-secrets"}} in c["envFrom"]
+    assert any(v.get("configMap", {}).get("name") == "tomd-config" for v in pod["volumes"])
+    svc = next(d for d in docs if d["kind"] == "Service")
+    assert svc["spec"]["selector"] == dep["spec"]["selector"]["matchLabels"]
+    secret = next(d for d in docs if d["kind"] == "Secret")
+    needed = set(re.findall(r"\$\{([A-Z_]+)\}", next(d for d in docs if d["kind"] == "ConfigMap")["data"]["tomd.toml"]))
+    assert needed <= secret["stringData"].keys()
+
+
+# ------------------------------------------- metric names in use
+
+
+def dashboard_exprs() -> list[str]:
+    dash = json.loads((DEPLOY / "grafana/tomd.json").read_text())
+    exprs = []
+    ids = []
+    for p in dash["panels"]:
+        ids.append(p["id"])
+        exprs += [t["expr"] for t in p.get("targets", [])]
+    for var in dash["templating"]["list"]:
+        if var["type"] == "query":
+            exprs.append(var["definition"])
+    assert len(ids) == len(set(ids)), "panel ids must be unique"
+    return exprs
+
+
+def alert_rules() -> list[dict]:
+    doc = yaml.safe_load((DEPLOY / "prometheus/alerts.yml").read_text())
+    return [r for g in doc["groups"] for r in g["rules"]]
+
+
+def test_dashboard_uses_only_exported_metrics(exported):
+    exprs = dashboard_exprs()
+    assert len(exprs) >= 30
+    used = {m for e in exprs for m in METRIC.findall(e)}
+    assert used - exported == set()
+    # The dashboard covers what operators asked for.
+    for name in ("tomd_alerts_ingested_total", "tomd_consumer_lag_messages", "tomd_rule_verdicts_total",
+                 "tomd_alert_to_submission_seconds_bucket", "tomd_facility_requests_total",
+                 "tomd_observation_requests_open", "tomd_hook_runs_total"):
+        assert name in used, name
+
+
+def test_alert_rules_use_only_exported_metrics(exported):
+    rules = alert_rules()
+    used = {m for r in rules for m in METRIC.findall(r["expr"])}
+    assert used - exported == set()
+    names = {r["alert"] for r in rules}
+    assert {"TomdConsumerLagGrowing", "TomdNoAlertsDuringTheNight", "TomdFacilityErrors", "TomdHookFailures",
+            "TomdDeadLetters"} <= names
+    for r in rules:
+        assert r["labels"]["severity"] in ("critical", "warning", "info"), r["alert"]
+        assert r["annotations"]["summary"], r["alert"]
+
+
+def test_metric_pattern_sees_suffixes_and_ignores_label_values():
+    assert METRIC.findall('rate(tomd_x_bucket{job="tomd", a="tomd_y"}[5m])') == ["tomd_x_bucket", "tomd_y"]
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None,
+                    reason="promtool not on PATH (Debian package `prometheus`); alert rules checked structurally only")
+def test_promtool_accepts_the_rules_and_the_config(tmp_path):
+    r = subprocess.run(["promtool", "check", "rules", str(DEPLOY / "prometheus/alerts.yml")],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    config = (DEPLOY / "prometheus/prometheus.yml").read_text().replace(
+        "/etc/prometheus/alerts.yml", str(DEPLOY / "prometheus/alerts.yml"))
+    (tmp_path / "prometheus.yml").write_text(config)
+    r = subprocess.run(["promtool", "check", "config", str(tmp_path / "prometheus.yml")],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+# ------------------------------------------------------------ systemd
+
+
+def test_systemd_unit_is_sandboxed():
+    text = (DEPLOY / "systemd/tomd.service").read_text()
+    for line in ("ProtectSystem=strict", "NoNewPrivileges=yes", "PrivateTmp=yes", "Restart=on-failure",
+                 "ReadWritePaths=/var/lib/tomd", "EnvironmentFile=-/etc/tomd/tomd.env", "DynamicUser=yes"):
+        assert re.search(rf"^{re.escape(line)}$", text, re.M), line
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
+def test_systemd_analyze_verify(tmp_path):
+    tomd = shutil.which("tomd") or str(Path(__file__).resolve().parents[1] / ".venv/bin/tomd")
+    if not Path(tomd).exists():
+        pytest.skip("no tomd executable to stand in for /opt/tomd/bin/tomd")
+    unit = tmp_path / "tomd.service"
+    unit.write_text((DEPLOY / "systemd/tomd.service").read_text().replace("/opt/tomd/bin/tomd", tomd))
+    r = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and not r.stderr.strip(), r.stdout + r.stderr
