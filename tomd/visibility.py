@@ -1,0 +1,258 @@
+"""Is a target observable from a facility's sites soon? Fast enough for every alert.
+
+The expensive astronomy is done once per UTC day, for all sites together:
+astropy/ERFA give, on a 10-minute grid, the Sun and Moon positions, the
+apparent (Greenwich) sidereal time and the ICRS → true-equator-of-date
+rotation. Per target and site the altitude is then plain vectorised
+hour-angle arithmetic (sin alt = sin φ sin δ + cos φ cos δ cos H) on that
+grid. Offline by design: IERS tables are never downloaded (UT1 is taken as
+UTC, < 1 s, i.e. < 0.004°); refraction is ignored like astropy's AltAz
+without pressure. tests/test_visibility.py checks the result against
+astropy's AltAz to a small fraction of a degree.
+
+LCO's sites are built in, keyed by facility kind (``lco``: the 1 m/2 m/0.4 m
+network; ``soar``: SOAR at Cerro Pachón).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Iterable
+
+import numpy as np
+
+STEP_MIN = 10.0
+_STEPS_PER_DAY = int(24 * 60 / STEP_MIN)
+
+
+@dataclass(frozen=True)
+class Site:
+    code: str
+    name: str
+    lat: float  # degrees, geodetic
+    lon: float  # degrees east
+    height: float  # metres
+
+
+SITES: dict[str, Site] = {s.code: s for s in (
+    Site("ogg", "Haleakala Observatory, Maui", 20.7069, -156.2575, 3055.0),
+    Site("coj", "Siding Spring Observatory", -31.2733, 149.0706, 1116.0),
+    Site("lsc", "Cerro Tololo Inter-American Observatory", -30.1674, -70.8048, 2198.0),
+    Site("cpt", "South African Astronomical Observatory, Sutherland", -32.3806, 20.8101, 1460.0),
+    Site("tfn", "Teide Observatory, Tenerife", 28.3000, -16.5111, 2330.0),
+    Site("elp", "McDonald Observatory", 30.6801, -104.0151, 2027.0),
+    Site("tlv", "Wise Observatory, Mitzpe Ramon", 30.5958, 34.7633, 875.0),
+    Site("sor", "SOAR, Cerro Pachón", -30.2378, -70.7337, 2713.0),
+)}
+
+#: Sites per facility kind (config ``facilities.NAME.kind``). A "sim"
+#: facility observes from every LCO site.
+FACILITY_SITES: dict[str, tuple[str, ...]] = {
+    "lco": ("ogg", "coj", "lsc", "cpt", "tfn", "elp", "tlv"),
+    "soar": ("sor",),
+    "sim": ("ogg", "coj", "lsc", "cpt", "tfn", "elp", "tlv"),
+}
+
+
+def _configure_astropy_offline() -> None:
+    from astropy.utils import iers
+
+    iers.conf.auto_download = False  # Invariant 8: no hidden network
+    try:
+        iers.conf.iers_degraded_accuracy = "warn"
+    except AttributeError:  # older astropy
+        pass
+
+
+@dataclass(frozen=True)
+class Day:
+    """The 10-minute grid of one UTC day (MJD ``mjd0`` .. ``mjd0 + 1``), for every site."""
+
+    mjd0: int
+    mjd: np.ndarray  # (N,)
+    gast: np.ndarray  # radians, apparent Greenwich sidereal time (UT1 ~ UTC)
+    rot: np.ndarray  # 3x3 ICRS → true equator and equinox of date (mid-day)
+    sun_ra: np.ndarray  # true-of-date, radians
+    sun_dec: np.ndarray
+    moon_ra: np.ndarray
+    moon_dec: np.ndarray
+    moon_xyz: np.ndarray  # (3, N) unit vectors, ICRS-aligned (GCRS)
+
+
+def _compute_day(mjd0: int) -> Day:
+    import erfa
+    from astropy.coordinates import get_body
+    from astropy.time import Time
+
+    _configure_astropy_offline()
+    mjd = mjd0 + np.arange(_STEPS_PER_DAY + 1) * (STEP_MIN / 1440.0)
+    t = Time(mjd, format="mjd", scale="utc")
+    tt = t.tt  # leap seconds from ERFA's built-in table: no network
+    # UT1 is taken as UTC (degraded accuracy accepted, < 1 s).
+    gast = erfa.gst06a(t.jd1, t.jd2, tt.jd1, tt.jd2)
+    mid = len(mjd) // 2
+    rot = erfa.pnm06a(tt.jd1[mid], tt.jd2[mid])
+    with _quiet():
+        sun = get_body("sun", t)
+        moon = get_body("moon", t)
+
+    def radec_of_date(c):
+        cart = c.cartesian
+        xyz = np.array([cart.x.value, cart.y.value, cart.z.value])
+        xyz = xyz / np.linalg.norm(xyz, axis=0)
+        v = rot @ xyz
+        return np.arctan2(v[1], v[0]), np.arcsin(np.clip(v[2], -1, 1)), xyz
+
+    sun_ra, sun_dec, _ = radec_of_date(sun)
+    moon_ra, moon_dec, moon_xyz = radec_of_date(moon)
+    return Day(mjd0, mjd, gast, rot, sun_ra, sun_dec, moon_ra, moon_dec, moon_xyz)
+
+
+class _quiet:
+    def __enter__(self):
+        import warnings
+
+        self._w = warnings.catch_warnings()
+        self._w.__enter__()
+        warnings.simplefilter("ignore")
+
+    def __exit__(self, *exc):
+        self._w.__exit__(*exc)
+
+
+_DAYS: OrderedDict[int, Day] = OrderedDict()
+_LOCK = threading.Lock()
+
+
+def day(mjd0: int) -> Day:
+    """The cached grid of one UTC day (computed once; the last 16 days are kept)."""
+    with _LOCK:
+        d = _DAYS.get(mjd0)
+        if d is not None:
+            _DAYS.move_to_end(mjd0)
+            return d
+    d = _compute_day(mjd0)
+    with _LOCK:
+        _DAYS[mjd0] = d
+        while len(_DAYS) > 16:
+            _DAYS.popitem(last=False)
+    return d
+
+
+def _altitude(lat: float, lon: float, gast: np.ndarray, ra: np.ndarray | float, dec: np.ndarray | float) -> np.ndarray:
+    """Altitude (radians) from true-of-date ra/dec (radians), site in degrees."""
+    phi = math.radians(lat)
+    h = gast + math.radians(lon) - ra
+    return np.arcsin(np.clip(math.sin(phi) * np.sin(dec) + math.cos(phi) * np.cos(dec) * np.cos(h), -1.0, 1.0))
+
+
+def _of_date(rot: np.ndarray, ra_deg: float, dec_deg: float) -> tuple[float, float, np.ndarray]:
+    r, d = math.radians(ra_deg), math.radians(dec_deg)
+    xyz = np.array([math.cos(d) * math.cos(r), math.cos(d) * math.sin(r), math.sin(d)])
+    v = rot @ xyz
+    return math.atan2(v[1], v[0]), math.asin(max(-1.0, min(1.0, v[2]))), xyz
+
+
+def altitude_deg(site: Site, ra: float, dec: float, mjd: float) -> float:
+    """Altitude (degrees) of an ICRS position from ``site`` at ``mjd`` (UTC), by the fast path."""
+    d = day(int(math.floor(mjd)))
+    import erfa
+    from astropy.time import Time
+
+    t = Time(mjd, format="mjd", scale="utc")
+    tt = t.tt
+    gast = erfa.gst06a(t.jd1, t.jd2, tt.jd1, tt.jd2)
+    r, dd, _ = _of_date(d.rot, ra, dec)
+    return float(np.degrees(_altitude(site.lat, site.lon, np.asarray(gast), r, dd)))
+
+
+@dataclass(frozen=True)
+class Visibility:
+    visible: bool
+    site: str | None = None  # first site where it is
+    mjd: float | None = None  # first time it is (UTC)
+    airmass: float | None = None  # best airmass in dark time over the window, over all sites
+    best_site: str | None = None
+    moon_distance_deg: float | None = None  # at the best time
+    reason: str = ""
+
+    def as_dict(self) -> dict:
+        return {k: getattr(self, k) for k in ("visible", "site", "mjd", "airmass", "best_site",
+                                              "moon_distance_deg", "reason")}
+
+
+def _grid(start_mjd: float, hours: float) -> list[tuple[Day, np.ndarray]]:
+    """(day, index mask) pieces covering [start, start + hours]."""
+    end = start_mjd + hours / 24.0
+    out = []
+    for m0 in range(int(math.floor(start_mjd)), int(math.floor(end)) + 1):
+        d = day(m0)
+        sel = (d.mjd >= start_mjd) & (d.mjd <= end)
+        if sel.any():
+            out.append((d, sel))
+    return out
+
+
+def observability(sites: Iterable[str], ra: float, dec: float, start_mjd: float, hours: float = 24.0, *,
+                  max_airmass: float = 2.0, min_moon_deg: float = 30.0, max_sun_alt: float = -12.0) -> Visibility:
+    """Is (ra, dec) observable from any of ``sites`` in [start, start + hours]?
+
+    Observable at a grid time: Sun below ``max_sun_alt``, target airmass
+    (sec z) at most ``max_airmass`` and the Moon at least ``min_moon_deg`` away.
+    """
+    if ra is None or dec is None:
+        return Visibility(False, reason="the target has no position")
+    sites = [SITES[c] for c in sites]
+    min_alt = math.asin(1.0 / max_airmass) if max_airmass >= 1.0 else math.pi / 2
+    max_sun = math.radians(max_sun_alt)
+    cos_moon = math.cos(math.radians(min_moon_deg))
+    first: tuple[float, str] | None = None
+    best_alt, best_site, best_moon = -1.0, None, None
+    dark_any = False
+    high_any = False
+    for d, sel in _grid(start_mjd, hours):
+        r, dd, xyz = _of_date(d.rot, ra, dec)
+        mjd = d.mjd[sel]
+        gast = d.gast[sel]
+        cosm = xyz @ d.moon_xyz[:, sel]
+        moon_ok = cosm <= cos_moon
+        for site in sites:
+            sun_alt = _altitude(site.lat, site.lon, gast, d.sun_ra[sel], d.sun_dec[sel])
+            dark = sun_alt <= max_sun
+            if not dark.any():
+                continue
+            dark_any = True
+            alt = _altitude(site.lat, site.lon, gast, r, dd)
+            high = dark & (alt >= min_alt)
+            high_any = high_any or bool(high.any())
+            ok = high & moon_ok
+            dalt = np.where(dark & moon_ok, alt, -1.0)
+            k = int(np.argmax(dalt))
+            if dalt[k] > best_alt:
+                best_alt, best_site = float(dalt[k]), site.code
+                best_moon = float(np.degrees(np.arccos(np.clip(cosm[k], -1, 1))))
+            if ok.any():
+                i = int(np.argmax(ok))
+                if first is None or mjd[i] < first[0]:
+                    first = (float(mjd[i]), site.code)
+    airmass = 1.0 / math.sin(best_alt) if best_alt > 0.01 else None
+    if first is not None:
+        return Visibility(True, first[1], first[0], airmass, best_site, best_moon, "")
+    if not dark_any:
+        why = f"no dark time (Sun below {max_sun_alt:g}°) in the window"
+    elif not high_any:
+        why = f"never at airmass <= {max_airmass:g} in dark time"
+    else:
+        why = f"the Moon is within {min_moon_deg:g}° whenever it is high enough"
+    return Visibility(False, None, None, airmass, best_site, best_moon, why)
+
+
+def moon_distance_deg(ra: float, dec: float, mjd: float) -> float:
+    """Separation of the Moon (geocentric) from (ra, dec) at ``mjd``, degrees (grid-interpolated)."""
+    d = day(int(math.floor(mjd)))
+    i = int(round((mjd - d.mjd0) * 1440.0 / STEP_MIN))
+    _, _, xyz = _of_date(d.rot, ra, dec)
+    return float(np.degrees(np.arccos(np.clip(xyz @ d.moon_xyz[:, i], -1, 1))))
