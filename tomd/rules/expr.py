@@ -69,7 +69,6 @@ TARGET_FIELDS = frozenset({
     # light-curve features (context.py)
     "n_detections", "n_upper_limits", "first_detection", "last_detection", "age_days", "since_last_days",
     "peak_mag", "peak_mjd", "peak_band", "last_mag", "last_band", "rise_rate", "decline_rate",
-    "n_alerts",
 })
 TARGET_DICTS = frozenset({"extras", "rise_rates", "decline_rates", "peak_mags", "last_mags"})
 

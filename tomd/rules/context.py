@@ -1,0 +1,275 @@
+"""What a rule expression reads, built once per alert and shared by every rule.
+
+Pure: these classes take plain values (the stored alert, the target row, its
+photometry) and never touch the database. Light-curve features are computed
+on first use only, so rules that do not read them do not pay for them.
+
+Magnitudes are AB; times are MJD (UTC); rates are magnitudes per day, with
+``rise_rate`` positive while brightening and ``decline_rate`` positive while
+fading.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from functools import cached_property
+from typing import Any
+
+from tomd import visibility
+
+_UNIX_MJD = 40587.0  # MJD of 1970-01-01T00:00 UTC (calendar fact, not a time-scale offset)
+
+
+def mjd_of(t: datetime) -> float:
+    """MJD (UTC) of an aware datetime."""
+    return t.timestamp() / 86400.0 + _UNIX_MJD
+
+
+def datetime_of(mjd: float) -> datetime:
+    return datetime.fromtimestamp((mjd - _UNIX_MJD) * 86400.0, tz=timezone.utc)
+
+
+@dataclass(frozen=True, slots=True)
+class Point:
+    """One stored photometry point (what the features need of it)."""
+
+    mjd: float
+    band: str
+    kind: str  # detection | upper_limit | forced
+    mag: float | None = None
+    limit: float | None = None
+
+
+def _short(band: str) -> str | None:
+    for prefix in ("ztf", "lsst", "ps1", "atlas", "sdss"):
+        if band.startswith(prefix) and len(band) > len(prefix):
+            return band[len(prefix):]
+    return None
+
+
+def _slope(pts: Sequence[tuple[float, float]]) -> float | None:
+    """Least-squares d(mag)/d(day); None with fewer than 2 points or no time baseline."""
+    n = len(pts)
+    if n < 2:
+        return None
+    mt = sum(p[0] for p in pts) / n
+    mm = sum(p[1] for p in pts) / n
+    sxx = sum((p[0] - mt) ** 2 for p in pts)
+    if sxx < 1e-6:  # all within ~a minute
+        return None
+    return sum((p[0] - mt) * (p[1] - mm) for p in pts) / sxx
+
+
+def lightcurve_features(points: Sequence[Point], now_mjd: float) -> dict[str, Any]:
+    """Features of a light curve (points in any order). Missing ones are None."""
+    det = sorted((p for p in points if p.kind == "detection" and p.mag is not None and math.isfinite(p.mag)),
+                 key=lambda p: p.mjd)
+    n_ul = sum(1 for p in points if p.kind == "upper_limit")
+    f: dict[str, Any] = {
+        "n_detections": len(det), "n_upper_limits": n_ul,
+        "first_detection": None, "last_detection": None, "age_days": None, "since_last_days": None,
+        "peak_mag": None, "peak_mjd": None, "peak_band": None, "last_mag": None, "last_band": None,
+        "rise_rate": None, "decline_rate": None,
+        "rise_rates": {}, "decline_rates": {}, "peak_mags": {}, "last_mags": {},
+    }
+    if not det:
+        return f
+    first, last = det[0], det[-1]
+    peak = min(det, key=lambda p: (p.mag, p.mjd))
+    f.update(first_detection=first.mjd, last_detection=last.mjd, age_days=now_mjd - first.mjd,
+             since_last_days=now_mjd - last.mjd, peak_mag=peak.mag, peak_mjd=peak.mjd, peak_band=peak.band,
+             last_mag=last.mag, last_band=last.band)
+    by_band: dict[str, list[Point]] = {}
+    for p in det:
+        by_band.setdefault(p.band, []).append(p)
+    rises, declines, peaks, lasts = {}, {}, {}, {}
+    latest_of_short: dict[str, float] = {}
+    for band, pts in by_band.items():
+        i_peak = min(range(len(pts)), key=lambda i: (pts[i].mag, pts[i].mjd))
+        before = [(p.mjd, p.mag) for p in pts[:i_peak + 1]]
+        after = [(p.mjd, p.mag) for p in pts[i_peak:]]
+        s_rise, s_decl = _slope(before), _slope(after)
+        vals = {"rise": -s_rise if s_rise is not None else None, "decline": s_decl,
+                "peak": pts[i_peak].mag, "last": pts[-1].mag}
+        keys = [band]
+        short = _short(band)
+        # "g" is the g band of whichever survey saw the object last in g.
+        if short and pts[-1].mjd >= latest_of_short.get(short, -math.inf):
+            latest_of_short[short] = pts[-1].mjd
+            keys.append(short)
+        for k in keys:
+            if vals["rise"] is not None:
+                rises[k] = vals["rise"]
+            if vals["decline"] is not None:
+                declines[k] = vals["decline"]
+            peaks[k], lasts[k] = vals["peak"], vals["last"]
+    f.update(rise_rates=rises, decline_rates=declines, peak_mags=peaks, last_mags=lasts,
+             rise_rate=max((rises[b] for b in by_band if b in rises), default=None),
+             decline_rate=max((declines[b] for b in by_band if b in declines), default=None))
+    return f
+
+
+def color(points: Sequence[Point], band1: str, band2: str, max_dt_days: float = 1.0) -> float | None:
+    """mag(band1) - mag(band2) from the latest detections that lie within ``max_dt_days`` of each other."""
+    def pick(band):
+        return [p for p in points if p.kind == "detection" and p.mag is not None
+                and (p.band == band or _short(p.band) == band)]
+    a, b = pick(band1), pick(band2)
+    if not a or not b:
+        return None
+    best = None
+    for p in a:
+        q = min(b, key=lambda q: abs(q.mjd - p.mjd))
+        if abs(q.mjd - p.mjd) <= max_dt_days and (best is None or max(p.mjd, q.mjd) > best[0]):
+            best = (max(p.mjd, q.mjd), p.mag - q.mag)
+    return best[1] if best else None
+
+
+class AlertView:
+    """``alert.*`` in expressions: the normalised alert's fields, plus ``fields`` and ``payload``."""
+
+    def __init__(self, alert, alert_id: int | None = None):
+        loc = alert.localization
+        self.id = alert_id
+        self.source = alert.source
+        self.key = alert.key
+        self.kind = alert.kind
+        self.object_id = alert.object_id
+        self.ra = alert.ra if alert.ra is not None else (loc.ra if loc else None)
+        self.dec = alert.dec if alert.dec is not None else (loc.dec if loc else None)
+        self.ra_err_arcsec = alert.ra_err_arcsec
+        self.dec_err_arcsec = alert.dec_err_arcsec
+        self.band = alert.band
+        self.mag = alert.mag
+        self.mag_err = alert.mag_err
+        self.flux = alert.flux
+        self.flux_err = alert.flux_err
+        self.mjd = mjd_of(alert.time)
+        self.time = alert.time.isoformat()
+        self.event_id = alert.event_id
+        self.notice_type = alert.notice_type
+        self.retraction = alert.retraction
+        self.test = alert.test
+        self.error_deg = loc.error_deg if loc else None
+        self.area_90_deg2 = loc.area_90_deg2 if loc else None
+        self.n_points = len(alert.photometry)
+        self.fields = alert.fields
+        self.payload = alert.payload
+
+
+class TargetView:
+    """``target.*``: the stored target and its light-curve features (computed on first use).
+
+    ``row`` is the target's column mapping (or None: the alert has no target,
+    and every field reads as missing).
+    """
+
+    def __init__(self, row: Mapping[str, Any] | None, *, names: Sequence[str] = (), tags: Sequence[str] = (),
+                 lists: Sequence[str] = (), points: Sequence[Point] = (), now_mjd: float = 0.0):
+        row = row or {}
+        self.id = row.get("id")
+        self.name = row.get("name")
+        self.type = row.get("type")
+        self.ra = row.get("ra")
+        self.dec = row.get("dec")
+        self.gal_l = row.get("gal_l")
+        self.gal_b = row.get("gal_b")
+        self.distance = row.get("distance")
+        self.parallax = row.get("parallax")
+        self.extras = dict(row.get("extras") or {})
+        self.names = tuple(names)
+        self.tags = frozenset(tags)
+        self.lists = frozenset(lists)
+        self.points = tuple(points)
+        self._now = now_mjd
+
+    @cached_property
+    def _lc(self) -> dict[str, Any]:
+        return lightcurve_features(self.points, self._now)
+
+    # One cached property per feature: after the first read it is a plain attribute.
+    n_detections = cached_property(lambda self: self._lc["n_detections"])
+    n_upper_limits = cached_property(lambda self: self._lc["n_upper_limits"])
+    first_detection = cached_property(lambda self: self._lc["first_detection"])
+    last_detection = cached_property(lambda self: self._lc["last_detection"])
+    age_days = cached_property(lambda self: self._lc["age_days"])
+    since_last_days = cached_property(lambda self: self._lc["since_last_days"])
+    peak_mag = cached_property(lambda self: self._lc["peak_mag"])
+    peak_mjd = cached_property(lambda self: self._lc["peak_mjd"])
+    peak_band = cached_property(lambda self: self._lc["peak_band"])
+    last_mag = cached_property(lambda self: self._lc["last_mag"])
+    last_band = cached_property(lambda self: self._lc["last_band"])
+    rise_rate = cached_property(lambda self: self._lc["rise_rate"])
+    decline_rate = cached_property(lambda self: self._lc["decline_rate"])
+    rise_rates = cached_property(lambda self: self._lc["rise_rates"])
+    decline_rates = cached_property(lambda self: self._lc["decline_rates"])
+    peak_mags = cached_property(lambda self: self._lc["peak_mags"])
+    last_mags = cached_property(lambda self: self._lc["last_mags"])
+
+
+FeatureFn = Callable[["Context"], Any]
+
+
+class Context:
+    """Everything one alert's rules read. Context functions are the ``fn_*`` methods."""
+
+    def __init__(self, alert: AlertView, target: TargetView, now_mjd: float, *,
+                 facility_kinds: Mapping[str, str] | None = None,
+                 features: Mapping[str, FeatureFn] | None = None):
+        self.alert = alert
+        self.target = target
+        self.now = now_mjd
+        self.facility_kinds = facility_kinds or {}
+        self.features = features or {}
+        self._cache: dict[Any, Any] = {}
+
+    def args(self) -> tuple:
+        return self.alert, self.target, self.now, self
+
+    def sites(self, facility: str) -> tuple[str, ...]:
+        kind = self.facility_kinds.get(facility, facility)
+        if kind in visibility.FACILITY_SITES:
+            return visibility.FACILITY_SITES[kind]
+        if kind in visibility.SITES:
+            return (kind,)
+        raise ValueError(f"no sites known for facility {facility!r} (kind {kind!r})")
+
+    def visibility(self, facility: str, hours: float = 24.0, max_airmass: float = 2.0, min_moon_deg: float = 30.0,
+                   max_sun_alt: float = -12.0) -> visibility.Visibility:
+        key = ("vis", facility, hours, max_airmass, min_moon_deg, max_sun_alt)
+        v = self._cache.get(key)
+        if v is None:
+            ra = self.target.ra if self.target.ra is not None else self.alert.ra
+            dec = self.target.dec if self.target.dec is not None else self.alert.dec
+            v = self._cache[key] = visibility.observability(
+                self.sites(facility), ra, dec, self.now, hours, max_airmass=max_airmass,
+                min_moon_deg=min_moon_deg, max_sun_alt=max_sun_alt)
+        return v
+
+    def fn_visible(self, facility, hours=24.0, max_airmass=2.0, min_moon_deg=30.0, max_sun_alt=-12.0) -> bool:
+        return self.visibility(facility, hours, max_airmass, min_moon_deg, max_sun_alt).visible
+
+    def fn_airmass(self, facility, hours=24.0, min_moon_deg=0.0, max_sun_alt=-12.0) -> float | None:
+        return self.visibility(facility, hours, 100.0, min_moon_deg, max_sun_alt).airmass
+
+    def fn_moon_distance(self) -> float | None:
+        ra = self.target.ra if self.target.ra is not None else self.alert.ra
+        dec = self.target.dec if self.target.dec is not None else self.alert.dec
+        if ra is None or dec is None:
+            return None
+        key = ("moon",)
+        if key not in self._cache:
+            self._cache[key] = visibility.moon_distance_deg(ra, dec, self.now)
+        return self._cache[key]
+
+    def fn_color(self, band1, band2, max_dt_days=1.0) -> float | None:
+        return color(self.target.points, band1, band2, max_dt_days)
+
+    def feature(self, name: str) -> Any:
+        key = ("feature", name)
+        if key not in self._cache:
+            self._cache[key] = self.features[name](self)
+        return self._cache[key]
