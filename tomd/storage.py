@@ -91,6 +91,9 @@ class Store(Protocol):
     def describe(self, key: str) -> str:
         """Where the object is, for people: a path or an s3:// URL (no credentials)."""
 
+    def check(self) -> None:
+        """Raise StorageError unless the store is reachable and writable (daemon start, readiness)."""
+
 
 # ------------------------------------------------------------------ keys --
 
@@ -209,16 +212,26 @@ class LocalStore:
         tmp = path.with_name(f".{path.name}.part-{secrets.token_hex(4)}")
         try:
             with open(tmp, "wb") as out:
-                while chunk := src.read(CHUNK):
-                    out.write(chunk)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(tmp, path)  # atomic: the key shows the old object or the whole new one
-        except BaseException as exc:
+                while True:
+                    chunk = src.read(CHUNK)  # the source's own errors propagate as they are
+                    if not chunk:
+                        break
+                    try:
+                        out.write(chunk)
+                    except OSError as exc:
+                        raise StorageError(f"{path}: {exc.strerror or exc}") from exc
+                try:
+                    out.flush()
+                    os.fsync(out.fileno())
+                except OSError as exc:
+                    raise StorageError(f"{path}: {exc.strerror or exc}") from exc
+            try:
+                os.replace(tmp, path)  # atomic: the key shows the old object or the whole new one
+            except OSError as exc:
+                raise StorageError(f"{path}: {exc.strerror or exc}") from exc
+        except BaseException:
             with contextlib.suppress(OSError):
                 tmp.unlink()
-            if isinstance(exc, OSError):
-                raise StorageError(f"{path}: {exc.strerror or exc}") from exc
             raise
         return Stored(key, src.count, src.md5)
 
@@ -254,6 +267,14 @@ class LocalStore:
 
     def describe(self, key: str) -> str:
         return str(self._path(key))
+
+    def check(self) -> None:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StorageError(f"{self.root}: cannot create the storage directory: {exc.strerror}") from exc
+        if not os.access(self.root, os.W_OK | os.X_OK):
+            raise StorageError(f"{self.root}: the storage directory is not writable")
 
 
 # -------------------------------------------------------------------- s3 --
@@ -389,6 +410,17 @@ class S3Store:
 
     def describe(self, key: str) -> str:
         return f"s3://{self.bucket}/{self._key(key)}"
+
+    def check(self) -> None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except (ClientError, BotoCoreError) as exc:
+            code = getattr(exc, "response", {}).get("Error", {}).get("Code", "") if isinstance(exc, ClientError) else ""
+            if code in ("404", "NoSuchBucket", "NotFound"):
+                raise StorageError(f"s3://{self.bucket}: no such bucket") from exc
+            raise self._error(".", exc) from exc
 
 
 class _BodyReader(io.RawIOBase):
