@@ -228,7 +228,14 @@ def _read_ecsv(path: str, text: str) -> tuple[list[str], list[tuple[int, dict[st
             continue
         rows.append((lineno, dict(zip(header, values))))
     info: dict[str, dict] = {c["name"]: dict(c) for c in meta.get("datatype", ()) if isinstance(c, dict)}
-    serialized = (meta.get("meta") or {}).get("__serialized_columns__", {}) or {}
+    table_meta = meta.get("meta") or {}
+    if isinstance(table_meta, list):  # !!omap: a list of one-key mappings or pairs
+        merged: dict[str, Any] = {}
+        for item in table_meta:
+            merged.update(item if isinstance(item, dict) else [tuple(item)])
+        table_meta = merged
+    serialized = table_meta.get("__serialized_columns__", {}) if isinstance(table_meta, dict) else {}
+    serialized = serialized or {}
     for name, spec in serialized.items():
         if isinstance(spec, dict) and "Time" in str(spec.get("__class__", "")):
             info.setdefault(name, {"name": name})
