@@ -1,0 +1,240 @@
+"""The rule engine inside the ingest transaction: verdicts, intents, limits, duplicates, atomicity."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+import pytest
+from sqlalchemy import func, select
+
+from tests.alert_samples import encode, next_alert, read_ztf, ztf_files
+from tomd.alerts.decode import decode_avro_ocf
+from tomd.alerts.formats import ztf
+from tomd.alerts.ingest import FileMessage, IngestSettings, Ingestor
+from tomd.db.models import AlertRow, Decision, ObservationRequest, OutboxEvent, TargetTag
+from tomd.errors import RetryableError
+from tomd.rules.engine import RuleEngine, RuleSet
+from tomd.rules.load import RuleEnv, parse_rule
+
+ENV = RuleEnv({"lco": ("lco", {"1m-gri": {"exposure_time": 300, "exposure_count": 1, "filters": ["gp", "rp", "ip"]},
+                               "2m-spec": {"exposure_time": 1800, "exposure_count": 1}}),
+               "sim": ("sim", {})}, frozenset({"slack"}), frozenset())
+
+
+def rule(text: str, name: str = "r.toml"):
+    r, problems = parse_rule(text, name, ENV)
+    assert not problems, problems
+    return r
+
+
+def ztf_parser(data: bytes):
+    return [a for rec in decode_avro_ocf(data) for a in ztf.parse(rec)]
+
+
+class Clock:
+    """Alert time + offset: "now" a little after each alert, like a live daemon."""
+
+    def __init__(self, offset=timedelta(minutes=5)):
+        self.offset = offset
+
+    def __call__(self, stored):
+        return stored.alert.time + self.offset
+
+
+def engine(*rules, **kw):
+    kw.setdefault("clock", Clock())
+    return RuleEngine(RuleSet.of(list(rules)), facility_kinds=ENV.facility_kinds, **kw)
+
+
+def ingest(db, eng, records, schema, extra_sinks=()):
+    ing = Ingestor(db.sessions, IngestSettings(stream="ztf", format="ztf-avro"), ztf_parser,
+                   sinks=[eng, *extra_sinks])
+    for r in records:
+        ing.handle([FileMessage("copy", r["candid"], encode(schema, [r]))])
+    return ing
+
+
+def decisions(db):
+    with db.sessions() as s:
+        return [(d.rule, d.outcome, d.reason, d.alert_id) for d in s.scalars(select(Decision).order_by(Decision.id))]
+
+
+def count(db, model, *where):
+    with db.sessions() as s:
+        return s.scalar(select(func.count()).select_from(model).where(*where))
+
+
+OBSERVE = '''
+[observe]
+facility = "lco"
+template = "1m-gri"
+mode = "RAPID_RESPONSE"
+window = "24h"
+priority = {priority}
+'''
+
+
+@pytest.fixture
+def sample(shared_data):
+    schema, (rec,) = read_ztf(ztf_files()[0])
+    return schema, rec
+
+
+def test_verdicts_with_reasons_and_one_intent_per_fired_decision(db, sample):
+    schema, rec = sample
+    mag = rec["candidate"]["magpsf"]
+    fires = rule(f'name = "bright"\nwhen = "alert.mag < {mag + 1} and alert.fields.real_bogus >= 0"\n'
+                 + OBSERVE.format(priority=1.5))
+    misses = rule(f'name = "faint"\nwhen = "alert.mag > {mag + 1} and alert.mag < 30"\nadd_tags = ["x"]')
+    broken = rule('name = "broken"\nwhen = "alert.mag / (alert.mag - alert.mag) > 1"\nadd_tags = ["y"]')
+    ingest(db, engine(fires, misses, broken), [rec], schema)
+    got = {r: (o, why) for r, o, why, _ in decisions(db)}
+    assert got["bright"][0] == "fired" and "all 2 clauses true" in got["bright"][1]
+    assert got["faint"][0] == "not_fired"
+    assert got["faint"][1].startswith(f"alert.mag > {mag + 1} is false (alert.mag = ")
+    assert got["broken"][0] == "error" and "ZeroDivisionError" in got["broken"][1]
+    with db.sessions() as s:
+        req = s.scalars(select(ObservationRequest)).one()
+        d = s.scalars(select(Decision).where(Decision.rule == "bright")).one()
+        assert req.decision_id == d.id and req.state == "intent" and req.request == {}
+        assert req.name.startswith(f"tomd-{d.id}-") and len(req.name.split("-")[-1]) == 8
+        assert (req.facility, req.template, req.mode, req.priority) == ("lco", "1m-gri", "RAPID_RESPONSE", 1.5)
+        assert req.window_end - req.window_start == timedelta(hours=24)
+        assert req.estimated_hours == pytest.approx((3 * (300 + 20) + 120 + 20) / 3600)
+        kinds = [e.kind for e in s.scalars(select(OutboxEvent).order_by(OutboxEvent.id))]
+        assert kinds.count("submission.intent") == 1 and kinds.count("rule.fired") == 1
+        intent = s.scalars(select(OutboxEvent).where(OutboxEvent.kind == "submission.intent")).one()
+        assert intent.payload["request_id"] == req.id and intent.payload["name"] == req.name
+    # The tag action of the erroring rule never ran.
+    assert count(db, TargetTag) == 0
+
+
+def test_crash_after_rules_leaves_neither_decision_nor_intent(db, sample):
+    schema, rec = sample
+    fires = rule('name = "all"\nwhen = "alert.mag > 0"\n' + OBSERVE.format(priority=1))
+
+    def crash(s, stored):
+        raise RuntimeError("power cut before commit")
+
+    with pytest.raises(RuntimeError):
+        ingest(db, engine(fires), [rec], schema, extra_sinks=[crash])
+    assert count(db, Decision) == 0 and count(db, ObservationRequest) == 0 and count(db, AlertRow) == 0
+    assert count(db, OutboxEvent) == 0
+    # The retry (no crash this time) records it exactly once; a replay adds nothing.
+    ingest(db, engine(fires), [rec], schema)
+    ingest(db, engine(fires), [rec], schema)
+    assert count(db, Decision) == 1 and count(db, ObservationRequest) == 1
+
+
+def test_duplicate_request_is_not_submitted_and_higher_priority_escalates(db, sample):
+    schema, rec = sample
+    low = rule('name = "low"\nwhen = "alert.mag > 0"\n' + OBSERVE.format(priority=1.0))
+    same = rule('name = "same"\nwhen = "alert.mag > 0"\n' + OBSERVE.format(priority=1.0))
+    high = rule('name = "high"\nwhen = "alert.mag > 0"\n' + OBSERVE.format(priority=3.0))
+    ingest(db, engine(low, same, high), [rec], schema)
+    got = {r: (o, why) for r, o, why, _ in decisions(db)}
+    assert got["low"][0] == "fired"
+    assert got["same"][0] == "deduplicated" and "nothing submitted" in got["same"][1]
+    assert got["high"][0] == "deduplicated" and "priority raised 1.0 → 3.0" in got["high"][1]
+    with db.sessions() as s:
+        req = s.scalars(select(ObservationRequest)).one()
+        assert req.priority == 3.0
+        assert s.scalar(select(func.count()).select_from(OutboxEvent)
+                        .where(OutboxEvent.kind == "submission.priority_raised")) == 1
+    # A finished request is no longer a duplicate: the next alert asks again.
+    with db.sessions.begin() as s:
+        s.get(ObservationRequest, req.id).state = "completed"
+    second = next_alert(schema, rec, new_candid=rec["candid"] + 1)
+    ingest(db, engine(low), [second], schema)
+    assert count(db, ObservationRequest) == 2
+
+
+def test_test_mode_records_and_submits_nothing(db, sample):
+    schema, rec = sample
+    t = rule('name = "new-class"\nmode = "test"\nwhen = "alert.mag > 0"\nadd_tags = ["candidate"]\n'
+             + OBSERVE.format(priority=1))
+    ingest(db, engine(t), [rec], schema)
+    (r, outcome, why, _), = decisions(db)
+    assert outcome == "test" and why.startswith("would fire")
+    assert count(db, ObservationRequest) == 0 and count(db, TargetTag) == 0
+    with db.sessions() as s:
+        assert s.scalar(select(func.count()).select_from(OutboxEvent).where(OutboxEvent.kind.like("rule.%"))) == 0
+
+
+def alerts_series(schema, rec, n, days):
+    out = [rec]
+    for i in range(1, n):
+        out.append(next_alert(schema, out[-1], new_candid=rec["candid"] + i, days_later=days, mag_change=-0.1))
+    return out
+
+
+def test_cooldown_boundary(db, sample):
+    schema, rec = sample
+    # Alerts 1 day apart; cooldown exactly 2 days: fire, limited, fire (exactly 2 d later), limited.
+    r = rule('name = "cool"\nwhen = "alert.mag > 0"\nadd_tags = ["seen"]\n[limits]\ncooldown = "2d"')
+    ingest(db, engine(r, clock=Clock(timedelta(0))), alerts_series(schema, rec, 4, 1.0), schema)
+    outcomes = [o for _, o, _, _ in decisions(db)]
+    assert outcomes == ["fired", "limited", "fired", "limited"]
+    assert "cooldown: fired for this target 1d ago" in decisions(db)[1][2]
+
+
+def test_per_night_boundary_across_targets(db, shared_data):
+    files = ztf_files()[:4]
+    recs = [read_ztf(f) for f in files]
+    r = rule('name = "pn"\nwhen = "alert.mag > 0"\nadd_tags = ["seen"]\n[limits]\nper_night = 2')
+    # All four alerts "now" at the same moment: the third and fourth exceed 2 per 24 h.
+    now = datetime(2030, 1, 1, tzinfo=timezone.utc)
+    eng = engine(r, clock=lambda st: now)
+    for schema, (rec,) in recs:
+        ingest(db, eng, [rec], schema)
+    outcomes = [o for _, o, _, _ in decisions(db)]
+    assert outcomes == ["fired", "fired", "limited", "limited"]
+    assert "per_night: fired 2 times in the last 24 h (limit 2)" in decisions(db)[2][2]
+    # 24 h later the window has passed.
+    later = rule('name = "pn"\nwhen = "alert.mag > 0"\nadd_tags = ["seen"]\n[limits]\nper_night = 2')
+    schema, (rec,) = recs[0]
+    nxt = next_alert(schema, rec, new_candid=rec["candid"] + 7)
+    ingest(db, engine(later, clock=lambda st: now + timedelta(hours=24)), [nxt], schema)
+    assert decisions(db)[-1][1] == "fired"
+
+
+def test_hours_per_night_counts_every_rule_on_the_facility(db, shared_data):
+    recs = [read_ztf(f) for f in ztf_files()[:3]]
+    est = (3 * (300 + 20) + 120 + 2 * 10) / 3600  # 0.3056 h per request: 3 filters, setup, 2 filter changes
+    r = rule('name = "h"\nwhen = "alert.mag > 0"\n' + OBSERVE.format(priority=1)
+             + f"\n[limits]\nhours_per_night = {2 * est + 1e-6}\n")
+    now = datetime(2030, 1, 1, tzinfo=timezone.utc)
+    eng = engine(r, clock=lambda st: now)
+    for schema, (rec,) in recs:
+        ingest(db, eng, [rec], schema)
+    outcomes = [o for _, o, _, _ in decisions(db)]
+    assert outcomes == ["fired", "fired", "limited"]
+    assert "hours_per_night: 0.61 h requested from lco in the last 24 h + 0.31 h" in decisions(db)[2][2]
+
+
+def test_kill_switch_file_limits_everything_but_still_records(db, sample, tmp_path):
+    schema, rec = sample
+    stop = tmp_path / "STOP"
+    stop.write_text("")
+    r = rule('name = "k"\nwhen = "alert.mag > 0"\n' + OBSERVE.format(priority=1))
+    ingest(db, engine(r, kill_switch=stop), [rec], schema)
+    (_, outcome, why, _), = decisions(db)
+    assert outcome == "limited" and why.startswith(f"kill switch: {stop} exists")
+    assert count(db, ObservationRequest) == 0
+
+
+def test_rule_listening_to_other_sources_records_nothing(db, sample):
+    schema, rec = sample
+    r = rule('name = "gcn-only"\nsources = ["gcn"]\nwhen = "alert.mag > 0"\nadd_tags = ["x"]')
+    ingest(db, engine(r), [rec], schema)
+    assert decisions(db) == []
+
+
+def test_light_curve_features_see_the_stored_history(db, sample):
+    schema, rec = sample
+    series = alerts_series(schema, rec, 3, 1.0)  # brightening 0.1 mag/day in the alert band
+    r = rule('name = "rising"\nwhen = "target.n_detections >= 3 and target.rise_rate > 0.05"\nadd_tags = ["rising"]')
+    ingest(db, engine(r), series, schema)
+    outcomes = [o for _, o, _, _ in decisions(db)]
+    assert outcomes[-1] == "fired"
+    assert outcomes[0] == "not_fired"

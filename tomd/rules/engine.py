@@ -1,0 +1,417 @@
+"""Rules on stored alerts: verdicts, limits, duplicates, decisions and intents.
+
+:class:`RuleEngine` is an ``AlertSink``: the ingestor calls it inside the
+batch's transaction, after alerts, targets and photometry are written, so
+every verdict commits with its alert or not at all (Invariant 2), and a
+fired rule's submission intent commits with its decision (Invariant 3: the
+decision id is unique on ``observation_requests``).
+
+For each alert and each rule listening to its source::
+
+    when false ................................ not_fired  (the first false clause, with its values)
+    when raised ............................... error      (the other rules still run)
+    [observe] visible gate not met ............ not_fired  ("not visible from ... : why")
+    mode = "test" ............................. test       ("would fire" / "would be limited: ..." /
+                                                            "would be deduplicated: ...")
+    kill switch, cooldown, per_night,
+    hours_per_night ........................... limited    (the limit that decided)
+    same target+facility+template pending .... deduplicated (priority raised if the new one is higher)
+    otherwise ................................. fired      (+ intent, tags, lists, rule.fired event)
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import secrets
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm import Session
+
+from tomd.db import repository as repo
+from tomd.events import RequestPriorityRaised, RuleFired, SubmissionIntent
+from tomd.rules.context import AlertView, Context, FeatureFn, Point, TargetView, mjd_of
+from tomd.rules.expr import describe_values
+from tomd.rules.load import Rule, RuleEnv, load_file, rule_files
+
+log = logging.getLogger(__name__)
+
+DAY = timedelta(hours=24)
+WOULD_FIRE = "would fire"
+
+
+# ------------------------------------------------------------- rule set --
+
+class RuleSet:
+    """The rules in force, reloaded when their files change (mtime, size, files added or removed).
+
+    A file whose new version is invalid keeps its last good rules (and the
+    problems are logged, FILE:LINE:COL); a new invalid file adds nothing.
+    """
+
+    def __init__(self, paths: Iterable[str | Path], env: RuleEnv, *, check_every_s: float = 2.0):
+        self.paths = [Path(p) for p in paths]
+        self.env = env
+        self.check_every_s = check_every_s
+        self._files: dict[Path, tuple[tuple[int, int], Rule | None]] = {}
+        self._rules: list[Rule] = []
+        self._checked = -math.inf
+        self.problems: list[str] = []
+        self.reload()
+
+    @classmethod
+    def of(cls, rules: Sequence[Rule]) -> "RuleSet":
+        """A fixed set (tests, backtests)."""
+        rs = cls([], RuleEnv(), check_every_s=math.inf)
+        rs._rules = list(rules)
+        return rs
+
+    def current(self) -> list[Rule]:
+        now = time.monotonic()
+        if now - self._checked >= self.check_every_s:
+            self.reload()
+        return self._rules
+
+    def reload(self) -> list[str]:
+        """Look at the files now; returns the problems of files that changed."""
+        self._checked = time.monotonic()
+        if not self.paths:
+            return []
+        files, problems = rule_files(self.paths)
+        changed = False
+        seen = set()
+        for f in files:
+            seen.add(f)
+            try:
+                st = f.stat()
+            except OSError:
+                continue
+            stamp = (st.st_mtime_ns, st.st_size)
+            old = self._files.get(f)
+            if old is not None and old[0] == stamp:
+                continue
+            rule, probs = load_file(f, self.env)
+            if probs:
+                problems.extend(probs)
+                for p in probs:
+                    log.error("rule file rejected, %s", p, extra={"rule_file": str(f)})
+                if old is not None and old[1] is not None:
+                    log.warning("%s: keeping its last good version (rule %s)", f, old[1].name)
+                    self._files[f] = (stamp, old[1])
+                else:
+                    self._files[f] = (stamp, None)
+            else:
+                if old is not None:
+                    log.info("rule %s reloaded from %s", rule.name, f)
+                self._files[f] = (stamp, rule)
+            changed = True
+        for f in list(self._files):
+            if f not in seen:
+                log.info("rule file %s removed", f)
+                del self._files[f]
+                changed = True
+        if changed or not self._rules:
+            rules, names = [], {}
+            for f in sorted(self._files):
+                r = self._files[f][1]
+                if r is None:
+                    continue
+                if r.name in names:
+                    msg = f"{r.file}:{r.line}:1: rule name {r.name!r} is already used by {names[r.name].file}"
+                    problems.append(msg)
+                    log.error("rule file rejected, %s", msg)
+                    continue
+                names[r.name] = r
+                rules.append(r)
+            self._rules = rules
+        self.problems = problems
+        return problems
+
+
+# --------------------------------------------------------------- verdict --
+
+@dataclass
+class Verdict:
+    rule: str
+    outcome: str  # fired | not_fired | limited | deduplicated | error | test
+    reason: str
+    details: dict[str, Any]
+    decision_id: int | None = None
+    request_id: int | None = None
+
+
+def _jsonable(v: Any) -> Any:
+    if v is None or isinstance(v, (bool, int, str)):
+        return v
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    if isinstance(v, (set, frozenset)):
+        return sorted(_jsonable(x) for x in v)
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, Mapping):
+        return {str(k): _jsonable(x) for k, x in list(v.items())[:50]}
+    return repr(v)[:200]
+
+
+def _utc(t: datetime) -> datetime:
+    return t if t.tzinfo is not None else t.replace(tzinfo=timezone.utc)
+
+
+def _dur(seconds: float) -> str:
+    if seconds >= 86400 and seconds % 86400 == 0:
+        return f"{seconds / 86400:g}d"
+    if seconds >= 3600:
+        return f"{seconds / 3600:.3g}h"
+    return f"{seconds / 60:.3g}m"
+
+
+class RuleEngine:
+    """Evaluates the rules on each stored alert and records every verdict (an ``AlertSink``).
+
+    ``clock(stored) -> datetime`` gives "now" for an alert: wall time in the
+    daemon, the alert's own time in back-tests. ``kill_switch``: while this
+    file exists (or ``enabled`` is False) rules are still evaluated and
+    recorded, but nothing fires ("limited: kill switch").
+    """
+
+    def __init__(self, rules: RuleSet | Sequence[Rule], *, facility_kinds: Mapping[str, str] | None = None,
+                 features: Mapping[str, FeatureFn] | None = None,
+                 clock: Callable[[Any], datetime] | None = None, kill_switch: str | Path | None = None,
+                 enabled: bool = True):
+        self.ruleset = rules if isinstance(rules, RuleSet) else RuleSet.of(rules)
+        self.facility_kinds = dict(facility_kinds or {})
+        self.features = dict(features or {})
+        self.clock = clock or (lambda stored: datetime.now(timezone.utc))
+        self.kill_switch = Path(kill_switch) if kill_switch else None
+        self.enabled = enabled
+        self.counts: dict[str, int] = {}
+        self.last_verdicts: list[Verdict] = []
+
+    @classmethod
+    def from_config(cls, config, *, features: Mapping[str, FeatureFn] | None = None,
+                    kill_switch: str | Path | None = None, clock=None) -> "RuleEngine":
+        """Rules from ``config.rules.paths``, hot-reloaded; facilities and channels from the config.
+
+        Feature functions come from ``config.rules.features`` ({name: "module:function"}) when
+        that field exists, else from ``features``; the kill switch from
+        ``config.rules.kill_switch`` (a file path) or ``kill_switch``, and
+        ``config.rules.enabled`` when present.
+        """
+        rc = config.rules
+        if features is None:
+            features = load_features(getattr(rc, "features", None) or {})
+        env = RuleEnv.from_config(config, features.keys())
+        ks = getattr(rc, "kill_switch", None) or kill_switch
+        return cls(RuleSet(rc.paths, env), facility_kinds=env.facility_kinds, features=features, clock=clock,
+                   kill_switch=ks, enabled=getattr(rc, "enabled", True))
+
+    # -- the AlertSink -------------------------------------------------
+
+    def __call__(self, s: Session, stored: Sequence[Any]) -> None:
+        rules = self.ruleset.current()
+        self.last_verdicts = []
+        if not rules or not stored:
+            return
+        killed = self.killed()
+        tids = sorted({st.target_id for st in stored if st.target_id is not None})
+        rows = repo.target_rows(s, tids)
+        names = repo.names_of(s, tids)
+        tags = repo.tags_of(s, tids)
+        lists = repo.lists_of(s, tids)
+        phot = repo.photometry_for_rules(s, tids)
+        buffered: list[dict[str, Any]] = []
+        for st in stored:
+            now = _utc(self.clock(st))
+            ctx = self.context(st, rows.get(st.target_id), [n.name for n in names.get(st.target_id, [])],
+                               tags.get(st.target_id, ()), lists.get(st.target_id, ()),
+                               phot.get(st.target_id, ()), now)
+            for rule in rules:
+                if not rule.listens_to(st.alert.source, st.alert.kind):
+                    continue
+                v = self.decide(s, rule, st, ctx, now, killed, buffered)
+                self.counts[v.outcome] = self.counts.get(v.outcome, 0) + 1
+                self.last_verdicts.append(v)
+        repo.insert_decisions(s, buffered)
+
+    def killed(self) -> str | None:
+        if not self.enabled:
+            return "kill switch: rules.enabled is false"
+        if self.kill_switch is not None and self.kill_switch.exists():
+            return f"kill switch: {self.kill_switch} exists"
+        return None
+
+    def context(self, st, row, names, tags, lists, points, now: datetime) -> Context:
+        now_mjd = mjd_of(now)
+        pts = [Point(*p) for p in points]
+        target = TargetView(row, names=names, tags=tags, lists=lists, points=pts, now_mjd=now_mjd)
+        return Context(AlertView(st.alert, st.alert_id), target, now_mjd, facility_kinds=self.facility_kinds,
+                       features=self.features)
+
+    # -- one rule on one alert ----------------------------------------
+
+    def decide(self, s: Session, rule: Rule, st, ctx: Context, now: datetime, killed: str | None,
+               buffered: list[dict[str, Any]]) -> Verdict:
+        base = {"alert_id": st.alert_id, "target_id": st.target_id, "rule": rule.name,
+                "rule_version": rule.version, "created_at": now}
+
+        def record_later(v: Verdict) -> Verdict:
+            buffered.append({**base, "outcome": v.outcome, "reason": v.reason[:4000],
+                             "details": _jsonable(v.details)})
+            return v
+
+        w = rule.when
+        try:
+            i = w.first_false(*ctx.args())
+        except Exception as exc:  # noqa: BLE001 - a rule's error is its verdict, never the batch's
+            log.warning("rule %s failed on alert %s (%s): %s", rule.name, st.alert_id, st.coords, exc,
+                        extra={"rule": rule.name, "coords": st.coords})
+            return record_later(Verdict(rule.name, "error", f"{exc.__class__.__name__}: {exc}"[:2000],
+                                        {"error": exc.__class__.__name__}))
+        if i >= 0:
+            clause = w.clauses[i]
+            vals = w.values(i, *ctx.args())
+            reason = f"{clause.source} is false" + (f" ({describe_values(vals)})" if vals else "")
+            return record_later(Verdict(rule.name, "not_fired", reason,
+                                        {"clause": i, "values": vals, "line": clause.line}))
+        vals: dict[str, Any] = {}
+        for k in range(len(w.clauses)):
+            vals.update(w.values(k, *ctx.args()))
+        details: dict[str, Any] = {"values": vals}
+        why = f"all {len(w.clauses)} clause{'s' if len(w.clauses) > 1 else ''} true"
+        if vals:
+            why += f" ({describe_values(dict(list(vals.items())[:8]))})"
+        ob = rule.observe
+        try:
+            if ob is not None and ob.visible is not None:
+                vis = ctx.visibility(ob.facility, ob.window_hours, **ob.visible)
+                details["visibility"] = vis.as_dict()
+                if not vis.visible:
+                    return record_later(Verdict(rule.name, "not_fired", f"not visible from {ob.facility} within "
+                                                f"{ob.window_hours:g}h: {vis.reason}", details))
+            needs_target = ob is not None or rule.add_tags or rule.add_to_lists
+            if needs_target and st.target_id is None:
+                return record_later(Verdict(rule.name, "not_fired", f"{why}, but the alert has no target "
+                                            "(localisation too large?) to act on", details))
+            test = rule.mode == "test"
+            if ob is not None:
+                repo.lock_target_requests(s, st.target_id)  # two daemons: one request, not two
+            limit = None if test else killed
+            limit = limit or self.limit(s, rule, st, now, test)
+            if limit:
+                if test:
+                    return record_later(Verdict(rule.name, "test", f"would be limited: {limit}; {why}", details))
+                return record_later(Verdict(rule.name, "limited", f"{limit}; {why}", details))
+            pending = None
+            if ob is not None:
+                pending = repo.pending_request_like(s, st.target_id, ob.facility, ob.template_key)
+            if pending is not None:
+                return self._duplicate(s, rule, st, pending, details, base, why, test, record_later)
+            if test:
+                plan = {"observe": {"facility": ob.facility, "template": ob.template_key, "mode": ob.mode,
+                                    "priority": ob.priority, "window_hours": ob.window_hours,
+                                    "estimated_hours": ob.estimated_hours} if ob else None,
+                        "notify": list(rule.notify), "add_tags": list(rule.add_tags),
+                        "add_to_lists": list(rule.add_to_lists)}
+                details["would"] = plan
+                return record_later(Verdict(rule.name, "test", f"{WOULD_FIRE}: {why}", details))
+            return self._fire(s, rule, st, now, why, details, base)
+        except DBAPIError:
+            raise  # the database failed: the whole batch is retried
+        except Exception as exc:  # noqa: BLE001
+            log.warning("rule %s failed on alert %s (%s): %s", rule.name, st.alert_id, st.coords, exc,
+                        extra={"rule": rule.name, "coords": st.coords})
+            return record_later(Verdict(rule.name, "error", f"{exc.__class__.__name__}: {exc}"[:2000], details))
+
+    def limit(self, s: Session, rule: Rule, st, now: datetime, test: bool) -> str | None:
+        """The limit that stops this firing, or None."""
+        lim = rule.limits
+        outcome, prefix = ("test", WOULD_FIRE) if test else ("fired", None)
+        if lim.cooldown_s is not None and st.target_id is not None:
+            last = repo.latest_decision_time(s, rule.name, outcome, target_id=st.target_id, reason_prefix=prefix)
+            if last is not None and (now - last).total_seconds() < lim.cooldown_s:
+                ago = (now - last).total_seconds()
+                return (f"cooldown: fired for this target {_dur(ago)} ago ({last.isoformat(timespec='seconds')}), "
+                        f"cooldown {_dur(lim.cooldown_s)}")
+        if lim.per_night is not None:
+            n = repo.count_decisions_since(s, rule.name, outcome, now - DAY, reason_prefix=prefix)
+            if n >= lim.per_night:
+                return f"per_night: fired {n} times in the last 24 h (limit {lim.per_night})"
+        ob = rule.observe
+        if lim.hours_per_night is not None and ob is not None:
+            used = repo.facility_hours_since(s, ob.facility, now - DAY)
+            if used + ob.estimated_hours > lim.hours_per_night + 1e-9:
+                return (f"hours_per_night: {used:.2f} h requested from {ob.facility} in the last 24 h "
+                        f"+ {ob.estimated_hours:.2f} h > {lim.hours_per_night:g} h")
+        return None
+
+    def _duplicate(self, s, rule: Rule, st, pending, details, base, why, test, record_later) -> Verdict:
+        ob = rule.observe
+        details["pending_request"] = {"id": pending.id, "state": pending.state, "priority": pending.priority}
+        same = (f"request #{pending.id} ({pending.name}) for the same target, facility {ob.facility} and template "
+                f"{ob.template_key} is still {pending.state}")
+        higher = pending.priority is None or ob.priority > pending.priority
+        if test:
+            what = f"would raise its priority {pending.priority} → {ob.priority}" if higher else "would submit nothing"
+            return record_later(Verdict(rule.name, "test", f"would be deduplicated: {same}; {what}", details))
+        if not higher:
+            return record_later(Verdict(rule.name, "deduplicated", f"{same} with priority {pending.priority} "
+                                        f">= {ob.priority}: nothing submitted", details))
+        reason = f"{same}: its priority raised {pending.priority} → {ob.priority}"
+        decision_id = repo.insert_decision(s, {**base, "outcome": "deduplicated", "reason": reason,
+                                               "details": _jsonable(details)})
+        old = pending.priority
+        repo.set_request_priority(s, pending.id, ob.priority)
+        repo.add_event(s, RequestPriorityRaised(pending.id, decision_id, rule.name, old, ob.priority, pending.state),
+                       target_id=st.target_id)
+        return Verdict(rule.name, "deduplicated", reason, details, decision_id, pending.id)
+
+    def _fire(self, s: Session, rule: Rule, st, now: datetime, why: str, details, base) -> Verdict:
+        ob = rule.observe
+        request_id = None
+        with s.begin_nested():  # decision, intent, tags, lists and events: all or none
+            decision_id = repo.insert_decision(s, {**base, "outcome": "fired", "reason": why,
+                                                   "details": _jsonable(details)})
+            if ob is not None:
+                name = f"tomd-{decision_id}-{secrets.token_hex(4)}"
+                end = now + timedelta(hours=ob.window_hours)
+                request_id = repo.insert_request(s, {
+                    "name": name, "decision_id": decision_id, "target_id": st.target_id, "facility": ob.facility,
+                    "template": ob.template_key, "mode": ob.mode, "priority": ob.priority, "window_start": now,
+                    "window_end": end, "state": "intent", "request": {}, "estimated_hours": ob.estimated_hours,
+                    "attempts": 0, "created_at": now, "updated_at": now,
+                })
+                repo.add_event(s, SubmissionIntent(request_id, decision_id, name, rule.name, st.target_id, ob.facility,
+                                                   ob.template_key, ob.mode, ob.priority, now.isoformat(),
+                                                   end.isoformat(), ob.estimated_hours), target_id=st.target_id)
+            tags = repo.add_tags(s, st.target_id, rule.add_tags) if rule.add_tags else []
+            lists = repo.add_to_lists(s, st.target_id, rule.add_to_lists) if rule.add_to_lists else []
+            repo.add_event(s, RuleFired(decision_id, rule.name, st.alert_id, st.target_id, why, rule.notify,
+                                        rule.notify_message, request_id, tuple(tags), tuple(lists)),
+                           target_id=st.target_id)
+        return Verdict(rule.name, "fired", why, details, decision_id, request_id)
+
+
+def load_features(spec: Mapping[str, str]) -> dict[str, FeatureFn]:
+    """{name: "module:function"} → {name: function}. Raises InputError naming the bad entry."""
+    import importlib
+
+    from tomd.errors import InputError
+
+    out = {}
+    for name, target in spec.items():
+        mod, _, fn = str(target).partition(":")
+        if not mod or not fn:
+            raise InputError(f'expected "module:function", got {target!r}', field=f"rules.features.{name}")
+        try:
+            out[name] = getattr(importlib.import_module(mod), fn)
+        except (ImportError, AttributeError) as exc:
+            raise InputError(f"cannot load {target}: {exc}", field=f"rules.features.{name}") from None
+    return out
