@@ -108,3 +108,58 @@ class DataStored(Event):
 
 
 EVENT_TYPES[DataStored.kind] = DataStored
+
+
+# ------------------------------------------------------------------- rules --
+
+
+@dataclass(frozen=True)
+class RuleFired(Event):
+    """An active rule fired on an alert (its actions follow). Notifications use ``channels``."""
+
+    kind: ClassVar[str] = "rule.fired"
+    decision_id: int
+    rule: str
+    alert_id: int | None
+    target_id: int | None
+    reason: str = ""
+    channels: tuple[str, ...] = ()
+    message: str = ""
+    request_id: int | None = None
+    tags_added: tuple[str, ...] = ()
+    lists_joined: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class SubmissionIntent(Event):
+    """A decision asks for an observation: the submitter claims ``request_id`` and sends it once."""
+
+    kind: ClassVar[str] = "submission.intent"
+    request_id: int
+    decision_id: int
+    name: str  # idempotency key sent to the facility
+    rule: str
+    target_id: int
+    facility: str
+    template: str | None
+    mode: str | None
+    priority: float | None
+    window_start: str  # ISO UTC
+    window_end: str
+    estimated_hours: float | None = None
+
+
+@dataclass(frozen=True)
+class RequestPriorityRaised(Event):
+    """A later decision wanted the same observation more urgently: the pending request's priority rose."""
+
+    kind: ClassVar[str] = "submission.priority_raised"
+    request_id: int
+    decision_id: int
+    rule: str
+    old_priority: float | None
+    new_priority: float
+    state: str = ""
+
+
+EVENT_TYPES.update({e.kind: e for e in (RuleFired, SubmissionIntent, RequestPriorityRaised)})

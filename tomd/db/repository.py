@@ -427,3 +427,119 @@ def existing_photometry_keys(s: Session, target_id: int, keys: Sequence[str]) ->
     q = select(Photometry.dedupe).where(Photometry.target_id == target_id,
                                         Photometry.dedupe.in_(bindparam("keys", expanding=True)))
     return set(s.scalars(q, {"keys": list(keys)}))
+
+
+# ---- rules ----
+# Used by tomd.rules.engine: decisions, limits, duplicate requests, intents.
+
+from tomd.db.models import Decision, ObservationRequest  # noqa: E402
+
+_DECISIONS = Decision.__table__
+_REQUESTS = ObservationRequest.__table__
+#: Requests still waiting to be observed: a new equivalent one would be a duplicate.
+PENDING_STATES = ("intent", "submitting", "pending", "scheduled")
+_PHOT = Photometry.__table__
+_PHOT_FOR_RULES = select(_PHOT.c.target_id, _PHOT.c.mjd, _PHOT.c.band, _PHOT.c.kind, _PHOT.c.mag,
+                         _PHOT.c.limit).where(_PHOT.c.target_id.in_(bindparam("ids", expanding=True)))
+
+
+def photometry_for_rules(s: Session, target_ids: Sequence[int]) -> dict[int, list[tuple]]:
+    """{target id: [(mjd, band, kind, mag, limit), ...]} for many targets in one query."""
+    out: dict[int, list[tuple]] = {t: [] for t in target_ids}
+    if target_ids:
+        for tid, mjd, band, kind, mag, limit in s.execute(_PHOT_FOR_RULES, {"ids": list(target_ids)}):
+            out[tid].append((mjd, band, kind, mag, limit))
+    return out
+
+
+def insert_decision(s: Session, row: dict[str, Any]) -> int:
+    return s.execute(_DECISIONS.insert().returning(_DECISIONS.c.id), [row]).scalar_one()
+
+
+def insert_decisions(s: Session, rows: list[dict[str, Any]]) -> None:
+    if rows:
+        s.execute(_DECISIONS.insert(), rows)
+
+
+def _decision_filter(q, rule: str, outcome: str, target_id: int | None, reason_prefix: str | None):
+    q = q.where(_DECISIONS.c.rule == rule, _DECISIONS.c.outcome == outcome)
+    if target_id is not None:
+        q = q.where(_DECISIONS.c.target_id == target_id)
+    if reason_prefix is not None:
+        q = q.where(_DECISIONS.c.reason.like(reason_prefix + "%"))
+    return q
+
+
+def latest_decision_time(s: Session, rule: str, outcome: str, *, target_id: int | None = None,
+                         reason_prefix: str | None = None):
+    q = _decision_filter(select(func.max(_DECISIONS.c.created_at)), rule, outcome, target_id, reason_prefix)
+    v = s.scalar(q)
+    if v is not None and v.tzinfo is None:  # Core + max(): no type processing on some dialects
+        from datetime import timezone
+
+        v = v.replace(tzinfo=timezone.utc)
+    return v
+
+
+def count_decisions_since(s: Session, rule: str, outcome: str, since, *, reason_prefix: str | None = None) -> int:
+    """Decisions of ``rule`` with ``outcome`` created after ``since`` (exclusive)."""
+    q = _decision_filter(select(func.count()).select_from(_DECISIONS), rule, outcome, None, reason_prefix)
+    return s.scalar(q.where(_DECISIONS.c.created_at > since)) or 0
+
+
+def facility_hours_since(s: Session, facility: str, since) -> float:
+    """Estimated hours of the facility's requests created after ``since`` (not cancelled or rejected)."""
+    q = select(func.coalesce(func.sum(_REQUESTS.c.estimated_hours), 0.0)).where(
+        _REQUESTS.c.facility == facility,
+        _REQUESTS.c.created_at > since,
+        _REQUESTS.c.state.not_in(("cancelled", "rejected")))
+    return float(s.scalar(q) or 0.0)
+
+
+def lock_target_requests(s: Session, target_id: int) -> None:
+    """Serialise 'is there already a request for this target?' across daemons (PostgreSQL).
+
+    Two-key advisory locks live in a key space apart from the one-key sky-cell locks.
+    """
+    if s.get_bind().dialect.name == "postgresql":
+        s.execute(text("SELECT pg_advisory_xact_lock(7411, CAST(:k AS integer))"), {"k": int(target_id) % 2**31})
+
+
+def pending_request_like(s: Session, target_id: int, facility: str, template: str | None):
+    """The pending request for the same target, facility and template (highest priority first), or None."""
+    q = select(ObservationRequest).where(
+        ObservationRequest.target_id == target_id, ObservationRequest.facility == facility,
+        ObservationRequest.template == template, ObservationRequest.state.in_(PENDING_STATES),
+    ).order_by(ObservationRequest.priority.desc(), ObservationRequest.id).limit(1)
+    return s.scalar(q)
+
+
+def insert_request(s: Session, row: dict[str, Any]) -> int:
+    return s.execute(_REQUESTS.insert().returning(_REQUESTS.c.id), [row]).scalar_one()
+
+
+def set_request_priority(s: Session, request_id: int, priority: float) -> None:
+    s.execute(_REQUESTS.update().where(_REQUESTS.c.id == request_id).values(priority=priority, updated_at=utcnow()))
+
+
+def decisions_of_alert(s: Session, alert_id: int) -> list[Decision]:
+    return list(s.scalars(select(Decision).where(Decision.alert_id == alert_id).order_by(Decision.rule)))
+
+
+def request_of_decision(s: Session, decision_id: int) -> ObservationRequest | None:
+    return s.scalar(select(ObservationRequest).where(ObservationRequest.decision_id == decision_id))
+
+
+def get_alert(s: Session, alert_id: int) -> AlertRow | None:
+    return s.get(AlertRow, alert_id)
+
+
+def alerts_since(s: Session, since, *, limit: int | None = None) -> list[AlertRow]:
+    q = select(AlertRow).where(AlertRow.time >= since).order_by(AlertRow.time, AlertRow.id)
+    if limit:
+        q = q.limit(limit)
+    return list(s.scalars(q))
+
+
+def photometry_of_alert(s: Session, alert_id: int) -> list[Photometry]:
+    return list(s.scalars(select(Photometry).where(Photometry.alert_id == alert_id).order_by(Photometry.mjd)))
