@@ -696,6 +696,18 @@ def _band_key(band: str) -> str:
     return b if b in _BAND_COLOURS else b[:1]
 
 
+MIN_SNR_FOR_MAG = 3.0  # forced fluxes below this S/N stay on the flux panel only
+
+
+def _significant(r: dict[str, Any]) -> bool:
+    """A forced point worth a magnitude: positive flux at S/N >= 3 (or no flux to judge by)."""
+    if r["flux"] is None:
+        return True
+    if r["flux"] <= 0:
+        return False
+    return not r["flux_err"] or r["flux"] / r["flux_err"] >= MIN_SNR_FOR_MAG
+
+
 def _band_label(band: str) -> str:
     """"ztfg" → "ZTF g", "lsstr" → "LSST r"; other names as they are."""
     m = re.fullmatch(r"(ztf|lsst|sdss|ps1|atlas)[_-]?(\w+)", band, re.IGNORECASE)
@@ -707,9 +719,9 @@ def plot_light_curve(sessions: sessionmaker[Session], target: str | int | Target
     """A publication-style light curve PNG (or PDF/SVG by suffix); returns the path.
 
     Detections with error bars per band; upper limits as downward arrows;
-    forced photometry converted to magnitudes where the flux is positive,
-    and all forced/flux points on a lower flux panel (nJy) where negative
-    fluxes are real measurements. Agg backend: no display needed.
+    forced photometry converted to magnitudes where the flux is positive
+    and significant (S/N >= 3), and all forced/flux points on a lower flux
+    panel (nJy or µJy) where negative fluxes are real measurements. Agg backend: no display needed.
     """
     import matplotlib
 
@@ -747,7 +759,7 @@ def plot_light_curve(sessions: sessionmaker[Session], target: str | int | Target
             c = colour[b]
             det = [r for r in rows if r["band"] == b and r["kind"] == "detection" and r["mag"] is not None]
             frc = [r for r in rows if r["band"] == b and r["kind"] == "forced" and r["mag"] is not None
-                   and (r["flux"] is None or r["flux"] > 0)]
+                   and _significant(r)]
             lim = [r for r in rows if r["band"] == b and r["kind"] == "upper_limit" and r["limit"] is not None]
             label_used = False
             if det:
