@@ -498,3 +498,60 @@ def test_products_list_filters_by_target(db, tmp_path, shared_data: Path) -> Non
     assert list_products(db.sessions, "SN 2023ixf") == []
     assert [r["kind"] for r in list_products(db.sessions, "AT2099zz")] == ["photometry"]
     assert a_id
+
+
+# ------------------------------------------------------------- downloads --
+
+
+def test_store_download_once_and_failures_never_stored(db, store: Store) -> None:
+    import io
+
+    from tests.test_storage import ChunkSource
+    from tomd.products import store_download
+    from tomd.storage import IncompleteStream
+
+    tid = make_target(db)
+    data = np.random.default_rng(1).bytes(700_000)
+    md5 = hashlib.md5(data).hexdigest()
+    calls = []
+
+    def opener(fail_after=None, short=False):
+        def open_():
+            calls.append(1)
+            return ChunkSource(data[:400_000] if short else data, fail_after=fail_after)
+        return open_
+
+    kw = dict(facility="lco", product_id="frame-991", filename="coj1m011-fa12-20230520-0100-e91.fits.fz",
+              kind="image", target_id=tid, request_label="3456789", size=len(data), md5=md5)
+
+    # A connection cut mid-file: recorded as failed, never stored, nothing in the store, no event.
+    with pytest.raises(ConnectionResetError):
+        store_download(db.sessions, store, opener=opener(fail_after=200_000), **kw)
+    (row,) = products(db)
+    assert row.state == "failed" and "ConnectionResetError" in row.meta["error"] and row.md5 is None
+    assert list(store.keys()) == [] and events(db, "data.stored") == []
+    # A clean close after 400 kB of 700 kB: refused against the announced size.
+    with pytest.raises(IncompleteStream):
+        store_download(db.sessions, store, opener=opener(short=True), **kw)
+    assert products(db)[0].state == "failed" and list(store.keys()) == []
+
+    res = store_download(db.sessions, store, opener=opener(), **kw)  # the retry completes it
+    assert res.created and res.md5 == md5
+    (row,) = products(db)
+    assert (row.state, row.size, row.md5, row.storage_key) == \
+        ("stored", len(data), md5, f"{tid}-SN_2023ixf/lco/3456789/coj1m011-fa12-20230520-0100-e91.fits.fz")
+    assert "error" not in row.meta and row.stored_at is not None
+    with store.open(row.storage_key) as f:
+        assert f.read() == data
+    (ev,) = events(db, "data.stored")
+    assert ev["data_product_id"] == row.id and ev["product_id"] == "frame-991" and ev["facility"] == "lco"
+
+    n = len(calls)
+    again = store_download(db.sessions, store, opener=opener(), **kw)
+    assert not again.created and len(calls) == n  # already stored: the facility is not asked again
+    assert len(events(db, "data.stored")) == 1
+
+    # A hostile file name stays inside its folder.
+    evil = store_download(db.sessions, store, opener=lambda: io.BytesIO(b"x"), **(kw | {
+        "product_id": "p2", "filename": "../../../etc/cron.d/x", "size": 1, "md5": None}))
+    assert evil.storage_key == f"{tid}-SN_2023ixf/lco/3456789/etc_cron.d_x"

@@ -35,11 +35,11 @@ import io
 import math
 import os
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import IO, Any, BinaryIO
 
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -83,6 +83,68 @@ def record_product(s: Session, *, facility: str, product_id: str, kind: str, fil
                                      target_id, request_id, notice_id), target_id=target_id)
     return ProductResult(row.id, row.facility, row.product_id, row.storage_key or "", row.size or 0, row.md5 or "",
                          created)
+
+
+# ------------------------------------------------------------- downloads --
+
+
+def store_download(sessions: sessionmaker[Session], storage: Store, *, facility: str, product_id: str,
+                   filename: str, kind: str, opener: Callable[[], IO[bytes]], target_id: int | None = None,
+                   request_id: int | None = None, request_label: str | None = None, size: int | None = None,
+                   md5: str | None = None, meta: dict[str, Any] | None = None) -> ProductResult:
+    """Download one facility product into storage and record it; the facility loop calls this.
+
+    ``opener()`` returns the byte stream (an HTTP response body); it is not
+    called when the product is already stored. The file goes to
+    ``target/facility/request/filename``. ``size``/``md5`` from the archive
+    are checked before the object is completed. A failed or short download
+    is recorded with state ``failed`` (and the error) and re-raised; it is
+    never ``stored``, and a later call retries it. The ``data.stored`` event
+    is written once, when the product becomes stored.
+    """
+    from tomd.errors import redact
+    from tomd.storage import product_key
+
+    with sessions() as s:
+        existing = repo.get_data_product(s, facility, product_id)
+        t = repo.get_target(s, target_id) if target_id is not None else None
+        tdir = target_dir(t) if t is not None else "untargeted"
+    if existing is not None and existing.state == "stored" and existing.storage_key \
+            and storage.exists(existing.storage_key):
+        return ProductResult(existing.id, facility, product_id, existing.storage_key, existing.size or 0,
+                             existing.md5 or "", False)
+    key = product_key(tdir, facility, request_label or (str(request_id) if request_id is not None else "_"),
+                      filename)
+    base = {"facility": facility, "product_id": product_id, "kind": kind, "filename": filename,
+            "target_id": target_id, "request_id": request_id, "meta": dict(meta or {})}
+    try:
+        stream = opener()
+        try:
+            stored = storage.put(key, stream, size=size, md5=md5)
+        finally:
+            close = getattr(stream, "close", None)
+            if close is not None:
+                close()
+    except Exception as exc:
+        with sessions.begin() as s:
+            row, _ = repo.add_data_product(s, base | {"state": "failed", "storage_key": None})
+            repo.update_data_product(s, row.id, {"state": "failed", "meta": {
+                **(row.meta or {}), **base["meta"], "error": redact(f"{type(exc).__name__}: {exc}")[:1000]}})
+        raise
+    with sessions.begin() as s:
+        row = repo.get_data_product(s, facility, product_id)
+        if row is None:
+            return record_product(s, **{k: v for k, v in base.items()}, storage_key=stored.key,
+                                  size=stored.size, md5=stored.md5)
+        if row.state == "stored":  # another worker finished it meanwhile
+            return ProductResult(row.id, facility, product_id, row.storage_key or "", row.size or 0,
+                                 row.md5 or "", False)
+        clean = {k: v for k, v in (row.meta or {}).items() if k != "error"} | base["meta"]
+        repo.update_data_product(s, row.id, {"state": "stored", "storage_key": stored.key, "size": stored.size,
+                                             "md5": stored.md5, "stored_at": utcnow(), "meta": clean})
+        repo.add_event(s, DataStored(row.id, facility, product_id, kind, filename, stored.key, stored.size,
+                                     stored.md5, target_id, request_id, row.notice_id), target_id=target_id)
+        return ProductResult(row.id, facility, product_id, stored.key, stored.size, stored.md5, True)
 
 
 # --------------------------------------------------------------- skymaps --

@@ -429,6 +429,107 @@ def existing_photometry_keys(s: Session, target_id: int, keys: Sequence[str]) ->
     return set(s.scalars(q, {"keys": list(keys)}))
 
 
+# ---- observations ----
+# Submission intents and requests (tomd.submit, tomd.facilities.cli).
+
+from datetime import datetime  # noqa: E402
+
+from tomd.db.models import ObservationRequest, ObservationStatus  # noqa: E402
+
+_OBS = ObservationRequest.__table__
+
+
+def add_observation_intent(s: Session, values: dict[str, Any]) -> int:
+    """Insert an intent (state "intent" unless given); returns its id."""
+    now = utcnow()
+    row = {"state": "intent", "request": {}, "attempts": 0, "created_at": now, "updated_at": now, **values}
+    return s.execute(_OBS.insert().returning(_OBS.c.id), row).scalar_one()
+
+
+def get_observation(s: Session, request_id: int) -> ObservationRequest | None:
+    return s.get(ObservationRequest, request_id)
+
+
+def observation_by_name(s: Session, name: str) -> ObservationRequest | None:
+    return s.scalar(select(ObservationRequest).where(ObservationRequest.name == name))
+
+
+def claim_observation_intents(s: Session, worker: str, *, now: datetime, lease_until: datetime, limit: int,
+                              ids: Sequence[int] | None = None,
+                              facilities: Sequence[str] | None = None) -> list[ObservationRequest]:
+    """Claim due intents for ``worker`` until ``lease_until``.
+
+    Due: state "intent" or "submitting" (an earlier attempt's outcome is
+    unknown), next attempt time reached, no live claim. PostgreSQL skips
+    rows another worker has locked (``FOR UPDATE SKIP LOCKED``); SQLite's
+    ``BEGIN IMMEDIATE`` serialises claimers. The caller commits at once and
+    does the network calls outside the transaction.
+    """
+    R = ObservationRequest
+    q = select(R).where(
+        R.state.in_(("intent", "submitting")),
+        or_(R.next_attempt_at.is_(None), R.next_attempt_at <= now),
+        or_(R.claimed_until.is_(None), R.claimed_until < now),
+    )
+    if ids is not None:
+        q = q.where(R.id.in_(list(ids)))
+    if facilities is not None:
+        q = q.where(R.facility.in_(list(facilities)))
+    q = q.order_by(R.id).limit(limit).with_for_update(skip_locked=True)
+    rows = list(s.scalars(q))
+    if rows:
+        s.execute(_OBS.update().where(_OBS.c.id.in_([r.id for r in rows]))
+                  .values(claimed_by=worker, claimed_until=lease_until, updated_at=now))
+        for r in rows:
+            r.claimed_by, r.claimed_until = worker, lease_until
+    return rows
+
+
+def update_observation(s: Session, request_id: int, values: dict[str, Any], *, worker: str | None = None) -> bool:
+    """Update one request; with ``worker``, only while that worker holds the claim (fencing)."""
+    q = _OBS.update().where(_OBS.c.id == request_id)
+    if worker is not None:
+        q = q.where(_OBS.c.claimed_by == worker)
+    return s.execute(q.values(updated_at=utcnow(), **values)).rowcount == 1
+
+
+def add_observation_status(s: Session, request_id: int, state: str, facility_state: str | None = None,
+                           message: str = "") -> None:
+    s.execute(ObservationStatus.__table__.insert(), [{"request_id": request_id, "time": utcnow(), "state": state,
+                                                      "facility_state": facility_state, "message": message}])
+
+
+def observation_history(s: Session, request_id: int) -> list[ObservationStatus]:
+    q = select(ObservationStatus).where(ObservationStatus.request_id == request_id).order_by(
+        ObservationStatus.time, ObservationStatus.id)
+    return list(s.scalars(q))
+
+
+def query_observations(s: Session, *, state: str | None = None, facility: str | None = None,
+                       target_id: int | None = None, limit: int | None = None) -> list[ObservationRequest]:
+    q = select(ObservationRequest)
+    if state is not None:
+        q = q.where(ObservationRequest.state == state)
+    if facility is not None:
+        q = q.where(ObservationRequest.facility == facility)
+    if target_id is not None:
+        q = q.where(ObservationRequest.target_id == target_id)
+    q = q.order_by(ObservationRequest.id.desc())
+    if limit is not None:
+        q = q.limit(limit)
+    return list(s.scalars(q))
+
+
+def next_observation_attempt(s: Session) -> datetime | None:
+    """When the earliest waiting intent becomes due, claims included (None: none waits)."""
+    from sqlalchemy import case
+
+    R = ObservationRequest
+    due = func.coalesce(R.next_attempt_at, R.created_at)
+    when = case((R.claimed_until > due, R.claimed_until), else_=due)
+    return s.scalar(select(func.min(when)).where(R.state.in_(("intent", "submitting"))))
+
+
 # ---- rules ----
 # Used by tomd.rules.engine: decisions, limits, duplicate requests, intents.
 
@@ -543,3 +644,8 @@ def alerts_since(s: Session, since, *, limit: int | None = None) -> list[AlertRo
 
 def photometry_of_alert(s: Session, alert_id: int) -> list[Photometry]:
     return list(s.scalars(select(Photometry).where(Photometry.alert_id == alert_id).order_by(Photometry.mjd)))
+
+
+def update_data_product(s: Session, product_row_id: int, values: dict[str, Any]) -> None:
+    """Change a product's state/size/md5/key (a failed download retried, a pending one stored)."""
+    s.execute(DataProduct.__table__.update().where(DataProduct.__table__.c.id == product_row_id).values(**values))
