@@ -1,0 +1,194 @@
+"""Rule files: every problem as FILE:LINE:COL, the example rules, hot reload that keeps the last good rules."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from tomd.config import load_config
+from tomd.rules.engine import RuleSet
+from tomd.rules.load import RuleEnv, estimate_hours, load_paths, parse_rule
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = RuleEnv({"lco": ("lco", {"1m-gri": {"exposure_time": 300, "filters": ["gp", "rp", "ip"]}}),
+               "sim": ("sim", {})}, frozenset({"slack-transients"}), frozenset({"kn_score"}))
+
+BAD = '''name = "bad rule!"
+mode = "sometimes"
+sources = "ztf"
+when = """
+  alert.mag < 18.5
+  and target.age_dayz < 3
+"""
+colour = "blue"
+
+[observe]
+facility = "keck"
+template = "1m-gri"
+window = "soon"
+priority = "high"
+visible = { max_airmass = 0.5, moon = 30 }
+
+[limits]
+cooldown = "2 days"
+per_night = 0
+hours_per_night = -1
+
+[notify]
+channels = ["slak-transients"]
+'''
+
+
+def test_every_problem_with_its_position():
+    rule, problems = parse_rule(BAD, "rules/bad.toml", ENV)
+    assert rule is None
+    text = "\n".join(problems)
+    expected = [
+        'rules/bad.toml:1:1: name: expected letters, digits, - _ . (at most 200), got a string "bad rule!"',
+        'rules/bad.toml:2:1: mode: expected "active" or "test", got a string "sometimes"',
+        'rules/bad.toml:3:1: sources: expected a list of strings, got a string "ztf"',
+        "rules/bad.toml:6:7: when: target has no field 'age_dayz' (did you mean 'age_days'?)",
+        "rules/bad.toml:8:1: colour: unknown key",
+        "rules/bad.toml:11:1: observe.facility: unknown facility 'keck'; configured: lco, sim",
+        'rules/bad.toml:13:1: observe.window: expected a duration like "24h" or "3d", got a string "soon"',
+        'rules/bad.toml:14:1: observe.priority: expected a number (higher is more urgent), got a string "high"',
+        "rules/bad.toml:15:13: observe.visible.max_airmass: expected a number in [1, 10], got a number 0.5",
+        "rules/bad.toml:15:32: observe.visible.moon: unknown key",
+        'rules/bad.toml:18:1: limits.cooldown: expected a duration like "12h" or "2d", got a string "2 days"',
+        "rules/bad.toml:19:1: limits.per_night: expected a whole number >= 1, got 0",
+        "rules/bad.toml:20:1: limits.hours_per_night: expected a number of hours > 0, got -1",
+        "rules/bad.toml:23:1: notify.channels: unknown channel 'slak-transients'; known: slack-transients",
+    ]
+    for e in expected:
+        assert any(p.startswith(e) for p in problems), f"missing: {e}\n--- got:\n{text}"
+
+
+def test_expression_positions_map_into_the_file():
+    one_line = 'name = "x"\nadd_tags = ["t"]\nwhen = "alert.mag < 18 and targt.gal_b > 10"\n'
+    _, problems = parse_rule(one_line, "f.toml", ENV)
+    assert problems[0].startswith("f.toml:3:28: when: unknown name 'targt'")
+    inline_ml = "name = 'x'\nadd_tags = ['t']\nwhen = '''alert.mag < 18\n   and foo(1)'''\n"
+    _, problems = parse_rule(inline_ml, "f.toml", ENV)
+    assert problems[0].startswith("f.toml:4:8: when: unknown function 'foo'")
+
+
+def test_unknown_template_and_features():
+    text = 'name = "x"\nwhen = "feature.kn_score > 0.5 and feature.nope > 1"\n[observe]\nfacility = "lco"\ntemplate = "2m"\n'
+    _, problems = parse_rule(text, "f.toml", ENV)
+    assert any("2:36: when: unknown feature 'nope'" in p for p in problems)
+    assert any("5:1: observe.template: unknown template '2m' for facility 'lco'; its templates: 1m-gri" in p
+               for p in problems)
+    # The simulated facility takes any template name.
+    ok = 'name = "x"\nwhen = "feature.kn_score > 0.5"\n[observe]\nfacility = "sim"\ntemplate = "anything"\n'
+    rule, problems = parse_rule(ok, "f.toml", ENV)
+    assert not problems and rule.observe.template_key == "anything"
+
+
+def test_toml_syntax_error_position():
+    _, problems = parse_rule('name = "x"\nwhen = "alert.mag < 1\n', "f.toml", ENV)
+    assert problems[0].startswith("f.toml:2:") and "TOML syntax" in problems[0]
+
+
+def test_a_rule_that_does_nothing_is_refused():
+    _, problems = parse_rule('name = "x"\nwhen = "alert.mag < 1"\n', "f.toml", ENV)
+    assert "does nothing" in problems[0]
+
+
+def test_duplicate_rule_names_across_files(tmp_path):
+    (tmp_path / "a.toml").write_text('name = "same"\nwhen = "alert.mag < 1"\nadd_tags = ["a"]\n')
+    (tmp_path / "b.toml").write_text('name = "same"\nwhen = "alert.mag < 2"\nadd_tags = ["b"]\n')
+    rules, problems = load_paths([tmp_path], ENV)
+    assert len(rules) == 1 and "rule name 'same' is already used by" in problems[0]
+
+
+def test_estimated_hours_from_templates():
+    assert estimate_hours({"exposure_time": 300, "filters": ["gp", "rp", "ip"]}) == pytest.approx(1100 / 3600)
+    assert estimate_hours({"configurations": [{"exposure_time": 60, "exposure_count": 2},
+                                              {"exposure_time": 100, "exposure_count": 1}],
+                           "overhead_s": 0}) == pytest.approx((2 * 80 + 120 + 10) / 3600)
+    assert estimate_hours({"hours": 0.75}) == 0.75
+
+
+def example_config():
+    return load_config(REPO / "config.example.toml", env={**os.environ, "LCO_API_TOKEN": "x"})
+
+
+def test_example_rules_pass_check():
+    from tomd.rules.cli import cmd_rule_check
+
+    class App:
+        config = example_config()
+
+    assert cmd_rule_check(App(), argparse.Namespace(paths=[str(REPO / "rules")])) == 0
+    rules, problems = load_paths([REPO / "rules"], RuleEnv.from_config(App.config))
+    assert not problems and len(rules) >= 4
+    assert {r.mode for r in rules} == {"active", "test"}
+    assert any(r.observe and r.observe.mode == "RAPID_RESPONSE" for r in rules)
+    assert any("gcn" in r.sources for r in rules)
+
+
+def test_check_command_reports_and_exits_1(tmp_path, capsys):
+    from tomd.rules.cli import cmd_rule_check
+
+    (tmp_path / "bad.toml").write_text(BAD)
+
+    class App:
+        config = example_config()
+
+    assert cmd_rule_check(App(), argparse.Namespace(paths=[str(tmp_path)])) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) >= 10 and all(line.startswith(f"{tmp_path}/bad.toml:") for line in err)
+
+
+def test_register_adds_the_rule_commands():
+    from tomd.rules.cli import cmd_rule_backtest, cmd_rule_check, cmd_rule_explain, register
+
+    p = argparse.ArgumentParser()
+    register(p.add_subparsers(dest="command"))
+    assert p.parse_args(["rule", "check", "rules"]).func is cmd_rule_check
+    assert p.parse_args(["rule", "explain", "12"]).func is cmd_rule_explain
+    a = p.parse_args(["rule", "backtest", "--since", "2025-01-01", "--json"])
+    assert a.func is cmd_rule_backtest and a.json
+
+
+def _touch(path: Path, text: str) -> None:
+    path.write_text(text)
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))  # a visibly newer mtime
+
+
+def test_hot_reload_keeps_the_last_good_rule(tmp_path, caplog):
+    f = tmp_path / "r.toml"
+    f.write_text('name = "r"\nwhen = "alert.mag < 18"\nadd_tags = ["a"]\n')
+    rs = RuleSet([tmp_path], ENV, check_every_s=0)
+    assert [r.when.source for r in rs.current()] == ["alert.mag < 18"]
+    _touch(f, 'name = "r"\nwhen = "alert.mag < 19"\nadd_tags = ["a"]\n')
+    assert [r.when.source for r in rs.current()] == ["alert.mag < 19"]
+    # An invalid edit: logged with its position, the last good version stays.
+    _touch(f, 'name = "r"\nwhen = "alert.mag < < 19"\nadd_tags = ["a"]\n')
+    assert [r.when.source for r in rs.current()] == ["alert.mag < 19"]
+    assert any(f"{f}:2:" in rec.getMessage() for rec in caplog.records)
+    # A new file is picked up; a removed one disappears.
+    g = tmp_path / "s.toml"
+    g.write_text('name = "s"\nwhen = "alert.mag < 20"\nadd_tags = ["b"]\n')
+    assert sorted(r.name for r in rs.current()) == ["r", "s"]
+    f.unlink()
+    assert [r.name for r in rs.current()] == ["s"]
+
+
+def test_reload_is_rate_limited(tmp_path):
+    f = tmp_path / "r.toml"
+    f.write_text('name = "r"\nwhen = "alert.mag < 18"\nadd_tags = ["a"]\n')
+    rs = RuleSet([tmp_path], ENV, check_every_s=3600)
+    _touch(f, 'name = "r"\nwhen = "alert.mag < 19"\nadd_tags = ["a"]\n')
+    t0 = time.perf_counter()
+    for _ in range(1000):
+        rs.current()
+    assert time.perf_counter() - t0 < 0.05
+    assert rs.current()[0].when.source == "alert.mag < 18"
+    rs.reload()
+    assert rs.current()[0].when.source == "alert.mag < 19"

@@ -1,0 +1,257 @@
+"""``tomd rule check | explain | backtest``.
+
+``register(subparsers)`` adds the ``rule`` command group to tomd's parser;
+each command is ``cmd_rule_*(app, args) -> exit status`` like the others in
+tomd/cli.py (``app`` gives ``config`` and ``sessions``).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from collections import Counter, defaultdict
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+from tomd.errors import InputError, NotFoundError
+
+
+def register(subparsers) -> None:
+    """Add ``tomd rule ...`` to the top-level subparsers of tomd/cli.py."""
+    rule = subparsers.add_parser("rule", help="rule files: check, explain, backtest").add_subparsers(
+        dest="sub", required=True, metavar="SUB")
+
+    def leaf(name, func, help_):
+        q = rule.add_parser(name, help=help_, description=help_)
+        q.set_defaults(func=func)
+        return q
+
+    q = leaf("check", cmd_rule_check, "check rule files; every problem as FILE:LINE:COL: message, exit 1 if any")
+    q.add_argument("paths", nargs="*", help="files or directories (default: rules.paths from the config)")
+    q = leaf("explain", cmd_rule_explain, "each rule's verdict on an alert and the clause that decided")
+    q.add_argument("alert_id", type=int)
+    q.add_argument("--json", action="store_true")
+    q = leaf("backtest", cmd_rule_backtest,
+             "replay alerts in time order through the rules (each target's history as it stood then)")
+    src = q.add_mutually_exclusive_group(required=True)
+    src.add_argument("--alerts", nargs="+", metavar="FILE", help="alert files (Avro, JSON, XML, GCN binary)")
+    src.add_argument("--since", metavar="DATE", help="alerts stored in the database from this UTC date/time on")
+    q.add_argument("--until", metavar="DATE", help="with --since: up to this date/time")
+    q.add_argument("--rules", nargs="+", metavar="PATH", help="rule files or directories (default: rules.paths)")
+    q.add_argument("--format", default="auto", help="with --alerts: alert format (default: guess)")
+    q.add_argument("--json", action="store_true")
+
+
+def _env(app):
+    from tomd.rules.engine import load_features
+    from tomd.rules.load import RuleEnv
+
+    config = app.config
+    features = load_features(getattr(config.rules, "features", None) or {})
+    return config, features, RuleEnv.from_config(config, features.keys())
+
+
+def cmd_rule_check(app, args) -> int:
+    from tomd.rules.load import load_paths
+
+    config, _, env = _env(app)
+    paths = args.paths or list(config.rules.paths)
+    rules, problems = load_paths(paths, env)
+    for p in problems:
+        print(p, file=sys.stderr)
+    if not problems:
+        names = ", ".join(f"{r.name}{' (test)' if r.mode == 'test' else ''}" for r in rules)
+        print(f"{len(rules)} rule{'s' if len(rules) != 1 else ''} OK" + (f": {names}" if names else ""))
+    return 1 if problems else 0
+
+
+def cmd_rule_explain(app, args) -> int:
+    from tomd.db import repository as repo
+
+    with app.sessions() as s:
+        alert = repo.get_alert(s, args.alert_id)
+        if alert is None:
+            raise NotFoundError(f"no alert #{args.alert_id}")
+        rows = []
+        for d in repo.decisions_of_alert(s, args.alert_id):
+            req = repo.request_of_decision(s, d.id) if d.outcome == "fired" else None
+            rows.append({"rule": d.rule, "outcome": d.outcome, "reason": d.reason, "decision_id": d.id,
+                         "rule_version": d.rule_version, "at": d.created_at.isoformat(),
+                         "request": {"id": req.id, "name": req.name, "state": req.state} if req else None,
+                         "details": d.details})
+        head = {"alert_id": alert.id, "source": alert.source, "key": alert.key, "object_id": alert.object_id,
+                "time": alert.time.isoformat(), "target_id": alert.target_id}
+    if args.json:
+        print(json.dumps({"alert": head, "decisions": rows}, indent=2, default=str))
+        return 0
+    print(f"alert #{head['alert_id']} {head['source']} {head['key']} {head['object_id'] or ''} at {head['time']}"
+          f" (target #{head['target_id']})")
+    if not rows:
+        print("  no verdicts recorded: no rule was loaded when it was ingested, or none listens to "
+              f"source {head['source']!r}")
+    width = max((len(r["rule"]) for r in rows), default=0)
+    for r in rows:
+        extra = f"  → request {r['request']['name']} ({r['request']['state']})" if r["request"] else ""
+        print(f"  {r['rule']:<{width}}  {r['outcome']:<12}  {r['reason']}{extra}")
+    return 0
+
+
+# ---------------------------------------------------------------- backtest --
+
+def _parse_date(text: str, what: str) -> datetime:
+    try:
+        t = datetime.fromisoformat(text)
+    except ValueError:
+        raise InputError(f"expected a date like 2025-03-01 or 2025-03-01T12:00, got {text!r}", field=what) from None
+    return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
+
+
+def _alerts_from_files(paths: list[str], fmt: str):
+    from tomd.alerts.parse import parse_message
+    from tomd.errors import AlertError
+
+    out, bad = [], []
+    for p in paths:
+        path = Path(p)
+        if not path.is_file():
+            raise InputError("no such file", where=str(path))
+        try:
+            out.extend(parse_message(fmt, path.read_bytes(), include_test=False))
+        except AlertError as exc:
+            bad.append(f"{path}: {exc}")
+    return out, bad
+
+
+def _alerts_from_db(app, since: datetime, until: datetime | None):
+    """Stored alerts rebuilt as Alerts, each with the photometry it brought (so the replay sees no future)."""
+    from tomd.alerts.model import Alert, Localization, PhotPoint
+    from tomd.db import repository as repo
+    from tomd.db.models import Notice
+
+    out = []
+    with app.sessions() as s:
+        for row in repo.alerts_since(s, since):
+            if until is not None and row.time >= until:
+                break
+            pts = tuple(PhotPoint(mjd=p.mjd, band=p.band, kind=p.kind, mag=p.mag, mag_err=p.mag_err, flux=p.flux,
+                                  flux_err=p.flux_err, limit=p.limit, source=p.source)
+                        for p in repo.photometry_of_alert(s, row.id))
+            notice = s.get(Notice, row.notice_id) if row.notice_id else None
+            loc = Localization(notice.ra, notice.dec, notice.error_deg, None, None, notice.area_90_deg2) \
+                if notice else None
+            out.append(Alert(source=row.source, key=row.key, time=row.time, kind=row.kind, object_id=row.object_id,
+                             ra=row.ra, dec=row.dec, band=row.band, mag=row.mag, mag_err=row.mag_err, flux=row.flux,
+                             flux_err=row.flux_err, photometry=pts,
+                             event_id=notice.event_id if notice else None,
+                             notice_type=notice.notice_type if notice else None, localization=loc,
+                             retraction=bool(notice.retracted) if notice else False,
+                             fields=dict(row.fields or {}), payload=dict(row.payload or {})))
+    return out
+
+
+def backtest(alerts, rules, *, facility_kinds=None, features=None, match_radius_arcsec: float = 1.5) -> dict[str, Any]:
+    """Replay ``alerts`` in time order through ``rules`` in a scratch SQLite database; the report as a dict.
+
+    Each alert is ingested on its own, then judged with "now" = its time, so
+    a rule sees the target's history as it stood at that alert and never
+    later (the limits and duplicates likewise see only earlier decisions).
+    """
+    from sqlalchemy import select
+
+    from tomd.alerts.ingest import FileMessage, IngestSettings, Ingestor
+    from tomd.db import migrate
+    from tomd.db.models import Decision, ObservationRequest
+    from tomd.rules.engine import RuleEngine, RuleSet
+
+    alerts = sorted(alerts, key=lambda a: a.time)
+    with tempfile.TemporaryDirectory(prefix="tomd-backtest-") as tmp:
+        engine = migrate.connect(f"sqlite:///{tmp}/backtest.db")
+        migrate.upgrade(engine)
+        sessions = migrate.sessions(engine)
+        eng = RuleEngine(RuleSet.of(rules), facility_kinds=facility_kinds, features=features,
+                         clock=lambda st: st.alert.time)
+        by_index = {str(i).encode(): a for i, a in enumerate(alerts)}
+        ing = Ingestor(sessions, IngestSettings(stream="backtest", format="backtest", include_test=False,
+                                                match_radius_arcsec=match_radius_arcsec, keep_payload=False),
+                       lambda data: [by_index[data]], sinks=[eng])
+        for i in range(len(alerts)):
+            ing.handle([FileMessage("backtest", i, str(i).encode())])
+        with sessions() as s:
+            rows = [(d.rule, d.outcome, d.reason, d.target_id, d.created_at, d.details, d.id)
+                    for d in s.scalars(select(Decision).order_by(Decision.created_at, Decision.id))]
+            hours = {r.decision_id: r.estimated_hours or 0.0 for r in s.scalars(select(ObservationRequest))}
+        engine.dispose()
+    n_alerts = ing.totals.alerts
+    report: dict[str, Any] = {"alerts": n_alerts, "duplicates_skipped": ing.totals.duplicates,
+                              "first": alerts[0].time.isoformat() if alerts else None,
+                              "last": alerts[-1].time.isoformat() if alerts else None, "rules": {}, "warnings": []}
+    per: dict[str, dict[str, Any]] = {}
+    for r in rules:
+        per[r.name] = {"mode": r.mode, "evaluated": 0, "outcomes": Counter(), "firings": 0, "per_night": Counter(),
+                       "targets": set(), "estimated_hours": 0.0}
+    for rule, outcome, reason, tid, at, details, did in rows:
+        p = per[rule]
+        p["evaluated"] += 1
+        p["outcomes"][outcome] += 1
+        fires = outcome == "fired" or (outcome == "test" and reason.startswith("would fire"))
+        if fires:
+            p["firings"] += 1
+            night = (at - timedelta(hours=12)).date().isoformat()
+            p["per_night"][night] += 1
+            if tid is not None:
+                p["targets"].add(tid)
+            if outcome == "fired":
+                p["estimated_hours"] += hours.get(did, 0.0)
+            else:
+                ob = ((details or {}).get("would") or {}).get("observe") or {}
+                p["estimated_hours"] += ob.get("estimated_hours") or 0.0
+    for name, p in per.items():
+        frac = p["firings"] / p["evaluated"] if p["evaluated"] else 0.0
+        report["rules"][name] = {
+            "mode": p["mode"], "evaluated": p["evaluated"], "outcomes": dict(p["outcomes"]), "firings": p["firings"],
+            "fraction": round(frac, 4), "per_night": dict(sorted(p["per_night"].items())),
+            "targets": len(p["targets"]), "estimated_hours": round(p["estimated_hours"], 3),
+        }
+        if p["evaluated"] and frac > 0.05:
+            report["warnings"].append(f"rule {name} fires on {100 * frac:.1f}% of the {p['evaluated']} alerts it "
+                                      "saw (more than 5%): is the condition too loose?")
+    return report
+
+
+def cmd_rule_backtest(app, args) -> int:
+    from tomd.rules.load import load_paths
+
+    config, features, env = _env(app)
+    rules, problems = load_paths(args.rules or list(config.rules.paths), env)
+    if problems:
+        for p in problems:
+            print(p, file=sys.stderr)
+        return 1
+    if not rules:
+        raise InputError("no rules to test", field="--rules")
+    bad: list[str] = []
+    if args.alerts:
+        alerts, bad = _alerts_from_files(args.alerts, args.format)
+    else:
+        alerts = _alerts_from_db(app, _parse_date(args.since, "--since"),
+                                 _parse_date(args.until, "--until") if args.until else None)
+    for b in bad:
+        print(f"skipped: {b}", file=sys.stderr)
+    report = backtest(alerts, rules, facility_kinds=env.facility_kinds, features=features,
+                      match_radius_arcsec=config.targets.match_radius_arcsec)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(f"{report['alerts']} alerts replayed ({report['first']} .. {report['last']})")
+        for name, r in report["rules"].items():
+            oc = ", ".join(f"{k} {v}" for k, v in sorted(r["outcomes"].items()))
+            print(f"  {name}{' (test)' if r['mode'] == 'test' else ''}: fired {r['firings']} "
+                  f"({100 * r['fraction']:.1f}%) on {r['targets']} targets, {r['estimated_hours']:.2f} h "
+                  f"estimated; {oc}")
+            for night, n in r["per_night"].items():
+                print(f"      night of {night}: {n}")
+        for w in report["warnings"]:
+            print(f"warning: {w}", file=sys.stderr)
+    return 0
