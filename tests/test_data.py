@@ -555,3 +555,15 @@ def test_store_download_once_and_failures_never_stored(db, store: Store) -> None
     evil = store_download(db.sessions, store, opener=lambda: io.BytesIO(b"x"), **(kw | {
         "product_id": "p2", "filename": "../../../etc/cron.d/x", "size": 1, "md5": None}))
     assert evil.storage_key == f"{tid}-SN_2023ixf/lco/3456789/etc_cron.d_x"
+
+
+def test_upload_compressed_fits_reads_the_image_extension(db, tmp_path) -> None:
+    from astropy.io import fits
+
+    make_target(db)
+    f = tmp_path / "frame.fits.fz"
+    fits.HDUList([fits.PrimaryHDU(), fits.CompImageHDU(np.zeros((32, 48), dtype=np.float32), header=fits.Header(
+        [("FILTER", "ip"), ("EXPTIME", 30.0), ("DATE-OBS", "2023-05-20T01:02:03")]))]).writeto(f)
+    rep = upload(db.sessions, LocalStore(tmp_path / "s"), "SN 2023ixf", f)  # kind from the name: image
+    assert rep.kind == "image" and rep.product.created
+    assert (rep.meta["FILTER"], rep.meta["EXPTIME"], rep.meta["shape"]) == ("ip", 30.0, [32, 48])

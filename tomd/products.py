@@ -547,10 +547,12 @@ def fits_meta(stream: BinaryIO) -> dict[str, Any]:
                 if k in h and k not in meta and h[k] not in (None, ""):
                     v = h[k]
                     meta[k] = v if isinstance(v, (int, float, str, bool)) else str(v)
-            if i == 0:
-                meta["NAXIS"] = h.get("NAXIS", 0)
-                shape = [h.get(f"NAXIS{j}") for j in range(1, int(h.get("NAXIS", 0) or 0) + 1)]
-                meta["shape"] = shape
+            naxis = int(h.get("NAXIS", 0) or 0)
+            # The data's shape: the primary's, or the first extension with data (.fz files)
+            if i == 0 or (not meta.get("shape") and naxis and h.get("XTENSION") in ("IMAGE", "BINTABLE")
+                          and getattr(hdu, "is_image", False)):
+                meta["NAXIS"] = naxis
+                meta["shape"] = [h.get(f"NAXIS{j}") for j in range(naxis, 0, -1)]  # numpy order (rows, cols)
             if i >= 4:  # a large multi-extension file: the first few HDUs are enough
                 break
         meta["n_hdu"] = len(hdul) if i < 4 else None
