@@ -459,7 +459,7 @@ def test_resolve_config_path_default_and_os_environ(monkeypatch):
     ("""
      [metrics]
      listen = "9464"
-     """, 'tomd.toml:2: metrics.listen: expected host:port, like "127.0.0.1:9464", got "9464"'),
+     """, 'tomd.toml:2: metrics.listen: expected host:port, like "127.0.0.1:9464" (port 0: any free port), got "9464"'),
     ("""
      [logging]
      level = "info"
@@ -1073,6 +1073,6 @@ def test_check_config_file_good_and_bad(tmp_path):
     assert check_config_file(str(good), env={}) == []
     bad = write(tmp_path, '[metrics]\nlisten = "0.0.0.0"\nport = 1\n', "bad.toml")
     assert check_config_file(bad, env={}) == [
-        f'{bad}:2: metrics.listen: expected host:port, like "127.0.0.1:9464", got "0.0.0.0"',
+        f'{bad}:2: metrics.listen: expected host:port, like "127.0.0.1:9464" (port 0: any free port), got "0.0.0.0"',
         f"{bad}:3: metrics.port: unknown key; expected one of enabled, listen",
     ]

@@ -30,6 +30,9 @@ def write_config(tmp_path, db, bootstrap, topic, *, group="tomd-test", batch_siz
 [database]
 url = "{db.url}"
 
+[metrics]
+listen = "127.0.0.1:0"
+
 [[streams]]
 name = "ztf"
 bootstrap = "{bootstrap}"
@@ -215,6 +218,9 @@ def test_file_stream_reads_its_files_once(db, shared_data, tmp_path):
 [database]
 url = "{db.url}"
 
+[metrics]
+enabled = false
+
 [[streams]]
 name = "archive"
 kind = "file"
@@ -227,3 +233,44 @@ format = "ztf-avro"
     assert count(db, AlertRow) == expected, out
     out = run_until_idle(cfg, idle=2.0)  # a second start reads them again: nothing changes
     assert f"duplicates={expected}" in out and count(db, AlertRow) == expected
+
+
+def test_metrics_and_health_are_served_while_running(db, kafka_broker, make_topic, ztf_values, tmp_path):
+    import re
+    import socket
+    import urllib.request
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    topic = make_topic(partitions=1)
+    produce(kafka_broker.bootstrap, topic, ztf_values[:5])
+    cfg = write_config(tmp_path, db, kafka_broker.bootstrap, topic)
+    cfg.write_text(cfg.read_text().replace('listen = "127.0.0.1:0"', f'listen = "127.0.0.1:{port}"'))
+    p = tomd(cfg, "run")
+    try:
+        deadline = time.monotonic() + 60
+        while count(db, AlertRow) < 5:
+            assert p.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        base = f"http://127.0.0.1:{port}"
+        assert urllib.request.urlopen(base + "/healthz", timeout=5).status == 200
+        body = urllib.request.urlopen(base + "/metrics", timeout=5).read().decode()
+        m = re.search(r'^tomd_alerts_ingested_total\{[^}]*stream="ztf"[^}]*\} (\S+)$', body, re.M)
+        assert m and float(m.group(1)) == 5.0
+        deadline = time.monotonic() + 30
+        while True:  # ready once the consumer holds its partition
+            try:
+                if urllib.request.urlopen(base + "/readyz", timeout=5).status == 200:
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        # A second daemon on the same port refuses to start, with the reason.
+        q = tomd(cfg, "run")
+        out, _ = q.communicate(timeout=60)
+        assert q.returncode == 1 and f"metrics.listen 127.0.0.1:{port}" in out and "Traceback" not in out
+    finally:
+        p.send_signal(signal.SIGTERM)
+        p.communicate(timeout=60)

@@ -198,6 +198,14 @@ def _host_port(v: str) -> str:
     return v
 
 
+def _listen(v: str) -> str:
+    """host:port to listen on; port 0 picks a free port (tests, several daemons on one host)."""
+    m = _HOSTPORT.fullmatch(v)
+    if not m or not 0 <= int(m.group(1)) < 65536:
+        raise _Invalid('expected host:port, like "127.0.0.1:9464" (port 0: any free port)')
+    return v
+
+
 @_expects('host:port[,host:port...], like "localhost:9092"')
 def _bootstrap(v: str) -> str:
     parts = [p.strip() for p in v.split(",")]
@@ -488,7 +496,7 @@ class Hooks:
 
 @dataclass(frozen=True, kw_only=True)
 class Metrics:
-    listen: str = opt("127.0.0.1:9464", check=_host_port)
+    listen: str = opt("127.0.0.1:9464", check=_listen)
     enabled: bool = True
 
 

@@ -22,6 +22,7 @@ from tomd.alerts.consumer import ConsumerSettings, StreamConsumer
 from tomd.alerts.ingest import IngestSettings, Ingestor, Parser
 from tomd.config import Config, Stream
 from tomd.db import migrate
+from tomd.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,7 @@ class FileStream:
     def __init__(self, stream: Stream, ingestor: Ingestor):
         self.stream = stream
         self.ingestor = ingestor
+        self.handler = ingestor  # a BatchHandler, as for Kafka streams (metrics wrap it)
         self.stats = _FileStats()
 
     def run(self, stop: threading.Event) -> None:
@@ -86,7 +88,7 @@ class FileStream:
         delay = 0.5
         while not stop.is_set():
             try:
-                self.ingestor.handle(batch)
+                self.handler.handle(batch)
                 return
             except RetryableError as exc:
                 self.stats.backing_off = True
@@ -122,6 +124,7 @@ class Daemon:
         migrate.ensure_current(self.engine)  # refuse an unmigrated database before consuming anything
         self.sessions: sessionmaker[Session] = migrate.sessions(self.engine)
         self.stop = threading.Event()
+        self.metrics = None  # tomd.metrics.Metrics, attached by run()
         self.runners = [self._runner(s) for s in config.streams]
 
     def _runner(self, st: Stream) -> StreamRunner:
@@ -197,12 +200,26 @@ class Daemon:
 
 def run(config: Config, *, idle_exit_s: float | None = None,
         on_started: Callable[[Daemon], None] | None = None) -> int:
+    from tomd.health import daemon_checks, start_http
+    from tomd.metrics import instrument
+
     daemon = Daemon(config)
+    daemon.metrics = instrument(daemon)  # wraps each stream's handler; lag read at scrape time
+    http = None
+    if config.metrics.enabled:
+        try:
+            http = start_http(config.metrics.listen, daemon.metrics.registry, checks=daemon_checks(daemon))
+        except OSError as exc:
+            daemon.engine.dispose()
+            raise UserError(f"metrics.listen {config.metrics.listen}: cannot listen there: {exc.strerror}") from None
+        log.info("metrics and health on http://%s/metrics, /healthz, /readyz", config.metrics.listen)
     daemon.install_signal_handlers()
     daemon.start()
     if on_started:
         on_started(daemon)
     code = daemon.wait(idle_exit_s=idle_exit_s)
+    if http is not None:
+        http.stop()
     for name, counts in daemon.summary().items():
         log.info("stream %s: %s", name, ", ".join(f"{k}={v}" for k, v in counts.items()))
     daemon.engine.dispose()

@@ -126,8 +126,10 @@ def daemon_checks(daemon: Any, *, scheduler: Any = None) -> dict[str, Check]:
     """The readiness checks of a ``tomd.daemon.Daemon``: database, consumers,
     stream threads, and ``scheduler.running`` when a scheduler is given."""
     checks: dict[str, Check] = {"database": database_check(daemon.engine)}
+    kafka = {r.stream.name: r.consumer for r in daemon.runners if hasattr(r.consumer.stats, "assigned")}
+    if kafka:
+        checks["consumers"] = consumers_check(kafka)
     if daemon.runners:
-        checks["consumers"] = consumers_check({r.stream.name: r.consumer for r in daemon.runners})
         checks["streams"] = thread_check(lambda: {r.stream.name: r.thread for r in daemon.runners})
     if scheduler is not None:
         checks["scheduler"] = lambda: bool(getattr(scheduler, "running", False)) or "scheduler not running"

@@ -438,7 +438,8 @@ def instrument(daemon: Any, metrics: Metrics | None = None) -> Metrics:
     for runner in daemon.runners:
         name = runner.stream.name
         runner.consumer.handler = metrics.observe_ingestor(name, runner.ingestor)
-        metrics.watch_consumer(name, runner.consumer)
+        if hasattr(runner.consumer.stats, "lag"):  # file streams have no group, lag or offsets
+            metrics.watch_consumer(name, runner.consumer)
     return metrics
 
 
