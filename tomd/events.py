@@ -110,6 +110,65 @@ class DataStored(Event):
 EVENT_TYPES[DataStored.kind] = DataStored
 
 
+# ------------------------------------------------------------ observations --
+
+
+@dataclass(frozen=True)
+class ObservationSubmitted(Event):
+    """The facility accepted a request (or was found to hold it after an ambiguous failure)."""
+
+    kind: ClassVar[str] = "observation.submitted"
+    request_id: int
+    name: str
+    facility: str
+    facility_id: str
+    target_id: int | None = None
+    decision_id: int | None = None
+    facility_state: str = ""
+    recovered: bool = False  # True: found by name after a timeout, not from the POST's answer
+
+
+@dataclass(frozen=True)
+class ObservationRejected(Event):
+    """The facility refused the request (4xx): final, with its words."""
+
+    kind: ClassVar[str] = "observation.rejected"
+    request_id: int
+    name: str
+    facility: str
+    reason: str
+    target_id: int | None = None
+    decision_id: int | None = None
+
+
+@dataclass(frozen=True)
+class ObservationFailed(Event):
+    """tomd gave up on an intent (bad template, window over, retries exhausted)."""
+
+    kind: ClassVar[str] = "observation.failed"
+    request_id: int
+    name: str
+    facility: str
+    reason: str
+    attempts: int = 0
+    target_id: int | None = None
+    decision_id: int | None = None
+
+
+@dataclass(frozen=True)
+class ObservationCancelled(Event):
+    kind: ClassVar[str] = "observation.cancelled"
+    request_id: int
+    name: str
+    facility: str
+    facility_id: str | None = None
+    target_id: int | None = None
+
+
+EVENT_TYPES.update({e.kind: e for e in (ObservationSubmitted, ObservationRejected, ObservationFailed,
+                                        ObservationCancelled)})
+
+
 # ------------------------------------------------------------------- rules --
 
 
