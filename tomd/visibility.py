@@ -184,16 +184,63 @@ class Visibility:
                                               "moon_distance_deg", "reason")}
 
 
-def _grid(start_mjd: float, hours: float) -> list[tuple[Day, np.ndarray]]:
-    """(day, index mask) pieces covering [start, start + hours]."""
-    end = start_mjd + hours / 24.0
-    out = []
-    for m0 in range(int(math.floor(start_mjd)), int(math.floor(end)) + 1):
+@dataclass(frozen=True)
+class _Window:
+    """The grid of one window for a set of sites: everything that does not depend on the target."""
+
+    mjd: np.ndarray  # (N,)
+    gast: np.ndarray  # (N,)
+    rot: np.ndarray  # 3x3, at the window's first day
+    moon_xyz: np.ndarray  # (3, N)
+    dark: np.ndarray  # (S, N) Sun below max_sun_alt
+    sin_lat: np.ndarray  # (S, 1)
+    cos_lat: np.ndarray
+    lon: np.ndarray  # (S, 1) radians
+    codes: tuple[str, ...]
+
+
+_WINDOWS: OrderedDict[tuple, _Window] = OrderedDict()
+
+
+def _window(sites: tuple[str, ...], start_mjd: float, hours: float, max_sun_alt: float) -> _Window | None:
+    """Cached per (sites, start rounded down to the grid step, hours, Sun limit): alerts arriving in
+    the same 10 minutes share it, and only the target-dependent arithmetic is left per alert."""
+    step = STEP_MIN / 1440.0
+    k0 = math.floor(start_mjd / step)
+    key = (sites, k0, hours, max_sun_alt)
+    with _LOCK:
+        w = _WINDOWS.get(key)
+    if w is not None:
+        return w
+    start, end = k0 * step, start_mjd + hours / 24.0
+    parts = []
+    for m0 in range(int(math.floor(start)), int(math.floor(end)) + 1):
         d = day(m0)
-        sel = (d.mjd >= start_mjd) & (d.mjd <= end)
+        sel = (d.mjd >= start - 1e-9) & (d.mjd <= end)
+        if m0 < int(math.floor(end)):
+            sel &= d.mjd < m0 + 1  # the next day's grid starts with that instant
         if sel.any():
-            out.append((d, sel))
-    return out
+            parts.append((d, sel))
+    if not parts:
+        return None
+    mjd = np.concatenate([d.mjd[sel] for d, sel in parts])
+    gast = np.concatenate([d.gast[sel] for d, sel in parts])
+    sun_ra = np.concatenate([d.sun_ra[sel] for d, sel in parts])
+    sun_dec = np.concatenate([d.sun_dec[sel] for d, sel in parts])
+    moon = np.concatenate([d.moon_xyz[:, sel] for d, sel in parts], axis=1)
+    ss = [SITES[c] for c in sites]
+    lat = np.radians([[x.lat] for x in ss])
+    lon = np.radians([[x.lon] for x in ss])
+    sin_lat, cos_lat = np.sin(lat), np.cos(lat)
+    sun_alt = np.arcsin(np.clip(sin_lat * np.sin(sun_dec) + cos_lat * np.cos(sun_dec) * np.cos(gast + lon - sun_ra),
+                                -1, 1))
+    w = _Window(mjd, gast, parts[0][0].rot, moon, sun_alt <= math.radians(max_sun_alt), sin_lat, cos_lat, lon,
+                tuple(sites))
+    with _LOCK:
+        _WINDOWS[key] = w
+        while len(_WINDOWS) > 256:
+            _WINDOWS.popitem(last=False)
+    return w
 
 
 def observability(sites: Iterable[str], ra: float, dec: float, start_mjd: float, hours: float = 24.0, *,
@@ -205,45 +252,30 @@ def observability(sites: Iterable[str], ra: float, dec: float, start_mjd: float,
     """
     if ra is None or dec is None:
         return Visibility(False, reason="the target has no position")
-    sites = [SITES[c] for c in sites]
-    min_alt = math.asin(1.0 / max_airmass) if max_airmass >= 1.0 else math.pi / 2
-    max_sun = math.radians(max_sun_alt)
-    cos_moon = math.cos(math.radians(min_moon_deg))
-    first: tuple[float, str] | None = None
-    best_alt, best_site, best_moon = -1.0, None, None
-    dark_any = False
-    high_any = False
-    for d, sel in _grid(start_mjd, hours):
-        r, dd, xyz = _of_date(d.rot, ra, dec)
-        mjd = d.mjd[sel]
-        gast = d.gast[sel]
-        cosm = xyz @ d.moon_xyz[:, sel]
-        moon_ok = cosm <= cos_moon
-        for site in sites:
-            sun_alt = _altitude(site.lat, site.lon, gast, d.sun_ra[sel], d.sun_dec[sel])
-            dark = sun_alt <= max_sun
-            if not dark.any():
-                continue
-            dark_any = True
-            alt = _altitude(site.lat, site.lon, gast, r, dd)
-            high = dark & (alt >= min_alt)
-            high_any = high_any or bool(high.any())
-            ok = high & moon_ok
-            dalt = np.where(dark & moon_ok, alt, -1.0)
-            k = int(np.argmax(dalt))
-            if dalt[k] > best_alt:
-                best_alt, best_site = float(dalt[k]), site.code
-                best_moon = float(np.degrees(np.arccos(np.clip(cosm[k], -1, 1))))
-            if ok.any():
-                i = int(np.argmax(ok))
-                if first is None or mjd[i] < first[0]:
-                    first = (float(mjd[i]), site.code)
-    airmass = 1.0 / math.sin(best_alt) if best_alt > 0.01 else None
-    if first is not None:
-        return Visibility(True, first[1], first[0], airmass, best_site, best_moon, "")
-    if not dark_any:
+    w = _window(tuple(sites), start_mjd, hours, max_sun_alt)
+    if w is None:
+        return Visibility(False, reason="empty window")
+    r, dd, xyz = _of_date(w.rot, ra, dec)
+    sin_alt = w.sin_lat * math.sin(dd) + w.cos_lat * math.cos(dd) * np.cos(w.gast + w.lon - r)  # (S, N)
+    cosm = xyz @ w.moon_xyz  # (N,)
+    moon_ok = cosm <= math.cos(math.radians(min_moon_deg))
+    usable = w.dark & moon_ok  # (S, N)
+    min_sin = 1.0 / max_airmass if max_airmass >= 1.0 else 1.0
+    ok = usable & (sin_alt >= min_sin)
+    best_flat = int(np.argmax(np.where(usable, sin_alt, -2.0)))
+    s_best, n_best = divmod(best_flat, sin_alt.shape[1])
+    best = float(sin_alt[s_best, n_best]) if usable[s_best, n_best] else -1.0
+    airmass = 1.0 / best if best > 0.01 else None
+    best_site = w.codes[s_best] if best > -1.0 else None
+    best_moon = float(np.degrees(np.arccos(np.clip(cosm[n_best], -1, 1)))) if best > -1.0 else None
+    if ok.any():
+        cols = ok.any(axis=0)
+        n = int(np.argmax(cols))
+        s = int(np.argmax(ok[:, n]))
+        return Visibility(True, w.codes[s], float(w.mjd[n]), airmass, best_site, best_moon, "")
+    if not w.dark.any():
         why = f"no dark time (Sun below {max_sun_alt:g}°) in the window"
-    elif not high_any:
+    elif not (w.dark & (sin_alt >= min_sin)).any():
         why = f"never at airmass <= {max_airmass:g} in dark time"
     else:
         why = f"the Moon is within {min_moon_deg:g}° whenever it is high enough"

@@ -113,18 +113,30 @@ def lightcurve_features(points: Sequence[Point], now_mjd: float) -> dict[str, An
 
 
 def color(points: Sequence[Point], band1: str, band2: str, max_dt_days: float = 1.0) -> float | None:
-    """mag(band1) - mag(band2) from the latest detections that lie within ``max_dt_days`` of each other."""
-    def pick(band):
-        return [p for p in points if p.kind == "detection" and p.mag is not None
-                and (p.band == band or _short(p.band) == band)]
-    a, b = pick(band1), pick(band2)
+    """mag(band1) - mag(band2) from the latest pair of detections within ``max_dt_days`` of each other.
+
+    A band matches its full name ("ztfg") or its short name ("g").
+    """
+    a, b = [], []
+    for p in points:
+        if p.kind != "detection" or p.mag is None:
+            continue
+        if p.band == band1 or _short(p.band) == band1:
+            a.append((p.mjd, p.mag))
+        elif p.band == band2 or _short(p.band) == band2:
+            b.append((p.mjd, p.mag))
     if not a or not b:
         return None
+    a.sort()
+    b.sort()
     best = None
-    for p in a:
-        q = min(b, key=lambda q: abs(q.mjd - p.mjd))
-        if abs(q.mjd - p.mjd) <= max_dt_days and (best is None or max(p.mjd, q.mjd) > best[0]):
-            best = (max(p.mjd, q.mjd), p.mag - q.mag)
+    j = 0
+    for t, m in a:  # both sorted: the nearest b moves forward only
+        while j + 1 < len(b) and abs(b[j + 1][0] - t) <= abs(b[j][0] - t):
+            j += 1
+        tb, mb = b[j]
+        if abs(tb - t) <= max_dt_days and (best is None or max(t, tb) >= best[0]):
+            best = (max(t, tb), m - mb)
     return best[1] if best else None
 
 
@@ -156,8 +168,8 @@ class AlertView:
         self.error_deg = loc.error_deg if loc else None
         self.area_90_deg2 = loc.area_90_deg2 if loc else None
         self.n_points = len(alert.photometry)
-        self.fields = alert.fields
-        self.payload = alert.payload
+        self.fields = alert.fields if isinstance(alert.fields, dict) else {}
+        self.payload = alert.payload if isinstance(alert.payload, dict) else {}
 
 
 class TargetView:
@@ -211,6 +223,7 @@ class TargetView:
 
 
 FeatureFn = Callable[["Context"], Any]
+_MISSING = object()
 
 
 class Context:
@@ -266,7 +279,11 @@ class Context:
         return self._cache[key]
 
     def fn_color(self, band1, band2, max_dt_days=1.0) -> float | None:
-        return color(self.target.points, band1, band2, max_dt_days)
+        key = ("color", band1, band2, max_dt_days)
+        v = self._cache.get(key, _MISSING)
+        if v is _MISSING:
+            v = self._cache[key] = color(self.target.points, band1, band2, max_dt_days)
+        return v
 
     def feature(self, name: str) -> Any:
         key = ("feature", name)

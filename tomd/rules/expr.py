@@ -189,9 +189,16 @@ def f_galactic_latitude(ra, dec):
 
 
 def f_in_circle(ra, dec, ra0, dec0, radius_deg):
-    if None in (ra, dec, ra0, dec0, radius_deg):
+    if ra is None or dec is None or ra0 is None or dec0 is None or radius_deg is None:
         return False
+    if radius_deg >= 1e-3:  # cosine form: 4 trig calls; exact to ~1e-8 deg at these radii
+        d1, d2 = dec * _RAD, dec0 * _RAD
+        c = math.sin(d1) * math.sin(d2) + math.cos(d1) * math.cos(d2) * math.cos((ra - ra0) * _RAD)
+        return c >= math.cos(radius_deg * _RAD)
     return sky.separation_deg(ra, dec, ra0, dec0) <= radius_deg
+
+
+_RAD = math.pi / 180.0
 
 
 def f_in_polygon(ra, dec, vertices):
@@ -339,10 +346,7 @@ class Compiled:
 
     def first_false(self, alert, target, now, ctx) -> int:
         """Index of the first false clause, or -1 when all are true. Raises on errors."""
-        try:
-            return self.fast(alert, target, now, ctx)
-        except TypeError:
-            return self.safe(alert, target, now, ctx)
+        return self.safe(alert, target, now, ctx)
 
     def values(self, i: int, alert, target, now, ctx) -> dict[str, Any]:
         """The values a clause read (for the reason), computed on demand."""
@@ -375,6 +379,64 @@ class _Compiler:
         self.used_features: set[str] = set()
         self.uses_visibility = False
         self.nodes = 0
+        self.ntmp = 0
+
+    def tmp(self) -> str:
+        self.ntmp += 1
+        return f"_v{self.ntmp}"
+
+    def none_safe_binop(self, a: ast.expr, op: ast.operator, b: ast.expr) -> ast.expr:
+        """a OP b, or None when an operand is None (inline: no helper call)."""
+        tests, args = [], []
+        for x in (a, b):
+            if isinstance(x, ast.Constant):
+                args.append(x)
+                if x.value is None:
+                    return ast.Constant(None)
+            else:
+                v = self.tmp()
+                tests.append(_is_none(_walrus(v, x)))
+                args.append(_load(v))
+        body = ast.BinOp(args[0], op, args[1])
+        if not tests:
+            return body
+        return ast.IfExp(tests[0] if len(tests) == 1 else ast.BoolOp(ast.Or(), tests), ast.Constant(None), body)
+
+    def none_safe_compare(self, items: list[ast.expr], ops: list[ast.cmpop]) -> ast.expr:
+        """A comparison that is False when an ordered operand (or an `in` container) is None.
+
+        Inline walrus guards, e.g. ``(_v1 := alert.mag) is not None and _v1 < 18.5``:
+        as fast as the plain comparison. ``==`` / ``!=`` compare None as Python does.
+        """
+        order = (ast.Lt, ast.LtE, ast.Gt, ast.GtE)
+        uses = [0] * len(items)
+        for i in range(len(ops)):
+            uses[i] += 1
+            uses[i + 1] += 1
+        names: list[str | None] = [None] * len(items)
+        terms: list[ast.expr] = []
+
+        def use(i: int, guard: bool) -> ast.expr:
+            it = items[i]
+            if isinstance(it, ast.Constant):
+                if guard and it.value is None:
+                    terms.append(ast.Constant(False))
+                return it
+            if names[i] is None:
+                if uses[i] == 1 and not guard:
+                    return it  # used once, unguarded: inline
+                v = names[i] = self.tmp()
+                w = _walrus(v, it)
+                terms.append(_is_not_none(w) if guard else ast.BoolOp(ast.Or(), [_is_not_none(w), ast.Constant(True)]))
+            elif guard:
+                terms.append(_is_not_none(_load(names[i])))
+            return _load(names[i])
+
+        for i, op in enumerate(ops):
+            left = use(i, isinstance(op, order))
+            right = use(i + 1, isinstance(op, order + (ast.In, ast.NotIn)))
+            terms.append(ast.Compare(left, [op], [right]))
+        return terms[0] if len(terms) == 1 else ast.BoolOp(ast.And(), terms)
 
     # Positions: the expression is parsed wrapped in "(\n" ... "\n)", so
     # parsed line L is expression line L-1 and columns are unchanged.
@@ -421,15 +483,18 @@ class _Compiler:
             if isinstance(node.op, ast.Not):
                 return ast.UnaryOp(ast.Not(), f), ast.UnaryOp(ast.Not(), s)
             if isinstance(node.op, (ast.USub, ast.UAdd)):
-                name = "_neg" if isinstance(node.op, ast.USub) else "_pos"
-                return ast.UnaryOp(node.op, f), _call(name, [s])
+                if isinstance(s, ast.Constant):
+                    return ast.UnaryOp(node.op, f), ast.UnaryOp(node.op, s)
+                v = self.tmp()
+                safe = ast.IfExp(_is_none(_walrus(v, s)), ast.Constant(None), ast.UnaryOp(node.op, _load(v)))
+                return ast.UnaryOp(node.op, f), safe
             raise self.err(node, "'~' is not allowed")
         if isinstance(node, ast.BinOp):
             (lf, ls), (rf, rs) = self.tr(node.left, d), self.tr(node.right, d)
             op = type(node.op)
             simple = {ast.Add: "_n_add", ast.Sub: "_n_sub", ast.Div: "_n_div", ast.FloorDiv: "_n_fdiv"}
             if op in simple:
-                return ast.BinOp(lf, node.op, rf), _call(simple[op], [ls, rs])
+                return ast.BinOp(lf, node.op, rf), self.none_safe_binop(ls, node.op, rs)
             guarded = {ast.Mult: ("_mul", "_n_mul"), ast.Pow: ("_pow", "_n_pow"), ast.Mod: ("_mod", "_n_mod")}
             if op in guarded:
                 fast, safe = guarded[op]
@@ -443,10 +508,7 @@ class _Compiler:
                 fast_ops.append(op)
             items = [self.tr(node.left, d)] + [self.tr(c, d) for c in node.comparators]
             fast = ast.Compare(items[0][0], fast_ops, [i[0] for i in items[1:]])
-            pairs = [_call("_c_" + _CMP_OPS[type(op)], [items[i][1], items[i + 1][1]])
-                     for i, op in enumerate(node.ops)]
-            safe = pairs[0] if len(pairs) == 1 else ast.BoolOp(ast.And(), pairs)
-            return fast, safe
+            return fast, self.none_safe_compare([i[1] for i in items], node.ops)
         if isinstance(node, ast.IfExp):
             (tf, ts), (bf, bs), (ef, es) = self.tr(node.test, d), self.tr(node.body, d), self.tr(node.orelse, d)
             return ast.IfExp(tf, bf, ef), ast.IfExp(ts, bs, es)
@@ -523,6 +585,10 @@ class _Compiler:
         # An attribute of a dict-like field: key access (alert.fields.real_bogus).
         if self._is_dict_path(base):
             (vf, vs) = self.tr(base, d)
+            if isinstance(base, ast.Attribute) and isinstance(base.value, ast.Name):
+                # alert.fields, target.extras ...: always dicts; a method call on our own value is cheaper
+                get = lambda v: ast.Call(ast.Attribute(v, "get", ast.Load()), [ast.Constant(attr)], [])  # noqa: E731
+                return get(vf), get(vs)
             return _call("_sub", [vf, ast.Constant(attr)]), _call("_sub", [vs, ast.Constant(attr)])
         raise self.err(node, f"'.{attr}' is not allowed here: only alert.*, target.*, feature.* and keys of "
                              "alert.fields, alert.payload, target.extras (and the per-band features) can be read")
@@ -617,6 +683,22 @@ def _leaves(node: ast.AST) -> list[ast.expr]:
 
     visit(node)
     return out[:12]
+
+
+def _walrus(name: str, value: ast.expr) -> ast.NamedExpr:
+    return ast.NamedExpr(ast.Name(name, ast.Store()), value)
+
+
+def _load(name: str) -> ast.Name:
+    return ast.Name(name, ast.Load())
+
+
+def _is_none(x: ast.expr) -> ast.Compare:
+    return ast.Compare(x, [ast.Is()], [ast.Constant(None)])
+
+
+def _is_not_none(x: ast.expr) -> ast.Compare:
+    return ast.Compare(x, [ast.IsNot()], [ast.Constant(None)])
 
 
 def _call(name: str, args: list[ast.expr], keywords: list[ast.keyword] | None = None) -> ast.Call:

@@ -1,0 +1,135 @@
+"""Rule evaluation speed: µs per alert for 1, 25 and 100 rules, with the full context.
+
+Alerts are the shared real ZTF packets (their histories give each target a
+light curve); each round builds the per-alert context (alert view, target
+view, light-curve features on first use) and runs every rule, like the
+engine does inside the ingest transaction (the database work around it is
+not timed here: see bench/ingest.py). Also timed: the reasons written for
+not-fired verdicts, and one visibility check per alert (LCO network, 24 h).
+
+Prints one JSON object and one human line. Usage: ``python bench/rules.py [ROUNDS]``.
+Goal: <= 2 µs per rule per alert.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+from tomd.alerts.parse import parse_message
+from tomd.rules.context import AlertView, Context, Point, TargetView, mjd_of
+from tomd.rules.expr import compile_expression, describe_values
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "ztf"
+
+TEMPLATES = [
+    "alert.mag < {m} and alert.fields.real_bogus > {rb} and target.n_detections >= 2 and target.age_days < {age} "
+    "and target.rise_rate > {rate} and abs(target.gal_b) > 10",
+    "alert.source in ['ztf', 'rubin'] and alert.fields.sgscore1 < {sg} and target.peak_mag < {m}",
+    "target.decline_rates.g > {rate} and target.n_detections > {n} and alert.fields.drb > {rb}",
+    "color('g', 'r') < {c} and alert.fields.distnr >= 0 and alert.fields.distnr < {d}",
+    "'monitor' in target.lists and target.since_last_days < {age}",
+    "alert.payload.candidate.magpsf - alert.fields.diffmaglim < {c} and log10(alert.fields.ndethist + 1) > {l}",
+    "max(target.rise_rates.g, target.rise_rates.r) > {rate} and known(target.extras.redshift) == False",
+    "in_circle(alert.ra, alert.dec, {ra}, {dec}, 20) or abs(alert.dec) > 80",
+]
+
+
+def make_rules(n: int, rng: random.Random):
+    out = []
+    for i in range(n):
+        t = TEMPLATES[i % len(TEMPLATES)]
+        text = t.format(m=rng.uniform(16, 20), rb=rng.uniform(0.3, 0.9), age=rng.uniform(1, 30),
+                        rate=rng.uniform(0.01, 0.3), sg=rng.uniform(0.2, 0.8), n=rng.randint(1, 10),
+                        c=rng.uniform(-0.5, 0.5), d=rng.uniform(0.3, 2), l=rng.uniform(0.2, 1),
+                        ra=rng.uniform(0, 360), dec=rng.uniform(-30, 60))
+        out.append(compile_expression(text))
+    return out
+
+
+def load_alerts():
+    alerts = []
+    for p in sorted(DATA.rglob("*.avro")):
+        alerts.extend(parse_message("ztf-avro", p.read_bytes()))
+    return alerts
+
+
+def contexts(alerts, rng):
+    out = []
+    for i, a in enumerate(alerts):
+        now = mjd_of(a.time) + 0.01
+        pts = [Point(p.mjd, p.band, p.kind, p.mag, p.limit) for p in a.photometry]
+        row = {"id": i, "name": a.object_id, "ra": a.ra, "dec": a.dec, "gal_l": rng.uniform(0, 360),
+               "gal_b": rng.uniform(-90, 90), "extras": {}}
+        yield a, now, row, pts
+
+
+def run(alerts_ctx, rules, rounds, reasons=False):
+    n = 0
+    t0 = time.perf_counter()
+    for _ in range(rounds):
+        for a, now, row, pts in alerts_ctx:
+            c = Context(AlertView(a, 1), TargetView(row, tags=(), lists=("monitor",) if row["id"] % 7 == 0 else (),
+                                                    points=pts, now_mjd=now), now, facility_kinds={"lco": "lco"})
+            args = c.args()
+            for r in rules:
+                i = r.first_false(*args)
+                if reasons and i >= 0:
+                    describe_values(r.values(i, *args))
+            n += 1
+    return (time.perf_counter() - t0) / n * 1e6, n
+
+
+def main() -> int:
+    rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 20
+    rng = random.Random(7)
+    alerts = load_alerts()
+    if not alerts:
+        print(json.dumps({"error": f"no ZTF samples under {DATA}"}))
+        return 1
+    ctxs = list(contexts(alerts, rng))
+    result = {"benchmark": "rules", "alerts": len(alerts), "rounds": rounds, "per_alert_us": {},
+              "per_rule_per_alert_us": {}, "with_reasons_per_alert_us": {}}
+    base, _ = run(ctxs, [], rounds)  # context only (no rule reads the features)
+    result["context_only_per_alert_us"] = round(base, 2)
+    # Context + every light-curve feature and colour computed (what the first rule reading them pays).
+    feats = [compile_expression("target.n_detections >= 0 and target.rise_rate > -99 and color('g', 'r') > -99")]
+    full, _ = run(ctxs, feats, rounds)
+    result["context_with_features_per_alert_us"] = round(full, 2)
+    for n in (1, 25, 100):
+        rules = make_rules(n, rng)
+        run(ctxs, feats + rules, 1)  # warm
+        us, _ = run(ctxs, feats + rules, rounds)
+        rus, _ = run(ctxs, feats + rules, max(1, rounds // 4), reasons=True)
+        result["per_alert_us"][str(n)] = round(us, 2)
+        # The marginal cost of a rule, once the per-alert context is built.
+        result["per_rule_per_alert_us"][str(n)] = round((us - full) / n, 3)
+        result["with_reasons_per_alert_us"][str(n)] = round(rus, 2)
+    # One visibility check per alert (the day's Sun/Moon grid is cached after the first).
+    from tomd import visibility
+
+    a0, now0, _, _ = ctxs[0]
+    visibility.observability(visibility.FACILITY_SITES["lco"], 10.0, 10.0, now0, 24)
+    t0 = time.perf_counter()
+    k = 0
+    for _ in range(max(1, rounds // 4)):
+        for a, now, row, pts in ctxs:
+            visibility.observability(visibility.FACILITY_SITES["lco"], a.ra, a.dec, now0, 24)
+            k += 1
+    result["visibility_lco_24h_per_alert_us"] = round((time.perf_counter() - t0) / k * 1e6, 1)
+    result["goal_per_rule_per_alert_us"] = 2.0
+    print(json.dumps(result))
+    p = result["per_alert_us"]
+    print(f"rules: {p['1']:.1f} / {p['25']:.1f} / {p['100']:.1f} µs per alert for 1 / 25 / 100 rules "
+          f"({result['per_rule_per_alert_us']['100']:.2f} µs per rule at 100 on top of the context: "
+          f"{base:.1f} µs, {full:.1f} µs with every light-curve feature; "
+          f"with not-fired reasons {result['with_reasons_per_alert_us']['100']:.1f} µs at 100); "
+          f"visibility {result['visibility_lco_24h_per_alert_us']:.0f} µs per alert; {len(alerts)} ZTF alerts x {rounds}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
