@@ -192,3 +192,29 @@ def test_reload_is_rate_limited(tmp_path):
     assert rs.current()[0].when.source == "alert.mag < 18"
     rs.reload()
     assert rs.current()[0].when.source == "alert.mag < 19"
+
+
+def kn_score(ctx):
+    """A registered feature (referenced as "tests.test_rules_load:kn_score")."""
+    return 0.9 if (ctx.alert.mag or 99) < 19 else 0.1
+
+
+def test_from_config_with_features_and_kill_switch(tmp_path):
+    """The config fields the integrator adds to [rules]: features, kill_switch, enabled."""
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    from tomd.config import Config
+    from tomd.errors import InputError
+    from tomd.rules.engine import RuleEngine, load_features
+
+    (tmp_path / "kn.toml").write_text('name = "kn"\nwhen = "feature.kn > 0.5"\nadd_tags = ["kn"]\n')
+    rules_cfg = SimpleNamespace(paths=[str(tmp_path)], features={"kn": "tests.test_rules_load:kn_score"},
+                                kill_switch=str(tmp_path / "STOP"), enabled=True)
+    eng = RuleEngine.from_config(replace(Config(), rules=rules_cfg))
+    assert [r.name for r in eng.ruleset.current()] == ["kn"]
+    assert eng.features["kn"] is kn_score and eng.killed() is None
+    (tmp_path / "STOP").write_text("")
+    assert eng.killed().startswith("kill switch:")
+    with pytest.raises(InputError, match="rules.features.bad"):
+        load_features({"bad": "no_such_module_xyz:f"})

@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import secrets
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -64,6 +64,7 @@ class RuleSet:
         self._rules: list[Rule] = []
         self._checked = -math.inf
         self.problems: list[str] = []
+        self._lock = threading.Lock()  # one stream thread reloads at a time
         self.reload()
 
     @classmethod
@@ -75,8 +76,11 @@ class RuleSet:
 
     def current(self) -> list[Rule]:
         now = time.monotonic()
-        if now - self._checked >= self.check_every_s:
-            self.reload()
+        if now - self._checked >= self.check_every_s and self._lock.acquire(blocking=False):
+            try:
+                self.reload()
+            finally:
+                self._lock.release()
         return self._rules
 
     def reload(self) -> list[str]:
@@ -192,8 +196,9 @@ class RuleEngine:
         self.clock = clock or (lambda stored: datetime.now(timezone.utc))
         self.kill_switch = Path(kill_switch) if kill_switch else None
         self.enabled = enabled
-        self.counts: dict[str, int] = {}
+        self.counts: dict[str, int] = {}  # verdicts by outcome since start (metrics)
         self.last_verdicts: list[Verdict] = []
+        self._lock = threading.Lock()
 
     @classmethod
     def from_config(cls, config, *, features: Mapping[str, FeatureFn] | None = None,
@@ -217,7 +222,7 @@ class RuleEngine:
 
     def __call__(self, s: Session, stored: Sequence[Any]) -> None:
         rules = self.ruleset.current()
-        self.last_verdicts = []
+        verdicts: list[Verdict] = []
         if not rules or not stored:
             return
         killed = self.killed()
@@ -236,10 +241,12 @@ class RuleEngine:
             for rule in rules:
                 if not rule.listens_to(st.alert.source, st.alert.kind):
                     continue
-                v = self.decide(s, rule, st, ctx, now, killed, buffered)
-                self.counts[v.outcome] = self.counts.get(v.outcome, 0) + 1
-                self.last_verdicts.append(v)
+                verdicts.append(self.decide(s, rule, st, ctx, now, killed, buffered))
         repo.insert_decisions(s, buffered)
+        with self._lock:  # several stream threads may share one engine
+            for v in verdicts:
+                self.counts[v.outcome] = self.counts.get(v.outcome, 0) + 1
+        self.last_verdicts = verdicts  # the latest batch's, for tests and tools
 
     def killed(self) -> str | None:
         if not self.enabled:
@@ -273,8 +280,15 @@ class RuleEngine:
         except Exception as exc:  # noqa: BLE001 - a rule's error is its verdict, never the batch's
             log.warning("rule %s failed on alert %s (%s): %s", rule.name, st.alert_id, st.coords, exc,
                         extra={"rule": rule.name, "coords": st.coords})
-            return record_later(Verdict(rule.name, "error", f"{exc.__class__.__name__}: {exc}"[:2000],
-                                        {"error": exc.__class__.__name__}))
+            where = w.failing_clause(*ctx.args())
+            details = {"error": exc.__class__.__name__}
+            reason = f"{exc.__class__.__name__}: {exc}"
+            if where is not None:
+                c = w.clauses[where]
+                vals = w.values(where, *ctx.args())
+                details.update(clause=where, line=c.line, values=vals)
+                reason = f"{c.source} raised {reason}" + (f" ({describe_values(vals)})" if vals else "")
+            return record_later(Verdict(rule.name, "error", reason[:2000], details))
         if i >= 0:
             clause = w.clauses[i]
             vals = w.values(i, *ctx.args())
@@ -322,6 +336,12 @@ class RuleEngine:
                         "add_to_lists": list(rule.add_to_lists)}
                 details["would"] = plan
                 return record_later(Verdict(rule.name, "test", f"{WOULD_FIRE}: {why}", details))
+            if ob is not None:
+                # The submitter reads inline templates ("inline:<hash>") from here.
+                details["observe"] = {"facility": ob.facility, "template": ob.template_key,
+                                      "template_fields": dict(ob.template), "mode": ob.mode,
+                                      "priority": ob.priority, "window_hours": ob.window_hours,
+                                      "estimated_hours": ob.estimated_hours}
             return self._fire(s, rule, st, now, why, details, base)
         except DBAPIError:
             raise  # the database failed: the whole batch is retried

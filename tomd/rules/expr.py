@@ -343,6 +343,17 @@ class Compiled:
     clauses: list[Clause]
     features: frozenset[str] = frozenset()
     uses_visibility: bool = False
+    clause_fns: list[Callable] = field(default_factory=list)  # one per clause, for locating errors
+
+    def failing_clause(self, alert, target, now, ctx) -> int | None:
+        """The first clause whose evaluation raises (after the rule raised), or None."""
+        for i, fn in enumerate(self.clause_fns):
+            try:
+                if not fn(alert, target, now, ctx):
+                    return None
+            except Exception:  # noqa: BLE001
+                return i
+        return None
 
     def first_false(self, alert, target, now, ctx) -> int:
         """Index of the first false clause, or -1 when all are true. Raises on errors."""
@@ -361,7 +372,7 @@ class Compiled:
 
 def _show(v: Any) -> str:
     if isinstance(v, float):
-        return f"{v:.6g}"
+        return f"{v:.5f}" if 1e4 <= abs(v) < 1e9 else f"{v:.6g}"  # MJDs keep their fraction of a day
     if isinstance(v, (set, frozenset)):
         v = sorted(v)
     r = repr(v)
@@ -631,9 +642,10 @@ class _Compiler:
     def compile(self) -> Compiled:
         body = self.parse()
         terms = body.values if isinstance(body, ast.BoolOp) and isinstance(body.op, ast.And) else [body]
-        fast_stmts, safe_stmts, clauses = [], [], []
+        fast_stmts, safe_stmts, clauses, clause_fns = [], [], [], []
         for i, term in enumerate(terms):
             f, s = self.tr(term)
+            clause_fns.append(_lambda(s))
             fast_stmts.append(_if_not_return(f, i))
             safe_stmts.append(_if_not_return(s, i))
             leaves = []
@@ -643,7 +655,7 @@ class _Compiler:
             clauses.append(Clause(_source(self.text, term).strip(), max(1, term.lineno - 1), term.col_offset + 1,
                                   leaves))
         return Compiled(self.text, _function(fast_stmts), _function(safe_stmts), clauses,
-                        frozenset(self.used_features), self.uses_visibility)
+                        frozenset(self.used_features), self.uses_visibility, clause_fns)
 
 
 def _arity(fn: Function) -> str:
