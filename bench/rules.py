@@ -58,7 +58,6 @@ def load_alerts():
 
 
 def contexts(alerts, rng):
-    out = []
     for i, a in enumerate(alerts):
         now = mjd_of(a.time) + 0.01
         pts = [Point(p.mjd, p.band, p.kind, p.mag, p.limit) for p in a.photometry]

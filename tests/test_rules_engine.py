@@ -12,7 +12,6 @@ from tomd.alerts.decode import decode_avro_ocf
 from tomd.alerts.formats import ztf
 from tomd.alerts.ingest import FileMessage, IngestSettings, Ingestor
 from tomd.db.models import AlertRow, Decision, ObservationRequest, OutboxEvent, TargetTag
-from tomd.errors import RetryableError
 from tomd.rules.engine import RuleEngine, RuleSet
 from tomd.rules.load import RuleEnv, parse_rule
 

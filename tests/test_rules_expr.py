@@ -7,7 +7,7 @@ from datetime import datetime, timezone
 
 import pytest
 
-from tomd.alerts.model import Alert, Localization
+from tomd.alerts.model import Alert
 from tomd.rules.context import AlertView, Context, Point, TargetView, color, lightcurve_features, mjd_of
 from tomd.rules.expr import ExprError, compile_expression
 

@@ -194,8 +194,8 @@ class _Window:
     moon_xyz: np.ndarray  # (3, N)
     dark: np.ndarray  # (S, N) Sun below max_sun_alt
     sin_lat: np.ndarray  # (S, 1)
-    cos_lat: np.ndarray
-    lon: np.ndarray  # (S, 1) radians
+    cl_cos_lst: np.ndarray  # (S, N) cos(lat) cos(local sidereal time)
+    cl_sin_lst: np.ndarray  # (S, N) cos(lat) sin(local sidereal time)
     codes: tuple[str, ...]
 
 
@@ -234,8 +234,9 @@ def _window(sites: tuple[str, ...], start_mjd: float, hours: float, max_sun_alt:
     sin_lat, cos_lat = np.sin(lat), np.cos(lat)
     sun_alt = np.arcsin(np.clip(sin_lat * np.sin(sun_dec) + cos_lat * np.cos(sun_dec) * np.cos(gast + lon - sun_ra),
                                 -1, 1))
-    w = _Window(mjd, gast, parts[0][0].rot, moon, sun_alt <= math.radians(max_sun_alt), sin_lat, cos_lat, lon,
-                tuple(sites))
+    lst = gast + lon  # (S, N)
+    w = _Window(mjd, gast, parts[0][0].rot, moon, sun_alt <= math.radians(max_sun_alt), sin_lat,
+                cos_lat * np.cos(lst), cos_lat * np.sin(lst), tuple(sites))
     with _LOCK:
         _WINDOWS[key] = w
         while len(_WINDOWS) > 256:
@@ -256,7 +257,9 @@ def observability(sites: Iterable[str], ra: float, dec: float, start_mjd: float,
     if w is None:
         return Visibility(False, reason="empty window")
     r, dd, xyz = _of_date(w.rot, ra, dec)
-    sin_alt = w.sin_lat * math.sin(dd) + w.cos_lat * math.cos(dd) * np.cos(w.gast + w.lon - r)  # (S, N)
+    # sin alt = sin φ sin δ + cos φ cos δ cos(LST − α), with cos(LST − α) expanded: no trig on arrays.
+    cd = math.cos(dd)
+    sin_alt = w.sin_lat * math.sin(dd) + (w.cl_cos_lst * (cd * math.cos(r)) + w.cl_sin_lst * (cd * math.sin(r)))
     cosm = xyz @ w.moon_xyz  # (N,)
     moon_ok = cosm <= math.cos(math.radians(min_moon_deg))
     usable = w.dark & moon_ok  # (S, N)

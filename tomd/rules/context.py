@@ -55,6 +55,9 @@ def _slope(pts: Sequence[tuple[float, float]]) -> float | None:
     n = len(pts)
     if n < 2:
         return None
+    if n == 2:
+        (t0, m0), (t1, m1) = pts
+        return (m1 - m0) / (t1 - t0) if t1 - t0 >= 1e-3 else None
     mt = sum(p[0] for p in pts) / n
     mm = sum(p[1] for p in pts) / n
     sxx = sum((p[0] - mt) ** 2 for p in pts)
@@ -65,8 +68,9 @@ def _slope(pts: Sequence[tuple[float, float]]) -> float | None:
 
 def lightcurve_features(points: Sequence[Point], now_mjd: float) -> dict[str, Any]:
     """Features of a light curve (points in any order). Missing ones are None."""
-    det = sorted((p for p in points if p.kind == "detection" and p.mag is not None and math.isfinite(p.mag)),
-                 key=lambda p: p.mjd)
+    det = [(p.mjd, p.mag, p.band) for p in points
+           if p.kind == "detection" and p.mag is not None and p.mag == p.mag and abs(p.mag) != math.inf]
+    det.sort()
     n_ul = sum(1 for p in points if p.kind == "upper_limit")
     f: dict[str, Any] = {
         "n_detections": len(det), "n_upper_limits": n_ul,
@@ -78,37 +82,43 @@ def lightcurve_features(points: Sequence[Point], now_mjd: float) -> dict[str, An
     if not det:
         return f
     first, last = det[0], det[-1]
-    peak = min(det, key=lambda p: (p.mag, p.mjd))
-    f.update(first_detection=first.mjd, last_detection=last.mjd, age_days=now_mjd - first.mjd,
-             since_last_days=now_mjd - last.mjd, peak_mag=peak.mag, peak_mjd=peak.mjd, peak_band=peak.band,
-             last_mag=last.mag, last_band=last.band)
-    by_band: dict[str, list[Point]] = {}
-    for p in det:
-        by_band.setdefault(p.band, []).append(p)
-    rises, declines, peaks, lasts = {}, {}, {}, {}
+    peak = det[0]
+    by_band: dict[str, list[tuple[float, float]]] = {}
+    for d in det:
+        if d[1] < peak[1]:
+            peak = d
+        by_band.setdefault(d[2], []).append((d[0], d[1]))
+    f.update(first_detection=first[0], last_detection=last[0], age_days=now_mjd - first[0],
+             since_last_days=now_mjd - last[0], peak_mag=peak[1], peak_mjd=peak[0], peak_band=peak[2],
+             last_mag=last[1], last_band=last[2])
+    rises, declines, peaks, lasts = f["rise_rates"], f["decline_rates"], f["peak_mags"], f["last_mags"]
     latest_of_short: dict[str, float] = {}
+    rise = decline = None
     for band, pts in by_band.items():
-        i_peak = min(range(len(pts)), key=lambda i: (pts[i].mag, pts[i].mjd))
-        before = [(p.mjd, p.mag) for p in pts[:i_peak + 1]]
-        after = [(p.mjd, p.mag) for p in pts[i_peak:]]
-        s_rise, s_decl = _slope(before), _slope(after)
-        vals = {"rise": -s_rise if s_rise is not None else None, "decline": s_decl,
-                "peak": pts[i_peak].mag, "last": pts[-1].mag}
+        i_peak = 0
+        for i in range(1, len(pts)):
+            if pts[i][1] < pts[i_peak][1]:
+                i_peak = i
+        s_rise = _slope(pts[:i_peak + 1])
+        s_decl = _slope(pts[i_peak:])
+        r = -s_rise if s_rise is not None else None
+        if r is not None and (rise is None or r > rise):
+            rise = r
+        if s_decl is not None and (decline is None or s_decl > decline):
+            decline = s_decl
         keys = [band]
         short = _short(band)
         # "g" is the g band of whichever survey saw the object last in g.
-        if short and pts[-1].mjd >= latest_of_short.get(short, -math.inf):
-            latest_of_short[short] = pts[-1].mjd
+        if short and pts[-1][0] >= latest_of_short.get(short, -math.inf):
+            latest_of_short[short] = pts[-1][0]
             keys.append(short)
         for k in keys:
-            if vals["rise"] is not None:
-                rises[k] = vals["rise"]
-            if vals["decline"] is not None:
-                declines[k] = vals["decline"]
-            peaks[k], lasts[k] = vals["peak"], vals["last"]
-    f.update(rise_rates=rises, decline_rates=declines, peak_mags=peaks, last_mags=lasts,
-             rise_rate=max((rises[b] for b in by_band if b in rises), default=None),
-             decline_rate=max((declines[b] for b in by_band if b in declines), default=None))
+            if r is not None:
+                rises[k] = r
+            if s_decl is not None:
+                declines[k] = s_decl
+            peaks[k], lasts[k] = pts[i_peak][1], pts[-1][1]
+    f["rise_rate"], f["decline_rate"] = rise, decline
     return f
 
 
