@@ -311,8 +311,8 @@ class RateLimiter:
                 self._tokens = min(self.burst, self._tokens + (now - self._last) * self.rate)
                 self._last = now
                 wait = max(self.paused_until - now, 0.0)
-                if wait == 0.0 and self._tokens >= 1.0:
-                    self._tokens -= 1.0
+                if wait == 0.0 and self._tokens >= 1.0 - 1e-9:  # float dust must not spin
+                    self._tokens = max(0.0, self._tokens - 1.0)
                     return
                 if wait == 0.0:
                     wait = (1.0 - self._tokens) / self.rate

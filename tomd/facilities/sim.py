@@ -90,14 +90,17 @@ class Fault:
     kind: str  # one of FAULT_KINDS
     count: int = 1
     method: str | None = None  # "POST", "GET" or None for any
-    path: str | None = None  # path prefix, None for any
+    path: str | None = None  # exact path, "PREFIX*" for a prefix, None for any
     status: int = 503
     retry_after: float = 1.0
     delay: float = 1.0  # "slow": seconds before answering
 
     def matches(self, method: str, path: str) -> bool:
-        return ((self.method is None or self.method == method)
-                and (self.path is None or path.startswith(self.path)))
+        if self.method is not None and self.method != method:
+            return False
+        if self.path is None:
+            return True
+        return path.startswith(self.path[:-1]) if self.path.endswith("*") else path == self.path
 
 
 @dataclass
@@ -188,7 +191,7 @@ class SimObservatory:
 
     def inject(self, kind: str, *, count: int = 1, method: str | None = None, path: str | None = None,
                status: int = 503, retry_after: float = 1.0, delay: float = 1.0) -> None:
-        """Misbehave on the next ``count`` calls matching ``method`` and ``path`` prefix."""
+        """Misbehave on the next ``count`` calls matching ``method`` and ``path`` (exact, or "PREFIX*")."""
         if kind not in FAULT_KINDS:
             raise ValueError(f"unknown fault {kind!r}; expected one of {', '.join(FAULT_KINDS)}")
         with self._lock:

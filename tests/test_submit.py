@@ -1,0 +1,275 @@
+"""Exactly-once submission against the simulated observatory, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import threading
+import time
+from datetime import datetime, timedelta, timezone
+
+import pytest
+from sqlalchemy import select
+
+from tomd.db import migrate
+from tomd.db import repository as repo
+from tomd.db.models import ObservationRequest, OutboxEvent
+from tomd.facilities.lco import LCOClient
+from tomd.facilities.sim import SimObservatory
+from tomd.submit import SubmitSettings, Submitter, create_intent
+from tomd.targets.model import TargetSpec
+from tomd.targets.store import upsert
+
+TEMPLATES = {
+    "1m-gri": {"instrument_type": "1M0-SCICAM-SINISTRO", "filters": ["gp", "rp", "ip"], "exposure_time": 120},
+    "bad-filter": {"instrument_type": "1M0-SCICAM-SINISTRO", "filters": ["Halpha"], "exposure_time": 60},
+}
+FAST = SubmitSettings(lease_s=30, max_attempts=8, backoff_base_s=0.01, backoff_cap_s=0.05, settle_s=0.05,
+                      token_backoff_s=60, batch=50, sweep_interval_s=5)
+
+
+@pytest.fixture
+def sim():
+    with SimObservatory(pending_s=3600, hang_s=0.8) as s:
+        yield s
+
+
+def client(sim, **kw):
+    args = dict(url=sim.url, token=sim.token, proposal="SIM2026A-001", templates=TEMPLATES, timeout=0.3,
+                max_attempts=3, backoff_base=0.01, backoff_cap=0.05, rate_limit=1000.0)
+    args.update(kw)
+    return LCOClient("sim", **args)
+
+
+def make_target(db, name="SN 2026abc", ra=150.0, dec=-20.0) -> int:
+    with db.sessions.begin() as s:
+        return upsert(s, TargetSpec(name=name, ra=ra, dec=dec), origin="test").target_id
+
+
+def make_intents(db, n, *, template="1m-gri", prefix="tomd-i", **kw) -> list[int]:
+    tid = make_target(db)
+    with db.sessions.begin() as s:
+        return [create_intent(s, target_id=tid, facility="sim", template=template, name=f"{prefix}-{i}", **kw)
+                for i in range(n)]
+
+
+def rows(db) -> list[ObservationRequest]:
+    with db.sessions() as s:
+        return list(s.scalars(select(ObservationRequest).order_by(ObservationRequest.id)))
+
+
+def events(db, kind=None) -> list[OutboxEvent]:
+    with db.sessions() as s:
+        q = select(OutboxEvent).order_by(OutboxEvent.id)
+        if kind:
+            q = q.where(OutboxEvent.kind == kind)
+        return list(s.scalars(q))
+
+
+def test_intent_becomes_one_request_with_history_and_event(db, sim):
+    (rid,) = make_intents(db, 1, mode="RAPID_RESPONSE", priority=1.2)
+    sub = Submitter(db.sessions, {"sim": client(sim)}, FAST, worker_id="w1")
+    (out,) = sub.run_once()
+    assert out.state == "pending" and out.facility_id
+    (row,) = rows(db)
+    assert (row.state, row.facility_state, row.facility_id, row.attempts) == ("pending", "PENDING", out.facility_id, 1)
+    assert row.claimed_by is None and row.submitted_at is not None
+    assert row.request["name"] == "tomd-i-0" and row.request["observation_type"] == "RAPID_RESPONSE"
+    assert row.request["ipp_value"] == 1.2
+    (group,) = sim.groups()
+    assert group["name"] == "tomd-i-0" and str(group["id"]) == row.facility_id
+    with db.sessions() as s:
+        hist = repo.observation_history(s, rid)
+    assert [(h.state, h.facility_state) for h in hist] == [("pending", "PENDING")]
+    (ev,) = events(db, "observation.submitted")
+    assert ev.payload["facility_id"] == row.facility_id and ev.payload["recovered"] is False
+    assert sub.run_once() == []  # nothing left: a second sweep submits nothing
+
+
+def test_rejection_is_final_with_the_facility_words(db, sim):
+    make_intents(db, 1, template="bad-filter")
+    sub = Submitter(db.sessions, {"sim": client(sim)}, FAST)
+    (out,) = sub.run_once()
+    assert out.state == "rejected"
+    (row,) = rows(db)
+    assert row.state == "rejected"
+    assert ("requests[0].configurations[0].instrument_configs[0].optical_elements.filter: "
+            "Invalid filter 'Halpha'") in row.last_error
+    assert sim.groups() == [] and sub.run_once() == []
+    assert events(db, "observation.rejected")[0].payload["reason"] == row.last_error
+
+
+def test_rejection_on_post_without_validation(db, sim):
+    make_intents(db, 1, template="bad-filter")
+    sub = Submitter(db.sessions, {"sim": client(sim)}, SubmitSettings(**{**FAST.__dict__, "validate": False}))
+    (out,) = sub.run_once()
+    assert out.state == "rejected" and "Invalid filter 'Halpha'" in rows(db)[0].last_error
+    assert len(sim.submissions()) == 1
+
+
+@pytest.mark.parametrize("fault", ["accept_then_hang", "accept_then_drop", "accept_then_500"])
+def test_ambiguous_failure_is_looked_up_not_resubmitted(db, sim, fault):
+    make_intents(db, 1)
+    sim.inject(fault, method="POST", path="/api/requestgroups/")
+    sub = Submitter(db.sessions, {"sim": client(sim)}, FAST)
+    (first,) = sub.run_once()
+    assert first.state == "submitting"
+    sub.run_until_settled(timeout_s=10)
+    (row,) = rows(db)
+    assert row.state == "pending" and sim.names() == {"tomd-i-0": 1}
+    assert len(sim.submissions()) == 1  # never POSTed again
+    assert events(db, "observation.submitted")[0].payload["recovered"] is True
+
+
+def test_ambiguous_without_storing_is_submitted_after_the_look_up(db, sim):
+    make_intents(db, 1)
+    sim.inject("drop", method="POST", path="/api/requestgroups/")
+    sub = Submitter(db.sessions, {"sim": client(sim)}, FAST)
+    sub.run_until_settled(timeout_s=10)
+    (row,) = rows(db)
+    assert row.state == "pending" and row.attempts == 2 and sim.names() == {"tomd-i-0": 1}
+    lookups = [r for r in sim.received if r.method == "GET" and r.path == "/api/requestgroups/"]
+    assert len(lookups) == 1  # looked before the second POST
+
+
+def test_crash_after_marking_submitting_is_recovered_by_the_next_worker(db, sim):
+    """A worker died mid-POST (the group exists, the row says submitting, its lease ran out)."""
+    (rid,) = make_intents(db, 1)
+    c = client(sim)
+    with db.sessions() as s:
+        target = repo.get_target(s, rows(db)[0].target_id)
+        from tomd.facilities.base import Intent
+
+        doc = c.build_request("1m-gri", target, Intent(name="tomd-i-0"))
+    c.submit(doc)
+    past = datetime.now(timezone.utc) - timedelta(seconds=1)
+    with db.sessions.begin() as s:
+        repo.update_observation(s, rid, {"state": "submitting", "attempts": 1, "claimed_by": "dead",
+                                         "claimed_until": past})
+    Submitter(db.sessions, {"sim": c}, FAST, worker_id="heir").run_until_settled(timeout_s=10)
+    assert rows(db)[0].state == "pending" and sim.names() == {"tomd-i-0": 1}
+
+
+def test_a_live_claim_is_not_taken(db, sim):
+    (rid,) = make_intents(db, 1)
+    future = datetime.now(timezone.utc) + timedelta(minutes=5)
+    with db.sessions.begin() as s:
+        repo.update_observation(s, rid, {"claimed_by": "other", "claimed_until": future})
+    assert Submitter(db.sessions, {"sim": client(sim)}, FAST).run_once() == []
+    assert sim.groups() == []
+
+
+def test_storm_of_faults_no_duplicates_every_intent_settles(db, sim):
+    n = 20
+    make_intents(db, n - 2)
+    make_intents(db, 2, template="bad-filter", prefix="tomd-bad")
+    sim.chaos(0.35, seed=7)
+    sub = Submitter(db.sessions, {"sim": client(sim)}, FAST)
+    sub.run_until_settled(timeout_s=90)
+    sim.clear_faults()
+    names = sim.names()
+    assert all(c == 1 for c in names.values()), {k: c for k, c in names.items() if c > 1}
+    by_name = {g["name"]: str(g["id"]) for g in sim.groups()}
+    final = rows(db)
+    assert len(final) == n
+    for r in final:
+        assert r.state in ("pending", "rejected", "failed"), (r.name, r.state, r.last_error)
+        if r.state == "pending":
+            assert by_name[r.name] == r.facility_id
+        else:
+            assert r.last_error and r.name not in by_name
+    assert sum(r.state == "pending" for r in final) >= n - 2 - 1  # chaos may exhaust one intent's attempts
+    assert {r.name for r in final if r.state == "rejected"} >= {"tomd-bad-0", "tomd-bad-1"} - {
+        r.name for r in final if r.state == "failed"}
+    assert len(events(db, "observation.submitted")) == sum(r.state == "pending" for r in final)
+
+
+def test_two_submitters_never_submit_the_same_intent_twice(db, sim):
+    n = 30
+    make_intents(db, n)
+    sim.inject("slow", delay=0.05, method="POST", count=n)  # widen the race window
+    engines = [migrate.connect(db.url) for _ in range(2)]  # separate pools, as two daemons
+    try:
+        subs = [Submitter(migrate.sessions(e), {"sim": client(sim)}, FAST, worker_id=f"w{i}")
+                for i, e in enumerate(engines)]
+        outcomes: list = [[], []]
+
+        def work(i):
+            outcomes[i] = subs[i].run_until_settled(timeout_s=60)
+
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        for e in engines:
+            e.dispose()
+    assert sim.names() == {f"tomd-i-{i}": 1 for i in range(n)}
+    assert len(sim.submissions()) == n
+    assert all(r.state == "pending" for r in rows(db))
+    done = [o.request_id for out in outcomes for o in out if o.state == "pending"]
+    assert sorted(done) == sorted(set(done)) and len(done) == n
+
+
+def test_refused_token_keeps_the_intent_waiting(db, sim):
+    make_intents(db, 1)
+    sub = Submitter(db.sessions, {"sim": client(sim, token="wrong")}, FAST)
+    (out,) = sub.run_once()
+    (row,) = rows(db)
+    assert row.state == "intent" and "refused the API token" in row.last_error and "wrong" not in row.last_error
+    assert row.next_attempt_at > datetime.now(timezone.utc) + timedelta(seconds=30)
+    assert sim.groups() == []
+
+
+def test_429_on_submit_is_honoured_and_submitted_once(db, sim):
+    make_intents(db, 1)
+    sim.inject("429", retry_after=0.3, method="POST", path="/api/requestgroups/", count=5)
+    sub = Submitter(db.sessions, {"sim": client(sim)}, FAST)
+    t0 = time.monotonic()
+    sub.run_until_settled(timeout_s=20)
+    assert time.monotonic() - t0 >= 0.3 * 5
+    assert rows(db)[0].state == "pending" and sim.names() == {"tomd-i-0": 1}
+
+
+def test_retries_are_bounded(db, sim):
+    make_intents(db, 1)
+    sim.inject("drop", method="POST", path="/api/requestgroups/", count=100)
+    sub = Submitter(db.sessions, {"sim": client(sim)}, SubmitSettings(**{**FAST.__dict__, "max_attempts": 3}))
+    sub.run_until_settled(timeout_s=20)
+    (row,) = rows(db)
+    assert row.state == "failed" and row.attempts == 3 and "gave up after 3 attempts" in row.last_error
+    assert len(sim.submissions()) == 3 and sim.groups() == []
+    assert events(db, "observation.failed")[0].payload["attempts"] == 3
+
+
+def test_template_and_window_problems_fail_with_a_reason(db, sim):
+    tid = make_target(db)
+    past = datetime.now(timezone.utc) - timedelta(hours=1)
+    with db.sessions.begin() as s:
+        create_intent(s, target_id=tid, facility="sim", template="nope", name="a")
+        create_intent(s, target_id=tid, facility="sim", template="1m-gri", name="b", window_end=past)
+        create_intent(s, target_id=tid, facility="elsewhere", template="1m-gri", name="c")
+    Submitter(db.sessions, {"sim": client(sim)}, FAST).run_once()
+    reasons = {r.name: (r.state, r.last_error) for r in rows(db)}
+    assert reasons["a"][0] == "failed" and "no template 'nope'" in reasons["a"][1]
+    assert reasons["b"][0] == "failed" and "window ended" in reasons["b"][1]
+    assert reasons["c"][0] == "failed" and "no facility 'elsewhere'" in reasons["c"][1]
+
+
+def test_wake_submits_at_once(db, sim):
+    sub = Submitter(db.sessions, {"sim": client(sim)}, SubmitSettings(**{**FAST.__dict__, "sweep_interval_s": 60}))
+    stop = threading.Event()
+    t = threading.Thread(target=sub.run, args=(stop,))
+    t.start()
+    try:
+        time.sleep(0.2)  # the first sweep found nothing; now it sleeps up to 60 s
+        make_intents(db, 1)
+        t0 = time.monotonic()
+        sub.wake()
+        while rows(db)[0].state != "pending":
+            assert time.monotonic() - t0 < 5
+            time.sleep(0.01)
+    finally:
+        stop.set()
+        sub.wake()
+        t.join(5)
+    assert not t.is_alive()
