@@ -228,14 +228,14 @@ class RuleEngine:
         killed = self.killed()
         tids = sorted({st.target_id for st in stored if st.target_id is not None})
         rows = repo.target_rows(s, tids)
-        names = repo.names_of(s, tids)
+        names = repo.names_for_rules(s, tids)
         tags = repo.tags_of(s, tids)
         lists = repo.lists_of(s, tids)
         phot = repo.photometry_for_rules(s, tids)
         buffered: list[dict[str, Any]] = []
         for st in stored:
             now = _utc(self.clock(st))
-            ctx = self.context(st, rows.get(st.target_id), [n.name for n in names.get(st.target_id, [])],
+            ctx = self.context(st, rows.get(st.target_id), names.get(st.target_id, ()),
                                tags.get(st.target_id, ()), lists.get(st.target_id, ()),
                                phot.get(st.target_id, ()), now)
             for rule in rules:
