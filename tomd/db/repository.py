@@ -646,11 +646,6 @@ def photometry_of_alert(s: Session, alert_id: int) -> list[Photometry]:
     return list(s.scalars(select(Photometry).where(Photometry.alert_id == alert_id).order_by(Photometry.mjd)))
 
 
-def update_data_product(s: Session, product_row_id: int, values: dict[str, Any]) -> None:
-    """Change a product's state/size/md5/key (a failed download retried, a pending one stored)."""
-    s.execute(DataProduct.__table__.update().where(DataProduct.__table__.c.id == product_row_id).values(**values))
-
-
 _NAMES_FOR_RULES = select(_NAMES.c.target_id, _NAMES.c.name).where(
     _NAMES.c.target_id.in_(bindparam("ids", expanding=True))).order_by(_NAMES.c.target_id, _NAMES.c.primary.desc(),
                                                                      _NAMES.c.id)
@@ -663,3 +658,9 @@ def names_for_rules(s: Session, target_ids: Sequence[int]) -> dict[int, list[str
         for tid, name in s.execute(_NAMES_FOR_RULES, {"ids": list(target_ids)}):
             out[tid].append(name)
     return out
+
+
+def update_data_product(s: Session, product_row_id: int, values: dict[str, Any]) -> None:
+    """Change a product's state/size/md5/key (a failed download retried, a pending one stored)."""
+    s.execute(DataProduct.__table__.update().where(DataProduct.__table__.c.id == product_row_id).values(**values))
+
