@@ -244,3 +244,45 @@ def test_concurrent_creation_of_one_object_makes_one_target(db):
     with db.sessions() as s:
         assert s.scalar(select(func.count()).select_from(Target)) == 1
         assert s.scalar(select(func.count()).select_from(TargetName)) == 4
+
+
+def test_concurrent_upgrades_of_a_new_database_are_serialised(tmp_path):
+    """Replicas that start together: every `db upgrade` succeeds, one schema results."""
+    import os
+    import secrets
+    import threading
+
+    from sqlalchemy import create_engine, text
+
+    from tests.conftest import ADMIN_URL
+
+    name = f"tomd_upg_{os.getpid()}_{secrets.token_hex(3)}"
+    admin = create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as c:
+        c.execute(text(f'CREATE DATABASE "{name}"'))
+    url = ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    errors = []
+
+    def upgrade():
+        engine = migrate.connect(url)
+        try:
+            migrate.upgrade(engine)
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+        finally:
+            engine.dispose()
+
+    try:
+        threads = [threading.Thread(target=upgrade) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert errors == []
+        engine = migrate.connect(url)
+        migrate.ensure_current(engine)
+        engine.dispose()
+    finally:
+        with admin.connect() as c:
+            c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
