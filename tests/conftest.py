@@ -52,6 +52,7 @@ def pg_database():
     admin = create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT")
     try:
         with admin.connect() as c:
+            _drop_orphans(c)
             c.execute(text(f'CREATE DATABASE "{name}"'))
     except Exception as exc:  # noqa: BLE001 - report and stop, CI must see it
         pytest.fail(f"PostgreSQL is needed at {ADMIN_URL} (run `make test`, which starts it): {exc}")
@@ -63,6 +64,24 @@ def pg_database():
     with admin.connect() as c:
         c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
     admin.dispose()
+
+
+def _drop_orphans(c) -> None:
+    """Drop databases left by test runs that were killed (their process is gone)."""
+    for (db_name,) in c.execute(text("SELECT datname FROM pg_database WHERE datname LIKE 'tomd_test_%'")):
+        parts = db_name.split("_")
+        if len(parts) == 4 and parts[2].isdigit() and not _alive(int(parts[2])):
+            c.execute(text(f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)'))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 @pytest.fixture(scope="session")
