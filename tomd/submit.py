@@ -156,15 +156,16 @@ class Submitter:
         claimed = self._claim(ids)
         return [self._process(w) for w in claimed]
 
-    def run_until_settled(self, timeout_s: float = 30.0, poll_s: float = 0.02) -> list[Outcome]:
-        """Sweep until no intent is left in intent/submitting (tests, CLI). Returns every outcome."""
+    def run_until_settled(self, timeout_s: float = 30.0, poll_s: float = 0.02,
+                          ids: Sequence[int] | None = None) -> list[Outcome]:
+        """Sweep until no intent (of ``ids``) is left in intent/submitting (tests, CLI). Returns every outcome."""
         deadline = self.clock() + timedelta(seconds=timeout_s)
         out: list[Outcome] = []
         stop = threading.Event()
         while self.clock() < deadline:
-            out.extend(self.run_once())
+            out.extend(self.run_once(ids))
             with self.sessions() as s:
-                nxt = repo.next_observation_attempt(s)
+                nxt = repo.next_observation_attempt(s, ids)
             if nxt is None:
                 return out
             stop.wait(min(poll_s if nxt <= self.clock() else (nxt - self.clock()).total_seconds(), 1.0))

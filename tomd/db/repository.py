@@ -520,14 +520,17 @@ def query_observations(s: Session, *, state: str | None = None, facility: str | 
     return list(s.scalars(q))
 
 
-def next_observation_attempt(s: Session) -> datetime | None:
+def next_observation_attempt(s: Session, ids: Sequence[int] | None = None) -> datetime | None:
     """When the earliest waiting intent becomes due, claims included (None: none waits)."""
     from sqlalchemy import case
 
     R = ObservationRequest
     due = func.coalesce(R.next_attempt_at, R.created_at)
     when = case((R.claimed_until > due, R.claimed_until), else_=due)
-    return s.scalar(select(func.min(when)).where(R.state.in_(("intent", "submitting"))))
+    q = select(func.min(when)).where(R.state.in_(("intent", "submitting")))
+    if ids is not None:
+        q = q.where(R.id.in_(list(ids)))
+    return s.scalar(q)
 
 
 # ---- rules ----
