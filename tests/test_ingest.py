@@ -152,3 +152,19 @@ def test_solar_system_alerts_join_the_named_target_never_by_position(db, shared_
         else:
             assert row.target_id is None
         assert store.resolve(s, "field star").id != row.target_id
+
+
+def test_a_message_the_database_refuses_is_dead_lettered_not_retried_forever(db, shared_data):
+    """PostgreSQL refuses NUL characters in JSON text; SQLite stores them."""
+    schema, (rec,) = read_ztf(ztf_files()[0])
+    bad = dict(rec, candidate={**rec["candidate"], "ssnamenr": "bad\x00name"})
+    good = [FileMessage("f", i, p.read_bytes()) for i, p in enumerate(ztf_files()[1:4])]
+    msgs = [good[0], FileMessage("bad", 0, encode(schema, [bad]), topic="ztf_x", partition=0, offset=7), *good[1:]]
+    result = ingestor(db).handle(msgs)
+    if db.kind == "postgresql":
+        assert (result.alerts, result.dead_letters) == (3, 1)
+        with db.sessions() as s:
+            (dl,) = repo.dead_letters(s)
+        assert (dl.topic, dl.offset) == ("ztf_x", 7) and "database refused it" in dl.error
+    else:
+        assert (result.alerts, result.dead_letters) == (4, 0)

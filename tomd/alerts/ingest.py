@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, OperationalError, ProgrammingError
 from sqlalchemy.orm import Session, sessionmaker
 
 from tomd.alerts.formats.hop import with_headers as hop_with_headers
@@ -142,16 +142,43 @@ class Ingestor:
         t1 = time.perf_counter()
         self.seconds["parse"] += t1 - t0
         try:
+            result = self._commit(parsed)
+        except (DataError, ProgrammingError) as exc:
+            # The database refuses something in the batch (a NUL character in a
+            # payload string, a value out of range): find the message, dead-letter
+            # it, keep the rest. Replays make the one-by-one pass safe.
+            log.warning("database refused a batch (%s); applying it message by message", _db_reason(exc))
+            result = self._one_by_one(parsed)
+        self.seconds["database"] += time.perf_counter() - t1
+        self._add_totals(result)
+        return result
+
+    def _commit(self, parsed) -> BatchResult:
+        try:
             with self.sessions.begin() as s:
-                result = self._apply(s, parsed)
-            self.seconds["database"] += time.perf_counter() - t1
+                return self._apply(s, parsed)
+        except (DataError, ProgrammingError):
+            raise
         except (OperationalError, IntegrityError, DBAPIError) as exc:
             # Database down, or another daemon stored the same alert a moment
             # ago: nothing was committed; the batch is retried as a whole.
-            raise RetryableError(f"database: {redact(str(getattr(exc, 'orig', exc)) or exc.__class__.__name__)}") \
-                from exc
-        self._add_totals(result)
-        return result
+            raise RetryableError(f"database: {_db_reason(exc)}") from exc
+
+    def _one_by_one(self, parsed) -> BatchResult:
+        total = BatchResult()
+        for item in parsed:
+            try:
+                r = self._commit([item])
+            except (DataError, ProgrammingError) as exc:
+                m = item[0]
+                with self.sessions.begin() as s:
+                    self._dead_letter(s, m, f"database refused it: {_db_reason(exc)}")
+                r = BatchResult(messages=1, dead_letters=1)
+            for f in ("messages", "alerts", "duplicates", "skipped_test", "dead_letters", "targets_created",
+                      "photometry_points", "notices"):
+                setattr(total, f, getattr(total, f) + getattr(r, f))
+            total.alert_ids.extend(r.alert_ids)
+        return total
 
     def _add_totals(self, r: BatchResult) -> None:
         t = self.totals
@@ -287,6 +314,10 @@ class Ingestor:
         })
         repo.add_event(s, AlertDeadLettered(dl_id, self.settings.stream, m.coords, error))
         log.warning("dead letter %s: %s", m.coords, error, extra={"coords": m.coords, "stream": self.settings.stream})
+
+
+def _db_reason(exc: Exception) -> str:
+    return redact(str(getattr(exc, "orig", None) or exc).strip().splitlines()[0] if str(exc) else exc.__class__.__name__)
 
 
 def _solar_system_names(a: Alert) -> list[str]:
