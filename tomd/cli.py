@@ -416,6 +416,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("file")
     q.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
 
+    from tomd.data_cli import register_target_plot
+
+    register_target_plot(target)
+
     q = leaf(target, "export", cmd_target_export, "export targets as CSV or ECSV")
     q.add_argument("--format", choices=["csv", "ecsv"], default="csv")
     q.add_argument("--output", "-o", help="file (default: stdout)")
@@ -438,6 +442,15 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--all", action="store_true", help="include resolved ones")
     q = leaf(alert, "retry-dead-letters", cmd_alert_retry_dead_letters, "parse dead letters again and ingest them")
     q.add_argument("--stream", help="only this stream's letters")
+
+    # Later stages bring their own command groups; each module adds them here.
+    from tomd.data_cli import register as register_data
+    from tomd.facilities.cli import register as register_facilities
+    from tomd.rules.cli import register as register_rules
+
+    register_rules(sub)
+    register_facilities(sub)
+    register_data(sub)
 
     q = leaf(sub, "demo", cmd_demo, "run the whole pipeline on embedded defaults and summarise")
     q.add_argument("--workdir", default="demo-work", help="where the demo keeps its database and files")
