@@ -17,7 +17,7 @@ from tomd.rules.cli import backtest, cmd_rule_backtest, cmd_rule_explain
 from tomd.rules.engine import RuleEngine, RuleSet
 from tomd.rules.load import RuleEnv, parse_rule
 
-ENV = RuleEnv({"sim": ("sim", {})}, frozenset(), frozenset())
+ENV = RuleEnv({"sim": ("sim", {"1m-gri": {}})}, frozenset(), frozenset())
 
 
 def rule(text):
@@ -107,7 +107,7 @@ def test_backtest_command_from_the_database(db, shared_data, tmp_path, capsys):
     rules_dir = tmp_path / "rules"
     rules_dir.mkdir()
     (rules_dir / "a.toml").write_text('name = "bright"\nwhen = "alert.mag < 17"\n'
-                                      '[observe]\nfacility = "sim"\ntemplate = "x"\n')
+                                      '[observe]\nfacility = "sim"\ntemplate = "1m-gri"\n')
     app = App(db, rules_dir)
     args = argparse.Namespace(rules=None, alerts=None, since="2000-01-01", until=None, format="auto", json=True)
     assert cmd_rule_backtest(app, args) == 0
@@ -115,5 +115,5 @@ def test_backtest_command_from_the_database(db, shared_data, tmp_path, capsys):
     assert report["alerts"] == 6
     r = report["rules"]["bright"]
     assert r["evaluated"] == 6 and r["firings"] == sum(r["per_night"].values())
-    # An empty template: one exposure of 0 s (20 s readout) + 120 s setup per request.
-    assert r["estimated_hours"] == pytest.approx(r["firings"] * 140 / 3600, abs=1e-3)
+    # The simulator's 1m-gri: 3 filters x (300 s + 20 s readout) + 120 s setup + 2 filter changes of 10 s.
+    assert r["estimated_hours"] == pytest.approx(r["firings"] * 1100 / 3600, abs=1e-3)

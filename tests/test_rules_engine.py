@@ -17,7 +17,7 @@ from tomd.rules.load import RuleEnv, parse_rule
 
 ENV = RuleEnv({"lco": ("lco", {"1m-gri": {"exposure_time": 300, "exposure_count": 1, "filters": ["gp", "rp", "ip"]},
                                "2m-spec": {"exposure_time": 1800, "exposure_count": 1}}),
-               "sim": ("sim", {})}, frozenset({"slack"}), frozenset())
+               "sim": ("sim", {"1m-gri": {}})}, frozenset({"slack"}), frozenset())
 
 
 def rule(text: str, name: str = "r.toml"):

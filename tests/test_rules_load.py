@@ -82,10 +82,16 @@ def test_unknown_template_and_features():
     assert any("2:36: when: unknown feature 'nope'" in p for p in problems)
     assert any("5:1: observe.template: unknown template '2m' for facility 'lco'; its templates: 1m-gri" in p
                for p in problems)
-    # The simulated facility takes any template name.
-    ok = 'name = "x"\nwhen = "feature.kn_score > 0.5"\n[observe]\nfacility = "sim"\ntemplate = "anything"\n'
-    rule, problems = parse_rule(ok, "f.toml", ENV)
-    assert not problems and rule.observe.template_key == "anything"
+    # The simulated facility without configured templates has its built-in ones.
+    from tomd.config import Config
+
+    env = RuleEnv.from_config(Config(), ["kn_score"])
+    ok = 'name = "x"\nwhen = "feature.kn_score > 0.5"\n[observe]\nfacility = "sim"\ntemplate = "1m-gri"\n'
+    rule, problems = parse_rule(ok, "f.toml", env)
+    assert not problems and rule.observe.template_key == "1m-gri"
+    assert rule.observe.estimated_hours == pytest.approx(1100 / 3600)
+    _, problems = parse_rule(ok.replace("1m-gri", "anything"), "f.toml", env)
+    assert "unknown template 'anything' for facility 'sim'" in problems[0]
 
 
 def test_toml_syntax_error_position():

@@ -83,7 +83,8 @@ class RuleEnv:
 
     @classmethod
     def from_config(cls, config, features: Iterable[str] | None = None) -> "RuleEnv":
-        facs = {name: (f.kind, dict(f.templates)) for name, f in config.facilities.items()}
+        facs = {name: (f.kind, dict(f.templates) or (_sim_templates() if f.kind == "sim" else {}))
+                for name, f in config.facilities.items()}
         channels = frozenset(config.notify.channels)
         if features is None:
             features = (getattr(config.rules, "features", None) or {}).keys()
@@ -92,6 +93,15 @@ class RuleEnv:
     @property
     def facility_kinds(self) -> dict[str, str]:
         return {n: k for n, (k, _) in self.facilities.items()}
+
+
+def _sim_templates() -> dict[str, Mapping[str, Any]]:
+    """The simulated facility's built-in templates (used when the config gives it none)."""
+    try:
+        from tomd.facilities import SIM_TEMPLATES
+    except ImportError:  # pragma: no cover - facilities not installed
+        return {}
+    return dict(SIM_TEMPLATES)
 
 
 # -------------------------------------------------------------- loading --
@@ -297,8 +307,6 @@ def _observe(ob: Mapping, env: RuleEnv, bad, get, unknown) -> Observe | None:
         if facility is not None:
             if tname in templates:
                 template = dict(templates[tname])
-            elif kind == "sim" and not templates:
-                template = {}  # the simulated facility takes any template name
             else:
                 known = ", ".join(sorted(templates)) or "none"
                 bad(p + ("template",), f"unknown template {tname!r} for facility {facility!r}; "
