@@ -48,7 +48,7 @@ def client(sim, **kw):
 def test_build_request_group_icrs_with_intent_overrides():
     start = datetime(2026, 11, 24, 0, 0, tzinfo=timezone.utc)
     t = sidereal(pm_ra=12.5, pm_dec=-3.0, parallax=1.2, epoch=2016.0)
-    rg = build_request_group(TEMPLATES["1m-gri"], t,
+    rg = build_request_group({**TEMPLATES["1m-gri"], "ipp": 1.0}, t,
                              Intent(name="tomd-42", mode="RAPID_RESPONSE", priority=1.5, window_start=start,
                                     window_end=start + timedelta(hours=6)),
                              default_proposal="P1")

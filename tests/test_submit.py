@@ -273,3 +273,23 @@ def test_wake_submits_at_once(db, sim):
         sub.wake()
         t.join(5)
     assert not t.is_alive()
+
+
+def test_inline_template_from_the_rule_decision(db, sim):
+    """The rules engine stores an inline template with its decision; the intent names it "inline:<hash>"."""
+    from tomd.db.models import Decision
+
+    tid = make_target(db)
+    fields = {"instrument_type": "0M4-SCICAM-QHY600", "filters": ["rp"], "exposure_time": 30}
+    with db.sessions.begin() as s:
+        d = Decision(target_id=tid, rule="young", outcome="fired", reason="r",
+                     details={"observe": {"facility": "sim", "template": "inline:abc", "template_fields": fields}})
+        s.add(d)
+        s.flush()
+        create_intent(s, target_id=tid, facility="sim", template="inline:abc", name=f"tomd-{d.id}-00",
+                      decision_id=d.id, priority=7.0)
+    (out,) = Submitter(db.sessions, {"sim": client(sim)}, FAST).run_once()
+    assert out.state == "pending"
+    (g,) = sim.groups()
+    assert g["requests"][0]["configurations"][0]["instrument_type"] == "0M4-SCICAM-QHY600"
+    assert g["ipp_value"] == 2.0  # a rule priority above the portal's range is clamped

@@ -270,7 +270,14 @@ class Submitter:
                 raise NotFoundError(f"target #{w.target_id} no longer exists")
             intent = Intent(name=w.name, mode=w.mode, priority=w.priority,
                             window_start=w.window_start, window_end=w.window_end)
-            return fac.build_request(w.template, target, intent)
+            template: Any = w.template
+            if w.template.startswith("inline:"):
+                # A rule's inline template travels with its decision.
+                template = repo.decision_template_fields(s, w.decision_id)
+                if template is None:
+                    raise TemplateError(f"intent {w.name}: inline template {w.template} not found with decision "
+                                        f"#{w.decision_id}")
+            return fac.build_request(template, target, intent)
 
     def _last_error(self, w: _Work) -> str:
         with self.sessions() as s:

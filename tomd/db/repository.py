@@ -520,6 +520,18 @@ def query_observations(s: Session, *, state: str | None = None, facility: str | 
     return list(s.scalars(q))
 
 
+def decision_template_fields(s: Session, decision_id: int | None) -> dict[str, Any] | None:
+    """The inline template a rule stored with its decision (``details.observe.template_fields``)."""
+    if decision_id is None:
+        return None
+    from tomd.db.models import Decision
+
+    row = s.get(Decision, decision_id)
+    observe = (row.details or {}).get("observe") if row is not None else None
+    fields = observe.get("template_fields") if isinstance(observe, dict) else None
+    return dict(fields) if isinstance(fields, dict) else None
+
+
 def next_observation_attempt(s: Session, ids: Sequence[int] | None = None) -> datetime | None:
     """When the earliest waiting intent becomes due, claims included (None: none waits)."""
     from sqlalchemy import case

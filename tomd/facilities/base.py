@@ -165,8 +165,9 @@ class Facility(Protocol):
 
     def map_state(self, word: str) -> FacilityState: ...
 
-    def build_request(self, template: str, target: Any, intent: Intent) -> dict[str, Any]:
-        """The facility's request document for ``target`` (an ORM Target or alike)."""
+    def build_request(self, template: str | Mapping[str, Any], target: Any, intent: Intent) -> dict[str, Any]:
+        """The facility's request document for ``target`` (an ORM Target or alike), from a
+        configured template's name or an inline template's fields."""
 
     def validate(self, request: Mapping[str, Any]) -> Validation: ...
 

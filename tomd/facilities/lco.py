@@ -211,7 +211,9 @@ def build_request_group(template: Mapping[str, Any], target: Any, intent: Intent
     now = now or datetime.now(timezone.utc)
     start = intent.window_start or now
     end = intent.window_end or (start + timedelta(seconds=_duration_s(template.get("window", "24h"), f"{where}.window")))
-    ipp = intent.priority if intent.priority is not None else template.get("ipp_value", template.get("ipp", 1.0))
+    ipp = template.get("ipp_value", template.get("ipp", 1.0))
+    if intent.priority is not None:  # the portal takes IPP values from 0.5 to 2.0
+        ipp = min(2.0, max(0.5, float(intent.priority)))
     constraints: dict[str, Any] = {"max_airmass": template.get("max_airmass", 1.6),
                                    "min_lunar_distance": template.get("min_lunar_distance", 30.0)}
     if "max_lunar_phase" in template:
@@ -395,7 +397,11 @@ class LCOClient:
     def map_state(self, word: str) -> FacilityState:
         return map_state(word)
 
-    def build_request(self, template: str, target: Any, intent: Intent) -> dict[str, Any]:
+    def build_request(self, template: str | Mapping[str, Any], target: Any, intent: Intent) -> dict[str, Any]:
+        """From a configured template's name, or an inline template's fields."""
+        if isinstance(template, Mapping):
+            return build_request_group(template, target, intent, default_proposal=self.proposal,
+                                       template_name="inline template")
         if template not in self.templates:
             known = ", ".join(sorted(self.templates)) or "none configured"
             raise TemplateError(f"facilities.{self.name}.templates: no template {template!r} (known: {known})")
