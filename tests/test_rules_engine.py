@@ -286,3 +286,44 @@ def test_example_grb_rule_on_real_swift_notices(db, shared_data):
     alt = SkyCoord(336.6645 * u.deg, 8.5135 * u.deg).transform_to(frame).alt.deg
     sun = get_body("sun", t).transform_to(frame).alt.deg
     assert alt >= math.degrees(math.asin(1 / 2.5)) - 0.1 and sun <= -12 + 0.1
+
+
+def test_two_daemons_deciding_at_once_make_one_request(db, sample):
+    """Two transactions judging alerts of the same target concurrently: one intent, one duplicate."""
+    import threading
+    import time as _time
+
+    from tomd.alerts.ingest import Ingested
+
+    schema, rec = sample
+    second = next_alert(schema, rec, new_candid=rec["candid"] + 1)
+    ing = Ingestor(db.sessions, IngestSettings(stream="ztf", format="ztf-avro"), ztf_parser)
+    ids = [ing.handle([FileMessage("copy", r["candid"], encode(schema, [r]))]).alert_ids[0] for r in (rec, second)]
+    with db.sessions() as s:
+        rows = [s.get(AlertRow, i) for i in ids]
+        stored = [Ingested(row.id, ztf_parser(encode(schema, [r]))[0], row.target_id, None, "copy")
+                  for row, r in zip(rows, (rec, second))]
+    r = rule('name = "both"\nwhen = "alert.mag > 0"\n' + OBSERVE.format(priority=1))
+    first_in = threading.Event()
+    errors = []
+
+    def judge(st, hold):
+        try:
+            with db.sessions.begin() as s:
+                engine(r)(s, [st])
+                if hold:
+                    first_in.set()
+                    _time.sleep(0.5)  # still uncommitted while the other one decides
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    a = threading.Thread(target=judge, args=(stored[0], True))
+    a.start()
+    first_in.wait(10)
+    b = threading.Thread(target=judge, args=(stored[1], False))
+    b.start()
+    a.join()
+    b.join()
+    assert not errors, errors
+    assert sorted(o for _, o, _, _ in decisions(db)) == ["deduplicated", "fired"]
+    assert count(db, ObservationRequest) == 1
