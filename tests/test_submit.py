@@ -293,3 +293,19 @@ def test_inline_template_from_the_rule_decision(db, sim):
     (g,) = sim.groups()
     assert g["requests"][0]["configurations"][0]["instrument_type"] == "0M4-SCICAM-QHY600"
     assert g["ipp_value"] == 2.0  # a rule priority above the portal's range is clamped
+
+
+def test_wake_after_commit_sink_wakes_only_after_the_commit(db):
+    from tomd.submit import WakeAfterCommit
+
+    woken = []
+    sink = WakeAfterCommit(lambda: woken.append(True))
+    with db.sessions.begin() as s:
+        sink(s, [])
+        assert woken == []  # still inside the transaction
+    assert woken == [True]
+    with pytest.raises(RuntimeError):
+        with db.sessions.begin() as s:
+            sink(s, [])
+            raise RuntimeError("rolled back")
+    assert woken == [True]

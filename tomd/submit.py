@@ -349,6 +349,29 @@ class Submitter:
         return Outcome(w.id, w.name, state, message=reason)
 
 
+# ------------------------------------------------------------- waking up --
+
+
+class WakeAfterCommit:
+    """An ingest ``AlertSink`` to put after the rule engine: once the batch's
+    transaction commits (decisions and intents with it), wake the submitter.
+
+    Waking inside the transaction would be too early: the submitter's claim
+    would not see the uncommitted intents and would sleep until its sweep.
+    """
+
+    def __init__(self, wake: Callable[[], None]):
+        self.wake = wake
+
+    def __call__(self, s: Session, stored: Sequence[Any]) -> None:
+        from sqlalchemy import event
+
+        event.listen(s, "after_commit", self._after_commit, once=True)
+
+    def _after_commit(self, session: Session) -> None:
+        self.wake()
+
+
 # ------------------------------------------------------------ manual intents --
 
 
