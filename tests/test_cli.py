@@ -12,7 +12,8 @@ from tomd.cli import main
 @pytest.fixture
 def config(db, tmp_path, monkeypatch):
     path = tmp_path / "tomd.toml"
-    path.write_text(f'[database]\nurl = "{db.url}"\n')
+    path.write_text(f'[database]\nurl = "{db.url}"\n[storage]\nurl = "file://{tmp_path}/data"\n'
+                    f'[rules]\npaths = ["{tmp_path}/rules"]\n')
     monkeypatch.setenv("TOMD_CONFIG", str(path))
     return path
 
@@ -129,3 +130,9 @@ def test_alert_replay_of_real_packets_in_every_format(config, capsys, shared_dat
     engine.dispose()
     assert {"ztf", "rubin", "gcn", "lvk"} <= sources
     assert notice.retracted  # the RETRACTION notice marked the event
+    # Every LVK example notice carries the same skymap: stored once, as a data product of the notice.
+    code, out, _ = run(capsys, "data", "list", "--json")
+    import json as _json
+
+    skymaps = [p for p in _json.loads(out) if p["kind"] == "skymap"]
+    assert code == 0 and len(skymaps) == 1 and skymaps[0]["size"] == 777600

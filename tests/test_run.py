@@ -33,6 +33,12 @@ url = "{db.url}"
 [metrics]
 listen = "127.0.0.1:0"
 
+[storage]
+url = "file://{tmp_path}/data"
+
+[rules]
+paths = ["{tmp_path}/rules"]
+
 [[streams]]
 name = "ztf"
 bootstrap = "{bootstrap}"
@@ -220,6 +226,9 @@ url = "{db.url}"
 
 [metrics]
 enabled = false
+
+[storage]
+url = "file://{tmp_path}/data"
 
 [[streams]]
 name = "archive"

@@ -282,9 +282,13 @@ def cmd_alert_replay(app: App, args) -> int:
     missing = [p for p in paths if not p.is_file()]
     if missing:
         raise InputError("no such file", where=str(missing[0]))
+    from tomd.daemon import build_stages
+
     settings = IngestSettings(stream="replay", format=args.format, include_test=args.include_test,
                               match_radius_arcsec=app.config.targets.match_radius_arcsec)
-    ing = Ingestor(app.sessions, settings, _parser_for(app, args.format, args.include_test))
+    rules, storage = build_stages(app.config)  # replayed alerts meet the rules, as live ones do
+    ing = Ingestor(app.sessions, settings, _parser_for(app, args.format, args.include_test), sinks=[rules],
+                   storage=storage)
     bar = None
     if sys.stderr.isatty() and not args.no_progress:
         from tqdm import tqdm
@@ -338,7 +342,11 @@ def cmd_alert_retry_dead_letters(app: App, args) -> int:
                               localization_max_deg=st.localization_max_deg if st else 0.1,
                               match_radius_arcsec=app.config.targets.match_radius_arcsec)
 
-    res = retry_dead_letters(app.sessions, lambda fmt: _parser_for(app, fmt), settings_for, stream=args.stream)
+    from tomd.daemon import build_stages
+
+    rules, storage = build_stages(app.config)
+    res = retry_dead_letters(app.sessions, lambda fmt: _parser_for(app, fmt), settings_for, stream=args.stream,
+                             sinks=[rules], storage=storage)
     print(f"{res.retried} dead letters retried: {res.resolved} ingested, {res.still_failing} still failing")
     return 1 if res.still_failing else 0
 

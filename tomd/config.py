@@ -485,6 +485,12 @@ class Targets:
 @dataclass(frozen=True, kw_only=True)
 class Rules:
     paths: list[str] = opt(factory=lambda: ["rules"])
+    # Named feature functions for `when` expressions: name → "module:function".
+    features: dict[str, str] = opt(factory=dict)
+    # While this file exists, rules are evaluated and recorded but nothing fires.
+    kill_switch: Optional[str] = None
+    # false: the global kill switch, from the config.
+    enabled: bool = True
 
 
 @dataclass(frozen=True, kw_only=True)

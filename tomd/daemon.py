@@ -105,6 +105,21 @@ class _FileStats:
     backing_off: bool = False
 
 
+def build_stages(config: Config):
+    """What every ingest path shares: the rule engine (an ingest sink) and the store.
+
+    Built once: the engine hot-reloads its rule files for all streams, and a
+    bad feature function or an unusable store stops start-up with its reason.
+    """
+    from tomd.rules.engine import RuleEngine
+    from tomd.storage import storage_from_config
+
+    rules = RuleEngine.from_config(config)
+    storage = storage_from_config(config.storage)
+    storage.check()
+    return rules, storage
+
+
 @dataclass
 class StreamRunner:
     stream: Stream
@@ -125,6 +140,7 @@ class Daemon:
         self.sessions: sessionmaker[Session] = migrate.sessions(self.engine)
         self.stop = threading.Event()
         self.metrics = None  # tomd.metrics.Metrics, attached by run()
+        self.rules, self.storage = build_stages(config)
         self.runners = [self._runner(s) for s in config.streams]
 
     def _runner(self, st: Stream) -> StreamRunner:
@@ -134,6 +150,8 @@ class Daemon:
                            localization_max_deg=st.localization_max_deg,
                            match_radius_arcsec=self.config.targets.match_radius_arcsec),
             parser_for(st.format, include_test=st.include_test, schema_registry=st.schema_registry),
+            sinks=[self.rules],
+            storage=self.storage,
         )
         if st.kind == "file":
             return StreamRunner(st, FileStream(st, ingestor), ingestor)

@@ -118,6 +118,12 @@ def _demo_stream(workdir: Path, url: str, sessions) -> list[str]:
 [database]
 url = "{url}"
 
+[storage]
+url = "file://{workdir.resolve()}/data"
+
+[rules]
+paths = ["{workdir.resolve()}/rules"]
+
 [[streams]]
 name = "ztf"
 bootstrap = "{broker.bootstrap}"

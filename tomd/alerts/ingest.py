@@ -113,11 +113,12 @@ class Ingestor:
     """The BatchHandler for one stream: messages in, one transaction out."""
 
     def __init__(self, sessions: sessionmaker[Session], settings: IngestSettings, parser: Parser,
-                 sinks: Sequence[AlertSink] = ()):
+                 sinks: Sequence[AlertSink] = (), storage=None):
         self.sessions = sessions
         self.settings = settings
         self.parser = parser
         self.sinks = list(sinks)
+        self.storage = storage  # tomd.storage.Store for skymaps; None: skymaps are not kept
         self.totals = BatchResult()
         # Seconds spent per stage, for metrics and benchmarks.
         self.seconds = {"parse": 0.0, "database": 0.0}
@@ -302,6 +303,13 @@ class Ingestor:
         })
         repo.add_event(s, NoticeReceived(notice.id, a.source, event_id, a.notice_type, ra, dec, err,
                                          bool(notice.retracted), notice.target_id), target_id=notice.target_id)
+        if self.storage is not None and loc is not None and loc.skymap and not a.retraction:
+            from tomd.products import store_skymap
+
+            # Written before the commit; a replay writes the same key again and records it once.
+            # A storage outage raises a RetryableError: the batch waits, nothing is lost.
+            store_skymap(s, self.storage, notice.id, a.source, event_id, loc.skymap, loc.skymap_format,
+                         label=a.notice_type, target_id=notice.target_id)
         return notice.id, notice.target_id
 
     def _dead_letter(self, s: Session, m: Message, error: str) -> None:
@@ -358,7 +366,7 @@ class RetryResult:
 
 def retry_dead_letters(sessions: sessionmaker[Session], parser_for: Callable[[str], Parser],
                        settings_for: Callable[[str, str], IngestSettings], *, stream: str | None = None,
-                       limit: int | None = None) -> RetryResult:
+                       limit: int | None = None, sinks: Sequence[AlertSink] = (), storage=None) -> RetryResult:
     """Parse unresolved dead letters again (after a fix) and ingest those that now parse.
 
     A letter that parses is ingested and marked resolved in the same
@@ -387,7 +395,7 @@ def retry_dead_letters(sessions: sessionmaker[Session], parser_for: Callable[[st
                 row.error = redact(error)[:4000]
                 failing += 1
                 continue
-            Ingestor(sessions, settings, parser)._apply(s, [(msg, alerts, None)])
+            Ingestor(sessions, settings, parser, sinks=sinks, storage=storage)._apply(s, [(msg, alerts, None)])
             row.resolved_at = utcnow()
             resolved += 1
     return RetryResult(len(letters), resolved, failing)
