@@ -116,7 +116,7 @@ def test_cancel_an_unsent_intent(run, db, sim):
     with db.sessions.begin() as s:
         create_intent(s, target_id=1, facility="lab", template="1m-gri", name="queued-1")
     code, out, _ = run("obs", "cancel", "queued-1")
-    assert code == 0 and "before submission" in out and sim.received == []
+    assert code == 0 and "before submission" in out and list(sim.received) == []
 
 
 def test_facility_check(run):

@@ -27,8 +27,8 @@ The ``Submitter`` moves each intent through::
   the earliest backed-off intent becomes due.
 
 The lease must outlast one attempt (validate + POST, each bounded by the
-facility's timeout and retries); ``SubmitSettings.lease_s`` defaults to
-5 minutes, far above the 30 s default timeout.
+facility's timeout and retries: about 4 min at the 30 s default timeout);
+``SubmitSettings.lease_s`` defaults to 10 minutes.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class SubmitSettings:
-    lease_s: float = 300.0  # a claim's life; must outlast one attempt
+    lease_s: float = 600.0  # a claim's life; must outlast one attempt (validate + POST, retries included)
     max_attempts: int = 6  # POSTs per intent before giving up (lookups do not count)
     backoff_base_s: float = 5.0
     backoff_cap_s: float = 900.0

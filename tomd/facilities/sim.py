@@ -38,7 +38,7 @@ import socket
 import sys
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -145,7 +145,7 @@ class SimObservatory:
         self._next_request = 5000
         self._faults: list[Fault] = []
         self._chaos: tuple[float, tuple[str, ...], tuple[str, ...], random.Random] | None = None
-        self.received: list[Received] = []
+        self.received: deque[Received] = deque(maxlen=100_000)  # bounded for a long-running `tomd sim`
         self._fits_cache: dict[int, bytes] = {}
         self._stopping = threading.Event()
         self._server: ThreadingHTTPServer | None = None
