@@ -309,3 +309,47 @@ def test_wake_after_commit_sink_wakes_only_after_the_commit(db):
             sink(s, [])
             raise RuntimeError("rolled back")
     assert woken == [True]
+
+
+def test_rule_decision_to_facility_end_to_end(db, sim, tmp_path):
+    """Ingest → rule engine (decision + intent in the batch's transaction) → wake after commit → POST."""
+    import json as _json
+
+    from tomd.alerts.ingest import FileMessage, IngestSettings, Ingestor
+    from tomd.config import Config, Facility, Rules
+    from tomd.daemon import parser_for
+    from tomd.rules.engine import RuleEngine
+    from tomd.submit import WakeAfterCommit
+
+    (tmp_path / "rules").mkdir()
+    (tmp_path / "rules" / "bright.toml").write_text(
+        'name = "bright"\nwhen = "alert.mag < 14"\n[observe]\nfacility = "sim"\ntemplate = "1m-gri"\n'
+        'mode = "RAPID_RESPONSE"\nwindow = "12h"\n')
+    config = Config(rules=Rules(paths=[str(tmp_path / "rules")]),
+                    facilities={"sim": Facility(kind="sim", url=sim.url, templates=TEMPLATES)})
+    sub = Submitter(db.sessions, {"sim": client(sim)}, SubmitSettings(**{**FAST.__dict__, "sweep_interval_s": 60}))
+    stop = threading.Event()
+    worker = threading.Thread(target=sub.run, args=(stop,))
+    worker.start()
+    try:
+        time.sleep(0.2)
+        ing = Ingestor(db.sessions, IngestSettings(stream="t", format="lasair-json"),
+                       parser_for("lasair-json", include_test=False),
+                       sinks=[RuleEngine.from_config(config), WakeAfterCommit(sub.wake)])
+        msgs = [FileMessage("mem", i, _json.dumps({"objectId": f"ZTF26e2e{i}", "ramean": 150.0 + i, "decmean": -20.0,
+                                                   "jdmax": 2461000.5 + i, "latestmag": mag}).encode())
+                for i, mag in enumerate((13.0, 18.0, 13.5))]
+        ing.handle(msgs)
+        ing.handle(msgs)  # a replay changes nothing: no second decision, no second request
+        t0 = time.monotonic()
+        while len([r for r in rows(db) if r.state == "pending"]) < 2:
+            assert time.monotonic() - t0 < 5, [(r.name, r.state, r.last_error) for r in rows(db)]
+            time.sleep(0.01)
+    finally:
+        stop.set()
+        sub.wake()
+        worker.join(5)
+    final = rows(db)
+    assert len(final) == 2 and all(r.decision_id for r in final)
+    assert sorted(sim.names().values()) == [1, 1] and len(sim.submissions()) == 2
+    assert {g["observation_type"] for g in sim.groups()} == {"RAPID_RESPONSE"}
