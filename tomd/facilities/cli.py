@@ -90,9 +90,12 @@ def cmd_obs_submit(app, args) -> int:
     mode = args.mode.upper() if args.mode else None
     if mode and mode not in ("NORMAL", "RAPID_RESPONSE", "TIME_CRITICAL"):
         raise InputError(f"expected NORMAL, RAPID_RESPONSE or TIME_CRITICAL, got {args.mode!r}", field="--mode")
-    if cfg.templates and args.template not in cfg.templates:
+    from tomd.facilities import SIM_TEMPLATES
+
+    templates = cfg.templates or (SIM_TEMPLATES if cfg.kind == "sim" else {})
+    if args.template not in templates:
         raise InputError(f"facility {args.facility} has no template {args.template!r} "
-                         f"(known: {', '.join(sorted(cfg.templates))})", field="--template")
+                         f"(known: {', '.join(sorted(templates)) or 'none configured'})", field="--template")
     with app.sessions.begin() as s:
         target = resolve(s, args.target)
         if target is None:
