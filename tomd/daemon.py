@@ -141,6 +141,16 @@ class Daemon:
         self.stop = threading.Event()
         self.metrics = None  # tomd.metrics.Metrics, attached by run()
         self.rules, self.storage = build_stages(config)
+        # Submission: one submitter per daemon; several daemons share the intents
+        # through row claims (FOR UPDATE SKIP LOCKED), never submitting one twice.
+        from tomd.facilities import open_facilities
+        from tomd.submit import SubmitSettings, Submitter, WakeAfterCommit
+
+        self.facilities = open_facilities(config)
+        self.submitter = Submitter(self.sessions, self.facilities, SubmitSettings())
+        # Woken only after the ingest transaction commits (the intents are then visible).
+        self.sinks = [self.rules, WakeAfterCommit(self.submitter.wake)]
+        self.submitter_thread: threading.Thread | None = None
         self.runners = [self._runner(s) for s in config.streams]
 
     def _runner(self, st: Stream) -> StreamRunner:
@@ -150,7 +160,7 @@ class Daemon:
                            localization_max_deg=st.localization_max_deg,
                            match_radius_arcsec=self.config.targets.match_radius_arcsec),
             parser_for(st.format, include_test=st.include_test, schema_registry=st.schema_registry),
-            sinks=[self.rules],
+            sinks=self.sinks,
             storage=self.storage,
         )
         if st.kind == "file":
@@ -164,12 +174,21 @@ class Daemon:
         return StreamRunner(st, consumer, ingestor)
 
     def start(self) -> None:
+        self.submitter_thread = threading.Thread(target=self._run_submitter, name="submitter", daemon=True)
+        self.submitter_thread.start()
         for r in self.runners:
             r.thread = threading.Thread(target=self._run_stream, args=(r,), name=f"stream-{r.stream.name}",
                                         daemon=True)
             r.thread.start()
         log.info("tomd running: %d stream(s): %s", len(self.runners),
                  ", ".join(r.stream.name for r in self.runners) or "none")
+
+    def _run_submitter(self) -> None:
+        try:
+            self.submitter.run(self.stop)
+        except BaseException:  # noqa: BLE001 - reported, and the daemon stops
+            log.exception("the submitter stopped on an error")
+            self.stop.set()
 
     def _run_stream(self, r: StreamRunner) -> None:
         try:
@@ -195,6 +214,10 @@ class Daemon:
         for r in self.runners:
             if r.thread is not None:
                 r.thread.join(timeout=60)
+        self.submitter.wake()  # out of its sleep, to see the stop
+        if self.submitter_thread is not None:
+            self.submitter_thread.join(timeout=60)
+        self.facilities.close()
         return 1 if any(r.error for r in self.runners) else 0
 
     def install_signal_handlers(self) -> None:

@@ -112,6 +112,7 @@ def _demo_stream(workdir: Path, url: str, sessions) -> list[str]:
         produce(broker.bootstrap, "ztf_demo", ztf[:7] + [b"\x00not an alert"] + ztf[7:])
         produce(broker.bootstrap, "gcn_demo", gcn)
         _say(f"published {len(ztf)} ZTF alerts (+1 corrupted) to ztf_demo, {len(gcn)} GCN notices to gcn_demo")
+        _write_demo_rules(workdir / "rules")
         cfg_path = workdir / "tomd.toml"
         kafka = "\n".join(f'"{k}" = {v}' for k, v in LOCAL_GROUP_SETTINGS.items())
         cfg_path.write_text(f"""# written by `tomd demo`
@@ -170,6 +171,63 @@ format = "auto"
             err = f"{notice.error_deg * 3600:.1f}\"" if notice.error_deg is not None else "?"
             tgt = f"→ target #{notice.target_id}" if notice.target_id else "(too coarse for a target)"
             _say(f"  notice {notice.event_id} {notice.notice_type}: error {err} {tgt}")
+        _say()
+        _say("rules: verdicts recorded with every alert (in the same transaction)")
+        from tomd.db.models import Decision, ObservationRequest
+
+        for rule, outcome, n in s.execute(select(Decision.rule, Decision.outcome, func.count())
+                                          .group_by(Decision.rule, Decision.outcome)
+                                          .order_by(Decision.rule, Decision.outcome)):
+            _say(f"  {rule:22s} {outcome:12s} {n}")
+        fired = s.scalars(select(Decision).where(Decision.outcome == "fired").order_by(Decision.id)).first()
+        requests = list(s.scalars(select(ObservationRequest).order_by(ObservationRequest.id)))
+    if fired is not None:
+        _say()
+        _say(f"tomd rule explain {fired.alert_id}:")
+        from tomd.cli import main as tomd_main
+
+        tomd_main(["--config", str(cfg_path), "rule", "explain", str(fired.alert_id)])
+    _say()
+    _say("observation requests (exactly once, to the simulated observatory):")
+    for r in requests:
+        _say(f"  #{r.id} {r.name} → {r.facility} {r.template} {r.mode}: {r.state}"
+             f" (facility id {r.facility_id or '-'}, {r.facility_state or r.last_error or ''})")
     total = sum(c["alerts"] for c in counts.values())
+    submitted = sum(1 for r in requests if r.facility_id)
     return [f"{total} alerts ingested from a local Kafka broker; the corrupted message went to the dead letters",
+            f"{len(requests)} observation request(s) from rule decisions, {submitted} accepted by the simulated "
+            "observatory",
             f"the daemon's config for this run: {cfg_path}"]
+
+
+def _write_demo_rules(rules_dir: Path) -> None:
+    """Two rules for the demo: an active one on the simulated facility, a test one."""
+    rules_dir.mkdir(parents=True, exist_ok=True)
+    (rules_dir / "bright-ztf.toml").write_text("""\
+# Written by `tomd demo`: bright, real ZTF detections, observed on the simulated facility.
+name = "bright-ztf"
+description = "ZTF detections brighter than 17 mag with a good real/bogus score"
+sources = ["ztf"]
+when = "alert.mag < 17 and alert.fields.real_bogus > 0.5"
+add_to_lists = ["demo-followup"]
+
+[observe]
+facility = "sim"
+template = "1m-gri"
+mode = "NORMAL"
+window = "24h"
+priority = 1.0
+
+[limits]
+cooldown = "1d"
+per_night = 5
+""")
+    (rules_dir / "grb-localised.toml").write_text("""\
+# Written by `tomd demo`: a test-mode rule on well-localised GCN notices.
+name = "grb-localised"
+description = "GCN notices with an error radius under 5 arcmin (test mode: records, submits nothing)"
+mode = "test"
+sources = ["gcn"]
+when = "alert.kind == 'localization' and target.name != None"
+add_tags = ["grb"]
+""")
