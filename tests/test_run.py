@@ -103,6 +103,7 @@ def test_stream_ingest_dead_letters_and_a_second_pass_that_adds_nothing(db, kafk
 
 
 def test_sigkill_mid_stream_loses_nothing_and_doubles_nothing(db, kafka_broker, make_topic, ztf_values, tmp_path):
+    # (ztf_values needs ../shared/data: the test skips without it, as ztf_copies does too)
     import sys as _sys
 
     _sys.path.insert(0, str(REPO / "bench"))
@@ -177,7 +178,7 @@ def test_hop_messages_with_kafka_headers(db, kafka_broker, make_topic, shared_da
     assert row.source == "hop" and row.key == real_id.hex  # uuid.hex is a property
 
 
-def test_database_outage_pauses_and_resumes_without_loss(db, kafka_broker, make_topic, tmp_path):
+def test_database_outage_pauses_and_resumes_without_loss(db, kafka_broker, make_topic, tmp_path, shared_data):
     """The line to PostgreSQL is cut mid-stream for a few seconds, then restored."""
     if db.kind != "postgresql":
         pytest.skip("a network outage needs a database behind a network")

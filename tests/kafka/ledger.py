@@ -52,6 +52,11 @@ class Ledger:
     def _connect(self) -> sqlite3.Connection:
         return sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None)
 
+    def _read(self) -> sqlite3.Connection:
+        # The test's own reads wait for the writer: a short busy_timeout is for
+        # the handler under test (to provoke retries), not for the observer.
+        return sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
+
     def handle(self, messages: list[RawMessage]) -> None:
         self.calls.append(list(messages))
         if self.before:
@@ -79,15 +84,15 @@ class Ledger:
     # ------------------------------------------------------------ inspection
 
     def counters(self) -> dict[str, int]:
-        with closing(self._connect()) as db:
+        with closing(self._read()) as db:
             return dict(db.execute("SELECT name, n FROM counters"))
 
     def rows(self) -> list[tuple[str, int, int]]:
-        with closing(self._connect()) as db:
+        with closing(self._read()) as db:
             return list(db.execute('SELECT topic, partition, "offset" FROM applied ORDER BY 1, 2, 3'))
 
     def count(self) -> int:
-        with closing(self._connect()) as db:
+        with closing(self._read()) as db:
             return db.execute("SELECT count(*) FROM applied").fetchone()[0]
 
     def per_partition(self) -> dict[tuple[str, int], list[int]]:
