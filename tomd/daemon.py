@@ -1,9 +1,16 @@
 """The composition root: builds every part of ``tomd run`` from the Config.
 
-Wiring is explicit and lives here only: one ``StreamConsumer`` per Kafka
-``[[streams]]`` entry (a ``FileStream`` for ``kind = "file"``), each feeding
-an ``Ingestor`` that writes to the database. Each stream runs in its own thread; SIGTERM/SIGINT set one stop
-event, every consumer finishes and commits its batch, then leaves its group.
+Wiring is explicit and lives here only::
+
+    [[streams]] ─► StreamConsumer (or FileStream) ─► Ingestor ─► database
+                                                        │ sinks, in the same transaction:
+                                                        ├─ RuleEngine (decisions, intents)
+                                                        └─ WakeAfterCommit ─► Submitter ─► facilities
+    storage (skymaps) · metrics and /healthz /readyz (run())
+
+Each stream and the submitter run in their own threads. SIGTERM/SIGINT set
+one stop event: every consumer finishes and commits its batch and leaves its
+group, the submitter finishes its sweep, the facilities are closed.
 """
 
 from __future__ import annotations
