@@ -572,9 +572,31 @@ def insert_decision(s: Session, row: dict[str, Any]) -> int:
     return s.execute(_DECISIONS.insert().returning(_DECISIONS.c.id), [row]).scalar_one()
 
 
+_DECISION_COLUMNS = ("alert_id", "target_id", "rule", "rule_version", "outcome", "reason", "details", "created_at")
+
+
 def insert_decisions(s: Session, rows: list[dict[str, Any]]) -> None:
-    if rows:
+    """Every verdict of a batch (rules × alerts rows).
+
+    PostgreSQL: COPY in the session's transaction, about ten times cheaper
+    than an executemany for the tens of thousands of rows a batch can carry.
+    """
+    if not rows:
+        return
+    if s.get_bind().dialect.name != "postgresql":
         s.execute(_DECISIONS.insert(), rows)
+        return
+    import orjson
+
+    from datetime import timezone
+
+    raw = s.connection().connection.driver_connection  # psycopg, inside this transaction
+    with raw.cursor() as cur, cur.copy(f"COPY decisions ({', '.join(_DECISION_COLUMNS)}) FROM STDIN") as copy:
+        for r in rows:
+            created = r["created_at"].astimezone(timezone.utc).replace(tzinfo=None)  # as UTCDateTime stores it
+            details = orjson.dumps(r.get("details") or {}, option=orjson.OPT_NON_STR_KEYS).decode()
+            copy.write_row((r["alert_id"], r["target_id"], r["rule"], r.get("rule_version", ""), r["outcome"],
+                            r.get("reason", ""), details, created))
 
 
 def _decision_filter(q, rule: str, outcome: str, target_id: int | None, reason_prefix: str | None):
