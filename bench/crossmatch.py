@@ -17,26 +17,24 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import secrets
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-from sqlalchemy import create_engine, select, text
+from sqlalchemy import select, text
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from scratch_db import scratch_database  # noqa: E402
 from tomd import sky  # noqa: E402
 from tomd.db import migrate, repository as repo  # noqa: E402
 from tomd.db.models import Target  # noqa: E402
 from tomd.targets import store  # noqa: E402
 from tomd.targets.model import TargetSpec  # noqa: E402
 
-ADMIN_URL = os.environ.get("TOMD_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 
 
 def random_sky(rng, n):
@@ -106,21 +104,7 @@ def time_naive(engine, rng, queries=20) -> float:
 
 def run_backend(kind: str, sizes: list[int], probes: int, seed: int) -> dict:
     rng = np.random.default_rng(seed)
-    cleanup = None
-    if kind == "sqlite":
-        tmp = tempfile.mkdtemp(prefix="tomd-bench-")
-        url = f"sqlite:///{tmp}/bench.db"
-    else:
-        name = f"tomd_bench_{os.getpid()}_{secrets.token_hex(3)}"
-        admin = create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT")
-        with admin.connect() as c:
-            c.execute(text(f'CREATE DATABASE "{name}"'))
-        url = ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-
-        def cleanup():
-            with admin.connect() as c:
-                c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-            admin.dispose()
+    url, cleanup = scratch_database(kind, "crossmatch")
 
     engine = migrate.connect(url)
     migrate.upgrade(engine)
@@ -167,8 +151,7 @@ def run_backend(kind: str, sizes: list[int], probes: int, seed: int) -> dict:
                   f"(naive scan {naive * 1e6:9.1f} µs/query)", file=sys.stderr, flush=True)
     finally:
         engine.dispose()
-        if cleanup:
-            cleanup()
+        cleanup()
     first, last = results[0], results[-1]
     return {
         "backend": kind,

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
 import secrets
 import sys
 import tempfile
@@ -28,7 +27,7 @@ from pathlib import Path
 
 import fastavro
 from confluent_kafka import Consumer
-from sqlalchemy import create_engine, text
+from sqlalchemy import text
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -37,9 +36,9 @@ from tomd.alerts.broker import LOCAL_GROUP_SETTINGS, LocalBroker, create_topics,
 from tomd.config import Config, Database, Rules, Storage, Stream  # noqa: E402
 from tomd.daemon import Daemon  # noqa: E402
 from tomd.db import migrate  # noqa: E402
+from scratch_db import scratch_database  # noqa: E402
 from ztf_copies import ztf_copies  # noqa: E402
 
-ADMIN_URL = os.environ.get("TOMD_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 
 
 def ceiling(bootstrap: str, topic: str, n: int) -> float:
@@ -64,23 +63,6 @@ def ceiling(bootstrap: str, topic: str, n: int) -> float:
     return done / elapsed if elapsed else 0.0
 
 
-def database(kind: str):
-    if kind == "sqlite":
-        d = tempfile.mkdtemp(prefix="tomd-ingest-")
-        return f"sqlite:///{d}/bench.db", lambda: None
-    name = f"tomd_bench_{os.getpid()}_{secrets.token_hex(3)}"
-    admin = create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as c:
-        c.execute(text(f'CREATE DATABASE "{name}"'))
-
-    def drop():
-        with admin.connect() as c:
-            c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
-
-    return ADMIN_URL.rsplit("/", 1)[0] + f"/{name}", drop
-
-
 RULE_TEMPLATES = [
     "alert.mag < {m} and alert.fields.real_bogus > 0.{r}",
     "target.n_detections >= {n} and alert.mag < {m}",
@@ -100,7 +82,7 @@ def write_rules(directory: Path, count: int) -> None:
 
 
 def tomd_rate(kind: str, bootstrap: str, topic: str, n: int, batch_size: int, rules: int = 0) -> dict:
-    url, drop = database(kind)
+    url, drop = scratch_database(kind, "ingest")
     try:
         engine = migrate.connect(url)
         migrate.upgrade(engine)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import secrets
 import sys
 import tempfile
@@ -26,10 +25,12 @@ from pathlib import Path
 
 import numpy as np
 from confluent_kafka import Producer
-from sqlalchemy import create_engine, select, text
+from sqlalchemy import select
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from scratch_db import scratch_database  # noqa: E402
 from tomd.alerts.broker import LOCAL_GROUP_SETTINGS, LocalBroker, create_topics  # noqa: E402
 from tomd.alerts.consumer import ConsumerSettings, StreamConsumer  # noqa: E402
 from tomd.alerts.ingest import IngestSettings, Ingestor  # noqa: E402
@@ -42,7 +43,6 @@ from tomd.facilities.sim import SimObservatory  # noqa: E402
 from tomd.rules.engine import RuleEngine  # noqa: E402
 from tomd.submit import SubmitSettings, Submitter, WakeAfterCommit  # noqa: E402
 
-ADMIN_URL = os.environ.get("TOMD_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 
 RULE = '''
 name = "bench-bright"
@@ -55,22 +55,6 @@ template = "1m-gri"
 mode = "RAPID_RESPONSE"
 window = "24h"
 '''
-
-
-def database(backend: str, tmp: Path) -> tuple[str, callable]:
-    if backend == "sqlite":
-        return f"sqlite:///{tmp / 'latency.db'}", lambda: None
-    name = f"tomd_bench_latency_{secrets.token_hex(3)}"
-    admin = create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as c:
-        c.execute(text(f'CREATE DATABASE "{name}"'))
-
-    def drop():
-        with admin.connect() as c:
-            c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
-
-    return ADMIN_URL.rsplit("/", 1)[0] + f"/{name}", drop
 
 
 def alert(i: int, bright: bool) -> bytes:
@@ -93,7 +77,7 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="tomd-latency-"))
     (tmp / "rules").mkdir()
     (tmp / "rules" / "bench.toml").write_text(RULE)
-    url, drop = database(args.backend, tmp)
+    url, drop = scratch_database(args.backend, "latency")
     stop = threading.Event()
     threads: list[threading.Thread] = []
     try:

@@ -266,15 +266,6 @@ def cmd_target_export(app: App, args) -> int:
     return 0
 
 
-def _parser_for(app: App, fmt: str, include_test: bool = False):
-    from tomd.alerts.parse import parse_message
-
-    def parse(data: bytes):
-        return parse_message(fmt, data, include_test=include_test)
-
-    return parse
-
-
 def cmd_alert_replay(app: App, args) -> int:
     from tomd.alerts.ingest import FileMessage, IngestSettings, Ingestor
 
@@ -282,12 +273,12 @@ def cmd_alert_replay(app: App, args) -> int:
     missing = [p for p in paths if not p.is_file()]
     if missing:
         raise InputError("no such file", where=str(missing[0]))
-    from tomd.daemon import build_stages
+    from tomd.daemon import build_stages, parser_for
 
     settings = IngestSettings(stream="replay", format=args.format, include_test=args.include_test,
                               match_radius_arcsec=app.config.targets.match_radius_arcsec)
     rules, storage = build_stages(app.config)  # replayed alerts meet the rules, as live ones do
-    ing = Ingestor(app.sessions, settings, _parser_for(app, args.format, args.include_test), sinks=[rules],
+    ing = Ingestor(app.sessions, settings, parser_for(args.format, include_test=args.include_test), sinks=[rules],
                    storage=storage)
     bar = None
     if sys.stderr.isatty() and not args.no_progress:
@@ -342,10 +333,14 @@ def cmd_alert_retry_dead_letters(app: App, args) -> int:
                               localization_max_deg=st.localization_max_deg if st else 0.1,
                               match_radius_arcsec=app.config.targets.match_radius_arcsec)
 
-    from tomd.daemon import build_stages
+    from tomd.daemon import build_stages, parser_for
 
+    # Rubin letters are decoded with the schema registry their stream names.
+    registry = {st.format: st.schema_registry for st in app.config.streams if st.schema_registry}
     rules, storage = build_stages(app.config)
-    res = retry_dead_letters(app.sessions, lambda fmt: _parser_for(app, fmt), settings_for, stream=args.stream,
+    res = retry_dead_letters(app.sessions, lambda fmt: parser_for(fmt, include_test=False,
+                                                                  schema_registry=registry.get(fmt)),
+                             settings_for, stream=args.stream,
                              sinks=[rules], storage=storage)
     print(f"{res.retried} dead letters retried: {res.resolved} ingested, {res.still_failing} still failing")
     return 1 if res.still_failing else 0

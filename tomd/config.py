@@ -191,13 +191,6 @@ _HOSTPORT = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(\d{1,5})")
 
 
 @_expects('host:port, like "127.0.0.1:9464"')
-def _host_port(v: str) -> str:
-    m = _HOSTPORT.fullmatch(v)
-    if not m or not 0 < int(m.group(1)) < 65536:
-        raise _Invalid('expected host:port, like "127.0.0.1:9464"')
-    return v
-
-
 def _listen(v: str) -> str:
     """host:port to listen on; port 0 picks a free port (tests, several daemons on one host)."""
     m = _HOSTPORT.fullmatch(v)

@@ -187,11 +187,6 @@ def _decode_ocf_fastavro(buf: bytes) -> list[dict]:
         raise DecodeError(f"Avro container: {exc!r}") from exc
 
 
-def ocf_writer_schema(data: bytes) -> dict:
-    """The writer schema (as JSON) of an Avro container, for inspection."""
-    return json.loads(read_ocf_header(bytes(data)).schema_json)
-
-
 # --- Confluent wire format and schema sources --------------------------------
 
 class SchemaSource(Protocol):
@@ -329,14 +324,6 @@ def decode_confluent(data: bytes, schema_source: SchemaSource | None = None) -> 
             f"Avro body for schema id {schema_id} left {len(data) - bio.tell()} bytes unread"
         )
     return [record]
-
-
-def decode_schemaless(data: bytes, schema: Any) -> list[dict]:
-    """A bare schemaless Avro body (e.g. Fink livestream) with a known schema."""
-    try:
-        return [fastavro.schemaless_reader(io.BytesIO(data), schema, None)]
-    except Exception as exc:  # noqa: BLE001
-        raise DecodeError(f"schemaless Avro body does not match the schema: {exc!r}") from exc
 
 
 # --- JSON, XML -----------------------------------------------------------------

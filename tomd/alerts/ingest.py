@@ -108,6 +108,15 @@ class BatchResult:
     notices: int = 0
     alert_ids: list[int] = field(default_factory=list)
 
+    _COUNTS = ("messages", "alerts", "duplicates", "skipped_test", "dead_letters", "targets_created",
+               "photometry_points", "notices")
+
+    def add(self, other: BatchResult, *, ids: bool = True) -> None:
+        for f in self._COUNTS:
+            setattr(self, f, getattr(self, f) + getattr(other, f))
+        if ids:
+            self.alert_ids.extend(other.alert_ids)
+
 
 class Ingestor:
     """The BatchHandler for one stream: messages in, one transaction out."""
@@ -151,7 +160,7 @@ class Ingestor:
             log.warning("database refused a batch (%s); applying it message by message", _db_reason(exc))
             result = self._one_by_one(parsed)
         self.seconds["database"] += time.perf_counter() - t1
-        self._add_totals(result)
+        self.totals.add(result, ids=False)  # running totals; ids would grow without bound
         return result
 
     def _commit(self, parsed) -> BatchResult:
@@ -175,17 +184,8 @@ class Ingestor:
                 with self.sessions.begin() as s:
                     self._dead_letter(s, m, f"database refused it: {_db_reason(exc)}")
                 r = BatchResult(messages=1, dead_letters=1)
-            for f in ("messages", "alerts", "duplicates", "skipped_test", "dead_letters", "targets_created",
-                      "photometry_points", "notices"):
-                setattr(total, f, getattr(total, f) + getattr(r, f))
-            total.alert_ids.extend(r.alert_ids)
+            total.add(r)
         return total
-
-    def _add_totals(self, r: BatchResult) -> None:
-        t = self.totals
-        for f in ("messages", "alerts", "duplicates", "skipped_test", "dead_letters", "targets_created",
-                  "photometry_points", "notices"):
-            setattr(t, f, getattr(t, f) + getattr(r, f))
 
     def _apply(self, s: Session, parsed) -> BatchResult:
         r = BatchResult(messages=len(parsed))

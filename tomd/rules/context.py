@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime
 from functools import cached_property
 from typing import Any
 
@@ -26,10 +26,6 @@ _UNIX_MJD = 40587.0  # MJD of 1970-01-01T00:00 UTC (calendar fact, not a time-sc
 def mjd_of(t: datetime) -> float:
     """MJD (UTC) of an aware datetime."""
     return t.timestamp() / 86400.0 + _UNIX_MJD
-
-
-def datetime_of(mjd: float) -> datetime:
-    return datetime.fromtimestamp((mjd - _UNIX_MJD) * 86400.0, tz=timezone.utc)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,8 +1,9 @@
 """Match and upsert: one object is one target, however many names it has.
 
-A spec is the existing target when any of its names matches (case- and
-punctuation-insensitively), or else when an existing target lies within the
-match radius (nearest wins). Otherwise it is a new target. The position
+A spec is the existing target its primary name names (case- and
+punctuation-insensitively); else the nearest target within the match
+radius; else the target one of its aliases names; otherwise it is a new
+target (see ``upsert_many``). The position
 lookup is a HEALPix range query (``tomd.sky.cone_ranges``) followed by an
 exact Vincenty filter, so it costs the same at 10^6 targets as at 10^3.
 """
@@ -56,16 +57,6 @@ def cone(s: Session, ra: float, dec: float, radius_arcsec: float) -> list[tuple[
             hits.append((tid, sep * 3600.0))
     hits.sort(key=lambda h: (h[1], h[0]))
     return hits
-
-
-def match(s: Session, spec: TargetSpec, radius_arcsec: float = DEFAULT_RADIUS_ARCSEC) -> Match | None:
-    """The existing target ``spec`` denotes (see ``upsert_many`` for the order)."""
-    spec = validate(spec)
-    plan = _Plan(s, [spec], radius_arcsec)
-    step = plan.steps[0]
-    if step.target is None or step.target < 0:
-        return None
-    return plan.match_of(step)
 
 
 def upsert(

@@ -110,14 +110,6 @@ def mjd_tai_to_datetime(mjd_tai: float) -> datetime:
     return _utc_jd_to_datetime(float(u1), float(u2))
 
 
-def datetime_to_mjd_utc(dt: datetime) -> float:
-    """An aware datetime (UTC) as MJD UTC (ERFA handles leap-second days)."""
-    dt = dt.astimezone(timezone.utc)
-    sec = dt.second + dt.microsecond / 1e6
-    d1, d2 = erfa.dtf2d("UTC", dt.year, dt.month, dt.day, dt.hour, dt.minute, sec)
-    return float((d1 - MJD0) + d2)
-
-
 def parse_iso_utc(value: Any, field: str) -> datetime:
     """An ISO 8601 UTC time string ('Z', offset or naive = UTC) → aware datetime."""
     if not isinstance(value, str) or not value.strip():

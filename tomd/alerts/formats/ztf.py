@@ -28,7 +28,6 @@ from ._common import (
     jd_utc_to_datetime,
     require,
     require_float,
-    scalar_items,
 )
 
 BANDS = {1: "ztfg", 2: "ztfr", 3: "ztfi"}
@@ -250,7 +249,3 @@ def parse(record: dict, *, source: str = "ztf") -> list[Alert]:
     ]
 
 
-def extra_columns(record: dict) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Broker-added top-level columns: (scalars for ``fields``, everything for payload)."""
-    extra = {k: v for k, v in record.items() if k not in PACKET_KEYS}
-    return scalar_items(extra), clean(extra)
