@@ -296,6 +296,9 @@ class ObservationRequest(Base):
     submitted_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
     last_polled_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # Data retrieval: set when the request (partly) completes; cleared once its products are all stored.
+    data_due_at: Mapped[datetime | None] = mapped_column(UTCDateTime, index=True)
+    data_attempts: Mapped[int] = mapped_column(Integer, default=0)
 
 
 class ObservationStatus(Base):
@@ -339,6 +342,8 @@ class DataProduct(Base):
     meta: Mapped[dict[str, Any]] = mapped_column(Json, default=dict)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     stored_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)  # download attempts
+    error: Mapped[str | None] = mapped_column(Text)  # the last download failure
 
 
 # ------------------------------------------------------- events and errors --
@@ -403,3 +408,42 @@ class PollState(Base):
     facility: Mapped[str] = mapped_column(String(64), primary_key=True)
     last_poll_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     cursor: Mapped[str | None] = mapped_column(String(200))
+
+
+class Notification(Base):
+    """One message for one channel, durable until sent (rules and hooks enqueue; the notifier sends).
+
+    ``dedupe_key`` makes enqueueing idempotent: an event delivered twice, or a
+    hook retried, queues its message once per channel.
+    """
+
+    __tablename__ = "notifications"
+    __table_args__ = (UniqueConstraint("channel", "dedupe_key"), Index("ix_notifications_due", "state", "channel"))
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
+    channel: Mapped[str] = mapped_column(String(100))
+    dedupe_key: Mapped[str] = mapped_column(String(300))
+    event_id: Mapped[int | None] = mapped_column(ForeignKey("outbox.id", ondelete="SET NULL"))
+    target_id: Mapped[int | None] = mapped_column(BigInteger)
+    message: Mapped[dict[str, Any]] = mapped_column(Json, default=dict)  # subject, text, fields, links, image key
+    state: Mapped[str] = mapped_column(String(16), default="pending")  # pending | sent | failed
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    claimed_by: Mapped[str | None] = mapped_column(String(100))
+    claimed_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class CatalogCache(Base):
+    """Answers of catalog services (SIMBAD, NED, Horizons, MPC, TNS), shared by every process."""
+
+    __tablename__ = "catalog_cache"
+    __table_args__ = (UniqueConstraint("service", "key"),)
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
+    service: Mapped[str] = mapped_column(String(32))
+    key: Mapped[str] = mapped_column(String(300))
+    payload: Mapped[dict[str, Any]] = mapped_column(Json, default=dict)
+    fetched_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
