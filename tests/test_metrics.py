@@ -315,3 +315,38 @@ def test_names_follow_prometheus_conventions():
         if fam.type == "histogram":
             assert fam.name.endswith(("_seconds", "_size", "_bytes")), fam.name
         assert fam.documentation, fam.name
+
+
+# ------------------------------------------------------------- facilities
+
+
+def test_facility_calls_are_counted_by_operation_and_code():
+    """Each HTTP call to the (simulated) portal, retries included, with its status or timeout."""
+    from tests.test_facilities_lco import TEMPLATES, sidereal
+    from tomd.facilities.base import Intent
+    from tomd.facilities.lco import LCOClient, api_operation
+    from tomd.facilities.sim import SimObservatory
+
+    m = Metrics(process=False)
+    with SimObservatory(pending_s=3600, hang_s=1.0) as sim:
+        c = LCOClient("sim", url=sim.url, token=sim.token, proposal="SIM2026A-001", templates=TEMPLATES,
+                      timeout=0.3, max_attempts=3, backoff_base=0.01, backoff_cap=0.05, rate_limit=1000.0)
+        c.observer = m.observe_facility_call
+        doc = c.build_request("1m-gri", sidereal(), Intent(name="tomd-metrics"))
+        assert c.validate(doc).ok
+        sub = c.submit(doc)
+        sim.inject("status", status=502, method="GET")
+        sim.inject("slow", delay=0.6, method="GET")
+        assert [g.name for g in c.find_by_name("tomd-metrics")] == ["tomd-metrics"]
+        c.cancel(sub.facility_id)
+        c.close()
+    assert value(m, "tomd_facility_requests_total", facility="sim", operation="validate", code="200") == 1
+    assert value(m, "tomd_facility_requests_total", facility="sim", operation="submit", code="201") == 1
+    assert value(m, "tomd_facility_requests_total", facility="sim", operation="list", code="502") == 1
+    assert value(m, "tomd_facility_requests_total", facility="sim", operation="list", code="timeout") == 1
+    assert value(m, "tomd_facility_requests_total", facility="sim", operation="list", code="200") == 1
+    assert value(m, "tomd_facility_requests_total", facility="sim", operation="cancel", code="200") == 1
+    assert value(m, "tomd_facility_request_seconds_count", facility="sim", operation="list") == 3
+    assert api_operation("GET", "https://observe.lco.global/api/requestgroups/12/") == "get"
+    assert api_operation("GET", "https://archive-api.lco.global/frames/?request_id=3") == "frames"
+    assert api_operation("GET", "https://x/some/odd/path/") == "other"

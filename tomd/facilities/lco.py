@@ -352,6 +352,21 @@ def _retry_after(resp: httpx.Response) -> float | None:
 # ------------------------------------------------------------------ client --
 
 
+_OPERATIONS = frozenset({"frames", "proposals", "instruments"})
+
+
+def api_operation(method: str, url: str) -> str:
+    """A bounded metric label for a portal call: validate, submit, cancel, list, get, frames, ..."""
+    parts = [p for p in urlsplit(url).path.split("/") if p and p != "api"]
+    if parts[:1] == ["requestgroups"]:
+        if parts[-1] in ("validate", "cancel"):
+            return parts[-1]
+        if len(parts) == 1:
+            return "submit" if method == "POST" else "list"
+        return "get"
+    return parts[0] if parts and parts[0] in _OPERATIONS else "other"
+
+
 class LCOClient:
     """The Observation Portal (LCO network or SOAR) as a ``Facility``."""
 
@@ -380,6 +395,9 @@ class LCOClient:
             headers["Authorization"] = f"Token {secret}"
         self._http = httpx.Client(timeout=httpx.Timeout(self.timeout), headers=headers, transport=transport,
                                   follow_redirects=False)
+        # Told of every HTTP call: observer(facility, operation, code, seconds), code the HTTP status or
+        # "timeout" / "error". The daemon plugs tomd.metrics.Metrics.observe_facility_call in here.
+        self.observer: Callable[[str, str, int | str, float], None] | None = None
 
     @classmethod
     def from_config(cls, name: str, cfg: Any, **kw: Any) -> "LCOClient":
@@ -536,7 +554,7 @@ class LCOClient:
         for attempt in range(self.max_attempts):
             self.limiter.acquire(deadline)
             try:
-                resp = self._http.request(method, url, json=json, params=params)
+                resp = self._observed(method, url, json=json, params=params)
             except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
                 # Never reached the server: safe to retry whatever the method.
                 last = RetryableError(f"{what}: cannot connect ({type(exc).__name__})")
@@ -587,6 +605,21 @@ class LCOClient:
                 time.sleep(delay)
         assert last is not None
         raise last
+
+    def _observed(self, method: str, url: str, **kw: Any) -> httpx.Response:
+        """One HTTP call, reported to ``self.observer`` (each retry is a call of its own)."""
+        if self.observer is None:
+            return self._http.request(method, url, **kw)
+        t0, code = time.monotonic(), "error"
+        try:
+            resp = self._http.request(method, url, **kw)
+            code = resp.status_code
+            return resp
+        except httpx.TimeoutException:
+            code = "timeout"
+            raise
+        finally:
+            self.observer(self.name, api_operation(method, url), code, time.monotonic() - t0)
 
     def _status(self, group: Mapping[str, Any]) -> RequestStatus:
         reqs = group.get("requests") or []
