@@ -701,3 +701,22 @@ def update_data_product(s: Session, product_row_id: int, values: dict[str, Any])
     """Change a product's state/size/md5/key (a failed download retried, a pending one stored)."""
     s.execute(DataProduct.__table__.update().where(DataProduct.__table__.c.id == product_row_id).values(**values))
 
+
+
+# ---- notifications ----
+# The durable notification queue (tomd.notify): enqueue is idempotent per
+# (channel, dedupe_key); senders claim rows like the submitter claims intents.
+
+from datetime import timedelta  # noqa: E402
+
+from tomd.db.models import Notification  # noqa: E402
+
+_NOTIFS = Notification.__table__
+
+
+def enqueue_notification(s: Session, row: dict[str, Any]) -> bool:
+    """Queue one notification; False if (channel, dedupe_key) is already queued (any state)."""
+    now = utcnow()
+    values = {"state": "pending", "attempts": 0, "created_at": now, "next_attempt_at": None, **row}
+    res = s.execute(_insert_ignore(s, _NOTIFS).returning(_NOTIFS.c.id), [values])
+    return res.scalar_one_or_none() is not None
