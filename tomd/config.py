@@ -517,7 +517,19 @@ class Channel:
     username: Optional[str] = None
     password: Optional[Secret] = None
     starttls: bool = True
+    # Implicit TLS from the first byte (port 465) instead of STARTTLS.
+    smtp_ssl: bool = False
+    # A CA bundle (PEM) to trust for the SMTP server or the webhook's HTTPS, e.g. a private CA.
+    ca_file: Optional[str] = None
+    sender: Optional[str] = None  # the e-mail From address (default: tomd@<this host>)
     rate_limit_per_hour: Optional[int] = opt(None, check=_between(1, 1_000_000))
+    # Batch: at most one message per this interval, holding everything queued meanwhile.
+    digest: Optional[float] = opt(None, parse=parse_duration)
+    # Event kinds sent to this channel besides rules' notify: "observation.failed", "observation.*".
+    events: list[str] = opt(factory=list)
+    timeout: float = opt(10.0, parse=parse_duration)  # per send (connect, TLS, upload, answer)
+    max_attempts: int = opt(8, check=_between(1, 100))  # then the notification is recorded failed
+    image: bool = True  # light curves: attached to e-mails, a presigned S3 URL on Slack
 
     @classmethod
     def _check(cls, values: dict, path: tuple, ctx: _Ctx) -> None:
@@ -526,6 +538,13 @@ class Channel:
             return
         if kind in ("slack", "webhook") and "url" not in values:
             ctx.bad(path + ("url",), f'missing required key for a "{kind}" channel; expected an http(s) URL')
+        for i, pattern in enumerate(values.get("events", []) if values.get("events") is not _FAIL else []):
+            if not re.fullmatch(r"[a-z_]+(\.[a-z_]+)*(\.\*)?|\*", pattern):
+                ctx.bad(path + ("events", i), f'expected an event kind like "observation.failed" or '
+                        f'"observation.*", got {_show(pattern)}')
+        if kind == "email" and isinstance(values.get("sender"), str) and not re.fullmatch(
+                r"(?:[^<>]*<)?[^@\s<>]+@[^@\s<>]+>?", values["sender"]):
+            ctx.bad(path + ("sender",), f"expected an e-mail address, got {_show(values['sender'])}")
         if kind == "email":
             if "smtp_host" not in values:
                 ctx.bad(path + ("smtp_host",), 'missing required key for an "email" channel; expected a host name')
@@ -540,6 +559,8 @@ class Channel:
 @dataclass(frozen=True, kw_only=True)
 class Notify:
     channels: dict[str, Channel] = opt(factory=dict, precheck=_check_names)
+    # How often the notifier looks for due messages when nothing wakes it.
+    interval: float = opt(5.0, parse=parse_duration)
 
 
 def _default_facilities() -> dict[str, Facility]:
