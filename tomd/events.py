@@ -222,3 +222,29 @@ class RequestPriorityRaised(Event):
 
 
 EVENT_TYPES.update({e.kind: e for e in (RuleFired, SubmissionIntent, RequestPriorityRaised)})
+
+
+# ------------------------------------------------------------------ status --
+
+
+@dataclass(frozen=True)
+class ObservationStatusChanged(Event):
+    """A poll found a request in a new state (or a new facility word for it).
+
+    ``reopened``: the request left a final state again (LCO: COMPLETED goes
+    back to PENDING when the data was bad), so it will be observed again.
+    """
+
+    kind: ClassVar[str] = "observation.status_changed"
+    request_id: int
+    name: str
+    facility: str
+    facility_id: str
+    target_id: int | None
+    old_state: str
+    new_state: str
+    facility_state: str = ""
+    reopened: bool = False
+
+
+EVENT_TYPES[ObservationStatusChanged.kind] = ObservationStatusChanged
