@@ -248,3 +248,58 @@ class ObservationStatusChanged(Event):
 
 
 EVENT_TYPES[ObservationStatusChanged.kind] = ObservationStatusChanged
+
+
+# ------------------------------------------------------------ data retrieval --
+
+
+@dataclass(frozen=True)
+class DataRetrievalFailed(Event):
+    """tomd gave up fetching a request's data after its attempts (each product stored stays stored).
+
+    ``missing``: products listed at the archive but not stored (0 when the
+    archive never listed any, or could not be reached); ``error``: the last
+    failure, in the facility's or the network's words.
+    """
+
+    kind: ClassVar[str] = "data.retrieval_failed"
+    request_id: int
+    facility: str
+    facility_id: str
+    target_id: int | None
+    attempts: int
+    stored: int
+    missing: int
+    error: str = ""
+
+
+EVENT_TYPES[DataRetrievalFailed.kind] = DataRetrievalFailed
+
+
+# ------------------------------------------------------------------- hooks --
+
+
+@dataclass(frozen=True)
+class HookRegistered(Event):
+    """A daemon saw a hook for the first time: the hook gets the events after this one (unless since="all")."""
+
+    kind: ClassVar[str] = "hook.registered"
+    hook: str
+    kinds: tuple[str, ...]
+    where: str = ""  # FILE:LINE, or "<builtin>"
+
+
+@dataclass(frozen=True)
+class HookFailed(Event):
+    """A hook gave up on an event after its last attempt (the traceback is in hook_runs.error)."""
+
+    kind: ClassVar[str] = "hook.failed"
+    hook: str
+    event_id: int  # the outbox event the hook failed on
+    event_kind: str
+    attempts: int
+    error: str  # the last line of the traceback
+    target_id: int | None = None
+
+
+EVENT_TYPES.update({e.kind: e for e in (HookRegistered, HookFailed)})
