@@ -720,3 +720,92 @@ def enqueue_notification(s: Session, row: dict[str, Any]) -> bool:
     values = {"state": "pending", "attempts": 0, "created_at": now, "next_attempt_at": None, **row}
     res = s.execute(_insert_ignore(s, _NOTIFS).returning(_NOTIFS.c.id), [values])
     return res.scalar_one_or_none() is not None
+
+
+# ---- status ----
+# Status polling (tomd.status) and cadence series (tomd.cadence).
+
+from tomd.db.models import PollState  # noqa: E402
+
+_POLL = PollState.__table__
+_STATUS = ObservationStatus.__table__
+#: Submitted requests a facility may still change by itself (tomd.facilities.base.FINAL_STATES aside).
+OPEN_STATES = ("pending", "scheduled", "in_progress")
+#: Requests not finished yet, for the open-requests gauge.
+UNFINISHED_STATES = ("intent", "submitting") + OPEN_STATES
+
+
+def pollable_requests(s: Session, facility: str, *, completed_since: datetime) -> list[Any]:
+    """Submitted requests of ``facility`` a poll follows: the open ones, and the completed ones
+    touched since ``completed_since`` (a completed request can be reopened)."""
+    R = _OBS
+    q = select(R.c.id, R.c.name, R.c.facility_id, R.c.state, R.c.facility_state, R.c.target_id,
+               R.c.submitted_at, R.c.created_at, R.c.cadence).where(
+        R.c.facility == facility, R.c.facility_id.is_not(None),
+        or_(R.c.state.in_(OPEN_STATES), and_(R.c.state == "completed", R.c.updated_at >= completed_since)))
+    return list(s.execute(q).mappings())
+
+
+def status_poll_state(s: Session, facility: str) -> tuple[datetime | None, str | None]:
+    """(last poll time, cursor) of a facility's status polls; (None, None) before its first poll."""
+    row = s.execute(select(_POLL.c.last_poll_at, _POLL.c.cursor).where(_POLL.c.facility == facility)).first()
+    return (row[0], row[1]) if row is not None else (None, None)
+
+
+def save_poll_state(s: Session, facility: str, last_poll_at: datetime, cursor: str | None) -> None:
+    s.execute(_insert_ignore(s, _POLL), [{"facility": facility, "last_poll_at": last_poll_at, "cursor": cursor}])
+    s.execute(_POLL.update().where(_POLL.c.facility == facility).values(last_poll_at=last_poll_at, cursor=cursor))
+
+
+def set_request_status(s: Session, request_id: int, old_state: str, old_word: str | None,
+                       values: dict[str, Any]) -> bool:
+    """Move a request on only if it is still in (old_state, old_word): a change another
+    writer (a cancel, a concurrent poll) made first is never overwritten."""
+    R = _OBS
+    word = R.c.facility_state.is_(None) if old_word is None else R.c.facility_state == old_word
+    q = R.update().where(R.c.id == request_id, R.c.state == old_state, word)
+    return s.execute(q.values(updated_at=utcnow(), **values)).rowcount == 1
+
+
+def add_status_rows(s: Session, rows: list[dict[str, Any]]) -> None:
+    """History rows (request_id, time, state, facility_state, message) in one statement."""
+    if rows:
+        s.execute(_STATUS.insert(), rows)
+
+
+def unfinished_request_counts(s: Session) -> dict[str, int]:
+    q = select(_OBS.c.state, func.count()).where(_OBS.c.state.in_(UNFINISHED_STATES)).group_by(_OBS.c.state)
+    return {state: n for state, n in s.execute(q)}
+
+
+def try_advisory_lock(conn, space: int, key: int) -> bool:
+    """A session-level PostgreSQL advisory lock on ``conn`` (held until unlocked or the connection ends)."""
+    return bool(conn.execute(text("SELECT pg_try_advisory_lock(:a, :b)"), {"a": space, "b": key}).scalar())
+
+
+def advisory_unlock(conn, space: int, key: int) -> None:
+    conn.execute(text("SELECT pg_advisory_unlock(:a, :b)"), {"a": space, "b": key})
+
+
+def insert_intent_once(s: Session, values: dict[str, Any]) -> int | None:
+    """Insert an intent unless its name exists (a replayed step); its id, or None when it existed."""
+    now = utcnow()
+    row = {"state": "intent", "request": {}, "attempts": 0, "created_at": now, "updated_at": now, **values}
+    return s.execute(_insert_ignore(s, _OBS).returning(_OBS.c.id), [row]).scalar_one_or_none()
+
+
+def series_requests(s: Session, root_id: int) -> list[ObservationRequest]:
+    """A cadence series: its first request and every later one (``parent_id`` = the first's id)."""
+    R = ObservationRequest
+    return list(s.scalars(select(R).where(or_(R.id == root_id, R.parent_id == root_id)).order_by(R.id)))
+
+
+def series_template_fields(s: Session, request_id: int) -> dict[str, Any] | None:
+    """The inline template of a cadence request: its own decision's, else its series' first request's."""
+    row = s.get(ObservationRequest, request_id)
+    if row is None:
+        return None
+    if row.decision_id is None and row.parent_id is not None:
+        row = s.get(ObservationRequest, row.parent_id)
+    return decision_template_fields(s, row.decision_id) if row is not None else None
+
