@@ -446,17 +446,36 @@ class LCOClient:
         """Status of many request groups.
 
         The portal filters by one ``id`` at a time, so with ``since`` (the last
-        poll) one paginated ``modified_after`` listing answers for all of
-        them (ids absent from it did not change); without it each group is
-        read on its own (rate-limited).
+        poll's cursor, on the portal's clock) one paginated ``modified_after``
+        listing answers for all of them (ids absent from it did not change),
+        in pages of 1000 groups: 10,000 changed groups cost about
+        ten calls. The listing is ordered by id, and a group only ever enters
+        it (``modified`` grows), so a page boundary can repeat a group but
+        never skip one. Without ``since`` each group is read on its own
+        (rate-limited): meant for a handful.
         """
         wanted = {str(i) for i in facility_ids}
         out: dict[str, RequestStatus] = {}
+        if not wanted:
+            return out
         if since is not None:
-            for g in self._pages("/api/requestgroups/", {"modified_after": _iso(since)}):
-                st = self._status(g)
-                if st.facility_id in wanted:
-                    out[st.facility_id] = st
+            url: str | None = self.base + "/api/requestgroups/"
+            # Microseconds kept: the cursor must not round away the change it stands for.
+            after = since.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+            # 1000 per page (the portal caps a page at its own maximum and says so in `next`).
+            query: Mapping[str, Any] | None = {"modified_after": after, "limit": 1000}
+            seen = 0
+            while url:
+                body = self._json("GET", url, params=query, safe=True, absolute=True)
+                results = body.get("results", []) if isinstance(body, Mapping) else body
+                for g in results:
+                    if str(g.get("id")) in wanted:
+                        out[str(g["id"])] = self._status(g)
+                seen += len(results)
+                nxt = body.get("next") if isinstance(body, Mapping) else None
+                if not nxt or not results or seen > 10_000_000:
+                    break
+                url, query = self._same_origin(nxt, self.base), None
             return out
         for fid in sorted(wanted):
             try:
@@ -470,18 +489,32 @@ class LCOClient:
         return self._status(body)
 
     def data_products(self, facility_id: str) -> list[DataProduct]:
+        """The archive's frames of every request in the group (every page), each once.
+
+        A frame's ``url`` is the archive's download link (on the LCO archive,
+        a presigned S3 URL that expires: list again for a fresh one); its md5
+        is the one of the version that URL serves (else the newest version).
+        """
         group = self._json("GET", f"/api/requestgroups/{int(facility_id)}/", safe=True)
         out: list[DataProduct] = []
+        seen: set[str] = set()
         for req in group.get("requests", []):
             for f in self._pages("/frames/", {"request_id": req["id"]}, base=self.archive):
-                versions = f.get("version_set") or []
-                md5 = versions[0].get("md5") if versions else None
+                if "id" not in f or str(f["id"]) in seen:  # a page boundary that moved under us
+                    continue
+                seen.add(str(f["id"]))
+                versions = [v for v in f.get("version_set") or [] if isinstance(v, Mapping)]
+                url = f.get("url") or ""
+                version = next((v for v in versions if url and v.get("url") == url), None) or \
+                    (max(versions, key=lambda v: str(v.get("created") or "")) if versions else None)
+                size = f.get("filesize")
                 out.append(DataProduct(
                     product_id=str(f["id"]), filename=f.get("filename") or f.get("basename", str(f["id"])),
-                    url=f.get("url") or (versions[0].get("url") if versions else ""), md5=md5,
-                    size=f.get("filesize"), kind="spectroscopy" if f.get("configuration_type") == "SPECTRUM" else "image",
+                    url=url or (version.get("url") or "" if version else ""),
+                    md5=(version or {}).get("md5") or None, size=size if isinstance(size, int) else None,
+                    kind="spectroscopy" if f.get("configuration_type") == "SPECTRUM" else "image",
                     meta={k: f[k] for k in ("DATE_OBS", "FILTER", "OBJECT", "SITEID", "INSTRUME", "reduction_level",
-                                            "request_id") if k in f}))
+                                            "request_id", "configuration_type") if k in f}))
         return out
 
     def check(self) -> CheckReport:

@@ -14,9 +14,13 @@ it) is exercised end to end without a network:
 Validation errors come back as the portal's DRF documents (nested by field)
 with its wording; like the real portal, names are *not* unique, so a blind
 retry of a POST makes a duplicate (the tests rely on that). States progress
-with time: PENDING for ``pending_s / speed`` seconds, then COMPLETED (or
-WINDOW_EXPIRED / FAILURE_LIMIT_REACHED when the target name says "expire" /
-"fail"), and frames appear when COMPLETED.
+with time: PENDING for ``pending_s / speed`` seconds, IN_PROGRESS for
+``running_s / speed`` (default 0), then COMPLETED (or WINDOW_EXPIRED /
+FAILURE_LIMIT_REACHED when the target name says "expire" / "fail"), and frames
+appear when COMPLETED. ``set_state`` forces a state (and its ``modified``
+time) at once, e.g. a COMPLETED group back to PENDING as the portal does when
+data was bad. Listings filter (``modified_after`` as a time) before rendering
+and render only the page they answer, so 10,000 groups stay cheap to poll.
 
 Faults on demand (``inject``) or at random (``chaos``): an HTTP status (5xx),
 429 with Retry-After, a slow answer, a hang, a dropped connection, and the
@@ -30,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import hmac
 import io
 import json
 import math
@@ -131,11 +136,12 @@ class SimObservatory:
 
     def __init__(self, *, token: str | None = "sim-token", proposals: tuple[str, ...] = ("SIM2026A-001",),
                  speed: float = 1.0, pending_s: float = 60.0, host: str = "127.0.0.1", port: int = 0,
-                 hang_s: float = 5.0, max_page: int = 1000, seed: int | None = None):
+                 hang_s: float = 5.0, max_page: int = 1000, seed: int | None = None, running_s: float = 0.0):
         self.token = token
         self.proposals = tuple(proposals)
         self.speed = speed
         self.pending_s = pending_s
+        self.running_s = running_s  # seconds IN_PROGRESS after PENDING (0: straight to the outcome)
         self.hang_s = hang_s
         self.max_page = max_page
         self._host, self._port = host, port
@@ -247,13 +253,17 @@ class SimObservatory:
         return None
 
     def _state(self, g: _Group) -> tuple[str, datetime]:
-        """(state, when it was entered)."""
+        """(state, when it was entered): PENDING, IN_PROGRESS (when ``running_s``), then the outcome."""
         if g.forced:
             return g.forced, g.forced_at or g.created_wall
         after = self.pending_s / self.speed if self.speed > 0 else math.inf
-        if time.monotonic() - g.created < after:
+        age = time.monotonic() - g.created
+        if age < after:
             return "PENDING", g.created_wall
-        when = datetime.fromtimestamp(g.created_wall.timestamp() + after, timezone.utc)
+        running = self.running_s / self.speed if self.speed > 0 else math.inf
+        if running > 0 and age < after + running:
+            return "IN_PROGRESS", datetime.fromtimestamp(g.created_wall.timestamp() + after, timezone.utc)
+        when = datetime.fromtimestamp(g.created_wall.timestamp() + after + running, timezone.utc)
         return g.outcome, when
 
     def _render(self, g: _Group) -> dict[str, Any]:
@@ -447,24 +457,103 @@ class SimObservatory:
             return self._render(g)
 
     def list_groups(self, q: dict[str, list[str]]) -> list[dict[str, Any]]:
+        return [self._render_locked(g) for g in self._select(q)]
+
+    def _select(self, q: dict[str, list[str]]) -> list[_Group]:
+        """The groups a listing's filters keep, newest first (filtered before rendering: a
+        listing of 10,000 groups renders only the page it answers)."""
         with self._lock:
-            out = [self._render(g) for g in self._groups.values()]
+            hits = [(g, *self._state(g)) for g in self._groups.values()]
         if "name" in q:
-            out = [d for d in out if q["name"][-1].lower() in d["name"].lower()]  # "contains", as the portal
+            needle = q["name"][-1].lower()
+            hits = [h for h in hits if needle in str(h[0].doc["name"]).lower()]  # "contains", as the portal
         if "id" in q:
             ids = {int(i) for v in q["id"] for i in v.split(",") if i.strip().isdigit()}
-            out = [d for d in out if d["id"] in ids]
+            hits = [h for h in hits if h[0].doc["id"] in ids]
         if "state" in q:
-            out = [d for d in out if d["state"] in q["state"]]
+            hits = [h for h in hits if h[1] in q["state"]]
         if "request_id" in q:
-            rid = int(q["request_id"][-1])
-            out = [d for d in out if any(r["id"] == rid for r in d["requests"])]
+            rid = int(q["request_id"][-1]) if q["request_id"][-1].lstrip("-").isdigit() else None
+            hits = [h for h in hits if any(r["id"] == rid for r in h[0].doc["requests"])]
         if "modified_after" in q:
-            since = q["modified_after"][-1].replace("Z", "+00:00")
-            out = [d for d in out if d["modified"].replace("Z", "+00:00") >= since]
-        return sorted(out, key=lambda d: -d["id"])
+            raw = q["modified_after"][-1].replace("Z", "+00:00")
+            try:
+                since = datetime.fromisoformat(raw)
+            except ValueError:
+                return []
+            since = since if since.tzinfo else since.replace(tzinfo=timezone.utc)
+            hits = [h for h in hits if h[2] >= since]
+        return [h[0] for h in sorted(hits, key=lambda h: -h[0].doc["id"])]
+
+    def _render_locked(self, g: _Group) -> dict[str, Any]:
+        with self._lock:
+            return self._render(g)
+
+    def add_groups(self, docs: list[dict[str, Any]], *, state: str | None = None) -> list[int]:
+        """Store many request groups at once, without validation (benchmarks); optionally forced
+        into ``state`` now. Returns their ids."""
+        out = []
+        for d in docs:
+            out.append(self.store(d)["id"] if state is None else self._store_quiet(d, state))
+        return out
+
+    def _store_quiet(self, rg: dict[str, Any], state: str) -> int:
+        with self._lock:
+            gid = self._next_group
+            self._next_group += 1
+            doc = json.loads(json.dumps(rg))
+            doc["id"] = gid
+            now = datetime.now(timezone.utc)
+            doc["created"] = now.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+            doc["submitter"] = "sim"
+            for r in doc["requests"]:
+                r["id"] = self._next_request
+                self._next_request += 1
+            self._groups[gid] = _Group(doc, time.monotonic(), now, "COMPLETED", state, now)
+            return gid
+
+    # -- archive ---------------------------------------------------------------
+    # Frames of COMPLETED requests, as the LCO science archive lists them. Like
+    # the real archive (whose ``url`` is a presigned S3 URL), download URLs
+    # can expire: with ``archive(url_ttl_s=…)`` each carries ``issued`` and
+    # ``expires`` (Unix seconds) and a signature, and a late download gets S3's
+    # 403 "Request has expired" document. ``expire_urls()`` expires every URL
+    # handed out so far; ``truncate_downloads(n)`` makes the next n downloads
+    # announce the full Content-Length and close the connection midway.
+
+    def archive(self, *, url_ttl_s: float | None = None, frames_per_config: int | None = None) -> "_Archive":
+        """The archive's settings (created on first use); keyword arguments change them."""
+        with self._lock:
+            arch = self.__dict__.get("_archive_state")
+            if arch is None:
+                arch = self.__dict__["_archive_state"] = _Archive(secret=random.randbytes(16))
+            if url_ttl_s is not None:
+                arch.url_ttl_s = url_ttl_s if url_ttl_s > 0 else None
+            if frames_per_config is not None:
+                arch.frames_per_config = max(1, int(frames_per_config))
+            return arch
+
+    def expire_urls(self) -> None:
+        """Every download URL handed out until now answers 403 "Request has expired"."""
+        arch = self.archive()
+        with self._lock:
+            arch.expired_before = time.time()
+            if arch.url_ttl_s is None:
+                arch.url_ttl_s = 7 * 86400.0  # URLs must carry their issue time from now on
+
+    def truncate_downloads(self, count: int = 1, *, fraction: float = 0.5) -> None:
+        """The next ``count`` downloads send the full Content-Length but only ``fraction`` of the body."""
+        arch = self.archive()
+        with self._lock:
+            arch.truncate, arch.truncate_fraction = int(count), float(fraction)
+
+    def downloads(self) -> list[Received]:
+        """The download calls received (expired, cut and faulted ones included)."""
+        with self._lock:
+            return [r for r in self.received if r.method == "GET" and r.path.startswith("/download/")]
 
     def frames(self, request_id: int) -> list[dict[str, Any]]:
+        arch = self.archive()
         with self._lock:
             hit = [(g, r) for g in self._groups.values() for r in g.doc["requests"] if r["id"] == request_id]
             if not hit or self._state(hit[0][0])[0] != "COMPLETED":
@@ -474,13 +563,13 @@ class SimObservatory:
         n = 0
         for c in r["configurations"]:
             for ic in c["instrument_configs"]:
-                for k in range(min(3, int(ic.get("exposure_count", 1)))):
+                for k in range(min(arch.frames_per_config, int(ic.get("exposure_count", 1)))):
                     n += 1
-                    fid = request_id * 100 + n
+                    fid = request_id * 1000 + n
                     filt = (ic.get("optical_elements") or {}).get("filter", "")
                     data = self._fits(fid, c["target"].get("name", ""), filt, request_id)
                     fname = f"sim-{request_id}-{n:03d}-e91.fits"
-                    url = f"{self.url}/download/{fid}/{fname}"
+                    url = self._download_url(arch, fid, fname)
                     md5 = hashlib.md5(data).hexdigest()
                     out.append({"id": fid, "basename": fname[:-5], "filename": fname, "url": url,
                                 "filesize": len(data), "request_id": request_id, "OBJECT": c["target"].get("name"),
@@ -490,6 +579,49 @@ class SimObservatory:
                                 "version_set": [{"id": fid, "key": md5[:8], "md5": md5, "extension": ".fits",
                                                  "url": url, "created": g.doc["created"]}]})
         return out
+
+    def _download_url(self, arch: "_Archive", fid: int, fname: str) -> str:
+        url = f"{self.url}/download/{fid}/{fname}"
+        if arch.url_ttl_s is None:
+            return url
+        issued = time.time()
+        expires = issued + arch.url_ttl_s
+        sig = arch.sign(f"{fid}/{fname}", issued, expires)
+        return f"{url}?{urlencode({'issued': f'{issued:.6f}', 'expires': f'{expires:.6f}', 'signature': sig})}"
+
+    def download(self, path: str, q: dict[str, list[str]]) -> tuple[int, bytes, str, int | None]:
+        """(status, body, content type, bytes to send before cutting the line or None) for a download."""
+        arch = self.archive()
+        segs = path.split("/")
+        try:
+            fid = int(segs[2])
+        except (IndexError, ValueError):
+            fid = -1
+        data = self.fits_bytes(fid)
+        if data is None:
+            return 404, json.dumps({"detail": "Not found."}).encode(), "application/json", None
+        if "expires" in q or arch.url_ttl_s is not None:
+            now = time.time()
+            try:
+                issued, expires = float(q["issued"][-1]), float(q["expires"][-1])
+                good = hmac.compare_digest(arch.sign("/".join(segs[2:4]), issued, expires), q["signature"][-1])
+            except (KeyError, ValueError, IndexError):
+                good, issued, expires = False, 0.0, 0.0
+            if not good:
+                return 403, _s3_error("SignatureDoesNotMatch", "The request signature we calculated does not "
+                                      "match the signature you provided. Check your key and signing method."), \
+                    "application/xml", None
+            if now > expires or issued < arch.expired_before:
+                stamp = datetime.fromtimestamp(expires, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+                return 403, _s3_error("AccessDenied", "Request has expired", X_Amz_Expires=str(int(arch.url_ttl_s or 0)),
+                                      Expires=stamp, ServerTime=datetime.now(timezone.utc).strftime(
+                                          "%Y-%m-%dT%H:%M:%SZ")), "application/xml", None
+        cut = None
+        with self._lock:
+            if arch.truncate > 0:
+                arch.truncate -= 1
+                cut = int(len(data) * arch.truncate_fraction)
+        return 200, data, "application/fits", cut
 
     def _base_image(self, seed: int | None):
         import numpy as np
@@ -519,6 +651,65 @@ class SimObservatory:
     def fits_bytes(self, frame_id: int) -> bytes | None:
         with self._lock:
             return self._fits_cache.get(frame_id)
+
+
+@dataclass
+class _Archive:
+    """The simulated archive's settings and one-shot faults (``SimObservatory.archive()``)."""
+
+    secret: bytes
+    url_ttl_s: float | None = None  # None: download URLs never expire
+    expired_before: float = 0.0  # URLs issued before this Unix time are expired
+    frames_per_config: int = 3  # frames per instrument configuration (at most its exposure_count)
+    truncate: int = 0  # downloads left to cut midway
+    truncate_fraction: float = 0.5
+
+    def sign(self, what: str, issued: float, expires: float) -> str:
+        msg = f"{what}|{issued:.6f}|{expires:.6f}".encode()
+        return hmac.new(self.secret, msg, hashlib.sha256).hexdigest()[:32]
+
+
+def _s3_error(code: str, message: str, **extra: str) -> bytes:
+    """An S3 error document, as a presigned URL's host answers."""
+    from xml.sax.saxutils import escape
+
+    rid = random.randbytes(8).hex().upper()
+    more = "".join(f"<{k.replace('_', '-')}>{escape(v)}</{k.replace('_', '-')}>" for k, v in extra.items())
+    return (f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code><Message>{escape(message)}</Message>'
+            f"{more}<RequestId>{rid}</RequestId><HostId>tomd-sim</HostId></Error>").encode()
+
+
+class _Cut(bytes):
+    """A body whose announced length (``len``, hence Content-Length) is the whole file's.
+
+    ``_send`` writes the bytes it holds (a part) and announces the full
+    length; the handler then closes the connection, so the client sees a
+    body that ends early, as when a line drops mid-download.
+    """
+
+    full: int
+
+    def __new__(cls, data: bytes, full: int) -> "_Cut":
+        obj = super().__new__(cls, data)
+        obj.full = full
+        return obj
+
+    def __len__(self) -> int:
+        return self.full
+
+
+class _Rendered:
+    """Groups rendered only when a page slices them."""
+
+    def __init__(self, sim: SimObservatory, groups: list[_Group]):
+        self.sim, self.groups = sim, groups
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def __getitem__(self, k: slice) -> list[dict[str, Any]]:
+        with self.sim._lock:
+            return [self.sim._render(g) for g in self.groups[k]]
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -599,14 +790,12 @@ class _Handler(BaseHTTPRequestHandler):
     def _route(self, method: str, path: str, q: dict[str, list[str]], body: Any):
         sim = self.sim
         if path.startswith("/download/"):
-            try:
-                fid = int(path.split("/")[2])
-            except (IndexError, ValueError):
-                fid = -1
-            data = sim.fits_bytes(fid)
-            if data is None:
-                return 404, {"detail": "Not found."}, None, None, "application/json"
-            return 200, None, None, data, "application/fits"
+            # Presigned-style: no token needed (the signature in the URL is the authority).
+            status, data, ctype, cut = sim.download(path, q)
+            if cut is not None:
+                self.close_connection = True  # after the part is written: the client sees a short body
+                return status, None, None, _Cut(data[:cut], len(data)), ctype
+            return status, None, None, data, ctype
         if not path.endswith("/"):
             # Django's APPEND_SLASH cannot redirect a POST; the portal wants trailing slashes.
             return 404, {"detail": f"Not found: {path} (the API's paths end with '/')"}, None, None, "application/json"
@@ -635,7 +824,7 @@ class _Handler(BaseHTTPRequestHandler):
                 return ok(400, errors)
             return ok(201, sim.store(body))
         if method == "GET" and path == "/api/requestgroups/":
-            return ok(200, self._page(sim.list_groups(q), q))
+            return ok(200, self._page(_Rendered(sim, sim._select(q)), q))
         segs = [s for s in path.split("/") if s]
         if len(segs) >= 3 and segs[:2] == ["api", "requestgroups"] and segs[2].isdigit():
             gid = int(segs[2])

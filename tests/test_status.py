@@ -1,0 +1,259 @@
+"""Status polling against the simulated observatory, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from sqlalchemy import func, select
+
+from tomd.db import migrate
+from tomd.db import repository as repo
+from tomd.db.models import ObservationRequest, ObservationStatus, OutboxEvent, PollState
+from tomd.facilities.lco import LCOClient
+from tomd.facilities.sim import SimObservatory
+from tomd.status import PollSettings, Poller
+from tomd.submit import SubmitSettings, Submitter, create_intent
+from tomd.targets.model import TargetSpec
+from tomd.targets.store import upsert
+
+TEMPLATES = {"1m-gri": {"instrument_type": "1M0-SCICAM-SINISTRO", "filters": ["gp", "rp", "ip"],
+                        "exposure_time": 120}}
+FAST = SubmitSettings(lease_s=30, backoff_base_s=0.01, backoff_cap_s=0.05, settle_s=0.05, batch=50)
+
+
+@pytest.fixture
+def sim():
+    with SimObservatory(pending_s=3600, hang_s=1.0) as s:
+        yield s
+
+
+def client(sim, **kw):
+    args = dict(url=sim.url, token=sim.token, proposal="SIM2026A-001", templates=TEMPLATES, timeout=0.4,
+                max_attempts=2, backoff_base=0.01, backoff_cap=0.05, rate_limit=1000.0)
+    args.update(kw)
+    return LCOClient("sim", **args)
+
+
+def submitted(db, sim, n=1, *, target="SN 2026abc") -> list[tuple[int, int]]:
+    """n requests submitted to the sim: [(request id, group id)]."""
+    with db.sessions.begin() as s:
+        tid = upsert(s, TargetSpec(name=target, ra=150.0, dec=-20.0), origin="test").target_id
+    with db.sessions.begin() as s:
+        ids = [create_intent(s, target_id=tid, facility="sim", template="1m-gri", name=f"st-{target[-3:]}-{i}")
+               for i in range(n)]
+    Submitter(db.sessions, {"sim": client(sim)}, FAST, worker_id="w").run_until_settled(timeout_s=20, ids=ids)
+    with db.sessions() as s:
+        out = [(i, int(repo.get_observation(s, i).facility_id)) for i in ids]
+    return out
+
+
+def history(db, rid) -> list[tuple[str, str]]:
+    with db.sessions() as s:
+        return [(h.state, h.facility_state) for h in repo.observation_history(s, rid)]
+
+
+def changed_events(db) -> list[dict]:
+    with db.sessions() as s:
+        return [e.payload for e in s.scalars(select(OutboxEvent).where(
+            OutboxEvent.kind == "observation.status_changed").order_by(OutboxEvent.id))]
+
+
+def row(db, rid) -> ObservationRequest:
+    with db.sessions() as s:
+        return repo.get_observation(s, rid)
+
+
+def list_calls(sim) -> int:
+    return sum(1 for r in sim.received if r.method == "GET" and r.path == "/api/requestgroups/")
+
+
+def test_pending_in_progress_completed_each_recorded_once(db, sim):
+    ((rid, gid),) = submitted(db, sim)
+    seen = []
+    poller = Poller(db.sessions, {"sim": client(sim)}, on_change=lambda f, st: seen.append((f, st)))
+    (p,) = poller.poll()
+    assert p.error is None and p.changes == [] and p.followed == 1  # still PENDING: nothing new
+    sim.set_state(gid, "IN_PROGRESS")
+    (p,) = poller.poll()
+    assert [(c.old_state, c.new_state, c.facility_state) for c in p.changes] == [("pending", "in_progress",
+                                                                                 "IN_PROGRESS")]
+    assert row(db, rid).data_due_at is None
+    sim.set_state(gid, "COMPLETED")
+    (p,) = poller.poll()
+    assert [c.new_state for c in p.changes] == ["completed"]
+    r = row(db, rid)
+    assert (r.state, r.facility_state) == ("completed", "COMPLETED")
+    assert r.data_due_at is not None and r.last_polled_at is not None
+    assert history(db, rid) == [("pending", "PENDING"), ("in_progress", "IN_PROGRESS"), ("completed", "COMPLETED")]
+    evs = changed_events(db)
+    assert [(e["old_state"], e["new_state"], e["facility_state"], e["reopened"]) for e in evs] == [
+        ("pending", "in_progress", "IN_PROGRESS", False), ("in_progress", "completed", "COMPLETED", False)]
+    assert evs[0]["request_id"] == rid and evs[0]["facility_id"] == str(gid) and evs[0]["target_id"] == r.target_id
+    assert seen == [("sim", "in_progress"), ("sim", "completed")]
+
+    # A replayed poll (the cursor lost, as after a crash before saving it) records nothing new.
+    with db.sessions.begin() as s:
+        s.execute(PollState.__table__.delete())
+    (p,) = poller.poll()
+    (p2,) = poller.poll(full=True)
+    assert p.changes == [] and p2.changes == [] and p.reported == 1
+    assert len(history(db, rid)) == 3 and len(changed_events(db)) == 2
+
+
+def test_one_listing_answers_for_many_and_the_cursor_follows_the_facility(db, sim):
+    reqs = submitted(db, sim, 25)
+    poller = Poller(db.sessions, {"sim": client(sim)})
+    before = list_calls(sim)
+    (p,) = poller.poll()
+    assert list_calls(sim) - before == 1 and p.followed == 25 and p.changes == []
+    for _, gid in reqs[:10]:
+        sim.set_state(gid, "COMPLETED")
+    before = len(sim.received)
+    (p,) = poller.poll()
+    assert len(sim.received) - before == 1  # one listing, no per-request reads
+    assert sorted(c.request_id for c in p.changes) == sorted(r for r, _ in reqs[:10])
+    with db.sessions() as s:
+        _, cursor = repo.status_poll_state(s, "sim")
+        assert cursor is not None
+    # The cursor is the facility's latest `modified`, not our clock.
+    latest = max(g["modified"] for g in sim.groups())
+    assert cursor.replace("+00:00", "") == latest.rstrip("Z")
+
+
+def test_reopened_completed_request_is_a_recorded_change(db, sim):
+    ((rid, gid),) = submitted(db, sim)
+    poller = Poller(db.sessions, {"sim": client(sim)})
+    sim.set_state(gid, "COMPLETED")
+    poller.poll()
+    first_due = row(db, rid).data_due_at
+    sim.set_state(gid, "PENDING")
+    (p,) = poller.poll()
+    (c,) = p.changes
+    assert (c.old_state, c.new_state, c.reopened) == ("completed", "pending", True)
+    assert row(db, rid).state == "pending"
+    evs = changed_events(db)
+    assert evs[-1]["reopened"] is True and evs[-1]["old_state"] == "completed"
+    with db.sessions() as s:
+        last = repo.observation_history(s, rid)[-1]
+    assert last.state == "pending" and "reopened" in last.message
+    time.sleep(0.01)
+    sim.set_state(gid, "COMPLETED")
+    (p,) = poller.poll()
+    assert [c.new_state for c in p.changes] == ["completed"]
+    assert row(db, rid).data_due_at > first_due  # its (new) data is due again
+    assert [s for s, _ in history(db, rid)] == ["pending", "completed", "pending", "completed"]
+
+
+def test_a_change_made_elsewhere_first_is_not_overwritten(db, sim):
+    ((rid, gid),) = submitted(db, sim)
+    sim.set_state(gid, "COMPLETED")
+    fac = client(sim)
+    poller = Poller(db.sessions, {"sim": fac})
+    # A person cancels between the poll's read and its write: the guarded update loses, nothing recorded.
+    real = fac.statuses
+
+    def statuses_then_cancel(ids, since=None):
+        out = real(ids, since)
+        with db.sessions.begin() as s:
+            repo.update_observation(s, rid, {"state": "cancelled", "facility_state": "CANCELED"})
+        return out
+
+    fac.statuses = statuses_then_cancel
+    (p,) = poller.poll()
+    assert p.changes == [] and row(db, rid).state == "cancelled" and changed_events(db) == []
+
+
+@pytest.mark.parametrize("fault", ["status", "hang", "429"])
+def test_faults_record_nothing_wrong_and_the_next_poll_catches_up(db, sim, fault):
+    reqs = submitted(db, sim, 3)
+    poller = Poller(db.sessions, {"sim": client(sim)})
+    poller.poll()
+    for _, gid in reqs:
+        sim.set_state(gid, "COMPLETED")
+    with db.sessions() as s:
+        cursor_before = repo.status_poll_state(s, "sim")[1]
+    if fault == "429":
+        # Throttled once: the client waits out Retry-After and the poll still answers.
+        sim.inject("429", count=1, method="GET", path="/api/requestgroups/", retry_after=0.2)
+        (p,) = poller.poll()
+        assert p.error is None and len(p.changes) == 3
+    else:
+        sim.inject(fault, count=10, method="GET", path="/api/requestgroups/", status=503)
+        (p,) = poller.poll()
+        assert p.error and p.changes == []
+        assert [row(db, r).state for r, _ in reqs] == ["pending"] * 3 and changed_events(db) == []
+        with db.sessions() as s:
+            assert repo.status_poll_state(s, "sim")[1] == cursor_before  # the cursor did not move either
+        sim.clear_faults()
+        (p,) = poller.poll()
+        assert p.error is None and len(p.changes) == 3
+    assert [row(db, r).state for r, _ in reqs] == ["completed"] * 3
+    assert len(changed_events(db)) == 3
+    (p,) = poller.poll()
+    assert p.changes == []
+
+
+def test_two_pollers_never_poll_one_facility_at_once(db, sim):
+    if db.kind != "postgresql":
+        pytest.skip("SQLite is one process; the cross-process lock is PostgreSQL's")
+    reqs = submitted(db, sim, 5)
+    for _, gid in reqs:
+        sim.set_state(gid, "COMPLETED")
+    # Two daemons: separate engines (separate connection pools), the same database.
+    other = migrate.connect(db.url)
+    try:
+        a = Poller(db.sessions, {"sim": client(sim, timeout=5.0)})
+        b = Poller(migrate.sessions(other), {"sim": client(sim, timeout=5.0)})
+        sim.inject("slow", count=1, method="GET", path="/api/requestgroups/", delay=1.5)
+        before = list_calls(sim)
+        results = {}
+        ta = threading.Thread(target=lambda: results.setdefault("a", a.poll()[0]))
+        ta.start()
+        time.sleep(0.5)  # a holds the facility, waiting on the slow listing
+        results["b"] = b.poll()[0]
+        ta.join(10)
+        assert results["b"].skipped and results["b"].changes == []
+        assert results["a"].skipped is None and len(results["a"].changes) == 5
+        assert list_calls(sim) - before == 1  # only a asked the facility
+        # The lock was released: b polls now (and finds nothing new).
+        (p,) = b.poll()
+        assert p.skipped is None and p.changes == []
+        with db.sessions() as s:
+            assert s.scalar(select(func.count()).select_from(ObservationStatus)
+                            .where(ObservationStatus.state == "completed")) == 5
+    finally:
+        other.dispose()
+
+
+def test_concurrent_pollers_record_each_change_once(db, sim):
+    reqs = submitted(db, sim, 20)
+    for _, gid in reqs:
+        sim.set_state(gid, "COMPLETED")
+    engines = [migrate.connect(db.url) for _ in range(3)] if db.kind == "postgresql" else []
+    try:
+        pollers = [Poller(migrate.sessions(e), {"sim": client(sim, timeout=5.0)}) for e in engines] or \
+            [Poller(db.sessions, {"sim": client(sim, timeout=5.0)})] * 3
+        threads = [threading.Thread(target=p.poll) for p in pollers]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        for p in pollers:
+            p.poll()
+    finally:
+        for e in engines:
+            e.dispose()
+    assert len(changed_events(db)) == 20
+    with db.sessions() as s:
+        assert s.scalar(select(func.count()).select_from(ObservationStatus)
+                        .where(ObservationStatus.state == "completed")) == 20
+
+
+def test_open_requests_observer_and_settings(db, sim):
+    submitted(db, sim, 2)
+    got = []
+    poller = Poller(db.sessions, {"sim": client(sim)}, PollSettings(max_workers=1), on_open=got.append)
+    poller.poll()
+    assert got == [{"pending": 2}]
