@@ -436,6 +436,14 @@ class Facility:
     rate_limit: float = opt(5.0, check=_between(above=0.0, hi=1000.0))
     poll_interval: float = opt(300.0, parse=parse_duration)
     templates: dict[str, dict[str, Any]] = opt(factory=dict)
+    # gemini: the e-mail of the OT user key (token is the key's password).
+    email: Optional[str] = None
+    # swift: the TOO API user name (token is the shared secret).
+    username: Optional[str] = None
+    # swift: how long a submission polls its queued TOO job for a decision.
+    job_wait: float = opt(60.0, parse=parse_duration)
+    # false: accept a certificate that fails verification (some Gemini ODB hosts).
+    tls_verify: bool = True
 
     @classmethod
     def _check(cls, values: dict, path: tuple, ctx: _Ctx) -> None:
@@ -447,6 +455,11 @@ class Facility:
         if kind in ("lco", "soar") and "token" not in values:
             ctx.bad(path + ("token",), f'missing required key for a "{kind}" facility; '
                     "expected an API token (or token_file)")
+        if kind == "swift":
+            for key, what in (("username", "the TOO API user name"), ("token", "the TOO API shared secret "
+                                                                           "(or token_file)")):
+                if key not in values:
+                    ctx.bad(path + (key,), f'missing required key for a "swift" facility; expected {what}')
 
 
 @dataclass(frozen=True, kw_only=True)

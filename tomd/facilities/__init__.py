@@ -1,4 +1,5 @@
-"""Facilities: the ``Facility`` protocol, the LCO/SOAR portal client, the simulated observatory.
+"""Facilities: the ``Facility`` protocol, the LCO/SOAR portal client, the simulated observatory,
+the Gemini ToO trigger client and the Swift TOO client.
 
 ``open_facilities(config)`` builds one client per ``[facilities.NAME]``; a
 ``kind = "sim"`` facility without a ``url`` gets an in-process
@@ -56,9 +57,11 @@ class Facilities(Mapping[str, Facility]):
 
 
 def open_facilities(config: Any, *, only: str | None = None, **client_kw: Any) -> Facilities:
-    """One client per configured facility (gemini/swift: not implemented, skipped)."""
+    """One client per configured facility."""
+    from tomd.facilities.gemini import GeminiClient
     from tomd.facilities.lco import LCOClient
     from tomd.facilities.sim import SIM_SITES, SimObservatory
+    from tomd.facilities.swift import SwiftClient
 
     out = Facilities({})
     for name, cfg in config.facilities.items():
@@ -77,4 +80,8 @@ def open_facilities(config: Any, *, only: str | None = None, **client_kw: Any) -
             kw.setdefault("proposal", cfg.proposal or "SIM2026A-001")
             kw.setdefault("sites", SIM_SITES)
             out.clients[name] = LCOClient.from_config(name, cfg, **kw)
+        elif cfg.kind == "gemini":
+            out.clients[name] = GeminiClient.from_config(name, cfg, **client_kw)
+        elif cfg.kind == "swift":
+            out.clients[name] = SwiftClient.from_config(name, cfg, **client_kw)
     return out
