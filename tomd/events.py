@@ -303,3 +303,22 @@ class HookFailed(Event):
 
 
 EVENT_TYPES.update({e.kind: e for e in (HookRegistered, HookFailed)})
+
+
+@dataclass(frozen=True)
+class CadenceStep(Event):
+    """A cadence series made its next request (a repeat, or a retry with a shifted window)."""
+
+    kind: ClassVar[str] = "observation.cadence_step"
+    request_id: int  # the new intent
+    name: str
+    series_id: int  # the series' first request
+    previous_id: int  # the request whose end made this one
+    target_id: int | None
+    facility: str
+    reason: str  # "repeat 2 of 5", "retry 1 of 3 after expired", ...
+    window_start: str  # ISO UTC
+    window_end: str
+
+
+EVENT_TYPES[CadenceStep.kind] = CadenceStep
