@@ -504,6 +504,18 @@ class Hooks:
     paths: list[str] = opt(factory=lambda: ["hooks"])
     timeout: float = opt(60.0, parse=parse_duration)
     max_attempts: int = opt(5, check=_between(1, 100))
+    enabled: bool = True
+    # First retry delay; doubles per attempt (with jitter) up to retry_max.
+    retry_backoff: float = opt(10.0, parse=parse_duration)
+    retry_max: float = opt(3600.0, parse=parse_duration)
+    # Worker processes, each running one hook at a time.
+    workers: int = opt(1, check=_between(1, 32))
+    # How often the outbox is read when nothing wakes the runner.
+    poll: float = opt(2.0, parse=parse_duration)
+    # PostgreSQL: how long after a later event an earlier one may still commit.
+    commit_window: float = opt(120.0, parse=parse_duration)
+    # Per hook file: [hooks.settings.<file stem>] → ctx.settings.
+    settings: dict[str, dict[str, Any]] = opt(factory=dict)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -809,3 +809,148 @@ def series_template_fields(s: Session, request_id: int) -> dict[str, Any] | None
         row = s.get(ObservationRequest, row.parent_id)
     return decision_template_fields(s, row.decision_id) if row is not None else None
 
+
+# ---- hooks ----
+# hook_runs: one row per (hook, outbox event). tomd.hooks.runner expands new
+# outbox events into pending rows (insert-ignore on the unique pair), claims
+# due rows with a lease (FOR UPDATE SKIP LOCKED on PostgreSQL, BEGIN IMMEDIATE
+# on SQLite), and finishes them fenced by its claim.
+
+from tomd.db.models import HookRun  # noqa: E402
+
+_RUNS = HookRun.__table__
+_OUTBOX = OutboxEvent.__table__
+
+
+def add_event_id(s: Session, event: Event, *, target_id: int | None = None) -> int:
+    """``add_event`` that returns the outbox id."""
+    return s.execute(_OUTBOX.insert().returning(_OUTBOX.c.id), [{
+        "kind": event.kind, "version": event.version, "payload": event.payload(), "target_id": target_id,
+        "created_at": utcnow()}]).scalar_one()
+
+
+def get_outbox_event(s: Session, event_id: int) -> OutboxEvent | None:
+    return s.get(OutboxEvent, event_id)
+
+
+def outbox_max_id(s: Session) -> int:
+    return s.scalar(select(func.max(_OUTBOX.c.id))) or 0
+
+
+def outbox_first_id_since(s: Session, when) -> int | None:
+    """The lowest outbox id written at or after ``when`` (None: none)."""
+    return s.scalar(select(func.min(_OUTBOX.c.id)).where(_OUTBOX.c.created_at >= when))
+
+
+def hooks_with_runs(s: Session, hooks: Sequence[str]) -> set[str]:
+    """Which of ``hooks`` have any run recorded (a hook seen before)."""
+    if not hooks:
+        return set()
+    q = select(_RUNS.c.hook).where(_RUNS.c.hook.in_(list(hooks))).group_by(_RUNS.c.hook)
+    return set(s.scalars(q))
+
+
+def hook_event_bounds(s: Session, hooks: Sequence[str]) -> dict[str, tuple[int, int]]:
+    """{hook: (lowest, highest) event id among its runs}."""
+    if not hooks:
+        return {}
+    q = (select(_RUNS.c.hook, func.min(_RUNS.c.event_id), func.max(_RUNS.c.event_id))
+         .where(_RUNS.c.hook.in_(list(hooks))).group_by(_RUNS.c.hook))
+    return {h: (lo, hi) for h, lo, hi in s.execute(q)}
+
+
+def add_hook_run(s: Session, values: dict[str, Any]) -> None:
+    """One run row (e.g. a hook's registration, recorded done); ignored if the pair exists."""
+    s.execute(_insert_ignore(s, _RUNS), [{"state": "pending", "attempts": 0, **values}])
+
+
+def expand_hook_runs(s: Session, hook: str, kinds: Sequence[str] | None, after_id: int, now) -> int:
+    """Pending runs of ``hook`` for outbox events of ``kinds`` (None: all) with id > ``after_id``
+    that have none yet; returns how many were added."""
+    o = _OUTBOX.c
+    exists = select(_RUNS.c.id).where(_RUNS.c.hook == hook, _RUNS.c.event_id == o.id).exists()
+    q = select(bindparam("h", hook, type_=_RUNS.c.hook.type), o.id,
+               bindparam("st", "pending", type_=_RUNS.c.state.type),
+               bindparam("a", 0, type_=_RUNS.c.attempts.type), bindparam("n", now, type_=_RUNS.c.next_attempt_at.type))
+    q = q.where(o.id > after_id, ~exists)
+    if kinds is not None:
+        q = q.where(o.kind.in_(list(kinds)))
+    stmt = _insert_ignore(s, _RUNS).from_select(["hook", "event_id", "state", "attempts", "next_attempt_at"], q)
+    return s.execute(stmt).rowcount or 0
+
+
+def claim_hook_run(s: Session, worker: str, hooks: Sequence[str], *, now, lease: dict[str, Any]):
+    """Claim the most overdue run of one of ``hooks`` for ``worker``; None if none is due.
+
+    Due: pending with its attempt time reached, or running with an expired
+    lease (its daemon died). ``lease``: {hook: claimed_until}. Returns
+    (run id, hook, attempts, event id, kind, version, payload, target_id).
+    """
+    if not hooks:
+        return None
+    r, o = _RUNS.c, _OUTBOX.c
+    q = (select(r.id, r.hook, r.attempts, r.event_id)
+         .where(r.hook.in_(list(hooks)),
+                or_(and_(r.state == "pending", or_(r.next_attempt_at.is_(None), r.next_attempt_at <= now)),
+                    and_(r.state == "running", r.claimed_until < now)))
+         .order_by(r.next_attempt_at, r.id).limit(1).with_for_update(skip_locked=True))
+    row = s.execute(q).first()
+    if row is None:
+        return None
+    s.execute(_RUNS.update().where(r.id == row.id).values(state="running", claimed_by=worker,
+                                                         claimed_until=lease[row.hook]))
+    ev = s.execute(select(o.kind, o.version, o.payload, o.target_id).where(o.id == row.event_id)).one()
+    return (row.id, row.hook, row.attempts, row.event_id, ev.kind, ev.version, ev.payload, ev.target_id)
+
+
+def finish_hook_run(s: Session, run_id: int, worker: str, values: dict[str, Any]) -> bool:
+    """Update a run while ``worker`` still holds its claim (fencing); False if it lost it."""
+    r = _RUNS.c
+    q = _RUNS.update().where(r.id == run_id, r.claimed_by == worker, r.state == "running")
+    return s.execute(q.values(**values)).rowcount == 1
+
+
+def hook_run_counts(s: Session) -> dict[str, dict[str, int]]:
+    """{hook: {state: count}}."""
+    out: dict[str, dict[str, int]] = {}
+    for hook, state, n in s.execute(select(_RUNS.c.hook, _RUNS.c.state, func.count()).group_by(_RUNS.c.hook,
+                                                                                              _RUNS.c.state)):
+        out.setdefault(hook, {})[state] = n
+    return out
+
+
+def hook_last_runs(s: Session) -> dict[str, tuple[Any, Any]]:
+    """{hook: (last finished_at of a done run, last finished_at of a failed run)}."""
+    r = _RUNS.c
+    out: dict[str, list[Any]] = {}
+    q = select(r.hook, r.state, func.max(r.finished_at)).where(r.state.in_(("done", "failed"))).group_by(r.hook,
+                                                                                                           r.state)
+    for hook, state, when in s.execute(q):
+        out.setdefault(hook, [None, None])[0 if state == "done" else 1] = when
+    return {h: (v[0], v[1]) for h, v in out.items()}
+
+
+def query_hook_runs(s: Session, *, state: str | None = None, hook: str | None = None,
+                    limit: int | None = None) -> list[tuple[HookRun, str]]:
+    """Runs newest first, with their event's kind."""
+    q = (select(HookRun, OutboxEvent.kind).join(OutboxEvent, OutboxEvent.id == HookRun.event_id)
+         .order_by(HookRun.id.desc()))
+    if state is not None:
+        q = q.where(HookRun.state == state)
+    if hook is not None:
+        q = q.where(HookRun.hook == hook)
+    if limit:
+        q = q.limit(limit)
+    return [(run, kind) for run, kind in s.execute(q)]
+
+
+def requeue_hook_runs(s: Session, *, ids: Sequence[int] | None = None, hook: str | None = None) -> int:
+    """Failed runs back to pending with fresh attempts (``tomd hook retry``)."""
+    r = _RUNS.c
+    q = _RUNS.update().where(r.state == "failed")
+    if ids is not None:
+        q = q.where(r.id.in_(list(ids)))
+    if hook is not None:
+        q = q.where(r.hook == hook)
+    return s.execute(q.values(state="pending", attempts=0, next_attempt_at=utcnow(), claimed_by=None,
+                              claimed_until=None, finished_at=None)).rowcount
