@@ -274,8 +274,10 @@ def _topics(v: list[str]) -> list[str]:
 StreamFormat = Literal[
     "ztf-avro", "rubin-avro", "rubin-avro-file", "fink-avro", "lasair-json",
     "gcn-json", "gcn-voevent", "gcn-binary", "lvk-avro", "lvk-json", "antares",
-    "hop", "auto",
+    "hop", "auto", "tns-api", "alerce-api", "fink-api",
 ]
+# kind = "poll": the format names the REST service polled (tomd/brokers/).
+POLL_FORMATS = ("tns-api", "alerce-api", "fink-api")
 FacilityKind = Literal["lco", "soar", "sim", "gemini", "swift"]
 ChannelKind = Literal["slack", "email", "webhook", "log"]
 KafkaValue = Union[str, int, float, bool]
@@ -377,9 +379,9 @@ class Database:
 @dataclass(frozen=True, kw_only=True)
 class Stream:
     name: str = opt(check=_simple_name)
-    kind: Literal["kafka", "file"] = "kafka"
+    kind: Literal["kafka", "file", "poll"] = "kafka"
     bootstrap: Optional[str] = opt(None, check=_bootstrap)
-    topics: list[str] = opt(check=_topics)
+    topics: list[str] = opt(factory=list, check=_topics)  # required for kafka and file streams
     format: StreamFormat = opt()
     group: str = opt("tomd", check=_consumer_group)
     start: str = opt("earliest", parse=_start)
@@ -389,6 +391,17 @@ class Stream:
     include_test: bool = False
     localization_max_deg: float = opt(0.1, check=_between(hi=180.0, above=0.0))
     kafka: dict[str, Union[str, int, float, bool, Secret]] = opt(factory=dict)
+    # kind = "poll" (tomd/brokers/): a broker's REST API queried every `interval`.
+    url: Optional[str] = opt(None, check=_http_url)  # default: the service's public API
+    interval: float = opt(300.0, parse=parse_duration)
+    overlap: Optional[float] = opt(None, parse=parse_duration)  # reach back before the cursor; None: per service
+    lookback: float = opt(86400.0, parse=parse_duration)  # first poll without a start timestamp
+    page_size: int = opt(100, check=_between(1, 10000))
+    timeout: float = opt(30.0, parse=parse_duration)
+    query: dict[str, Any] = opt(factory=dict)  # service query parameters (class, classifier, ...)
+    api_key: Optional[Secret] = None  # TNS bot API key
+    bot_id: Optional[int] = opt(None, check=_between(1, 10**12))
+    bot_name: Optional[str] = None
 
     def kafka_config(self) -> dict[str, KafkaValue]:
         """The librdkafka settings with secrets revealed (not bootstrap/group)."""
@@ -398,6 +411,7 @@ class Stream:
     def _check(cls, values: dict, path: tuple, ctx: _Ctx) -> None:
         if values.get("kind", "kafka") == "kafka" and "bootstrap" not in values:
             ctx.bad(path + ("bootstrap",), 'missing required key for a kafka stream; expected host:port[,host:port...]')
+        cls._check_poll(values, path, ctx)
         if values.get("kafka", {}) is _FAIL:
             return
         kafka = dict(values.get("kafka", {}))
@@ -424,6 +438,28 @@ class Stream:
                 else:
                     kafka[key] = Secret(value)
         values["kafka"] = kafka
+
+
+    @classmethod
+    def _check_poll(cls, values: dict, path: tuple, ctx: _Ctx) -> None:
+        kind, fmt = values.get("kind", "kafka"), values.get("format", _FAIL)
+        if kind != "poll":
+            if "topics" not in values:
+                ctx.bad(path + ("topics",), f"missing required key for a {kind} stream; expected a list of strings")
+            return
+        if fmt is not _FAIL and fmt not in POLL_FORMATS:
+            ctx.bad(path + ("format",), f"a poll stream needs one of {', '.join(POLL_FORMATS)}, got {_show(fmt)}")
+        if fmt == "tns-api":
+            for key in ("api_key", "bot_id", "bot_name"):
+                if key not in values:
+                    ctx.bad(path + (key,), "missing required key for a TNS poll stream (the bot's credentials)")
+        query = values.get("query", {})
+        if query is not _FAIL:
+            from tomd.brokers import owned_query_keys
+
+            for key in query:
+                if key in owned_query_keys(fmt):
+                    ctx.bad(path + ("query", key), "set by tomd (from the cursor and page_size); remove it")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -954,3 +954,28 @@ def requeue_hook_runs(s: Session, *, ids: Sequence[int] | None = None, hook: str
         q = q.where(r.hook == hook)
     return s.execute(q.values(state="pending", attempts=0, next_attempt_at=utcnow(), claimed_by=None,
                               claimed_until=None, finished_at=None)).rowcount
+
+
+# ---- brokers (REST polls) ----
+# A poll stream's cursor lives in poll_state under the key "broker:<stream name>"
+# (the table's ``facility`` column holds the key; the facility status polls use
+# bare facility names, so the prefix keeps the two apart).
+
+
+def poll_cursor(s: Session, key: str) -> str | None:
+    from tomd.db.models import PollState
+
+    row = s.get(PollState, key)
+    return row.cursor if row is not None else None
+
+
+def save_poll_cursor(s: Session, key: str, cursor: str) -> None:
+    """Insert or move the cursor (one row per key; a replayed save writes the same value)."""
+    from tomd.db.models import PollState
+
+    row = s.get(PollState, key, with_for_update=True)
+    if row is None:
+        s.add(PollState(facility=key, cursor=cursor, last_poll_at=utcnow()))
+    else:
+        row.cursor = cursor
+        row.last_poll_at = utcnow()

@@ -16,6 +16,7 @@ from tomd.alerts.model import Alert
 from tomd.errors import DecodeError, ParseError
 
 from . import antares, fink, gcn_binary, gcn_json, hop, lasair, lvk, rubin, voevent, ztf
+from . import alerce_api, fink_api, tns_api  # broker REST results (tomd/brokers/)
 
 Decoder = Callable[[bytes, "decode.SchemaSource | None"], list[Any]]
 Parser = Callable[[Any], list[Alert]]
@@ -126,5 +127,8 @@ FORMATS: dict[str, Format] = {
         Format("antares", _antares, antares.parse, "ANTARES locus: zlib + BSON"),
         Format("hop", _json_object, hop.parse, "SCiMMA hop envelope (JSON)"),
         Format("auto", _auto_decode, _auto_parse, "sniff the framing, pick by record shape"),
+        Format("tns-api", _json_object, tns_api.parse, "TNS API object (kind = \"poll\")"),
+        Format("alerce-api", _json_object, alerce_api.parse, "ALeRCE API object + light curve (kind = \"poll\")"),
+        Format("fink-api", _json_object, fink_api.parse, "Fink API row (kind = \"poll\")"),
     )
 }

@@ -1,0 +1,285 @@
+"""The poll loop shared by every broker service (``[[streams]] kind = "poll"``).
+
+At-least-once, like the Kafka consumer (Invariant 1)::
+
+    cursor (poll_state "broker:<stream>")  ─►  window [cursor - overlap, now]
+         ▲                                        │ split in halves while a page
+         │                                        │ comes back full (services that
+         │                                        ▼ filter by time both ways)
+    save window end  ◄── Ingestor.handle(items of the window) commits
+
+The cursor moves only after the ingest transaction that holds everything the
+window returned has committed; a crash in between polls the window again and
+the alerts' per-source keys make that change nothing. ``overlap`` reaches back
+before the cursor for results a broker publishes late (its processing delay);
+overlapping windows cost requests, not duplicates.
+
+Windows are processed oldest first and the cursor never moves backwards, so
+"everything before the cursor is stored" holds at every commit. Failures never
+crash the daemon: a service that is down or refuses (bad key, bad query) is
+logged with its words and asked again at the next interval.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Any, Protocol
+
+import httpx
+
+from tomd.alerts.ingest import FileMessage, Ingestor
+from tomd.brokers.http import BrokerHttp
+from tomd.db import repository as repo
+from tomd.errors import ConfigError, PermanentError, RetryableError
+
+log = logging.getLogger(__name__)
+
+MIN_SPLIT = timedelta(seconds=1)  # windows are not split below this
+
+
+@dataclass(frozen=True)
+class Window:
+    start: datetime  # inclusive, UTC
+    end: datetime  # the poll's "now" (or a half of a split window)
+
+    def halves(self) -> tuple[Window, Window]:
+        mid = self.start + (self.end - self.start) / 2
+        return Window(self.start, mid), Window(mid, self.end)
+
+
+@dataclass(frozen=True)
+class Item:
+    """One result: a label for its coordinates, its bytes, and — when the listing
+    already tells — the alert key its parser will give it (``source``, ``key``).
+
+    With a key, the loop skips results already stored before asking the
+    service for their details (``value`` is then built by ``detail()``), so an
+    overlap costs one listing, not one request per object again.
+    """
+
+    label: str  # e.g. "object/2024abc"
+    value: bytes | None = None
+    source: str | None = None
+    key: str | None = None
+    hit: Any = None  # what detail() needs (the listing row)
+
+
+@dataclass(frozen=True)
+class Page:
+    items: list[Item]
+    more: bool  # the window holds more results than this page
+
+
+class Service(Protocol):
+    """One broker's protocol: fetch a page of results in a time window."""
+
+    name: str  # "tns", "alerce", "fink"
+    default_overlap_s: float
+    # True when a window can be split in time (the service filters by an upper
+    # bound too); False: the service pages instead (``page`` 1, 2, ...).
+    splits: bool
+
+    def fetch(self, http: BrokerHttp, window: Window, page: int, stop: threading.Event) -> Page: ...
+
+    def detail(self, http: BrokerHttp, item: Item, stop: threading.Event) -> bytes: ...
+
+
+@dataclass
+class PollStats:
+    """For metrics and ``Daemon.wait``: same names as the other streams' stats."""
+
+    consumed: int = 0  # results received (a window polled again counts again)
+    polls: int = 0  # polls finished
+    failures: int = 0  # polls that ended on an error (retried at the next interval)
+    backing_off: bool = False
+    requests: int = 0
+    cursor: str | None = None
+    last_error: str | None = None
+    last_poll_at: float | None = None  # time.time() of the last finished poll
+
+
+def service_for(fmt: str, stream) -> Service:
+    if fmt == "tns-api":
+        from tomd.brokers.tns import TNS
+
+        return TNS(stream)
+    if fmt == "alerce-api":
+        from tomd.brokers.alerce import ALeRCE
+
+        return ALeRCE(stream)
+    if fmt == "fink-api":
+        from tomd.brokers.fink import Fink
+
+        return Fink(stream)
+    raise ConfigError([f"streams.{stream.name}.format: no poll service for {fmt!r}"])
+
+
+class PollStream:
+    """A ``kind = "poll"`` stream: ``run(stop)`` polls every ``interval`` until stopped."""
+
+    def __init__(self, stream, ingestor: Ingestor, http_client: httpx.Client | None = None, *,
+                 service: Service | None = None, clock=None):
+        self.stream = stream
+        self.ingestor = ingestor
+        self.handler = ingestor  # a BatchHandler, as for the other streams (metrics wrap it)
+        self.service = service or service_for(stream.format, stream)
+        self.http = BrokerHttp(self.service.name, client=http_client, timeout_s=stream.timeout,
+                               headers=getattr(self.service, "headers", None))
+        self.key = f"broker:{stream.name}"
+        self.overlap = timedelta(seconds=stream.overlap if stream.overlap is not None
+                                 else self.service.default_overlap_s)
+        self.stats = PollStats()
+        self._clock = clock or (lambda: datetime.now(timezone.utc))
+
+    # ------------------------------------------------------------------ loop
+
+    def run(self, stop: threading.Event) -> None:
+        try:
+            while not stop.is_set():
+                started = time.monotonic()
+                self.poll_once(stop)
+                stop.wait(max(0.0, self.stream.interval - (time.monotonic() - started)))
+        finally:
+            self.http.close()
+
+    def poll_once(self, stop: threading.Event) -> bool:
+        """One poll; True when it finished (the cursor reached its end). Never raises for
+        a service or database failure: those are logged and retried at the next interval."""
+        try:
+            self._poll(stop)
+        except (RetryableError, PermanentError) as exc:
+            self.stats.failures += 1
+            self.stats.last_error = str(exc)
+            level = logging.ERROR if isinstance(exc, PermanentError) else logging.WARNING
+            log.log(level, "stream %s: poll failed, trying again in %.0f s: %s", self.stream.name,
+                    self.stream.interval, exc, extra={"stream": self.stream.name})
+            return False
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            # An answer of a shape the service module does not know: say so, keep the daemon up.
+            self.stats.failures += 1
+            self.stats.last_error = f"{self.service.name}: unexpected answer ({exc.__class__.__name__}: {exc})"
+            log.exception("stream %s: %s", self.stream.name, self.stats.last_error, extra={"stream": self.stream.name})
+            return False
+        finally:
+            self.stats.requests = self.http.requests
+        self.stats.polls += 1
+        self.stats.last_error = None
+        self.stats.last_poll_at = time.time()
+        return True
+
+    def _poll(self, stop: threading.Event) -> None:
+        now = self._clock()
+        cursor = self._load_cursor(now)
+        todo = [Window(min(cursor - self.overlap, now), now)]  # a stack; oldest window on top
+        while todo and not stop.is_set():
+            window = todo.pop()
+            first = self.service.fetch(self.http, window, 1, stop)
+            if first.more and self.service.splits and window.end - window.start > MIN_SPLIT:
+                older, newer = window.halves()
+                todo += [newer, older]
+                continue
+            self._ingest(first.items, window, stop)
+            page, more = 1, first.more
+            while more and not stop.is_set():
+                if self.service.splits:  # a full page in a window too short to split
+                    log.warning("stream %s: more than %d results between %s and %s; raise page_size",
+                                self.stream.name, self.stream.page_size, _iso(window.start), _iso(window.end))
+                    break
+                page += 1
+                nxt = self.service.fetch(self.http, window, page, stop)
+                self._ingest(nxt.items, window, stop)
+                more = nxt.more
+            if stop.is_set():
+                return  # the window is not finished: the cursor stays where it was
+            if window.end > cursor:
+                cursor = window.end
+                self._save_cursor(cursor)
+
+    def _ingest(self, items: Sequence[Item], window: Window, stop: threading.Event) -> None:
+        items = self._unseen(items)
+        if not items:
+            return
+        base = f"{self.service.name}:{_iso(window.start)}"
+        batch = []
+        for i, it in enumerate(items):
+            value = it.value if it.value is not None else self.service.detail(self.http, it, stop)
+            batch.append(FileMessage(f"{base}/{it.label}", i, value))
+        self.stats.consumed += len(batch)
+        delay = 0.5
+        while True:
+            try:
+                self.handler.handle(batch)
+                return
+            except RetryableError as exc:  # the database is away: the same batch again, later
+                if stop.is_set():
+                    raise
+                self.stats.backing_off = True
+                log.warning("stream %s: %s; retrying in %.1f s", self.stream.name, exc, delay)
+                stop.wait(delay)
+                delay = min(delay * 2, 30.0)
+            finally:
+                self.stats.backing_off = False
+
+    def _unseen(self, items: Sequence[Item]) -> list[Item]:
+        """Drop results whose alert is already stored (a window polled again)."""
+        keyed: dict[str, list[str]] = {}
+        for it in items:
+            if it.source and it.key:
+                keyed.setdefault(it.source, []).append(it.key)
+        if not keyed:
+            return list(items)
+        with self.ingestor.sessions() as s:
+            known = {(src, k) for src, keys in keyed.items() for k in repo.existing_alert_keys(s, src, keys)}
+        return [it for it in items if (it.source, it.key) not in known]
+
+    # ---------------------------------------------------------------- cursor
+
+    def _load_cursor(self, now: datetime) -> datetime:
+        with self.ingestor.sessions() as s:
+            text = repo.poll_cursor(s, self.key)
+        if text:
+            self.stats.cursor = text
+            return _parse_iso(text)
+        start = getattr(self.stream, "start", "earliest")
+        if start not in ("earliest", "latest"):
+            return _parse_iso(start)
+        return now - timedelta(seconds=self.stream.lookback)
+
+    def _save_cursor(self, cursor: datetime) -> None:
+        text = _iso(cursor)
+        try:
+            with self.ingestor.sessions.begin() as s:
+                repo.save_poll_cursor(s, self.key, text)
+        except Exception as exc:  # noqa: BLE001 - the window is stored; it is polled again, harmlessly
+            raise RetryableError(f"database: cursor not saved ({exc.__class__.__name__})") from exc
+        self.stats.cursor = text
+
+
+def _iso(t: datetime) -> str:
+    return t.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _parse_iso(text: str) -> datetime:
+    t = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
+
+
+def as_utc_text(t: datetime) -> str:
+    """``YYYY-MM-DD HH:MM:SS`` in UTC, the form TNS and Fink take dates in."""
+    return t.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def utc_mjd(t: datetime) -> float:
+    """MJD (UTC) of an aware datetime; the window edges ALeRCE filters on."""
+    return (t - datetime(1858, 11, 17, tzinfo=timezone.utc)) / timedelta(days=1)
+
+
+def jsonb(obj: Any) -> bytes:
+    import orjson
+
+    return orjson.dumps(obj, option=orjson.OPT_SERIALIZE_NUMPY if hasattr(orjson, "OPT_SERIALIZE_NUMPY") else 0)
