@@ -257,3 +257,46 @@ def test_open_requests_observer_and_settings(db, sim):
     poller = Poller(db.sessions, {"sim": client(sim)}, PollSettings(max_workers=1), on_open=got.append)
     poller.poll()
     assert got == [{"pending": 2}]
+
+
+# ---------------------------------------------------------------- scheduler --
+
+
+def test_jobs_survive_exceptions_and_run_now(db, sim):
+    from tomd.scheduler import Jobs
+
+    ((rid, gid),) = submitted(db, sim)
+    poller = Poller(db.sessions, {"sim": client(sim)})
+    jobs = Jobs(first_delay_s=0.0, jitter_s=0.0)
+    calls = []
+    boom_ran = threading.Event()
+
+    def boom():
+        calls.append("boom")
+        if len(calls) >= 2:
+            boom_ran.set()
+        raise RuntimeError("a bad cycle")
+
+    jobs.add_interval("boom", boom, 0.2)
+    jobs.add_pollers(poller, {"sim": 3600.0})  # far apart: only run_now makes it poll again
+    with pytest.raises(ValueError):
+        jobs.add_interval("boom", boom, 1.0)
+    jobs.start()
+    try:
+        assert boom_ran.wait(10), "a job that raised must run again"
+        deadline = time.time() + 10
+        while jobs.runs.get("poll:sim", 0) < 1 and time.time() < deadline:
+            time.sleep(0.05)
+        assert jobs.runs["poll:sim"] == 1 and jobs.failures.get("poll:sim") is None
+        sim.set_state(gid, "COMPLETED")
+        jobs.run_now("poll:sim")
+        deadline = time.time() + 10
+        while row(db, rid).state != "completed" and time.time() < deadline:
+            time.sleep(0.05)
+        assert row(db, rid).state == "completed"
+        assert jobs.failures["boom"] >= 2 and "a bad cycle" in jobs.last_error["boom"]
+        with pytest.raises(KeyError):
+            jobs.run_now("poll:nowhere")
+    finally:
+        jobs.shutdown(wait=True)
+    assert not jobs.running

@@ -42,6 +42,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from tomd.cadence import next_intent
 from tomd.db import repository as repo
 from tomd.errors import PermanentError, RetryableError
 from tomd.events import ObservationStatusChanged
@@ -97,7 +98,7 @@ ChangeObserver = Callable[[str, str], None]
 # {state: count} of unfinished requests after a cycle: metrics.set_open_requests fits.
 OpenObserver = Callable[[Mapping[str, int]], None]
 # Creates the next request of a cadence series in the change's transaction (tomd.cadence.next_intent fits).
-CadenceStep = Callable[[Session, int, str, datetime], int | None]
+CadenceHook = Callable[[Session, int, str, datetime], int | None]
 
 
 def _now() -> datetime:
@@ -129,7 +130,7 @@ class Poller:
 
     def __init__(self, sessions: sessionmaker[Session], facilities: Mapping[str, Facility],
                  settings: PollSettings = PollSettings(), *, on_change: ChangeObserver | None = None,
-                 on_open: OpenObserver | None = None, cadence: CadenceStep | None = None,
+                 on_open: OpenObserver | None = None, cadence: CadenceHook | None = next_intent,
                  wake: Callable[[], None] | None = None, clock: Callable[[], datetime] = _now):
         self.sessions = sessions
         self.facilities = facilities

@@ -1,0 +1,121 @@
+"""Periodic jobs inside the daemon: APScheduler 3's BackgroundScheduler, kept small.
+
+``Jobs`` runs named interval jobs in a bounded thread pool::
+
+    jobs = Jobs()
+    jobs.add_pollers(poller, {"lco": 300.0, "soar": 600.0})   # "poll:lco", "poll:soar"
+    jobs.add_interval("data", retriever.run_once, 60.0)       # any stage's job
+    jobs.start() … jobs.run_now("poll:lco") … jobs.shutdown(wait=True)
+
+Each job runs at most once at a time (``max_instances=1``); runs missed while
+one was busy or the process was paused collapse into one (``coalesce``). A
+job that raises is logged with its name and runs again at its next time: one
+bad cycle never ends the schedule. Jobs start after a small random delay
+(``jitter``) so several daemons started together do not all call the
+facilities in the same second (they would mostly skip each other anyway: the
+poller's per-facility lock).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable, Mapping
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from apscheduler.executors.pool import ThreadPoolExecutor
+from apscheduler.jobstores.base import JobLookupError
+from apscheduler.schedulers.background import BackgroundScheduler
+
+log = logging.getLogger(__name__)
+
+
+class Jobs:
+    """Named interval jobs on a background scheduler. ``start()`` / ``shutdown(wait=True)``."""
+
+    def __init__(self, *, workers: int = 4, first_delay_s: float = 1.0, jitter_s: float = 5.0,
+                 rng: random.Random | None = None):
+        self._scheduler = BackgroundScheduler(
+            executors={"default": ThreadPoolExecutor(max_workers=max(1, workers))},
+            job_defaults={"max_instances": 1, "coalesce": True, "misfire_grace_time": None},
+            timezone=timezone.utc,
+        )
+        self.first_delay_s = first_delay_s
+        self.jitter_s = jitter_s
+        self._rng = rng or random.Random()
+        self._names: set[str] = set()
+        self.runs: dict[str, int] = {}  # name → finished runs (ok or not), for health and tests
+        self.failures: dict[str, int] = {}
+        self.last_error: dict[str, str] = {}
+        self._lock = threading.Lock()
+
+    # -- jobs ----------------------------------------------------------------------
+
+    def add_interval(self, name: str, fn: Callable[[], Any], seconds: float, *, start_now: bool = False) -> None:
+        """Run ``fn()`` every ``seconds``, first after a short jittered delay (or at once)."""
+        if name in self._names:
+            raise ValueError(f"a job named {name!r} exists already")
+        if not seconds > 0:
+            raise ValueError(f"job {name}: interval must be > 0 seconds, got {seconds!r}")
+        delay = 0.0 if start_now else self.first_delay_s + self._rng.uniform(0.0, min(self.jitter_s, seconds))
+        first = datetime.now(timezone.utc) + timedelta(seconds=delay)
+        self._scheduler.add_job(self._guarded, "interval", seconds=seconds, args=(name, fn), id=name, name=name,
+                                next_run_time=first, replace_existing=False)
+        self._names.add(name)
+
+    def add_pollers(self, poller: Any, intervals: Mapping[str, float]) -> None:
+        """One job per facility, ``poll:<facility>``, at the facility's ``poll_interval``."""
+        for facility, seconds in intervals.items():
+            self.add_interval(f"poll:{facility}", _poll_one(poller, facility), seconds)
+
+    def run_now(self, name: str) -> None:
+        """Run job ``name`` as soon as a worker is free (a run in progress is not doubled)."""
+        try:
+            self._scheduler.modify_job(name, next_run_time=datetime.now(timezone.utc))
+        except JobLookupError:
+            known = ", ".join(sorted(self._names)) or "none"
+            raise KeyError(f"no job {name!r} (jobs: {known})") from None
+
+    def names(self) -> list[str]:
+        return sorted(self._names)
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    def start(self) -> None:
+        self._scheduler.start()
+        log.info("scheduler running %d job(s): %s", len(self._names), ", ".join(sorted(self._names)) or "none")
+
+    def shutdown(self, wait: bool = True) -> None:
+        """Stop scheduling; with ``wait``, let the runs in progress finish."""
+        if self._scheduler.running:
+            self._scheduler.shutdown(wait=wait)
+
+    @property
+    def running(self) -> bool:
+        return bool(self._scheduler.running)
+
+    # -- one run -------------------------------------------------------------------
+
+    def _guarded(self, name: str, fn: Callable[[], Any]) -> None:
+        t0 = time.monotonic()
+        try:
+            fn()
+        except Exception as exc:  # noqa: BLE001 - logged; the job runs again at its next time
+            with self._lock:
+                self.failures[name] = self.failures.get(name, 0) + 1
+                self.last_error[name] = f"{type(exc).__name__}: {exc}"
+            log.exception("job %s failed after %.1f s; it runs again at its next time", name, time.monotonic() - t0)
+        finally:
+            with self._lock:
+                self.runs[name] = self.runs.get(name, 0) + 1
+
+
+def _poll_one(poller: Any, facility: str) -> Callable[[], Any]:
+    def run() -> Any:
+        return poller.poll([facility])
+
+    run.__name__ = f"poll_{facility}"
+    return run
