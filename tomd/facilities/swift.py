@@ -432,10 +432,18 @@ class SwiftClient:
     def _entries(self, query: Mapping[str, Any]) -> list[dict[str, Any]]:
         body = self._call("Swift_TOO_Requests", query, safe=True)
         data = body.get("api_data", body) if isinstance(body, Mapping) else {}
-        st = _status_of(data.get("status")) if isinstance(data.get("status"), Mapping) else {}
+        if not isinstance(data, Mapping):
+            data = {}
+        # A refusal comes back as a bare Swift_TOO_Status; a listing carries its status inside.
+        st = _status_of(body) if isinstance(body, Mapping) and body.get("api_name") == "Swift_TOO_Status" else (
+            _status_of(data["status"]) if isinstance(data.get("status"), Mapping) else {})
         if str(st.get("status")) == "Rejected":
             self._raise_if_auth(st)
             raise PermanentError(f"{self.name}: TOO listing rejected: {'; '.join(map(str, st.get('errors') or []))}")
+        if not isinstance(data.get("entries"), list):
+            # Never read "no entries" into an answer that is not a listing: the
+            # ambiguity check would then resend a TOO that exists.
+            raise RetryableError(f"{self.name}: the TOO listing answer has no entries list")
         out = []
         for e in data.get("entries") or []:
             if isinstance(e, Mapping):
