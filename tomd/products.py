@@ -128,8 +128,9 @@ def store_download(sessions: sessionmaker[Session], storage: Store, *, facility:
     except Exception as exc:
         with sessions.begin() as s:
             row, _ = repo.add_data_product(s, base | {"state": "failed", "storage_key": None})
-            repo.update_data_product(s, row.id, {"state": "failed", "meta": {
-                **(row.meta or {}), **base["meta"], "error": redact(f"{type(exc).__name__}: {exc}")[:1000]}})
+            err = redact(f"{type(exc).__name__}: {exc}")[:1000]
+            repo.update_data_product(s, row.id, {"state": "failed", "error": err, "attempts": (row.attempts or 0) + 1,
+                                                 "meta": {**(row.meta or {}), **base["meta"], "error": err}})
         raise
     with sessions.begin() as s:
         row = repo.get_data_product(s, facility, product_id)
@@ -141,10 +142,72 @@ def store_download(sessions: sessionmaker[Session], storage: Store, *, facility:
                                  row.md5 or "", False)
         clean = {k: v for k, v in (row.meta or {}).items() if k != "error"} | base["meta"]
         repo.update_data_product(s, row.id, {"state": "stored", "storage_key": stored.key, "size": stored.size,
-                                             "md5": stored.md5, "stored_at": utcnow(), "meta": clean})
+                                             "md5": stored.md5, "stored_at": utcnow(), "meta": clean,
+                                             "error": None})
         repo.add_event(s, DataStored(row.id, facility, product_id, kind, filename, stored.key, stored.size,
                                      stored.md5, target_id, request_id, row.notice_id), target_id=target_id)
         return ProductResult(row.id, facility, product_id, stored.key, stored.size, stored.md5, True)
+
+
+# Facility downloads by several workers (tomd.retrieve): a product row is
+# claimed before its download (state "downloading", the claim's owner and
+# end in meta["claim"]), under a row lock, so two workers never fetch the
+# same product at once; a claim whose worker died runs out and is taken over.
+
+DOWNLOADING = "downloading"
+
+
+def claim_download(s: Session, *, facility: str, product_id: str, worker: str, now: datetime,
+                   until: datetime, values: dict[str, Any]) -> DataProduct | None:
+    """Claim one product for download; None when it is stored or another worker's live claim holds it.
+
+    ``values`` (kind, filename, target_id, request_id, meta) fill the row
+    when it is new. Counts the attempt. The caller commits at once.
+    """
+    repo.add_data_product(s, {"facility": facility, "product_id": product_id, "state": "pending", **values})
+    row = repo.lock_data_product(s, facility, product_id)
+    if row is None or row.state == "stored":
+        return None
+    claim = (row.meta or {}).get("claim") or {}
+    if row.state == DOWNLOADING and claim.get("by") != worker and _claim_end(claim) > now:
+        return None
+    meta = {**(row.meta or {}), **(values.get("meta") or {}), "claim": {"by": worker, "until": until.isoformat()}}
+    repo.update_data_product(s, row.id, {"state": DOWNLOADING, "attempts": (row.attempts or 0) + 1, "meta": meta})
+    row.state, row.meta, row.attempts = DOWNLOADING, meta, (row.attempts or 0) + 1
+    return row
+
+
+def _claim_end(claim: dict[str, Any]) -> datetime:
+    try:
+        return datetime.fromisoformat(str(claim["until"]))
+    except (KeyError, ValueError):
+        return datetime.min.replace(tzinfo=timezone.utc)
+
+
+def finish_download(s: Session, row_id: int, stored: Any, *, meta: dict[str, Any] | None = None) -> ProductResult:
+    """Record a completely stored download (``stored``: a ``tomd.storage.Stored``) and its data.stored event."""
+    row = repo.get_data_product_by_id(s, row_id)
+    if row is None:
+        raise NotFoundError(f"data product #{row_id} vanished during its download")
+    if row.state == "stored":  # a worker whose claim had run out finished it too: same key, same bytes
+        return ProductResult(row.id, row.facility, row.product_id, row.storage_key or "", row.size or 0,
+                             row.md5 or "", False)
+    clean = {k: v for k, v in (row.meta or {}).items() if k not in ("claim", "error")} | dict(meta or {})
+    repo.update_data_product(s, row.id, {"state": "stored", "storage_key": stored.key, "size": stored.size,
+                                         "md5": stored.md5, "stored_at": utcnow(), "meta": clean, "error": None})
+    repo.add_event(s, DataStored(row.id, row.facility, row.product_id, row.kind, row.filename, stored.key,
+                                 stored.size, stored.md5, row.target_id, row.request_id, row.notice_id),
+                   target_id=row.target_id)
+    return ProductResult(row.id, row.facility, row.product_id, stored.key, stored.size, stored.md5, True)
+
+
+def fail_download(s: Session, row_id: int, error: str) -> None:
+    """Record a failed download (never ``stored``): the error, and the claim released."""
+    row = repo.get_data_product_by_id(s, row_id)
+    if row is None or row.state == "stored":
+        return
+    meta = {k: v for k, v in (row.meta or {}).items() if k != "claim"}
+    repo.update_data_product(s, row.id, {"state": "failed", "error": error[:2000], "meta": meta})
 
 
 # --------------------------------------------------------------- skymaps --
@@ -565,6 +628,64 @@ def fits_meta(stream: BinaryIO) -> dict[str, Any]:
     return meta
 
 
+def header_meta(head: bytes, *, max_hdus: int = 2) -> dict[str, Any]:
+    """Header metadata from the first bytes of a FITS file (captured while it streams by).
+
+    Reads the primary header and, when the head holds it, the next one
+    (compressed ``.fz`` images keep their keys in the first extension);
+    never the data. ``{}`` when the bytes are not FITS or no header ends
+    within them: the metadata is a convenience, never a reason to fail.
+    """
+    from astropy.io import fits
+
+    from tomd import sky
+
+    if head[:6] != b"SIMPLE":
+        return {}
+    meta: dict[str, Any] = {}
+    pos = 0
+    for i in range(max_hdus):
+        end = _header_end(head, pos)
+        if end is None:
+            break
+        try:
+            h = fits.Header.fromstring(head[pos:end].decode("ascii", "replace"))
+        except Exception:  # noqa: BLE001 - a damaged header gives no metadata, not an error
+            break
+        for k in FITS_KEYS:
+            if k in h and k not in meta and h[k] not in (None, ""):
+                v = h[k]
+                meta[k] = v if isinstance(v, (int, float, str, bool)) else str(v)
+        prefix = "Z" if h.get("ZIMAGE") else ""
+        naxis = int(h.get(f"{prefix}NAXIS", 0) or 0)
+        if naxis and "shape" not in meta:
+            meta["shape"] = [h.get(f"{prefix}NAXIS{j}") for j in range(naxis, 0, -1)]
+        try:  # skip the data unit to the next header
+            raw_axes = [int(h.get(f"NAXIS{j}", 0) or 0) for j in range(1, int(h.get("NAXIS", 0) or 0) + 1)]
+            n = math.prod(raw_axes) if raw_axes else 0
+            size = abs(int(h.get("BITPIX", 8))) // 8 * int(h.get("GCOUNT", 1) or 1) * \
+                (int(h.get("PCOUNT", 0) or 0) + n)
+        except (TypeError, ValueError):
+            break
+        pos = end + -(-size // 2880) * 2880
+    for k, parse, out in (("RA", sky.parse_ra, "ra_deg"), ("DEC", sky.parse_dec, "dec_deg")):
+        if k in meta:
+            try:
+                meta[out] = parse(meta[k])
+            except (ValueError, TypeError):
+                pass
+    return meta
+
+
+def _header_end(head: bytes, pos: int) -> int | None:
+    """Where the header starting at ``pos`` ends (after its END card, padded to 2880), or None."""
+    for card in range(pos, len(head) - 79, 80):
+        if head[card:card + 3] == b"END" and head[card + 3:card + 80].strip() == b"":
+            end = pos + -(-(card + 80 - pos) // 2880) * 2880
+            return end if end <= len(head) else None
+    return None
+
+
 def _looks_like_spectrum(meta: dict[str, Any]) -> bool:
     shape = meta.get("shape") or []
     return meta.get("NAXIS") == 1 or (len(shape) == 2 and min(shape) == 1)
@@ -897,14 +1018,15 @@ def plot_light_curve(sessions: sessionmaker[Session], target: str | int | Target
 # ------------------------------------------------------------- listings --
 
 
-def list_products(sessions: sessionmaker[Session], target: str | int | None = None) -> list[dict[str, Any]]:
-    """Data products as plain dicts (newest last), optionally for one target."""
+def list_products(sessions: sessionmaker[Session], target: str | int | None = None, *,
+                  request_id: int | None = None) -> list[dict[str, Any]]:
+    """Data products as plain dicts (newest last), optionally for one target and/or one request."""
     with sessions() as s:
         tid = _resolve_target(s, target).id if target is not None else None
-        rows: list[DataProduct] = repo.data_products(s, target_id=tid)
+        rows: list[DataProduct] = repo.query_data_products(s, target_id=tid, request_id=request_id)
         names = {t.id: t.name for t in repo.query_targets(s, ids=list({r.target_id for r in rows if r.target_id}))}
         return [{"id": r.id, "target": names.get(r.target_id), "target_id": r.target_id, "facility": r.facility,
                  "product_id": r.product_id, "kind": r.kind, "filename": r.filename, "size": r.size, "md5": r.md5,
                  "state": r.state, "storage_key": r.storage_key, "request_id": r.request_id,
-                 "notice_id": r.notice_id, "meta": r.meta or {},
+                 "notice_id": r.notice_id, "meta": r.meta or {}, "attempts": r.attempts or 0, "error": r.error,
                  "stored_at": r.stored_at.isoformat() if r.stored_at else None} for r in rows]

@@ -979,3 +979,92 @@ def save_poll_cursor(s: Session, key: str, cursor: str) -> None:
     else:
         row.cursor = cursor
         row.last_poll_at = utcnow()
+
+
+# ---- data retrieval ----
+# tomd.retrieve: requests whose data is due (data_due_at <= now) are claimed
+# by moving data_due_at forward to the claim's end (a lease, like a queue's
+# visibility timeout); a finished or failed attempt sets it to NULL or to the
+# next try, fenced on the lease so a worker whose lease ran out (or a poll
+# that re-armed the request meanwhile) is never overwritten.
+
+from tomd.db.models import DataProduct as _DP  # noqa: E402
+
+_DPT = _DP.__table__
+
+
+def schedule_data_retrieval(s: Session, request_id: int, when: datetime) -> None:
+    """Make the request's data due at ``when`` (the status stage calls this on completion)."""
+    s.execute(_OBS.update().where(_OBS.c.id == request_id).values(data_due_at=when))
+
+
+def claim_data_requests(s: Session, *, now: datetime, lease_until: datetime, limit: int,
+                        ids: Sequence[int] | None = None,
+                        facilities: Sequence[str] | None = None) -> list[ObservationRequest]:
+    """Claim requests whose data is due: ``data_due_at`` moves to ``lease_until`` (the lease).
+
+    PostgreSQL skips rows another claimer has locked (``FOR UPDATE SKIP
+    LOCKED``); SQLite's ``BEGIN IMMEDIATE`` serialises claimers. The caller
+    commits at once and downloads outside the transaction.
+    """
+    R = ObservationRequest
+    q = select(R).where(R.data_due_at.is_not(None), R.data_due_at <= now)
+    if ids is not None:
+        q = q.where(R.id.in_(list(ids)))
+    if facilities is not None:
+        q = q.where(R.facility.in_(list(facilities)))
+    q = q.order_by(R.data_due_at, R.id).limit(limit).with_for_update(skip_locked=True)
+    rows = list(s.scalars(q))
+    if rows:
+        s.execute(_OBS.update().where(_OBS.c.id.in_([r.id for r in rows])).values(data_due_at=lease_until))
+        for r in rows:
+            r.data_due_at = lease_until
+    return rows
+
+
+def update_data_lease(s: Session, request_id: int, lease: datetime | None, values: dict[str, Any]) -> bool:
+    """Update the request only while ``data_due_at`` is still ``lease`` (compare and set)."""
+    cond = _OBS.c.data_due_at.is_(None) if lease is None else _OBS.c.data_due_at == lease
+    return s.execute(_OBS.update().where(_OBS.c.id == request_id, cond).values(**values)).rowcount == 1
+
+
+def next_data_due(s: Session) -> datetime | None:
+    """The earliest data_due_at (a lease or a backoff included); None when nothing waits."""
+    return s.scalar(select(func.min(ObservationRequest.data_due_at)))
+
+
+def data_products_by_ids(s: Session, facility: str, product_ids: Sequence[str]) -> dict[str, _DP]:
+    """The facility's product rows among ``product_ids``, by product id."""
+    out: dict[str, _DP] = {}
+    ids = list(dict.fromkeys(product_ids))
+    for i in range(0, len(ids), 500):
+        q = select(_DP).where(_DP.facility == facility, _DP.product_id.in_(ids[i:i + 500]))
+        out.update((r.product_id, r) for r in s.scalars(q))
+    return out
+
+
+def lock_data_product(s: Session, facility: str, product_id: str) -> _DP | None:
+    """The product's row, locked until the transaction ends (PostgreSQL; SQLite locks the database)."""
+    return s.scalar(select(_DP).where(_DP.facility == facility, _DP.product_id == product_id)
+                    .with_for_update())
+
+
+def get_data_product_by_id(s: Session, row_id: int) -> _DP | None:
+    return s.get(_DP, row_id)
+
+
+def query_data_products(s: Session, *, target_id: int | None = None, request_id: int | None = None,
+                        facility: str | None = None, state: str | None = None,
+                        limit: int | None = None) -> list[_DP]:
+    q = select(_DP).order_by(_DP.id)
+    if target_id is not None:
+        q = q.where(_DP.target_id == target_id)
+    if request_id is not None:
+        q = q.where(_DP.request_id == request_id)
+    if facility is not None:
+        q = q.where(_DP.facility == facility)
+    if state is not None:
+        q = q.where(_DP.state == state)
+    if limit:
+        q = q.limit(limit)
+    return list(s.scalars(q))

@@ -1,0 +1,575 @@
+"""Data retrieval against the simulated observatory's archive, into a local directory and S3 (moto).
+
+Real parts: SQLite and PostgreSQL (the ``db`` fixture), the in-process
+simulated observatory over loopback HTTP (its archive lists frames page by
+page, serves small FITS files, hands out expiring presigned-style URLs and
+can cut a download midway), and moto's S3 server reached through boto3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import logging
+import threading
+import time
+from datetime import datetime, timedelta, timezone
+from types import SimpleNamespace
+
+import pytest
+from sqlalchemy import select
+
+from tests.test_storage import new_bucket, s3_endpoint, store  # noqa: F401  (fixtures)
+from tomd import data_cli
+from tomd.db import repository as repo
+from tomd.db.models import DataProduct, ObservationRequest, OutboxEvent
+from tomd.facilities.lco import LCOClient
+from tomd.facilities.sim import SimObservatory
+from tomd.products import header_meta
+from tomd.retrieve import Retriever, RetrieveSettings
+from tomd.storage import LocalStore, Store
+from tomd.submit import SubmitSettings, Submitter, create_intent
+from tomd.targets.model import TargetSpec
+from tomd.targets.store import upsert
+
+TEMPLATES = {"1m-gri": {"instrument_type": "1M0-SCICAM-SINISTRO", "filters": ["gp", "rp", "ip"],
+                        "exposure_time": 120}}
+FAST = RetrieveSettings(batch=20, lease_s=60, max_attempts=3, backoff_base_s=30, backoff_cap_s=60,
+                        read_timeout_s=5, connect_timeout_s=2, restarts=2)
+SUBMIT = SubmitSettings(lease_s=30, backoff_base_s=0.01, backoff_cap_s=0.05, settle_s=0.05, batch=50)
+
+
+@pytest.fixture
+def sim():
+    with SimObservatory(pending_s=3600) as s:
+        yield s
+
+
+def client(sim, **kw) -> LCOClient:
+    args = dict(url=sim.url, token=sim.token, proposal="SIM2026A-001", templates=TEMPLATES, timeout=5,
+                max_attempts=3, backoff_base=0.01, backoff_cap=0.05, rate_limit=1000.0)
+    args.update(kw)
+    return LCOClient("sim", **args)
+
+
+def make_target(db, name="SN 2026abc", ra=150.0, dec=-20.0) -> int:
+    with db.sessions.begin() as s:
+        return upsert(s, TargetSpec(name=name, ra=ra, dec=dec), origin="test").target_id
+
+
+def submit(db, sim, n=1, *, target="SN 2026abc") -> list[int]:
+    """n requests submitted to the simulator (pending there): their tomd ids."""
+    tid = make_target(db, target)
+    with db.sessions.begin() as s:
+        ids = [create_intent(s, target_id=tid, facility="sim", template="1m-gri", name=f"tomd-{target[-3:]}-{i}")
+               for i in range(n)]
+    c = client(sim)
+    try:
+        outs = Submitter(db.sessions, {"sim": c}, SUBMIT).run_once(ids)
+    finally:
+        c.close()
+    assert [o.state for o in outs] == ["pending"] * n
+    return ids
+
+
+def complete(db, sim, rid: int) -> str:
+    """The facility completes the request; the status stage marks its data due (what its poll does)."""
+    with db.sessions.begin() as s:
+        r = repo.get_observation(s, rid)
+        sim.set_state(int(r.facility_id), "COMPLETED")
+        repo.update_observation(s, rid, {"state": "completed", "facility_state": "COMPLETED"})
+        repo.schedule_data_retrieval(s, rid, datetime.now(timezone.utc))
+        return r.facility_id
+
+
+def make_due(db, rid: int) -> None:
+    with db.sessions.begin() as s:
+        repo.schedule_data_retrieval(s, rid, datetime.now(timezone.utc))
+
+
+def products(db, **kw) -> list[DataProduct]:
+    with db.sessions() as s:
+        return repo.query_data_products(s, **kw)
+
+
+def request(db, rid) -> ObservationRequest:
+    with db.sessions() as s:
+        return repo.get_observation(s, rid)
+
+
+def events(db, kind: str) -> list[dict]:
+    with db.sessions() as s:
+        return [e.payload for e in s.scalars(select(OutboxEvent).where(OutboxEvent.kind == kind)
+                                             .order_by(OutboxEvent.id))]
+
+
+def sim_md5s(sim, rows) -> dict[str, str]:
+    return {r.product_id: hashlib.md5(sim.fits_bytes(int(r.product_id))).hexdigest() for r in rows}
+
+
+def retriever(db, sim, storage, settings=FAST, **kw) -> Retriever:
+    c = kw.pop("facility", None) or client(sim, **kw.pop("client_kw", {}))
+    return Retriever(db.sessions, {"sim": c}, storage, settings, **kw)
+
+
+# ------------------------------------------------------------------ tests --
+
+
+def test_completed_request_frames_all_stored_with_target_and_request(db, sim, store: Store):
+    (rid,) = submit(db, sim)
+    fid = complete(db, sim, rid)
+    seen: list[tuple] = []
+    r = retriever(db, sim, store, observer=lambda *a: seen.append(a))
+    (out,) = r.run_once()
+    assert (out.state, out.listed, out.stored, out.failed) == ("done", 3, 3, 0), out.message
+    rows = products(db, request_id=rid)
+    assert len(rows) == 3 and {x.state for x in rows} == {"stored"}
+    tid = request(db, rid).target_id
+    md5s = sim_md5s(sim, rows)
+    for x in rows:
+        assert (x.facility, x.target_id, x.request_id, x.kind) == ("sim", tid, rid, "image")
+        assert x.md5 == md5s[x.product_id] and x.size == len(sim.fits_bytes(int(x.product_id)))
+        assert x.storage_key == f"{tid}-SN_2026abc/sim/{fid}/{x.filename}"
+        with store.open(x.storage_key) as f:
+            assert hashlib.md5(f.read()).hexdigest() == x.md5
+        # metadata from the archive listing and from the FITS header read as it streamed by
+        assert x.meta["FILTER"] in ("gp", "rp", "ip") and x.meta["OBJECT"] == "SN 2026abc"
+        assert x.meta["shape"] == [16, 16] and x.error is None and x.attempts == 1
+    evs = events(db, "data.stored")
+    assert sorted(e["data_product_id"] for e in evs) == sorted(x.id for x in rows)
+    assert {(e["request_id"], e["target_id"], e["facility"]) for e in evs} == {(rid, tid, "sim")}
+    req = request(db, rid)
+    assert req.data_due_at is None and req.data_attempts == 0
+    assert sorted(n for _, n, ok in seen if ok) == sorted(x.size for x in rows)
+
+    # Nothing due any more: a second run does nothing at all.
+    before = len(sim.downloads())
+    assert r.run_once() == []
+    # The same products listed again (a re-armed request, or they reappear): none downloaded again.
+    make_due(db, rid)
+    (again,) = r.run_once()
+    assert (again.state, again.already, again.stored) == ("done", 3, 0)
+    assert len(sim.downloads()) == before and len(events(db, "data.stored")) == 3
+    r.close()
+
+
+def test_download_cut_midway_is_restarted_and_never_recorded_complete(db, sim, store: Store):
+    (rid,) = submit(db, sim)
+    complete(db, sim, rid)
+    sim.truncate_downloads(1)  # the first download stops after half its Content-Length
+    r = retriever(db, sim, store)
+    (out,) = r.run_once()
+    assert out.state == "done" and out.stored == 3
+    rows = products(db, request_id=rid)
+    md5s = sim_md5s(sim, rows)
+    assert all(x.state == "stored" and x.md5 == md5s[x.product_id] for x in rows)
+    assert sorted(x.attempts for x in rows) == [1, 1, 1]  # restarted within the same attempt
+    assert len(sim.downloads()) == 4 and len(events(db, "data.stored")) == 3
+    r.close()
+
+
+def test_download_that_keeps_failing_is_recorded_failed_and_retried_later(db, sim, store: Store):
+    (rid,) = submit(db, sim)
+    complete(db, sim, rid)
+    sim.truncate_downloads(3, fraction=0.3)  # the first product: every try of this attempt is cut
+    r = retriever(db, sim, store)
+    (out,) = r.run_once()
+    assert out.state == "retry" and (out.stored, out.failed) == (2, 1)
+    (bad,) = [x for x in products(db, request_id=rid) if x.state != "stored"]
+    assert bad.state == "failed" and bad.md5 is None and bad.storage_key is None and bad.attempts == 1
+    assert "RemoteProtocolError" in bad.error or "IncompleteStream" in bad.error, bad.error
+    # No object under its key, no partial object anywhere, no event for it.
+    keys = list(store.keys())
+    assert len(keys) == 2 and not any(bad.filename in k for k in keys)
+    assert bad.id not in [e["data_product_id"] for e in events(db, "data.stored")]
+    req = request(db, rid)
+    assert req.data_attempts == 1 and req.data_due_at > datetime.now(timezone.utc)  # backing off
+    assert r.run_once() == []  # not due yet
+
+    make_due(db, rid)  # time passes
+    (out,) = r.run_once()
+    assert (out.state, out.stored, out.already) == ("done", 1, 2)
+    row = [x for x in products(db, request_id=rid) if x.id == bad.id][0]
+    assert (row.state, row.error, row.attempts) == ("stored", None, 2)
+    assert row.md5 == sim_md5s(sim, [row])[row.product_id]
+    assert request(db, rid).data_due_at is None and request(db, rid).data_attempts == 0
+    r.close()
+
+
+class CuttingProxy:
+    """A loopback TCP proxy (tests/netfault.py) that drops the first ``cuts`` connections
+    after ``after`` bytes came back from the server: a line cut while a body is in flight."""
+
+    def __init__(self, host: str, port: int, *, after: int, cuts: int):
+        from tests.netfault import TcpProxy
+
+        outer = self
+
+        class Proxy(TcpProxy):
+            def _pipe(self, src, dst):
+                if src.getpeername() != self.target:  # client → server: as it is
+                    return super()._pipe(src, dst)
+                with outer.lock:
+                    limit = outer.after if outer.cuts > 0 else None
+                    outer.cuts -= limit is not None
+                sent = 0
+                try:
+                    while limit is None or sent < limit:
+                        data = src.recv(min(65536, limit - sent) if limit is not None else 65536)
+                        if not data:
+                            break
+                        dst.sendall(data)
+                        sent += len(data)
+                except OSError:
+                    pass
+                for s in (src, dst):
+                    try:
+                        s.shutdown(2)
+                    except OSError:
+                        pass
+
+        self.after, self.cuts, self.lock = after, cuts, threading.Lock()
+        self.proxy = Proxy(host, port)
+        self.port = self.proxy.port
+
+    def close(self) -> None:
+        self.proxy.close()
+
+
+def test_connection_dropped_by_the_network_midway(db, sim, store: Store):
+    """The line drops mid-body (a real TCP cut): restarted, never recorded complete, no partial object."""
+    import httpx
+
+    from tomd.retrieve import download_client
+
+    (rid,) = submit(db, sim)
+    complete(db, sim, rid)
+    host, port = sim.url.split("//")[1].split(":")
+    proxy = CuttingProxy(host, int(port), after=5000, cuts=4)  # each FITS file is 5760 bytes
+
+    http = download_client(FAST)
+    # Downloads (not the listing) go through the proxy.
+    c = client(sim)
+
+    class ThroughProxy:
+        def __getattr__(self, name):
+            return getattr(c, name)
+
+        def data_products(self, facility_id):
+            from dataclasses import replace
+
+            return [replace(p, url=p.url.replace(f":{port}/", f":{proxy.port}/")) for p in c.data_products(facility_id)]
+
+    r = retriever(db, sim, store, facility=ThroughProxy(), http=http)
+    (out,) = r.run_once()
+    # 4 cuts over 3 products with 3 tries each: the first product is cut 3 times (failed), the second once.
+    assert (out.state, out.stored, out.failed) == ("retry", 2, 1), out.message
+    rows = products(db, request_id=rid)
+    (bad,) = [x for x in rows if x.state != "stored"]
+    assert bad.state == "failed" and bad.storage_key is None and "RemoteProtocolError" in bad.error, bad.error
+    for x in rows:
+        if x.state == "stored":
+            with store.open(x.storage_key) as f:
+                assert hashlib.md5(f.read()).hexdigest() == x.md5 == sim_md5s(sim, [x])[x.product_id]
+    assert len(list(store.keys())) == 2 and len(events(db, "data.stored")) == 2
+    make_due(db, rid)
+    (out,) = r.run_once()  # the line holds now
+    assert (out.state, out.stored, out.already) == ("done", 1, 2)
+    http.close()
+    proxy.close()
+    r.close()
+
+
+def test_expired_download_url_is_listed_again(db, sim, store: Store):
+    (rid,) = submit(db, sim)
+    complete(db, sim, rid)
+    sim.archive(url_ttl_s=3600)
+    c = client(sim)
+    listed = []
+
+    class ExpiringSoon:
+        """The facility as seen after a long wait: the first listing's URLs expire before use."""
+
+        def __getattr__(self, name):
+            return getattr(c, name)
+
+        def data_products(self, facility_id):
+            out = c.data_products(facility_id)
+            listed.append(out)
+            if len(listed) == 1:
+                sim.expire_urls()
+            return out
+
+    r = retriever(db, sim, store, facility=ExpiringSoon())
+    (out,) = r.run_once()
+    assert out.state == "done" and out.stored == 3, out.message
+    assert len(listed) == 2  # listed once more, not once per product
+    assert all("expires=" in p.url for p in listed[0])
+    statuses = [d.path for d in sim.downloads()]
+    assert len(statuses) == 4  # one refused (expired), then three with fresh URLs
+    rows = products(db, request_id=rid)
+    assert {x.state for x in rows} == {"stored"} and all(x.md5 == sim_md5s(sim, [x])[x.product_id] for x in rows)
+    r.close()
+
+
+def test_expired_url_answer_is_s3s(sim, db):
+    """The simulator's refusal has S3's shape, so the check matches what real presigned URLs return."""
+    import httpx
+
+    (rid,) = submit(db, sim)
+    fid = complete(db, sim, rid)
+    sim.archive(url_ttl_s=3600)
+    c = client(sim)
+    (p, *_) = c.data_products(fid)
+    sim.expire_urls()
+    resp = httpx.get(p.url)
+    assert resp.status_code == 403 and "<Code>AccessDenied</Code><Message>Request has expired</Message>" in resp.text
+    tampered = httpx.get(p.url.replace("signature=", "signature=0"))
+    assert tampered.status_code == 403 and "SignatureDoesNotMatch" in tampered.text
+    c.close()
+
+
+def test_frames_listed_over_several_pages(db, sim, store: Store):
+    sim.archive(frames_per_config=3)
+    (rid,) = submit(db, sim)
+    tmpl = request(db, rid).request["requests"][0]["configurations"]
+    fid = complete(db, sim, rid)
+    c = client(sim, page_size=2)
+    listing = c.data_products(fid)
+    expected = sum(min(3, ic.get("exposure_count", 1)) for cfg in tmpl for ic in cfg["instrument_configs"])
+    assert len(listing) == expected >= 3
+    frames_calls = len([x for x in sim.received if x.path == "/frames/"])
+    assert frames_calls == -(-expected // 2)  # every page followed
+    r = retriever(db, sim, store, facility=c)
+    (out,) = r.run_once()
+    assert out.state == "done" and out.stored == expected
+    assert len({x.product_id for x in products(db, request_id=rid)}) == expected
+    r.close()
+
+
+def test_md5_mismatch_is_never_stored(db, sim, store: Store):
+    """An archive whose checksum disagrees with the bytes: refused before the object completes."""
+    from dataclasses import replace
+
+    (rid,) = submit(db, sim)
+    complete(db, sim, rid)
+    c = client(sim)
+
+    class WrongChecksums:
+        def __getattr__(self, name):
+            return getattr(c, name)
+
+        def data_products(self, facility_id):
+            return [replace(p, md5="0" * 32) for p in c.data_products(facility_id)]
+
+    r = retriever(db, sim, store, facility=WrongChecksums())
+    (out,) = r.run_once()
+    assert out.state == "retry" and out.stored == 0
+    rows = products(db, request_id=rid)
+    assert rows and {x.state for x in rows} == {"failed"} and all("MD5" in x.error for x in rows)
+    assert list(store.keys()) == [] and events(db, "data.stored") == []
+    r.close()
+
+
+def test_gives_up_after_the_attempt_limit_and_says_so(db, sim, tmp_path, caplog):
+    (rid,) = submit(db, sim)  # never completes: the archive lists nothing
+    make_due(db, rid)
+    r = retriever(db, sim, LocalStore(tmp_path / "s"), RetrieveSettings(max_attempts=2, backoff_base_s=0.01,
+                                                                        backoff_cap_s=0.01))
+    with caplog.at_level(logging.INFO, logger="tomd.retrieve"):
+        (first,) = r.run_once()
+        assert first.state == "retry" and "lists no products yet" in first.message
+        time.sleep(0.02)  # the backoff (10 ms) passes
+        (second,) = r.run_once()
+    assert second.state == "gave_up"
+    req = request(db, rid)
+    assert req.data_due_at is None and req.data_attempts == 2
+    (ev,) = events(db, "data.retrieval_failed")
+    assert ev["request_id"] == rid and ev["attempts"] == 2 and "lists no products" in ev["error"]
+    assert any("giving up" in m and f"#{rid}" in m for m in caplog.messages)
+    assert r.run_once() == []
+    r.close()
+
+
+def test_two_retrievers_never_download_the_same_product_twice(db, sim, tmp_path):
+    if db.kind != "postgresql":
+        pytest.skip("several daemons share one PostgreSQL database")
+    ids = submit(db, sim, 6)
+    for rid in ids:
+        complete(db, sim, rid)
+    store = LocalStore(tmp_path / "store")
+    small = RetrieveSettings(**{**FAST.__dict__, "batch": 2})
+    rs = [retriever(db, sim, store, small, worker_id=f"w{i}") for i in range(3)]
+    outs: list = []
+    errors: list = []
+    barrier = threading.Barrier(len(rs))
+
+    def work(r):
+        try:
+            barrier.wait()
+            while True:
+                got = r.run_once()
+                if not got:
+                    return
+                outs.extend(got)
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(r,)) for r in rs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors
+    assert sorted(o.request_id for o in outs) == sorted(ids)  # each request handled once
+    paths = [d.path for d in sim.downloads()]
+    assert len(paths) == len(set(paths)) == 18  # every frame downloaded exactly once
+    assert len(events(db, "data.stored")) == 18
+    assert {x.state for x in products(db)} == {"stored"}
+    for r in rs:
+        r.close()
+
+
+def test_a_product_being_fetched_elsewhere_is_not_fetched_again(db, sim, tmp_path):
+    """A request re-armed while a worker downloads it: a second worker skips the product in flight."""
+    (rid,) = submit(db, sim)
+    complete(db, sim, rid)
+    sim.archive(frames_per_config=1)
+    store = LocalStore(tmp_path / "store")
+    sim.inject("slow", path="/download/*", delay=1.5, count=1)
+    a = retriever(db, sim, store, worker_id="a")
+    b = retriever(db, sim, store, worker_id="b")
+    result: list = []
+    t = threading.Thread(target=lambda: result.extend(a.run_once()))
+    t.start()
+    deadline = time.monotonic() + 10
+    while not sim.downloads() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    make_due(db, rid)  # a poll re-arms the request while "a" is downloading
+    (out_b,) = b.run_once()
+    t.join(20)
+    (out_a,) = result
+    assert any(p.state == "skipped" for p in out_b.products)  # the frame "a" holds
+    assert out_b.state == "retry"
+    paths = [d.path for d in sim.downloads()]
+    assert len(paths) == len(set(paths))  # no frame fetched twice
+    assert out_a.state in ("done", "retry", "lost")  # "b" took the re-armed request over: "a" stops
+    make_due(db, rid)
+    (last,) = b.run_once()
+    assert last.state == "done" and last.stored + last.already == len(products(db, request_id=rid))
+    paths = [d.path for d in sim.downloads()]
+    assert len(paths) == len(set(paths))
+    a.close()
+    b.close()
+
+
+def test_full_cycle_submitted_completed_data_stored(db, store: Store):
+    """Intent → submitted → PENDING → (time passes at the observatory) COMPLETED → data stored."""
+    with SimObservatory(pending_s=0.3) as sim:
+        (rid,) = submit(db, sim, target="SN 2026xyz")
+        c = client(sim)
+        fid = request(db, rid).facility_id
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:  # a stand-in for the status poll
+            st = c.statuses([fid])[fid]
+            if st.state.common == "completed":
+                break
+            time.sleep(0.05)
+        assert st.state.word == "COMPLETED"
+        with db.sessions.begin() as s:
+            repo.update_observation(s, rid, {"state": "completed", "facility_state": st.state.word})
+            repo.schedule_data_retrieval(s, rid, datetime.now(timezone.utc))
+        r = retriever(db, sim, store, facility=c)
+        (out,) = r.run_once()
+        assert out.state == "done" and out.stored == 3
+        rows = products(db, request_id=rid)
+        assert {x.state for x in rows} == {"stored"} and all(store.exists(x.storage_key) for x in rows)
+        assert all(x.md5 == sim_md5s(sim, [x])[x.product_id] for x in rows)
+        r.close()
+
+
+def test_run_loop_fetches_when_due_and_stops(db, sim, tmp_path):
+    (rid,) = submit(db, sim)
+    store = LocalStore(tmp_path / "store")
+    r = retriever(db, sim, store, RetrieveSettings(interval_s=30))
+    stop = threading.Event()
+    t = threading.Thread(target=r.run, args=(stop,))
+    t.start()
+    complete(db, sim, rid)
+    r.wake()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and len(products(db, state="stored")) < 3:
+        time.sleep(0.05)
+    stop.set()
+    r.wake()
+    t.join(10)
+    assert not t.is_alive()
+    assert len(products(db, state="stored")) == 3
+    r.close()
+
+
+# ------------------------------------------------------------------- CLI --
+
+
+def cli(tmp_path, db, sim, argv: list[str]) -> int:
+    from tomd.config import Facility, Secret, Storage
+
+    p = argparse.ArgumentParser(prog="tomd")
+    sub = p.add_subparsers(dest="command", required=True)
+    data_cli.register(sub)
+    args = p.parse_args(argv)
+    config = SimpleNamespace(storage=Storage(url=f"file://{tmp_path}/store"),
+                             facilities={"sim": Facility(kind="sim", url=sim.url, proposal="SIM2026A-001",
+                                                         timeout=5.0, token=Secret(sim.token))})
+    return args.func(SimpleNamespace(config=config, sessions=db.sessions), args)
+
+
+def test_cli_download_request_and_product_and_list(db, sim, tmp_path, capsys):
+    (rid,) = submit(db, sim)
+    complete(db, sim, rid)
+    sim.truncate_downloads(3)  # the first product fails all its tries
+    assert cli(tmp_path, db, sim, ["data", "download", "--request", f"#{rid}"]) == 1
+    out, err = capsys.readouterr()
+    assert f"request #{rid}: 2 stored now, 0 already stored, 1 not stored" in out
+    assert "failed sim-" in err
+    (bad,) = [x for x in products(db) if x.state == "failed"]
+    assert request(db, rid).data_due_at is not None  # still due: the daemon will try again
+
+    assert cli(tmp_path, db, sim, ["data", "list", "--request", str(rid)]) == 0
+    out, err = capsys.readouterr()
+    assert "failed (1 tries)" in out and bad.filename in err
+    assert cli(tmp_path, db, sim, ["data", "download", str(bad.id)]) == 0
+    out, _ = capsys.readouterr()
+    assert f"stored {bad.filename}" in out
+
+    assert cli(tmp_path, db, sim, ["data", "download", "--request", request(db, rid).name]) == 0
+    out, _ = capsys.readouterr()
+    assert "0 stored now, 3 already stored, 0 not stored" in out
+    assert request(db, rid).data_due_at is None  # everything stored: nothing left for the daemon
+    assert cli(tmp_path, db, sim, ["data", "list", "--request", f"#{rid}", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert len(rows) == 3 and {r["state"] for r in rows} == {"stored"} and {r["request_id"] for r in rows} == {rid}
+    assert cli(tmp_path, db, sim, ["data", "list", "--target", "SN 2026abc", "--request", f"#{rid}"]) == 0
+
+
+# --------------------------------------------------------------- headers --
+
+
+def test_header_meta_from_the_first_bytes_of_plain_and_compressed_fits(tmp_path):
+    import numpy as np
+    from astropy.io import fits
+
+    hdr = fits.Header([("FILTER", "rp"), ("EXPTIME", 90.0), ("DATE-OBS", "2026-11-28T01:02:03.000"),
+                       ("RA", "10:00:00.0"), ("DEC", "-20:00:00")])
+    plain = io.BytesIO()
+    fits.PrimaryHDU(np.zeros((40, 30), dtype=np.int16), header=hdr).writeto(plain)
+    m = header_meta(plain.getvalue()[:65536])
+    assert (m["FILTER"], m["EXPTIME"], m["shape"]) == ("rp", 90.0, [40, 30])
+    assert m["ra_deg"] == pytest.approx(150.0) and m["dec_deg"] == pytest.approx(-20.0)
+    fz = io.BytesIO()
+    fits.HDUList([fits.PrimaryHDU(), fits.CompImageHDU(np.zeros((64, 48), dtype=np.float32), header=hdr)]).writeto(fz)
+    m = header_meta(fz.getvalue()[:65536])
+    assert (m["FILTER"], m["shape"]) == ("rp", [64, 48])
+    assert header_meta(b"not fits at all") == {} and header_meta(plain.getvalue()[:1000]) == {}
