@@ -536,7 +536,7 @@ format = "ztf-avro"
     assert "streams[0].api_key: missing required key for a TNS poll stream" in text
     assert "streams[0].bot_id" in text and "streams[0].bot_name" in text
     assert 'streams[1].format: a poll stream needs one of tns-api, alerce-api, fink-api, got "ztf-avro"' in text
-    assert "streams[2].topics: missing required key for a kafka stream" in text
+    assert "streams[2].topics: missing required key; expected a list of strings" in text
     assert all("\n" not in p for p in info.value.problems)
 
 

@@ -274,10 +274,17 @@ def _topics(v: list[str]) -> list[str]:
 StreamFormat = Literal[
     "ztf-avro", "rubin-avro", "rubin-avro-file", "fink-avro", "lasair-json",
     "gcn-json", "gcn-voevent", "gcn-binary", "lvk-avro", "lvk-json", "antares",
-    "hop", "auto", "tns-api", "alerce-api", "fink-api",
+    "hop", "auto",
 ]
 # kind = "poll": the format names the REST service polled (tomd/brokers/).
 POLL_FORMATS = ("tns-api", "alerce-api", "fink-api")
+
+
+def _stream_format(v: Any) -> str:
+    """A StreamFormat, or one of POLL_FORMATS (kind = "poll" checks which goes with which)."""
+    if isinstance(v, str) and (v in typing.get_args(StreamFormat) or v in POLL_FORMATS):
+        return v
+    raise _Invalid(f"expected one of {', '.join(typing.get_args(StreamFormat))}")
 FacilityKind = Literal["lco", "soar", "sim", "gemini", "swift"]
 ChannelKind = Literal["slack", "email", "webhook", "log"]
 KafkaValue = Union[str, int, float, bool]
@@ -382,7 +389,7 @@ class Stream:
     kind: Literal["kafka", "file", "poll"] = "kafka"
     bootstrap: Optional[str] = opt(None, check=_bootstrap)
     topics: list[str] = opt(factory=list, check=_topics)  # required for kafka and file streams
-    format: StreamFormat = opt()
+    format: StreamFormat = opt(parse=_stream_format)  # or a POLL_FORMATS name for kind = "poll"
     group: str = opt("tomd", check=_consumer_group)
     start: str = opt("earliest", parse=_start)
     batch_size: int = opt(500, check=_between(1, 100000))
@@ -445,7 +452,7 @@ class Stream:
         kind, fmt = values.get("kind", "kafka"), values.get("format", _FAIL)
         if kind != "poll":
             if "topics" not in values:
-                ctx.bad(path + ("topics",), f"missing required key for a {kind} stream; expected a list of strings")
+                ctx.bad(path + ("topics",), "missing required key; expected a list of strings")
             return
         if fmt is not _FAIL and fmt not in POLL_FORMATS:
             ctx.bad(path + ("format",), f"a poll stream needs one of {', '.join(POLL_FORMATS)}, got {_show(fmt)}")
