@@ -465,29 +465,34 @@ def test_a_product_being_fetched_elsewhere_is_not_fetched_again(db, sim, tmp_pat
     b.close()
 
 
-def test_full_cycle_submitted_completed_data_stored(db, store: Store):
-    """Intent → submitted → PENDING → (time passes at the observatory) COMPLETED → data stored."""
-    with SimObservatory(pending_s=0.3) as sim:
-        (rid,) = submit(db, sim, target="SN 2026xyz")
-        c = client(sim)
-        fid = request(db, rid).facility_id
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:  # a stand-in for the status poll
-            st = c.statuses([fid])[fid]
-            if st.state.common == "completed":
-                break
-            time.sleep(0.05)
-        assert st.state.word == "COMPLETED"
-        with db.sessions.begin() as s:
-            repo.update_observation(s, rid, {"state": "completed", "facility_state": st.state.word})
-            repo.schedule_data_retrieval(s, rid, datetime.now(timezone.utc))
-        r = retriever(db, sim, store, facility=c)
-        (out,) = r.run_once()
-        assert out.state == "done" and out.stored == 3
-        rows = products(db, request_id=rid)
-        assert {x.state for x in rows} == {"stored"} and all(store.exists(x.storage_key) for x in rows)
-        assert all(x.md5 == sim_md5s(sim, [x])[x.product_id] for x in rows)
-        r.close()
+def test_full_cycle_submitted_in_progress_completed_data_stored(db, sim, store: Store):
+    """Intent → submitted → IN_PROGRESS → COMPLETED (the status poll marks the data due) → data stored."""
+    from tomd.status import Poller
+
+    (rid,) = submit(db, sim, target="SN 2026xyz")
+    c = client(sim)
+    poller = Poller(db.sessions, {"sim": c}, cadence=None)
+    r = retriever(db, sim, store, facility=c)
+    gid = int(request(db, rid).facility_id)
+    seen = []
+    for word in ("IN_PROGRESS", "COMPLETED"):
+        sim.set_state(gid, word)
+        poller.poll()
+        seen.append(request(db, rid).state)
+        if word == "IN_PROGRESS":
+            assert request(db, rid).data_due_at is None and r.run_once() == []  # nothing to fetch yet
+    assert seen == ["in_progress", "completed"]
+    assert request(db, rid).data_due_at is not None  # set by the poll, not by the test
+    (out,) = r.run_once()
+    assert out.state == "done" and out.stored == 3, out.message
+    rows = products(db, request_id=rid)
+    assert {x.state for x in rows} == {"stored"} and all(store.exists(x.storage_key) for x in rows)
+    assert all(x.md5 == sim_md5s(sim, [x])[x.product_id] for x in rows)
+    assert all(x.storage_key.startswith(f"{request(db, rid).target_id}-SN_2026xyz/sim/{gid}/") for x in rows)
+    assert request(db, rid).data_due_at is None
+    poller.poll()  # a later poll changes nothing, and nothing is fetched again
+    assert r.run_once() == [] and len(events(db, "data.stored")) == 3
+    r.close()
 
 
 def test_run_loop_fetches_when_due_and_stops(db, sim, tmp_path):
