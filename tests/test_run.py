@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -284,3 +285,193 @@ def test_metrics_and_health_are_served_while_running(db, kafka_broker, make_topi
     finally:
         p.send_signal(signal.SIGTERM)
         p.communicate(timeout=60)
+
+
+# ------------------------------------------------------------- components
+
+
+class Recorder:
+    """A run(stop) component: counts wakes and reloads, records start and stop in a shared log."""
+
+    def __init__(self, name, log, *, fail=False):
+        self.name, self.log, self.fail = name, log, fail
+        self.wakes = self.reloads = 0
+        self.woken = threading.Event()
+
+    def run(self, stop):
+        self.log.append(f"run {self.name}")
+        if self.fail:
+            raise RuntimeError("broken on purpose")
+        while not stop.is_set():
+            self.woken.wait(5.0)
+            self.woken.clear()
+        self.log.append(f"finished {self.name}")  # in-flight work would be committed here
+
+    def wake(self):
+        self.wakes += 1
+        self.woken.set()
+
+
+class Reloadable(Recorder):
+    """Like a hook runner: reload() re-reads its files; the second time one is bad."""
+
+    def reload(self):
+        self.reloads += 1
+        if self.reloads > 1:
+            raise ValueError("hooks/bad.toml:3: unknown key 'comand'")
+
+
+class Scheduled:
+    """A start()/shutdown() component, like an APScheduler scheduler."""
+
+    def __init__(self, log):
+        self.name, self.log, self.running = "jobs", log, False
+
+    def start(self):
+        self.log.append("start jobs")
+        self.running = True
+
+    def shutdown(self):
+        self.log.append("shutdown jobs")
+        self.running = False
+
+
+def _get(url: str) -> tuple[int, dict]:
+    import json
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_components_start_in_order_wake_reload_report_readiness_and_stop_in_reverse(db, shared_data, tmp_path):
+    from dataclasses import replace
+
+    from tomd.config import Config, Stream
+    from tomd.daemon import Daemon
+    from tomd.health import daemon_checks, start_http
+    from tomd.metrics import instrument
+
+    (tmp_path / "rules").mkdir()
+    src = sorted((shared_data / "ztf/ztf-avro-alert").glob("*.avro"))[0]
+    cfg = Config(streams=(Stream(name="archive", kind="file", topics=(str(src),), format="ztf-avro"),))
+    cfg = replace(cfg, rules=replace(cfg.rules, paths=(str(tmp_path / "rules"),)))
+    daemon = Daemon(cfg, engine=db.engine)
+    daemon.metrics = instrument(daemon)
+    log: list[str] = []
+    retriever, hooks = Recorder("retriever", log), Reloadable("hooks", log)
+    jobs = Scheduled(log)
+    daemon.add(retriever)
+    daemon.add(jobs)
+    daemon.add_check("scheduler", lambda: jobs.running or "scheduler not running")
+    daemon.add(hooks, wake_on_ingest=True)
+    with pytest.raises(ValueError, match="already added"):
+        daemon.add(Recorder("hooks", log))
+    with pytest.raises(TypeError, match="needs run"):
+        daemon.add(SimpleNamespace(name="nothing"))
+    http = start_http("127.0.0.1:0", daemon.metrics.registry, checks=daemon_checks(daemon))
+    try:
+        code, doc = _get(http.url + "/readyz")  # before start: no threads, the scheduler is down
+        assert code == 503 and doc["checks"]["scheduler"] == {"ok": False, "error": "scheduler not running"}
+        assert doc["checks"]["components"]["ok"] is False and doc["checks"]["database"] == {"ok": True}
+        daemon.start()
+        deadline = time.monotonic() + 60
+        while count(db, AlertRow) < 1 or hooks.wakes < 1:  # woken after the ingest commit
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert retriever.wakes == 0  # not added with wake_on_ingest
+        _, doc = _get(http.url + "/readyz")
+        assert {"database", "components", "component:jobs", "scheduler"} <= doc["checks"].keys()
+        assert all(c["ok"] for k, c in doc["checks"].items() if k != "streams"), doc  # the file stream ended
+        # SIGHUP's work: a new rule file is read now (no alert needs to arrive), components reload.
+        (tmp_path / "rules" / "new.toml").write_text('name = "new"\nwhen = "alert.mag < 30"\nadd_tags = ["seen"]\n')
+        assert daemon.reload() == [] and hooks.reloads == 1 and len(daemon.rules.ruleset.current()) == 1
+        assert daemon.metrics.registry.get_sample_value("tomd_rules_loaded") == 1
+        problems = daemon.reload()  # the hooks' second reload fails: reported, the daemon keeps running
+        assert problems == ["hooks: hooks/bad.toml:3: unknown key 'comand'"] and not daemon.stop.is_set()
+    finally:
+        daemon.stop.set()
+        assert daemon.wait() == 0
+        http.stop()
+    assert sorted(log[:2]) == ["run retriever", "start jobs"] or log[0] == "start jobs"
+    assert log[-3:] == ["finished hooks", "shutdown jobs", "finished retriever"]  # the reverse of starting
+
+
+def test_a_critical_component_error_stops_the_daemon_with_exit_code_1(db):
+    from tomd.config import Config
+    from tomd.daemon import Daemon
+
+    log: list[str] = []
+    daemon = Daemon(Config(), engine=db.engine)
+    daemon.add(Recorder("ok", log))
+    daemon.add(Recorder("optional", log, fail=True), critical=False)
+    daemon.start()
+    deadline = time.monotonic() + 10
+    while daemon.components[1].error is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert not daemon.stop.is_set()  # a non-critical failure leaves the rest running
+    broken = Daemon(Config(), engine=db.engine)
+    broken.add(Recorder("broken", log, fail=True))
+    broken.start()
+    assert broken.wait() == 1 and isinstance(broken.components[0].error, RuntimeError)
+    daemon.stop.set()
+    assert daemon.wait() == 0 and "finished ok" in log
+
+
+def test_sighup_reads_the_rule_files_now_and_sigterm_still_stops(db, tmp_path):
+    """No alert arrives (so nothing would look at the rule files): SIGHUP alone loads the new rule."""
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    cfg = tmp_path / "tomd.toml"
+    cfg.write_text(f"""
+[database]
+url = "{db.url}"
+
+[metrics]
+listen = "127.0.0.1:0"
+
+[storage]
+url = "file://{tmp_path}/data"
+
+[rules]
+paths = ["{rules}"]
+
+[hooks]
+paths = ["{tmp_path}/hooks"]
+
+[[streams]]
+name = "empty"
+kind = "file"
+topics = ["{tmp_path}/nothing/*.avro"]
+format = "ztf-avro"
+""")
+    p = tomd(cfg, "run")
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(p.stdout), daemon=True)
+    reader.start()
+
+    def wait_for(text: str, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not any(text in line for line in lines):
+            assert p.poll() is None and time.monotonic() < deadline, "".join(lines)
+            time.sleep(0.05)
+
+    try:
+        wait_for("tomd running")
+        (rules / "bright.toml").write_text('name = "bright"\nwhen = "alert.mag < 15"\nadd_tags = ["bright"]\n')
+        p.send_signal(signal.SIGHUP)
+        wait_for("reloaded: 1 rule(s) in force")
+        (rules / "broken.toml").write_text('name = "broken"\nwhen = "alert.mag <"\nadd_tags = ["x"]\n')
+        p.send_signal(signal.SIGHUP)
+        wait_for("1 problem(s)")  # the bad file is named in the log; the daemon keeps running
+        assert p.poll() is None and any("broken.toml:2" in line for line in lines), "".join(lines)
+    finally:
+        p.send_signal(signal.SIGTERM)
+        p.wait(timeout=60)
+        reader.join(timeout=10)
+    assert p.returncode == 0, "".join(lines)

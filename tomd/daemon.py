@@ -6,11 +6,20 @@ Wiring is explicit and lives here only::
                                                         │ sinks, in the same transaction:
                                                         ├─ RuleEngine (decisions, intents)
                                                         └─ WakeAfterCommit ─► Submitter ─► facilities
+                                                                          └─► components with wake_on_ingest
+    components (Daemon.add): status poller / scheduled jobs, data retriever, hook runner, notifier
     storage (skymaps) · metrics and /healthz /readyz (run())
 
-Each stream and the submitter run in their own threads. SIGTERM/SIGINT set
-one stop event: every consumer finishes and commits its batch and leaves its
-group, the submitter finishes its sweep, the facilities are closed.
+Start order: the submitter, the components in the order they were added,
+then the streams (work is only produced once its consumers run). Each
+stream, the submitter and every ``run(stop)`` component has its own thread.
+
+SIGTERM/SIGINT set the stop event: every consumer finishes and commits its
+batch and leaves its group, the submitter finishes its sweep, then each
+component in the reverse order of starting finishes what it is doing (its
+own stop event is set and ``run`` returns, or ``shutdown()`` returns), then
+the facilities are closed. SIGHUP reads the
+rule files now and calls ``reload()`` on every component that has one.
 """
 
 from __future__ import annotations
@@ -20,7 +29,8 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
 
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
@@ -127,6 +137,66 @@ def build_stages(config: Config):
     return rules, storage
 
 
+# ------------------------------------------------------------ components --
+
+
+@runtime_checkable
+class Component(Protocol):
+    """A background part of the daemon, added with ``Daemon.add``.
+
+    Required: ``name`` (for logs, readiness and thread names), and either
+
+    - ``run(stop: threading.Event) -> None``: the daemon runs it in a thread
+      of its own; it returns soon after ``stop`` is set, having finished and
+      committed the item in hand (a poller's poll, a hook run, a download), or
+    - ``start() -> None`` and ``shutdown() -> None``: for parts with their own
+      threads (an APScheduler scheduler); ``shutdown`` waits for running jobs.
+
+    Optional, used when present:
+
+    - ``wake() -> None``: work is waiting (called after every ingest commit
+      when added with ``wake_on_ingest=True``, and once at stop so a sleeper
+      sees the stop event at once);
+    - ``reload() -> None``: re-read files (hooks) on SIGHUP; an error is
+      logged and the component keeps its last good state;
+    - ``ready() -> bool | str``: a readiness check for ``/readyz`` (False or a
+      string, the reason, means not ready).
+    """
+
+    name: str
+
+
+@dataclass
+class ComponentRunner:
+    component: Any
+    ready: Callable[[], Any] | None = None
+    critical: bool = True  # an error in run() stops the daemon (the supervisor restarts it)
+    # Its own stop event, set in the reverse order of starting: a component added after
+    # another (one that may depend on it) has stopped before the other is asked to.
+    stop: threading.Event = field(default_factory=threading.Event)
+    thread: threading.Thread | None = None
+    started: bool = False
+    error: BaseException | None = None
+
+    @property
+    def name(self) -> str:
+        return str(self.component.name)
+
+    @property
+    def threaded(self) -> bool:
+        return callable(getattr(self.component, "run", None))
+
+
+def _check_component(c: Any) -> None:
+    name = getattr(c, "name", None)
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"{c!r}: a component needs a non-empty str name")
+    run_ = callable(getattr(c, "run", None))
+    start_ = callable(getattr(c, "start", None)) and callable(getattr(c, "shutdown", None))
+    if not (run_ or start_):
+        raise TypeError(f"component {name}: needs run(stop) or start() and shutdown()")
+
+
 @dataclass
 class StreamRunner:
     stream: Stream
@@ -156,9 +226,47 @@ class Daemon:
         self.facilities = open_facilities(config)
         self.submitter = Submitter(self.sessions, self.facilities, SubmitSettings())
         # Woken only after the ingest transaction commits (the intents are then visible).
-        self.sinks = [self.rules, WakeAfterCommit(self.submitter.wake)]
+        self._on_commit: list[Callable[[], None]] = [self.submitter.wake]
+        self.sinks = [self.rules, WakeAfterCommit(self._wake_after_commit)]
         self.submitter_thread: threading.Thread | None = None
+        self.components: list[ComponentRunner] = []
+        self.checks: dict[str, Callable[[], Any]] = {}  # extra /readyz checks (add_check)
+        self.reload_requested = threading.Event()
         self.runners = [self._runner(s) for s in config.streams]
+
+    # -- composition ---------------------------------------------------------
+
+    def add(self, component: Any, *, wake_on_ingest: bool = False, ready: Callable[[], Any] | None = None,
+            critical: bool = True) -> Any:
+        """Add a background ``Component``, started with the daemon (in the order added) and stopped
+        with it. ``wake_on_ingest``: call its ``wake()`` after every ingest commit. ``ready``: a
+        readiness check (else its ``ready()`` method, if any). ``critical``: an error escaping
+        ``run()`` stops the daemon (else it is logged and the component stays down, not ready).
+        Returns the component."""
+        if self.submitter_thread is not None:
+            raise RuntimeError("add components before start()")
+        _check_component(component)
+        if any(c.name == component.name for c in self.components):
+            raise ValueError(f"a component named {component.name!r} is already added")
+        if ready is None and callable(getattr(component, "ready", None)):
+            ready = component.ready
+        self.components.append(ComponentRunner(component, ready, critical))
+        if wake_on_ingest:
+            if not callable(getattr(component, "wake", None)):
+                raise TypeError(f"component {component.name}: wake_on_ingest needs a wake() method")
+            self._on_commit.append(component.wake)
+        return component
+
+    def add_check(self, name: str, check: Callable[[], Any]) -> None:
+        """One more ``/readyz`` check (e.g. ``"scheduler": lambda: scheduler.running``)."""
+        self.checks[name] = check
+
+    def _wake_after_commit(self) -> None:
+        for wake in self._on_commit:
+            try:
+                wake()
+            except Exception:  # noqa: BLE001 - a wake must never fail the ingest path
+                log.exception("waking after an ingest commit failed")
 
     def _runner(self, st: Stream) -> StreamRunner:
         ingestor = Ingestor(
@@ -183,12 +291,38 @@ class Daemon:
     def start(self) -> None:
         self.submitter_thread = threading.Thread(target=self._run_submitter, name="submitter", daemon=True)
         self.submitter_thread.start()
+        for c in self.components:
+            if c.threaded:
+                c.thread = threading.Thread(target=self._run_component, args=(c,), name=f"component-{c.name}",
+                                            daemon=True)
+                c.thread.start()
+            else:
+                try:
+                    c.component.start()
+                except Exception as exc:
+                    c.error = exc
+                    log.exception("component %s failed to start", c.name)
+                    if c.critical:
+                        self.stop.set()
+                        break
+                    continue
+            c.started = True
         for r in self.runners:
             r.thread = threading.Thread(target=self._run_stream, args=(r,), name=f"stream-{r.stream.name}",
                                         daemon=True)
             r.thread.start()
-        log.info("tomd running: %d stream(s): %s", len(self.runners),
-                 ", ".join(r.stream.name for r in self.runners) or "none")
+        log.info("tomd running: %d stream(s): %s; components: %s", len(self.runners),
+                 ", ".join(r.stream.name for r in self.runners) or "none",
+                 ", ".join(c.name for c in self.components) or "none")
+
+    def _run_component(self, c: ComponentRunner) -> None:
+        try:
+            c.component.run(c.stop)
+        except BaseException as exc:  # noqa: BLE001 - reported; a critical one stops the daemon
+            c.error = exc
+            log.exception("component %s stopped on an error", c.name)
+            if c.critical:
+                self.stop.set()
 
     def _run_submitter(self) -> None:
         try:
@@ -210,6 +344,9 @@ class Daemon:
         last_total, last_change = -1, time.monotonic()
         while not self.stop.is_set():
             self.stop.wait(poll_s)
+            if self.reload_requested.is_set():  # SIGHUP: done here, not in the signal handler
+                self.reload_requested.clear()
+                self.reload()
             if idle_exit_s is not None:
                 total = sum(r.consumer.stats.consumed for r in self.runners)
                 busy = any(r.consumer.stats.backing_off for r in self.runners)
@@ -218,22 +355,71 @@ class Daemon:
                 elif time.monotonic() - last_change >= idle_exit_s:
                     log.info("no new messages for %.0f s: stopping", idle_exit_s)
                     self.stop.set()
+        self.shutdown()
+        failed = [r.stream.name for r in self.runners if r.error] + [c.name for c in self.components
+                                                                     if c.error and c.critical]
+        return 1 if failed else 0
+
+    def shutdown(self) -> None:
+        """Stop everything (idempotent): streams first (their last batches commit), then the
+        submitter, then the components in the reverse order of starting, then the facilities."""
+        self.stop.set()
         for r in self.runners:
             if r.thread is not None:
                 r.thread.join(timeout=60)
         self.submitter.wake()  # out of its sleep, to see the stop
         if self.submitter_thread is not None:
             self.submitter_thread.join(timeout=60)
+        for c in reversed(self.components):
+            if not c.started:
+                continue
+            c.started = False
+            c.stop.set()
+            try:
+                if c.threaded:
+                    wake = getattr(c.component, "wake", None)
+                    if callable(wake):
+                        wake()
+                    if c.thread is not None:
+                        c.thread.join(timeout=60)
+                        if c.thread.is_alive():
+                            log.error("component %s did not stop within 60 s", c.name)
+                else:
+                    c.component.shutdown()
+            except Exception:  # noqa: BLE001 - the others must still stop
+                log.exception("component %s failed to stop cleanly", c.name)
         self.facilities.close()
-        return 1 if any(r.error for r in self.runners) else 0
+
+    def reload(self) -> list[str]:
+        """SIGHUP: read the rule files now, and ``reload()`` every component that has one.
+        Returns the problems found (each also logged); nothing stops on a bad file."""
+        log.info("reloading rules and components")
+        problems = list(self.rules.ruleset.reload_now())
+        for c in self.components:
+            fn = getattr(c.component, "reload", None)
+            if not callable(fn):
+                continue
+            try:
+                fn()
+            except Exception as exc:  # noqa: BLE001 - a bad file keeps the last good state
+                problems.append(f"{c.name}: {exc}")
+                log.error("component %s: reload failed, keeping its last good state: %s", c.name, exc)
+        log.info("reloaded: %d rule(s) in force%s", len(self.rules.ruleset.current()),
+                 f"; {len(problems)} problem(s)" if problems else "")
+        return problems
 
     def install_signal_handlers(self) -> None:
         def handler(signum, _frame):
             log.info("received %s: finishing the batches in flight, then stopping", signal.Signals(signum).name)
             self.stop.set()
 
+        def hup(_signum, _frame):
+            self.reload_requested.set()  # wait() reloads; a handler must not take locks
+
         signal.signal(signal.SIGTERM, handler)
         signal.signal(signal.SIGINT, handler)
+        if hasattr(signal, "SIGHUP"):
+            signal.signal(signal.SIGHUP, hup)
 
     def summary(self) -> dict[str, dict[str, int]]:
         out = {}
@@ -246,18 +432,43 @@ class Daemon:
         return out
 
 
+def add_components(daemon: Daemon) -> None:
+    """The background components of ``tomd run``, in start order (the integrator's one place).
+
+    ``daemon.metrics`` exists already: hand its observer methods to the parts that report
+    (``observe_hook``, ``observe_notification``, ``observe_product``, ``observe_status_change``,
+    ``observe_database_error``). For example::
+
+        config = daemon.config
+        jobs = Jobs(daemon.sessions, daemon.facilities, config)         # status poller + APScheduler
+        daemon.add(jobs)                                                 # start()/shutdown()
+        daemon.add_check("scheduler", lambda: jobs.running or "scheduler not running")
+        daemon.add(Retriever(daemon.sessions, daemon.facilities, daemon.storage))     # run(stop)
+        daemon.add(HookRunner(daemon.sessions, config.hooks), wake_on_ingest=True)   # reload() on SIGHUP
+        daemon.add(Notifier(daemon.sessions, config.notifications), wake_on_ingest=True)
+    """
+
+
 def run(config: Config, *, idle_exit_s: float | None = None,
-        on_started: Callable[[Daemon], None] | None = None) -> int:
+        on_started: Callable[[Daemon], None] | None = None,
+        components: Callable[[Daemon], None] = add_components) -> int:
     from tomd.health import daemon_checks, start_http
     from tomd.metrics import instrument
 
     daemon = Daemon(config)
     daemon.metrics = instrument(daemon)  # wraps each stream's handler; lag read at scrape time
+    try:
+        components(daemon)
+    except BaseException:
+        daemon.facilities.close()
+        daemon.engine.dispose()
+        raise
     http = None
     if config.metrics.enabled:
         try:
             http = start_http(config.metrics.listen, daemon.metrics.registry, checks=daemon_checks(daemon))
         except OSError as exc:
+            daemon.facilities.close()
             daemon.engine.dispose()
             raise UserError(f"metrics.listen {config.metrics.listen}: cannot listen there: {exc.strerror}") from None
         log.info("metrics and health on http://%s/metrics, /healthz, /readyz", config.metrics.listen)

@@ -37,8 +37,8 @@ log = logging.getLogger(__name__)
 
 Check = Callable[[], Any]
 
-__all__ = ["Check", "HttpHandle", "Readiness", "consumers_check", "database_check", "daemon_checks",
-           "parse_listen", "start_http", "thread_check"]
+__all__ = ["Check", "HttpHandle", "Readiness", "consumers_check", "daemon_checks", "database_check",
+           "parse_listen", "scheduler_check", "start_http", "thread_check"]
 
 
 # ------------------------------------------------------------------ checks
@@ -122,17 +122,49 @@ def thread_check(threads: Callable[[], Mapping[str, threading.Thread | None]]) -
     return check
 
 
+def scheduler_check(scheduler: Any) -> Check:
+    """``scheduler.running`` (an APScheduler scheduler, or anything with that attribute)."""
+    return lambda: bool(getattr(scheduler, "running", False)) or "scheduler not running"
+
+
 def daemon_checks(daemon: Any, *, scheduler: Any = None) -> dict[str, Check]:
-    """The readiness checks of a ``tomd.daemon.Daemon``: database, consumers,
-    stream threads, and ``scheduler.running`` when a scheduler is given."""
-    checks: dict[str, Check] = {"database": database_check(daemon.engine)}
+    """The readiness checks of a ``tomd.daemon.Daemon``: the database answers, every
+    consumer has its assignment, the stream threads live, every component's thread
+    lives and its own check passes, the checks added with ``Daemon.add_check`` (the
+    scheduler's), and ``scheduler.running`` when a scheduler is given here.
+
+    A failed database check also counts in ``tomd_database_errors_total{component="readyz"}``.
+    """
+    db = database_check(daemon.engine)
+    metrics = getattr(daemon, "metrics", None)
+    if metrics is not None:
+        def db_counted() -> bool:
+            try:
+                return db()
+            except Exception:
+                metrics.observe_database_error("readyz")
+                raise
+
+        checks: dict[str, Check] = {"database": db_counted}
+    else:
+        checks = {"database": db}
     kafka = {r.stream.name: r.consumer for r in daemon.runners if hasattr(r.consumer.stats, "assigned")}
     if kafka:
         checks["consumers"] = consumers_check(kafka)
     if daemon.runners:
         checks["streams"] = thread_check(lambda: {r.stream.name: r.thread for r in daemon.runners})
+    components = list(getattr(daemon, "components", ()))
+    threaded = [c for c in components if c.threaded]
+    if threaded:
+        checks["components"] = thread_check(lambda: {c.name: c.thread for c in threaded})
+    for c in components:
+        if c.ready is not None:
+            checks[f"component:{c.name}"] = c.ready
+        elif not c.threaded:  # start()/shutdown(): ready while started without an error
+            checks[f"component:{c.name}"] = (lambda c=c: (c.started and c.error is None) or "not started")
+    checks.update(getattr(daemon, "checks", {}))
     if scheduler is not None:
-        checks["scheduler"] = lambda: bool(getattr(scheduler, "running", False)) or "scheduler not running"
+        checks["scheduler"] = scheduler_check(scheduler)
     return checks
 
 

@@ -10,9 +10,14 @@ Where values come from::
 
     Ingestor.handle ──► ObservedIngestor (per batch: counts, sizes, stage times)
     ConsumerStats   ──► ConsumerCollector (read at scrape time: lag, assignment)
-    later stages    ──► observe_verdict / observe_submission / observe_facility_call /
-                        set_open_requests / observe_product / observe_hook /
-                        observe_notification
+    RuleEngine      ──► observe_verdicts (after the batch commits), observe_rules (each reload)
+    Submitter       ──► observe_submission (submitted with latency, rejected, failed, retry)
+    LCOClient       ──► observe_facility_call (every HTTP call, retries included)
+    database        ──► DatabaseCollector (read at scrape time, cached: open requests, dead letters)
+    later stages    ──► observe_product / observe_hook / observe_notification /
+                        observe_status_change / observe_database_error
+
+``instrument(daemon)`` plugs all of these into a built daemon.
 
 Names follow the Prometheus conventions: ``tomd_`` prefix, base units
 (seconds, bytes), ``_total`` for counters, no unit-less ratios. Labels are
@@ -52,7 +57,7 @@ LATENCY_BUCKETS = (1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800, 3600, 7200, 216
 CALL_SECONDS_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 HOOK_SECONDS_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 
-VERDICT_OUTCOMES = ("fired", "not_fired", "suppressed", "error")
+VERDICT_OUTCOMES = ("fired", "not_fired", "limited", "deduplicated", "error", "test")  # tomd.rules.engine
 HOOK_OUTCOMES = ("ok", "failed", "timeout")
 
 
@@ -124,14 +129,16 @@ class Metrics:
 
         # ----------------------------------------------------------- 3 rules
         self.verdicts = Counter("tomd_rule_verdicts_total",
-                                "Rule verdicts recorded, by rule and outcome (fired, not_fired, suppressed, error)",
+                                "Rule verdicts committed, by rule and outcome "
+                                "(fired, not_fired, limited, deduplicated, error, test)",
                                 ["rule", "outcome"], registry=r)
         self.rule_seconds = Histogram("tomd_rule_evaluation_seconds", "Seconds to evaluate all rules on one alert",
                                       buckets=(1e-5, 5e-5, 1e-4, 5e-4, 0.001, 0.005, 0.01, 0.05, 0.1),
                                       registry=r)
         self.rules_loaded = Gauge("tomd_rules_loaded", "Rules currently active", registry=r)
         self.rule_reload_failures = Counter("tomd_rule_reload_failures_total",
-                                            "Rule reloads refused (the last good rules keep running)", registry=r)
+                                            "Rule file reloads with problems (the last good rules keep running)",
+                                            registry=r)
 
         # ---------------------------------------------------------- 4 submit
         self.submissions = Counter("tomd_submissions_total", "Observation requests accepted by a facility",
@@ -141,8 +148,12 @@ class Metrics:
         self.submission_retries = Counter("tomd_submission_retries_total",
                                           "Submission attempts retried after a transient or ambiguous failure",
                                           ["facility"], registry=r)
+        self.submission_failures = Counter("tomd_submission_failures_total",
+                                           "Intents given up by tomd (bad template, window over, attempts spent)",
+                                           ["facility"], registry=r)
         self.alert_to_submission = Histogram("tomd_alert_to_submission_seconds",
-                                             "Seconds from an alert's arrival to its request being accepted",
+                                             "Seconds from an alert's rule decision (made as the alert is "
+                                             "ingested) to the facility accepting its request",
                                              ["facility"], buckets=LATENCY_BUCKETS, registry=r)
         self.facility_calls = Counter("tomd_facility_requests_total",
                                       "HTTP calls to facility APIs, by operation and status code "
@@ -152,9 +163,7 @@ class Metrics:
                                           ["facility", "operation"], buckets=CALL_SECONDS_BUCKETS, registry=r)
 
         # ---------------------------------------------------------- 5 status
-        self.open_requests = Gauge("tomd_observation_requests_open",
-                                   "Observation requests not yet in a final state, by state",
-                                   ["state"], registry=r)
+        # tomd_observation_requests_open{state} and tomd_dead_letters_unresolved: DatabaseCollector
         self.status_changes = Counter("tomd_observation_status_changes_total",
                                       "Observation request state changes recorded", ["facility", "state"],
                                       registry=r)
@@ -182,6 +191,8 @@ class Metrics:
 
         self.consumers = ConsumerCollector()
         r.register(self.consumers)
+        self.database = DatabaseCollector(self)
+        r.register(self.database)
 
     # ------------------------------------------------------------ ingest
 
@@ -239,21 +250,42 @@ class Metrics:
     # ----------------------------------------------------- later stages
 
     def observe_verdict(self, rule: str, outcome: str | bool, seconds: float | None = None) -> None:
-        """One recorded rule verdict: outcome fired / not_fired / suppressed / error (or a bool)."""
+        """One recorded rule verdict: outcome as in ``VERDICT_OUTCOMES`` (or a bool: fired / not_fired)."""
         if isinstance(outcome, bool):
             outcome = "fired" if outcome else "not_fired"
         self.verdicts.labels(rule, outcome).inc()
         if seconds is not None:
             self.rule_seconds.observe(seconds)
 
-    def observe_submission(self, facility: str, outcome: str, *, alert_age_s: float | None = None) -> None:
-        """A submission attempt ended: ``submitted`` (with the alert's age), ``rejected`` or ``retry``."""
+    def observe_verdicts(self, verdicts: Sequence[Any], seconds: Sequence[float] = ()) -> None:
+        """A committed batch's verdicts (``.rule``, ``.outcome``) and the seconds spent on each alert
+        (the ``RuleEngine.observer``)."""
+        counts: dict[tuple[str, str], int] = {}
+        for v in verdicts:
+            key = (v.rule, v.outcome)
+            counts[key] = counts.get(key, 0) + 1
+        for (rule, outcome), n in counts.items():
+            self.verdicts.labels(rule, outcome).inc(n)
+        for s in seconds:
+            self.rule_seconds.observe(s)
+
+    def observe_rules(self, loaded: int, problems: Sequence[str] = ()) -> None:
+        """The rule files were looked at (the ``RuleSet.observer``): rules in force, new problems."""
+        self.rules_loaded.set(loaded)
+        if problems:
+            self.rule_reload_failures.inc()
+
+    def observe_submission(self, facility: str, outcome: str, alert_age_s: float | None = None) -> None:
+        """A submission attempt's recorded outcome (the ``Submitter.observer``): ``submitted`` (with
+        the seconds since the alert's decision), ``rejected``, ``failed`` or ``retry``."""
         if outcome == "submitted":
             self.submissions.labels(facility).inc()
             if alert_age_s is not None:
                 self.alert_to_submission.labels(facility).observe(max(0.0, alert_age_s))
         elif outcome == "rejected":
             self.rejections.labels(facility).inc()
+        elif outcome == "failed":
+            self.submission_failures.labels(facility).inc()
         elif outcome == "retry":
             self.submission_retries.labels(facility).inc()
         else:
@@ -265,12 +297,12 @@ class Metrics:
         self.facility_seconds.labels(facility, operation).observe(seconds)
 
     def set_open_requests(self, by_state: Mapping[str, int]) -> None:
-        """Replace the open-request counts (states missing from ``by_state`` drop to 0)."""
-        for labels in _label_values(self.open_requests):
-            if labels[0] not in by_state:
-                self.open_requests.labels(*labels).set(0)
-        for state, n in by_state.items():
-            self.open_requests.labels(state).set(n)
+        """Replace the open-request counts by hand (when no database is watched)."""
+        self.database.fixed = dict(by_state)
+
+    def watch_database(self, sessions: Callable[[], Any], *, cache_s: float = 5.0) -> None:
+        """Count open requests and unresolved dead letters at scrape time (at most every ``cache_s``)."""
+        self.database.sessions, self.database.cache_s = sessions, cache_s
 
     def observe_status_change(self, facility: str, state: str) -> None:
         self.status_changes.labels(facility, state).inc()
@@ -427,12 +459,77 @@ class ConsumerCollector(Collector):
         return [*out, lag, committed, assigned, backing_off]
 
 
+class DatabaseCollector(Collector):
+    """Reads what only the database knows at scrape time: open requests by state, unresolved
+    dead letters. The same for every replica (graph them with ``max``, not ``sum``).
+
+    One indexed GROUP BY and one count, cached ``cache_s`` so several scrapers cost one query,
+    bounded by a statement timeout on PostgreSQL. A failed read is counted in
+    ``tomd_database_errors_total{component="metrics"}`` and leaves the series out (never stale).
+    """
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+        self.sessions: Callable[[], Any] | None = None
+        self.cache_s = 5.0
+        self.fixed: dict[str, int] | None = None
+        self._cached: tuple[float, dict[str, int], int] | None = None
+        self._lock = threading.Lock()
+
+    def describe(self) -> Iterable[Any]:
+        return self._families({}, None)
+
+    def _read(self) -> tuple[dict[str, int], int | None]:
+        if self.sessions is None:
+            return dict(self.fixed or {}), None
+        with self._lock:  # concurrent scrapes wait for one query
+            now = time.monotonic()
+            if self._cached is not None and now - self._cached[0] < self.cache_s:
+                return self._cached[1], self._cached[2]
+            from sqlalchemy import text
+
+            from tomd.db import repository as repo
+
+            with self.sessions() as s:
+                if s.get_bind().dialect.name == "postgresql":
+                    s.execute(text("SET LOCAL statement_timeout = 2000"))
+                by_state = repo.open_requests_by_state(s)
+                dead = repo.unresolved_dead_letter_count(s)
+            self._cached = (now, by_state, dead)
+            return by_state, dead
+
+    def collect(self) -> Iterable[Any]:
+        try:
+            by_state, dead = self._read()
+        except Exception:  # noqa: BLE001 - a scrape must never fail on the database
+            self.metrics.observe_database_error("metrics")
+            return self._families(None, None)
+        return self._families(by_state, dead)
+
+    def _families(self, by_state: Mapping[str, int] | None, dead: int | None) -> list[Any]:
+        from tomd.db.repository import OPEN_REQUEST_STATES
+
+        open_ = GaugeMetricFamily("tomd_observation_requests_open",
+                                  "Observation requests not yet in a final state, by state (from the database)",
+                                  labels=["state"])
+        if by_state is not None:
+            for state in sorted(set(OPEN_REQUEST_STATES) | set(by_state)):  # 0, not absent, for empty states
+                open_.add_metric([state], by_state.get(state, 0))
+        unresolved = GaugeMetricFamily("tomd_dead_letters_unresolved",
+                                       "Dead letters not yet retried or resolved (from the database)")
+        if dead is not None:
+            unresolved.add_metric([], dead)
+        return [open_, unresolved]
+
+
 def instrument(daemon: Any, metrics: Metrics | None = None) -> Metrics:
     """Attach metrics to a built, not yet started ``tomd.daemon.Daemon``.
 
     Each stream's consumer gets an ``ObservedIngestor`` around its ingestor
-    as handler, and its stats are exported at scrape time. Returns the
-    ``Metrics`` (a new one unless given).
+    as handler, and its stats are exported at scrape time; the rule engine,
+    the submitter and every facility client that has an ``observer`` slot
+    report to it; the database is read at scrape time. Parts the daemon
+    lacks are skipped. Returns the ``Metrics`` (a new one unless given).
     """
     metrics = metrics or Metrics()
     for runner in daemon.runners:
@@ -440,6 +537,23 @@ def instrument(daemon: Any, metrics: Metrics | None = None) -> Metrics:
         runner.consumer.handler = metrics.observe_ingestor(name, runner.ingestor)
         if hasattr(runner.consumer.stats, "lag"):  # file streams have no group, lag or offsets
             metrics.watch_consumer(name, runner.consumer)
+    rules = getattr(daemon, "rules", None)
+    if rules is not None and hasattr(rules, "observer"):
+        rules.observer = metrics.observe_verdicts
+        ruleset = getattr(rules, "ruleset", None)
+        if ruleset is not None and hasattr(ruleset, "observer"):
+            ruleset.observer = metrics.observe_rules
+            metrics.rules_loaded.set(len(ruleset.current()))
+    submitter = getattr(daemon, "submitter", None)
+    if submitter is not None and hasattr(submitter, "observer"):
+        submitter.observer = metrics.observe_submission
+    facilities = getattr(daemon, "facilities", None)
+    for client in (getattr(facilities, "clients", None) or {}).values():
+        if hasattr(client, "observer"):
+            client.observer = metrics.observe_facility_call
+    sessions = getattr(daemon, "sessions", None)
+    if sessions is not None:
+        metrics.watch_database(sessions)
     return metrics
 
 
@@ -454,11 +568,6 @@ def sample_names(registry: CollectorRegistry) -> set[str]:
         names.update(fam.name + s for s in suffixes.get(fam.type, ("",)))
         names.update(s.name for s in fam.samples)
     return names
-
-
-def _label_values(metric: Any) -> list[tuple[str, ...]]:
-    with metric._lock:  # prometheus-client has no public accessor for the children
-        return list(metric._metrics)
 
 
 def _is_database_error(exc: BaseException) -> bool:

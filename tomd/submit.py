@@ -103,6 +103,7 @@ class _Work:
     window_start: datetime | None
     window_end: datetime | None
     request: dict[str, Any] = field(default_factory=dict)
+    created_at: datetime | None = None  # a rule's intent: when its alert's decision was made
 
 
 class Submitter:
@@ -121,6 +122,9 @@ class Submitter:
         self.clock = clock
         self.rng = rng or random.Random()
         self.wake_event = threading.Event()
+        # Told of each recorded outcome: observer(facility, "submitted" | "rejected" | "failed" | "retry",
+        # seconds from a rule's decision to acceptance, or None). Metrics plug in here.
+        self.observer: Callable[[str, str, float | None], None] | None = None
 
     # -- driving -----------------------------------------------------------------
 
@@ -180,7 +184,8 @@ class Submitter:
                 s, self.worker, now=now, lease_until=now + timedelta(seconds=self.settings.lease_s),
                 limit=self.settings.batch, ids=ids)
             return [_Work(r.id, r.name, r.facility, r.template, r.state, r.attempts or 0, r.target_id,
-                          r.decision_id, r.mode, r.priority, r.window_start, r.window_end, dict(r.request or {}))
+                          r.decision_id, r.mode, r.priority, r.window_start, r.window_end, dict(r.request or {}),
+                          r.created_at if r.decision_id is not None else None)
                     for r in rows]
 
     def _process(self, w: _Work) -> Outcome:
@@ -306,6 +311,9 @@ class Submitter:
                                                    word, recovered), target_id=w.target_id)
         log.info("observation %s submitted to %s as %s%s", w.name, w.facility, facility_id,
                  " (recovered)" if recovered else "")
+        if self.observer is not None:
+            age = (self.clock() - w.created_at).total_seconds() if w.created_at is not None else None
+            self.observer(w.facility, "submitted", age)
         return Outcome(w.id, w.name, state, facility_id, msg)
 
     def _reject(self, w: _Work, exc: TomdError) -> Outcome:
@@ -320,6 +328,8 @@ class Submitter:
             repo.add_event(s, ObservationRejected(w.id, w.name, w.facility, reason, w.target_id, w.decision_id),
                            target_id=w.target_id)
         log.warning("observation %s rejected: %s", w.name, reason)
+        if self.observer is not None:
+            self.observer(w.facility, "rejected", None)
         return Outcome(w.id, w.name, "rejected", message=reason)
 
     def _fail(self, w: _Work, reason: str) -> Outcome:
@@ -332,6 +342,8 @@ class Submitter:
             repo.add_event(s, ObservationFailed(w.id, w.name, w.facility, reason, w.attempts, w.target_id,
                                                 w.decision_id), target_id=w.target_id)
         log.warning("observation %s failed: %s", w.name, reason)
+        if self.observer is not None:
+            self.observer(w.facility, "failed", None)
         return Outcome(w.id, w.name, "failed", message=reason)
 
     def _retry(self, w: _Work, reason: str, *, keep_state: bool, delay: float | None = None,
@@ -346,6 +358,8 @@ class Submitter:
             if not repo.update_observation(s, w.id, values, worker=self.worker):
                 return Outcome(w.id, w.name, "lost", message="claim lost")
         log.info("observation %s: %s; next try in %.1fs", w.name, reason, wait)
+        if self.observer is not None:
+            self.observer(w.facility, "retry", None)
         return Outcome(w.id, w.name, state, message=reason)
 
 

@@ -65,6 +65,8 @@ class RuleSet:
         self._checked = -math.inf
         self.problems: list[str] = []
         self._lock = threading.Lock()  # one stream thread reloads at a time
+        # Told after each look at the files: observer(rules in force, problems of the files that changed).
+        self.observer: Callable[[int, list[str]], None] | None = None
         self.reload()
 
     @classmethod
@@ -136,7 +138,14 @@ class RuleSet:
                 rules.append(r)
             self._rules = rules
         self.problems = problems
+        if self.observer is not None:
+            self.observer(len(self._rules), problems)
         return problems
+
+    def reload_now(self) -> list[str]:
+        """Look at the files now, whatever the interval (SIGHUP); waits for a reload in progress."""
+        with self._lock:
+            return self.reload()
 
 
 # --------------------------------------------------------------- verdict --
@@ -199,6 +208,9 @@ class RuleEngine:
         self.counts: dict[str, int] = {}  # verdicts by outcome since start (metrics)
         self.last_verdicts: list[Verdict] = []
         self._lock = threading.Lock()
+        # Told once the batch's transaction commits (a rolled-back batch is told nothing):
+        # observer(verdicts, seconds spent on each alert). Metrics plug in here.
+        self.observer: Callable[[Sequence[Verdict], Sequence[float]], None] | None = None
 
     @classmethod
     def from_config(cls, config, *, features: Mapping[str, FeatureFn] | None = None,
@@ -233,7 +245,10 @@ class RuleEngine:
         lists = repo.lists_of(s, tids)
         phot = repo.photometry_for_rules(s, tids)
         buffered: list[dict[str, Any]] = []
+        observer = self.observer
+        seconds: list[float] = []
         for st in stored:
+            t0 = time.perf_counter()
             now = _utc(self.clock(st))
             ctx = self.context(st, rows.get(st.target_id), names.get(st.target_id, ()),
                                tags.get(st.target_id, ()), lists.get(st.target_id, ()),
@@ -242,7 +257,12 @@ class RuleEngine:
                 if not rule.listens_to(st.alert.source, st.alert.kind):
                     continue
                 verdicts.append(self.decide(s, rule, st, ctx, now, killed, buffered))
+            seconds.append(time.perf_counter() - t0)
         repo.insert_decisions(s, buffered)
+        if observer is not None:
+            from sqlalchemy import event
+
+            event.listen(s, "after_commit", lambda _s: observer(verdicts, seconds), once=True)
         with self._lock:  # several stream threads may share one engine
             for v in verdicts:
                 self.counts[v.outcome] = self.counts.get(v.outcome, 0) + 1
