@@ -50,8 +50,10 @@ How tomd maps it:
 Residual window, said plainly: a job that the server had queued but not yet
 processed when the look-up runs is invisible to ``Swift_TOO_Requests``. The
 submitter looks only after ``settle_s`` and after ``job_wait`` of polling, and
-the JWT of a document is deterministic (same request → same token, which the
-TOO API answers with the same job, as swifttools' own polling relies on).
+the JWT of a document is deterministic (same request → same token; swifttools
+polls a queued request by posting the same token again, which implies the TOO
+API answers a repeated token with the same job; exactly-once here does not
+depend on that).
 """
 
 from __future__ import annotations
