@@ -300,3 +300,77 @@ def test_jobs_survive_exceptions_and_run_now(db, sim):
     finally:
         jobs.shutdown(wait=True)
     assert not jobs.running
+
+
+# -------------------------------------------------------------- the commands --
+
+
+@pytest.fixture
+def cli(db, sim, tmp_path, capsys):
+    import argparse
+
+    from tomd.cli import App
+    from tomd.facilities.cli import register
+
+    cfg = tmp_path / "tomd.toml"
+    cfg.write_text(f'''
+[database]
+url = "{db.url}"
+
+[facilities.lab]
+kind = "sim"
+url = "{sim.url}"
+token = "sim-token"
+proposal = "SIM2026A-001"
+timeout = "1s"
+
+[facilities.lab.templates.1m-gri]
+instrument_type = "1M0-SCICAM-SINISTRO"
+filters = ["gp", "rp", "ip"]
+exposure_time = 300
+''')
+    with db.sessions.begin() as s:
+        upsert(s, TargetSpec(name="SN 2026cli", ra=150.0, dec=-20.0), origin="test")
+
+    def run(*argv):
+        p = argparse.ArgumentParser()
+        p.add_argument("--config")
+        register(p.add_subparsers(dest="command", required=True))
+        args = p.parse_args(["--config", str(cfg), *argv])
+        capsys.readouterr()
+        code = args.func(App(args.config), args)
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    return run
+
+
+def test_obs_update_prints_changes_and_submit_takes_a_cadence(db, sim, cli):
+    import json
+
+    code, out, err = cli("obs", "submit", "SN 2026cli", "--facility", "lab", "--template", "1m-gri",
+                         "--cadence", "every 1d x2")
+    assert code == 0, err
+    assert "cadence every 1d x2 (repeat 1)" in out
+    code, out, _ = cli("obs", "update")
+    assert code == 0 and "lab: 0 change(s) among 1 followed request(s)" in out
+    (group,) = sim.groups()
+    sim.set_state(group["id"], "COMPLETED")
+    code, out, _ = cli("obs", "update", "--facility", "lab")
+    assert code == 0
+    assert "pending → completed (lab says COMPLETED); cadence: next request #2" in out
+    code, out, _ = cli("obs", "show", "2", "--json")
+    shown = json.loads(out)
+    assert shown["state"] == "intent" and shown["series"] == 1 and shown["cadence"] == "every 1d x2 (repeat 2)"
+    code, out, _ = cli("obs", "update", "--json", "--full")
+    assert json.loads(out)[0]["changes"] == []
+
+
+def test_bad_cadence_is_refused_before_anything_is_recorded(db, cli):
+    from tomd.errors import InputError
+
+    with pytest.raises(InputError) as e:
+        cli("obs", "submit", "SN 2026cli", "--facility", "lab", "--template", "1m-gri", "--cadence", "every 1d")
+    assert "--cadence" in str(e.value) and "needs an end" in str(e.value)
+    with db.sessions() as s:
+        assert s.scalar(select(func.count()).select_from(ObservationRequest)) == 0

@@ -1,4 +1,4 @@
-"""``tomd obs …``, ``tomd facility check`` and ``tomd sim``.
+"""``tomd obs …`` (submit, list, show, update, cancel), ``tomd facility check`` and ``tomd sim``.
 
 ``register(subparsers)`` adds the three command groups to tomd's parser;
 each command is ``cmd_*(app, args) -> exit status`` like those in
@@ -47,7 +47,22 @@ def _row_dict(r: Any, target_name: str | None = None) -> dict[str, Any]:
         "facility_state": r.facility_state, "facility_id": r.facility_id, "attempts": r.attempts,
         "decision_id": r.decision_id, "window_start": iso(r.window_start), "window_end": iso(r.window_end),
         "created_at": iso(r.created_at), "submitted_at": iso(r.submitted_at), "last_error": r.last_error,
+        "cadence": _cadence_text(r.cadence), "series": r.parent_id,
     }
+
+
+def _cadence_text(value: Any) -> str | None:
+    """A stored cadence in its own words, with the request's place in the series."""
+    if not value or "spec" not in value:
+        return None
+    from tomd.cadence import Cadence
+
+    try:
+        text = Cadence.from_json(value["spec"]).describe()
+    except (TypeError, ValueError):
+        return str(value)
+    seq, attempt = value.get("seq", 0), value.get("attempt", 0)
+    return f"{text} (repeat {seq + 1}" + (f", retry {attempt}" if attempt else "") + ")"
 
 
 def _find_row(s, key: str):
@@ -87,6 +102,9 @@ def cmd_obs_submit(app, args) -> int:
         end = _parse_time(args.window[1], "--window END", after=start)
         if end <= start:
             raise InputError("the window must end after it starts", field="--window")
+    from tomd.cadence import cadence_option
+
+    cadence = cadence_option(args.cadence)  # checked before anything is recorded
     mode = args.mode.upper() if args.mode else None
     if mode and mode not in ("NORMAL", "RAPID_RESPONSE", "TIME_CRITICAL"):
         raise InputError(f"expected NORMAL, RAPID_RESPONSE or TIME_CRITICAL, got {args.mode!r}", field="--mode")
@@ -102,6 +120,10 @@ def cmd_obs_submit(app, args) -> int:
             raise NotFoundError(f"no target named {args.target!r}")
         rid = create_intent(s, target_id=target.id, facility=args.facility, template=args.template, mode=mode,
                             priority=args.priority, window_start=start, window_end=end)
+        if cadence is not None:
+            from tomd.db import repository as repo
+
+            repo.update_observation(s, rid, {"cadence": cadence})
     settings = SubmitSettings(settle_s=min(5.0, cfg.timeout), backoff_base_s=1.0, backoff_cap_s=10.0)
     with open_facilities(app.config, only=args.facility) as facs:
         Submitter(app.sessions, facs, settings, worker_id="cli").run_until_settled(timeout_s=args.wait, ids=[rid])
@@ -114,8 +136,47 @@ def cmd_obs_submit(app, args) -> int:
     if row.state in ("rejected", "failed"):
         print(f"#{row.id} {row.name}: {row.state}: {row.last_error}", file=sys.stderr)
         return 1
-    print(f"#{row.id} {row.name}: submitted to {row.facility} as {row.facility_id} ({row.facility_state})")
+    print(f"#{row.id} {row.name}: submitted to {row.facility} as {row.facility_id} ({row.facility_state})"
+          + (f"; cadence {_cadence_text(row.cadence)}" if row.cadence else ""))
     return 0
+
+
+def cmd_obs_update(app, args) -> int:
+    """Poll now: every facility (or one), print each change recorded."""
+    from tomd.facilities import open_facilities
+    from tomd.status import Poller
+
+    if args.facility:
+        _facility_config(app, args.facility)
+    with open_facilities(app.config, only=args.facility) as facs:
+        if args.facility and args.facility not in facs.clients:
+            raise InputError(f"facility {args.facility} (kind {app.config.facilities[args.facility].kind}) "
+                             "has no client yet", field="--facility")
+        results = Poller(app.sessions, facs).poll(full=args.full)
+    out = [{"facility": r.facility, "followed": r.followed, "reported": r.reported, "skipped": r.skipped,
+            "error": r.error, "seconds": round(r.seconds, 3),
+            "changes": [{"id": c.request_id, "name": c.name, "facility_id": c.facility_id, "old": c.old_state,
+                         "new": c.new_state, "facility_state": c.facility_state, "reopened": c.reopened,
+                         "next_intent": c.next_intent} for c in r.changes]} for r in results]
+    if args.json:
+        print(json.dumps(out, indent=2))
+    else:
+        for r in out:
+            for c in r["changes"]:
+                extra = " (reopened)" if c["reopened"] else ""
+                if c["next_intent"]:
+                    extra += f"; cadence: next request #{c['next_intent']}"
+                print(f"#{c['id']} {c['name']}: {c['old']} → {c['new']} ({r['facility']} says "
+                      f"{c['facility_state']}){extra}")
+            if r["skipped"]:
+                print(f"{r['facility']}: skipped: {r['skipped']}", file=sys.stderr)
+            elif r["error"]:
+                print(f"{r['facility']}: {r['error']}", file=sys.stderr)
+            else:
+                print(f"{r['facility']}: {len(r['changes'])} change(s) among {r['followed']} followed request(s)")
+        if not out:
+            print("no facility to poll", file=sys.stderr)
+    return 1 if any(r["error"] for r in out) else 0
 
 
 def cmd_obs_list(app, args) -> int:
@@ -156,7 +217,7 @@ def cmd_obs_show(app, args) -> int:
         return 0
     print(f"#{d['id']} {d['name']} — {d['state']}" + (f" ({d['facility_state']})" if d["facility_state"] else ""))
     for k in ("target", "facility", "template", "mode", "priority", "facility_id", "attempts", "decision_id",
-              "window_start", "window_end", "created_at", "submitted_at", "last_error"):
+              "window_start", "window_end", "created_at", "submitted_at", "cadence", "series", "last_error"):
         if d[k] not in (None, ""):
             print(f"  {k:13s} {d[k]}")
     if d["history"]:
@@ -268,6 +329,9 @@ def register(subparsers) -> None:
     q.add_argument("--priority", type=float, help="LCO: the IPP value (default: the template's)")
     q.add_argument("--window", nargs=2, metavar=("START", "END"),
                    help='ISO-8601 UTC times; START may be "now", END a duration like 24h')
+    q.add_argument("--cadence", metavar="WORDS",
+                   help='a series: "every 1d x5", "every 12h for 10d", "every 1d until \'target.last_mag > 20\'", '
+                        '"retry 3 shift 12h", "every 1d x5 retry 2 shift 6h resume"')
     q.add_argument("--wait", type=float, default=60.0, help=argparse.SUPPRESS)
     q = leaf(obs, "list", cmd_obs_list, "list observation requests, newest first")
     q.add_argument("--json", action="store_true")
@@ -276,6 +340,11 @@ def register(subparsers) -> None:
     q.add_argument("--limit", type=int)
     q = leaf(obs, "show", cmd_obs_show, "show one observation request and its history")
     q.add_argument("id", help="id or name")
+    q.add_argument("--json", action="store_true")
+    q = leaf(obs, "update", cmd_obs_update, "poll the facilities now and print every state change recorded")
+    q.add_argument("--facility", help="only this one")
+    q.add_argument("--full", action="store_true",
+                   help="ask about every followed request, not only those changed since the last poll")
     q.add_argument("--json", action="store_true")
     q = leaf(obs, "cancel", cmd_obs_cancel, "cancel an observation request (at the facility when submitted)")
     q.add_argument("id", help="id or name")
