@@ -350,3 +350,104 @@ def test_facility_calls_are_counted_by_operation_and_code():
     assert api_operation("GET", "https://observe.lco.global/api/requestgroups/12/") == "get"
     assert api_operation("GET", "https://archive-api.lco.global/frames/?request_id=3") == "frames"
     assert api_operation("GET", "https://x/some/odd/path/") == "other"
+
+
+# ------------------------------------------------- the pipeline, end to end
+
+
+def test_a_daemon_feeds_verdict_submission_facility_and_open_request_metrics(db, shared_data, tmp_path):
+    """Real ZTF packets through a real daemon (file stream, rules, submitter, the simulated
+    observatory in-process): the metrics agree with what the database holds."""
+    from sqlalchemy import func, select
+
+    from tomd.config import load_config
+    from tomd.daemon import Daemon
+    from tomd.db.models import Decision, ObservationRequest
+
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    (rules / "all.toml").write_text("""
+name = "all"
+sources = ["ztf"]
+when = "alert.mag < 30"
+
+[observe]
+facility = "sim"
+template = "1m-gri"
+window = "24h"
+""")
+    (rules / "none.toml").write_text('name = "none"\nsources = ["ztf"]\nwhen = "alert.mag < 0"\nadd_tags = ["x"]\n')
+    cfg = tmp_path / "tomd.toml"
+    cfg.write_text(f"""
+[database]
+url = "{db.url}"
+
+[metrics]
+listen = "127.0.0.1:0"
+
+[storage]
+url = "file://{tmp_path}/data"
+
+[rules]
+paths = ["{rules}"]
+
+[hooks]
+paths = ["{tmp_path}/hooks"]
+
+[facilities.sim]
+kind = "sim"
+
+[[streams]]
+name = "archive"
+kind = "file"
+topics = ["{shared_data / 'ztf/ztf-avro-alert'}/*.avro"]
+format = "ztf-avro"
+""")
+    config = load_config(cfg)
+    daemon = Daemon(config, engine=db.engine)
+    m = instrument(daemon, Metrics(process=False))
+    assert value(m, "tomd_rules_loaded") == 2
+    daemon.start()
+    try:
+        deadline = time.monotonic() + 120
+        while True:  # every intent submitted (or refused) by the submitter
+            with db.sessions() as s:
+                states = dict(s.execute(select(ObservationRequest.state, func.count())
+                                        .group_by(ObservationRequest.state)).all())
+            if states and not {"intent", "submitting"} & states.keys():
+                break
+            assert time.monotonic() < deadline, states
+            time.sleep(0.1)
+    finally:
+        daemon.stop.set()
+        assert daemon.wait() == 0
+    with db.sessions() as s:
+        verdicts = dict(((r, o), n) for r, o, n in s.execute(
+            select(Decision.rule, Decision.outcome, func.count()).group_by(Decision.rule, Decision.outcome)))
+    assert verdicts and all(value(m, "tomd_rule_verdicts_total", rule=r, outcome=o) == n
+                            for (r, o), n in verdicts.items()), verdicts
+    assert value(m, "tomd_rule_evaluation_seconds_count") == daemon.summary()["archive"]["alerts"]
+    accepted = sum(n for st, n in states.items() if st not in ("rejected", "failed"))
+    assert accepted >= 1 and value(m, "tomd_submissions_total", facility="sim") == accepted
+    assert value(m, "tomd_submission_rejections_total", facility="sim") == states.get("rejected", 0)
+    assert value(m, "tomd_alert_to_submission_seconds_count", facility="sim") == accepted
+    assert value(m, "tomd_facility_requests_total", facility="sim", operation="submit", code="201") == accepted
+    assert value(m, "tomd_facility_request_seconds_count", facility="sim", operation="validate") >= accepted
+    # Read from the database at scrape time: every accepted request is still open (PENDING at the sim).
+    assert sum(value(m, "tomd_observation_requests_open", state=st) for st in
+               ("intent", "submitting", "pending", "scheduled", "in_progress")) == accepted
+    assert value(m, "tomd_observation_requests_open", state="intent") == 0  # 0, not absent
+    assert m.registry.get_sample_value("tomd_observation_requests_open", {"state": "intent"}) == 0
+    assert value(m, "tomd_dead_letters_unresolved") == 0
+
+
+def test_a_database_that_fails_at_scrape_time_is_counted_and_leaves_the_series_out():
+    from tomd.db import migrate
+
+    m = Metrics(process=False)
+    engine = migrate.connect(f"postgresql+psycopg://postgres@127.0.0.1:{closed_port()}/nothing?connect_timeout=2")
+    m.watch_database(migrate.sessions(engine))
+    body = m.exposition().decode()  # the scrape itself still succeeds
+    assert "tomd_observation_requests_open{" not in body
+    assert value(m, "tomd_database_errors_total", component="metrics") == 1
+    engine.dispose()
