@@ -454,6 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_rules(sub)
     register_facilities(sub)
     register_data(sub)
+    from tomd.notify_cli import register as register_notify; register_notify(sub)  # noqa: E702
     from tomd.hooks.cli import register as register_hooks; register_hooks(sub)  # noqa: E702
 
     q = leaf(sub, "demo", cmd_demo, "run the whole pipeline on embedded defaults and summarise")

@@ -707,7 +707,7 @@ def update_data_product(s: Session, product_row_id: int, values: dict[str, Any])
 # The durable notification queue (tomd.notify): enqueue is idempotent per
 # (channel, dedupe_key); senders claim rows like the submitter claims intents.
 
-from datetime import timedelta  # noqa: E402
+from sqlalchemy import case  # noqa: E402
 
 from tomd.db.models import Notification  # noqa: E402
 
@@ -720,6 +720,133 @@ def enqueue_notification(s: Session, row: dict[str, Any]) -> bool:
     values = {"state": "pending", "attempts": 0, "created_at": now, "next_attempt_at": None, **row}
     res = s.execute(_insert_ignore(s, _NOTIFS).returning(_NOTIFS.c.id), [values])
     return res.scalar_one_or_none() is not None
+
+def lock_notification_channel(s: Session, channel: str) -> None:
+    """Serialise claims on one channel across daemons (PostgreSQL), so that its rate
+    limit and digest interval, counted from this table, hold however many notifiers run.
+    SQLite serialises writers already (BEGIN IMMEDIATE)."""
+    if s.get_bind().dialect.name == "postgresql":
+        import zlib
+
+        s.execute(text("SELECT pg_advisory_xact_lock(7412, CAST(:k AS integer))"),
+                  {"k": zlib.crc32(channel.encode()) % 2**31})
+
+
+def notification_channel_stats(s: Session, channel: str, *, since: datetime, now: datetime) -> dict[str, Any]:
+    """What a channel has sent and is sending: rows and distinct send times (a digest's rows
+    share one) sent since ``since``, rows claimed with a live lease, and the last send time."""
+    n = _NOTIFS.c
+    sent_recently = and_(n.state == "sent", n.sent_at >= since)
+    in_flight = and_(n.state == "pending", n.claimed_by.is_not(None), n.claimed_until > now)
+    row = s.execute(select(
+        func.count(case((sent_recently, 1))),
+        func.count(func.distinct(case((sent_recently, n.sent_at)))),
+        func.count(case((in_flight, 1))),
+        func.max(case((n.state == "sent", n.sent_at))),
+    ).where(n.channel == channel)).one()
+    return {"sent_rows": int(row[0] or 0), "sent_batches": int(row[1] or 0), "in_flight": int(row[2] or 0),
+            "last_sent_at": row[3]}
+
+
+def _due_notifications(now: datetime):
+    n = _NOTIFS.c
+    return and_(n.state == "pending", or_(n.next_attempt_at.is_(None), n.next_attempt_at <= now),
+                or_(n.claimed_until.is_(None), n.claimed_until < now))
+
+
+def due_notification_channels(s: Session, now: datetime) -> list[str]:
+    """Channels with at least one pending notification due now and not claimed."""
+    return list(s.scalars(select(_NOTIFS.c.channel).where(_due_notifications(now)).distinct()
+                          .order_by(_NOTIFS.c.channel)))
+
+
+def claim_notifications(s: Session, worker: str, *, channel: str, now: datetime, lease_until: datetime,
+                        limit: int) -> list[Notification]:
+    """Claim up to ``limit`` due notifications of ``channel`` (oldest first) for ``worker``.
+
+    ``FOR UPDATE SKIP LOCKED`` on PostgreSQL; the caller commits at once and
+    sends outside the transaction, every later write fenced on ``claimed_by``.
+    """
+    if limit <= 0:
+        return []
+    N = Notification
+    q = (select(N).where(N.channel == channel, _due_notifications(now)).order_by(N.id).limit(limit)
+         .with_for_update(skip_locked=True))
+    rows = list(s.scalars(q))
+    if rows:
+        s.execute(_NOTIFS.update().where(_NOTIFS.c.id.in_([r.id for r in rows]))
+                  .values(claimed_by=worker, claimed_until=lease_until))
+        for r in rows:
+            r.claimed_by, r.claimed_until = worker, lease_until
+    return rows
+
+
+def mark_notifications_sent(s: Session, ids: Sequence[int], *, worker: str, sent_at: datetime) -> int:
+    """Sent (fenced on the claim): returns how many rows this worker still held."""
+    if not ids:
+        return 0
+    n = _NOTIFS.c
+    return s.execute(_NOTIFS.update().where(n.id.in_(list(ids)), n.claimed_by == worker).values(
+        state="sent", sent_at=sent_at, attempts=n.attempts + 1, error=None, claimed_by=None,
+        claimed_until=None, next_attempt_at=None)).rowcount
+
+
+def release_notifications(s: Session, ids: Sequence[int], *, worker: str, error: str,
+                          next_attempt_at: datetime | None, max_attempts: int, final: bool = False) -> int:
+    """A failed attempt: back to pending until ``next_attempt_at``, or failed once
+    ``max_attempts`` attempts are spent (or at once with ``final``). Fenced on the claim."""
+    if not ids:
+        return 0
+    n = _NOTIFS.c
+    state = "failed" if final else case((n.attempts + 1 >= max_attempts, "failed"), else_="pending")
+    return s.execute(_NOTIFS.update().where(n.id.in_(list(ids)), n.claimed_by == worker).values(
+        state=state, attempts=n.attempts + 1, error=error[:4000], next_attempt_at=next_attempt_at,
+        claimed_by=None, claimed_until=None)).rowcount
+
+
+def notification_states(s: Session, ids: Sequence[int]) -> dict[int, str]:
+    if not ids:
+        return {}
+    return {i: st for i, st in s.execute(select(_NOTIFS.c.id, _NOTIFS.c.state).where(_NOTIFS.c.id.in_(list(ids))))}
+
+
+def query_notifications(s: Session, *, state: str | None = None, channel: str | None = None,
+                        limit: int | None = None) -> list[Notification]:
+    """Newest first."""
+    q = select(Notification).order_by(Notification.id.desc())
+    if state is not None:
+        q = q.where(Notification.state == state)
+    if channel is not None:
+        q = q.where(Notification.channel == channel)
+    if limit:
+        q = q.limit(limit)
+    return list(s.scalars(q))
+
+
+def requeue_notifications(s: Session, ids: Sequence[int]) -> int:
+    """Failed notifications back to pending with fresh attempts (``tomd notify retry``)."""
+    if not ids:
+        return 0
+    n = _NOTIFS.c
+    return s.execute(_NOTIFS.update().where(n.id.in_(list(ids)), n.state == "failed").values(
+        state="pending", attempts=0, next_attempt_at=None, claimed_by=None, claimed_until=None)).rowcount
+
+
+def next_notification_attempt(s: Session) -> datetime | None:
+    """When the earliest backed-off pending notification becomes due (None: none waits)."""
+    n = _NOTIFS.c
+    return s.scalar(select(func.min(n.next_attempt_at)).where(n.state == "pending", n.next_attempt_at.is_not(None)))
+
+
+def latest_photometry(s: Session, target_id: int) -> Photometry | None:
+    """The target's most recent detection (else any point), for a message's "latest" line."""
+    P = Photometry
+    q = select(P).where(P.target_id == target_id).order_by((P.kind == "detection").desc(), P.mjd.desc()).limit(1)
+    return s.scalar(q)
+
+
+def has_photometry(s: Session, target_id: int) -> bool:
+    return s.scalar(select(Photometry.id).where(Photometry.target_id == target_id).limit(1)) is not None
 
 
 # ---- status ----
