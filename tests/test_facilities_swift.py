@@ -464,3 +464,27 @@ def test_storm_of_faults_no_too_twice_every_intent_settles(db, api):
     assert {r.name for r in final if r.state == "rejected"} >= {"tomd-s-0", "tomd-s-1"} - {
         r.name for r in final if r.state == "failed"}
     assert sum(r.state == "pending" for r in final) >= n - 2 - 1
+
+
+def test_status_poller_follows_the_swift_teams_decision(db, api):
+    """Submitted through the Submitter, followed by the status Poller: Swift's decision becomes tomd's state."""
+    from tomd.status import Poller
+
+    with db.sessions.begin() as s:
+        tid = upsert(s, TargetSpec(name="SN 2026pol", ra=33.0, dec=-5.0), origin="test").target_id
+        create_intent(s, target_id=tid, facility="swift", template="xrt", name="tomd-p-1")
+    facs = {"swift": client(api)}
+    Submitter(db.sessions, facs, FAST).run_until_settled(timeout_s=30)
+    with db.sessions() as s:
+        row = s.scalars(select(ObservationRequest)).one()
+    assert (row.state, row.facility_state) == ("pending", "Accepted")
+    api.decide(int(row.facility_id), "Approved")
+    Poller(db.sessions, facs).poll()
+    with db.sessions() as s:
+        row = s.scalars(select(ObservationRequest)).one()
+    assert (row.state, row.facility_state) == ("scheduled", "Approved")
+    api.decide(int(row.facility_id), "Approved", done=1)
+    Poller(db.sessions, facs).poll()
+    with db.sessions() as s:
+        row = s.scalars(select(ObservationRequest)).one()
+    assert (row.state, row.facility_state) == ("completed", "Done")

@@ -455,8 +455,10 @@ class SwiftClient:
     def _status(self, entry: Mapping[str, Any]) -> RequestStatus:
         obj = str(entry.get("immediate_objective") or "")
         m = re.search(r"\[tomd ([^\]]+)\]", obj)
+        # ``timestamp`` is when the TOO was submitted, not when it last changed: no ``modified``
+        # (``statuses`` answers for every id asked, whatever the poller's cursor).
         return RequestStatus(facility_id=str(entry.get("too_id")), name=m.group(1) if m else "",
-                             state=entry_state(entry), modified=str(entry["timestamp"]) if entry.get("timestamp") else None)
+                             state=entry_state(entry))
 
     def _raise_if_auth(self, st: Mapping[str, Any]) -> None:
         errors = " ".join(str(e) for e in st.get("errors") or [])
