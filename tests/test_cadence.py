@@ -236,3 +236,50 @@ def test_a_reopened_request_completing_again_does_not_make_a_second_next(db, sim
     (p,) = ser.poller.poll()
     assert [c.new_state for c in p.changes] == ["completed"] and p.changes[0].next_intent is None
     assert [r.name for r in ser.rows()] == ["cad-1", "cad-1-1"]
+
+
+# ------------------------------------------------------------------- rules --
+
+
+RULE = '''name = "follow-up"
+when = "alert.mag < 30"
+
+[observe]
+facility = "lco"
+template = "1m-gri"
+cadence = {cadence}
+'''
+
+
+def test_rule_files_take_a_cadence_as_words_or_a_table():
+    from tests.test_rules_engine import ENV
+    from tomd.rules.load import parse_rule
+
+    r, problems = parse_rule(RULE.format(cadence='"every 1d x3 retry 1 shift 6h"'), "r.toml", ENV)
+    assert not problems
+    assert r.observe.cadence == {"spec": {"every_s": 86400.0, "count": 3, "retries": 1, "shift_s": 21600.0},
+                                 "seq": 0, "attempt": 0}
+    r, problems = parse_rule(RULE.format(cadence='{ every = "12h", for = "3d" }'), "r.toml", ENV)
+    assert not problems and r.observe.cadence["spec"] == {"every_s": 43200.0, "for_s": 259200.0}
+    r, problems = parse_rule(RULE.format(cadence='"every 1d"'), "rules/r.toml", ENV)
+    assert r is None and len(problems) == 1
+    assert problems[0].startswith("rules/r.toml:7:")  # the cadence line
+    assert problems[0].endswith("observe.cadence: a repeat needs an end: x<N>, for <duration> or until <date or "
+                                "'expression'>")
+    r, problems = parse_rule(RULE.format(cadence='{ every = "1d", count = "five" }'), "r.toml", ENV)
+    assert r is None and "observe.cadence.count: expected a whole number" in problems[0]
+    r, problems = parse_rule(RULE.format(cadence="5"), "r.toml", ENV)
+    assert r is None and 'expected words like "every 1d x5"' in problems[0]
+
+
+def test_a_fired_rule_with_a_cadence_starts_a_series(db, shared_data):
+    from tests.test_rules_engine import count, engine, ingest, rule
+    from tests.alert_samples import read_ztf, ztf_files
+
+    schema, (rec,) = read_ztf(ztf_files()[0])
+    r = rule(RULE.format(cadence='"every 1d x2"'))
+    ingest(db, engine(r), [rec], schema)
+    with db.sessions() as s:
+        req = s.scalars(select(ObservationRequest)).one()
+    assert req.cadence == {"spec": {"every_s": 86400.0, "count": 2}, "seq": 0, "attempt": 0}
+    assert req.parent_id is None and count(db, ObservationRequest) == 1

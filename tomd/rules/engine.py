@@ -351,7 +351,7 @@ class RuleEngine:
             if test:
                 plan = {"observe": {"facility": ob.facility, "template": ob.template_key, "mode": ob.mode,
                                     "priority": ob.priority, "window_hours": ob.window_hours,
-                                    "estimated_hours": ob.estimated_hours} if ob else None,
+                                    "estimated_hours": ob.estimated_hours, "cadence": ob.cadence} if ob else None,
                         "notify": list(rule.notify), "add_tags": list(rule.add_tags),
                         "add_to_lists": list(rule.add_to_lists)}
                 details["would"] = plan
@@ -361,7 +361,7 @@ class RuleEngine:
                 details["observe"] = {"facility": ob.facility, "template": ob.template_key,
                                       "template_fields": dict(ob.template), "mode": ob.mode,
                                       "priority": ob.priority, "window_hours": ob.window_hours,
-                                      "estimated_hours": ob.estimated_hours}
+                                      "estimated_hours": ob.estimated_hours, "cadence": ob.cadence}
             return self._fire(s, rule, st, now, why, details, base)
         except DBAPIError:
             raise  # the database failed: the whole batch is retried
@@ -426,7 +426,7 @@ class RuleEngine:
                     "name": name, "decision_id": decision_id, "target_id": st.target_id, "facility": ob.facility,
                     "template": ob.template_key, "mode": ob.mode, "priority": ob.priority, "window_start": now,
                     "window_end": end, "state": "intent", "request": {}, "estimated_hours": ob.estimated_hours,
-                    "attempts": 0, "created_at": now, "updated_at": now,
+                    "attempts": 0, "created_at": now, "updated_at": now, "cadence": ob.cadence,
                 })
                 repo.add_event(s, SubmissionIntent(request_id, decision_id, name, rule.name, st.target_id, ob.facility,
                                                    ob.template_key, ob.mode, ob.priority, now.isoformat(),

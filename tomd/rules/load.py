@@ -35,6 +35,7 @@ class Observe:
     priority: float = 1.0
     visible: Mapping[str, float] | None = None  # gate: observable within the window
     estimated_hours: float = 0.0
+    cadence: Mapping[str, Any] | None = None  # a series (tomd.cadence), as stored on the first request
 
     @property
     def template_key(self) -> str:
@@ -155,7 +156,7 @@ def load_file(path: str | Path, env: RuleEnv) -> tuple[Rule | None, list[str]]:
 
 _TOP = {"name", "description", "mode", "sources", "kinds", "when", "add_tags", "add_to_lists",
         "observe", "notify", "limits"}
-_OBSERVE = {"facility", "template", "mode", "window", "priority", "visible"}
+_OBSERVE = {"facility", "template", "mode", "window", "priority", "visible", "cadence"}
 _VISIBLE = {"max_airmass", "min_moon_deg", "max_sun_alt"}
 _NOTIFY = {"channels", "message"}
 _LIMITS = {"cooldown", "per_night", "hours_per_night"}
@@ -343,10 +344,26 @@ def _observe(ob: Mapping, env: RuleEnv, bad, get, unknown) -> Observe | None:
                         visible[k] = float(x)
             if kind is not None and not _has_sites(kind):
                 bad(p + ("visible",), f"no site table for facility kind {kind!r}: visibility cannot be checked")
+    cadence = None
+    if "cadence" in ob:
+        from tomd.cadence import CadenceError, cadence_from_table, initial, parse_cadence
+
+        c = ob["cadence"]
+        try:
+            if isinstance(c, str):
+                cadence = initial(parse_cadence(c))
+            elif isinstance(c, dict):
+                cadence = initial(cadence_from_table(c))
+            else:
+                bad(p + ("cadence",), f'expected words like "every 1d x5" or a table like '
+                                      f'{{ every = "1d", count = 5 }}, got {_show(c)}')
+        except CadenceError as exc:
+            where = p + ("cadence",) + ((exc.key,) if isinstance(c, dict) and exc.key in c else ())
+            bad(where, str(exc))
     if facility is None or template is None:
         return None
     hours = estimate_hours(template)
-    return Observe(facility, tname, template, mode, window_h, float(priority), visible, hours)
+    return Observe(facility, tname, template, mode, window_h, float(priority), visible, hours, cadence)
 
 
 def _has_sites(kind: str) -> bool:
