@@ -578,3 +578,19 @@ def test_header_meta_from_the_first_bytes_of_plain_and_compressed_fits(tmp_path)
     m = header_meta(fz.getvalue()[:65536])
     assert (m["FILTER"], m["shape"]) == ("rp", [64, 48])
     assert header_meta(b"not fits at all") == {} and header_meta(plain.getvalue()[:1000]) == {}
+
+
+def test_stopping_releases_the_request_for_another_daemon(db, sim, tmp_path):
+    (rid,) = submit(db, sim)
+    complete(db, sim, rid)
+    r = retriever(db, sim, LocalStore(tmp_path / "s"))
+    r.stop_event.set()  # the daemon is stopping as the run starts
+    (out,) = r.run_once()
+    assert out.state == "stopped" and out.stored == 0 and sim.downloads() == []
+    req = request(db, rid)
+    assert req.data_due_at <= datetime.now(timezone.utc) and req.data_attempts == 0  # due at once, no attempt spent
+    other = retriever(db, sim, LocalStore(tmp_path / "s"))
+    (out,) = other.run_once()
+    assert out.state == "done" and out.stored == 3 and other.ready() is True
+    r.close()
+    other.close()

@@ -108,7 +108,7 @@ class RequestOutcome:
 
     request_id: int
     facility: str
-    state: str  # done | retry | gave_up | lost (the lease went to someone else)
+    state: str  # done | retry | gave_up | lost (the lease went to someone else) | stopped (released)
     listed: int = 0
     stored: int = 0  # stored by this attempt
     already: int = 0  # stored before
@@ -202,8 +202,11 @@ class Retriever:
 
     ``facilities`` maps facility names (as in requests) to clients;
     ``observer(facility, nbytes, ok)`` is told of every download
-    (``tomd.metrics.Metrics.observe_product``).
+    (``tomd.metrics.Metrics.observe_product``). A daemon component
+    (``tomd.daemon.Daemon.add``): ``run(stop)``, ``wake()``, ``ready()``.
     """
+
+    name = "retriever"
 
     def __init__(self, sessions: sessionmaker[Session], facilities: Mapping[str, Facility], storage: Store,
                  settings: RetrieveSettings = RetrieveSettings(), *, worker_id: str | None = None,
@@ -221,10 +224,16 @@ class Retriever:
         self.clock = clock
         self.rng = rng or random.Random()
         self.wake_event = threading.Event()
+        self.stop_event = threading.Event()  # set: finish the product in hand, release the rest
+        self.last_error: str | None = None
 
     def close(self) -> None:
         if self._own_http:
             self.http.close()
+
+    def ready(self) -> bool | str:
+        """For /readyz: not ready while runs fail (the database is unreachable)."""
+        return True if self.last_error is None else f"last retrieval run failed: {self.last_error}"
 
     # -- driving -----------------------------------------------------------------
 
@@ -233,13 +242,27 @@ class Retriever:
         self.wake_event.set()
 
     def run(self, stop: threading.Event) -> None:
-        """Run until ``stop`` is set: every ``interval_s``, when woken, and when the next request falls due."""
+        """Run until ``stop`` is set: every ``interval_s``, when woken, and when the next request falls due.
+
+        At ``stop`` the download in hand finishes (bounded by its deadline)
+        and the requests not done are released for another daemon at once.
+        """
+        self.stop_event = stop
+        try:
+            self._loop(stop)
+        finally:
+            self.close()
+        log.info("retriever %s stopped", self.worker)
+
+    def _loop(self, stop: threading.Event) -> None:
         while not stop.is_set():
             self.wake_event.clear()
             try:
                 outcomes = self.run_once()
-            except Exception:  # noqa: BLE001 - a database hiccup must not end the thread
+                self.last_error = None
+            except Exception as exc:  # noqa: BLE001 - a database hiccup must not end the thread
                 log.exception("data retrieval run failed; retrying")
+                self.last_error = redact(f"{type(exc).__name__}: {exc}")[:300]
                 outcomes = []
             if len(outcomes) >= self.settings.batch and not stop.is_set():
                 continue  # more may be due
@@ -253,10 +276,11 @@ class Retriever:
                 pass
             if stop.wait(0) or self.wake_event.wait(wait):
                 continue
-        log.info("retriever %s stopped", self.worker)
 
     def run_once(self, ids: Sequence[int] | None = None) -> list[RequestOutcome]:
         """Claim the due requests (or just ``ids``, if due) and make one attempt on each."""
+        if self.http.is_closed:  # run() closed it at its end; a later call gets a new one
+            self.http = download_client(self.settings)
         return [self._process(w) for w in self._claim(ids)]
 
     def fetch_request(self, request_id: int) -> RequestOutcome:
@@ -352,6 +376,8 @@ class Retriever:
                 w.products[p.product_id] = ProductOutcome(p.product_id, p.filename, "failed",
                                                           error="not tried: the products before it failed")
                 continue
+            if self.stop_event.is_set():
+                return self._outcome(w, "stopped", "the daemon is stopping")
             if w.lease is not None and not self._renew(w):
                 return self._outcome(w, "lost", "the request's lease was taken over")
             o = w.products[p.product_id] = self._product(w, relist.current(p), relist)
@@ -390,7 +416,9 @@ class Retriever:
         now = self.clock()
         attempts = w.attempts + 1
         with self.sessions.begin() as s:
-            if out.state == "done":
+            if out.state == "stopped":  # not an attempt: due again at once, for any daemon
+                ok = repo.update_data_lease(s, w.id, w.lease, {"data_due_at": now})
+            elif out.state == "done":
                 ok = repo.update_data_lease(s, w.id, w.lease, {"data_due_at": None, "data_attempts": 0})
                 if ok:
                     log.info("request #%d (%s %s): %s", w.id, w.facility, w.facility_id, out.message)
