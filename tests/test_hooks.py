@@ -1,0 +1,598 @@
+"""Hooks: delivery from the outbox (at least once, once per hook and event when
+nothing crashes), isolation (timeouts, crashes), retries, registration, commands.
+
+Real parts: the hook worker is a real subprocess; the crash test kills a real
+dispatcher process with SIGKILL; both databases through the ``db`` fixture.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from tomd.db import repository as repo
+from tomd.db.models import HookRun, Notification, OutboxEvent, Target
+from tomd.events import TargetCreated
+from tomd.hooks.registry import Registry, load_hooks
+from tomd.hooks.runner import HookRunner, RunnerSettings
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write(dir_: Path, name: str, text: str) -> Path:
+    dir_.mkdir(parents=True, exist_ok=True)
+    p = dir_ / name
+    p.write_text(textwrap.dedent(text))
+    return p
+
+
+def make_runner(db, hooks_dir: Path, *, registry=None, **kw) -> HookRunner:
+    settings = dict(paths=(str(hooks_dir),), retry_backoff=0.05, retry_max=0.2, poll=0.1, timeout=10.0,
+                    lease_margin=2.0)
+    settings.update(kw)
+    return HookRunner(db.sessions, RunnerSettings(**settings), database_url=db.url, registry=registry)
+
+
+def new_targets(db, n: int, prefix: str = "T") -> list[int]:
+    """n targets and their target.created events, one transaction."""
+    ids = []
+    with db.sessions.begin() as s:
+        for i in range(n):
+            t = Target(name=f"{prefix}{i}", ra=10.0 + i, dec=-5.0)
+            s.add(t)
+            s.flush()
+            ids.append(t.id)
+        repo.add_events(s, [(TargetCreated(t, f"{prefix}{i}", 10.0 + i, -5.0, "test"), t) for i, t in enumerate(ids)])
+    return ids
+
+
+def event_ids(db, kind: str) -> list[int]:
+    with db.sessions() as s:
+        return list(s.scalars(select(OutboxEvent.id).where(OutboxEvent.kind == kind).order_by(OutboxEvent.id)))
+
+
+def runs(db, hook: str | None = None) -> list[HookRun]:
+    with db.sessions() as s:
+        q = select(HookRun).order_by(HookRun.id)
+        if hook:
+            q = q.where(HookRun.hook == hook)
+        return list(s.scalars(q))
+
+
+def drain(runner: HookRunner, db, *, deadline_s: float = 60.0) -> None:
+    """run_once until no event is new and no run is pending or running (retries wait their backoff)."""
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        result = runner.run_once()
+        if not result.expanded and not any(r.state in ("pending", "running") for r in runs(db)):
+            return
+        time.sleep(0.05)
+    raise AssertionError("hook runs still pending: " + ", ".join(f"{r.hook}#{r.event_id}:{r.state}"
+                                                                 for r in runs(db) if r.state != "done"))
+
+
+def lines(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.exists() else []
+
+
+RECORDER = """
+    import asyncio
+    from tomd.hooks import on
+
+    @on("target.created")
+    def first(ctx):
+        with open(ctx.settings["out"], "a") as f:
+            f.write(f"first {ctx.event_id} {ctx.target.name}\\n")
+        ctx.tag("seen")
+        ctx.add_to_list("new-targets")
+        ctx.notify("log", f"new target {ctx.event.name}", key="a")
+
+    @on("target.created", "target.updated")
+    async def second(ctx):
+        await asyncio.sleep(0)
+        with open(ctx.settings["out"], "a") as f:
+            f.write(f"second {ctx.event_id} {ctx.event.kind}\\n")
+
+    @on("target.created", since="all")
+    def everything(ctx):
+        with open(ctx.settings["out"], "a") as f:
+            f.write(f"everything {ctx.event_id}\\n")
+"""
+
+
+def test_each_hook_gets_each_event_once_and_its_actions_apply(db, tmp_path):
+    out = tmp_path / "out.txt"
+    write(tmp_path / "hooks", "rec.py", RECORDER)
+    (old,) = new_targets(db, 1, "OLD")  # written before any daemon saw the hooks
+    runner = make_runner(db, tmp_path / "hooks", settings={"rec": {"out": str(out)}})
+    try:
+        runner.start()
+        ids = new_targets(db, 3)
+        drain(runner, db)
+        created = event_ids(db, "target.created")
+        updated = event_ids(db, "target.updated")  # the tag and list actions announce the change
+        got = Counter(lines(out))
+        assert all(n == 1 for n in got.values()), got
+        new_events = created[1:]
+        assert {ln for ln in got if ln.startswith("first")} == {
+            f"first {e} T{i}" for i, e in enumerate(new_events)}
+        assert {ln for ln in got if ln.startswith("second")} == (
+            {f"second {e} target.created" for e in new_events} | {f"second {e} target.updated" for e in updated})
+        # since="all" also takes the event written before the hook was registered
+        assert {ln for ln in got if ln.startswith("everything")} == {f"everything {e}" for e in created}
+        assert len(updated) == 6  # tag + list, per new target
+        with db.sessions() as s:
+            assert repo.tags_of(s, ids + [old]) == {**{i: ["seen"] for i in ids}, old: []}
+            assert repo.lists_of(s, ids) == {i: ["new-targets"] for i in ids}
+            notes = list(s.scalars(select(Notification).order_by(Notification.id)))
+        assert [(n.channel, n.event_id, n.target_id) for n in notes] == [
+            ("log", e, t) for e, t in zip(new_events, ids)]
+        assert notes[0].dedupe_key == f"hook:rec.first:{new_events[0]}:a"
+        # nothing runs twice: another pass and a fresh runner (a restart) add nothing
+        runner.run_once()
+        runner2 = make_runner(db, tmp_path / "hooks", settings={"rec": {"out": str(out)}})
+        try:
+            drain(runner2, db)
+        finally:
+            runner2.close()
+        assert Counter(lines(out)) == got
+        assert all(r.state == "done" for r in runs(db))
+    finally:
+        runner.close()
+
+
+FAILING = """
+    import os
+    from tomd.hooks import on
+
+    @on("target.created", max_attempts=3)
+    def raises(ctx):
+        raise RuntimeError(f"broken on {ctx.event_id}, attempt {ctx.attempt}")
+
+    @on("target.created", max_attempts=2)
+    def exits(ctx):
+        os._exit(3)
+
+    @on("target.created")
+    def fine(ctx):
+        with open(ctx.settings["out"], "a") as f:
+            f.write(f"fine {ctx.event_id}\\n")
+"""
+
+
+def test_failing_hooks_are_retried_with_backoff_then_recorded_failed(db, tmp_path):
+    out = tmp_path / "out.txt"
+    write(tmp_path / "hooks", "bad.py", FAILING)
+    runner = make_runner(db, tmp_path / "hooks", settings={"bad": {"out": str(out)}}, retry_backoff=0.3,
+                         retry_max=0.6)
+    try:
+        runner.start()
+        new_targets(db, 2)
+        first = runner.run_once()
+        assert first.done == 2 and first.retried == 4 and first.failed == 0
+        pending = [r for r in runs(db) if r.state == "pending"]
+        assert len(pending) == 4
+        for r in pending:  # waiting for a later attempt, with the reason kept
+            assert r.attempts == 1 and r.next_attempt_at is not None and r.error
+        assert runner.run_once().retried + runner.run_once().failed == 0  # nothing is due before its backoff
+        drain(runner, db)
+        events = event_ids(db, "target.created")
+        for r in runs(db, "bad.raises"):
+            if r.event_id in events:
+                assert (r.state, r.attempts) == ("failed", 3)
+                assert "Traceback" in r.error and f"RuntimeError: broken on {r.event_id}, attempt 3" in r.error
+        for r in runs(db, "bad.exits"):
+            if r.event_id in events:
+                assert (r.state, r.attempts) == ("failed", 2)
+                assert "exit code 3" in r.error
+        assert sorted(lines(out)) == sorted(f"fine {e}" for e in events)  # the others ran, once
+        with db.sessions() as s:
+            failed = [o.payload for o in s.scalars(select(OutboxEvent).where(OutboxEvent.kind == "hook.failed"))]
+        assert sorted((p["hook"], p["event_id"], p["attempts"]) for p in failed) == sorted(
+            [("bad.raises", e, 3) for e in events] + [("bad.exits", e, 2) for e in events])
+    finally:
+        runner.close()
+
+
+HANGING = """
+    import time
+    from tomd.hooks import on
+
+    @on("target.created", timeout="1s", max_attempts=1)
+    def a_hangs(ctx):
+        with open(ctx.settings["out"], "a") as f:
+            f.write(f"hang {ctx.event_id}\\n")
+        time.sleep(120)
+
+    @on("target.created")
+    def b_after(ctx):
+        import os
+        with open(ctx.settings["out"], "a") as f:
+            f.write(f"after {ctx.event_id} {os.getpid()}\\n")
+"""
+
+
+def test_a_hanging_hook_is_killed_after_its_timeout_and_the_next_hooks_run(db, tmp_path):
+    out = tmp_path / "out.txt"
+    write(tmp_path / "hooks", "slow.py", HANGING)
+    runner = make_runner(db, tmp_path / "hooks", settings={"slow": {"out": str(out)}})
+    try:
+        runner.start()
+        (tid,) = new_targets(db, 1)
+        (event,) = event_ids(db, "target.created")
+        result = runner.run_once()
+        assert (result.done, result.failed) == (1, 1)
+        (hang,) = [r for r in runs(db, "slow.a_hangs") if r.event_id == event]
+        assert hang.state == "failed" and "ran longer than 1 s and was killed" in hang.error
+        got = lines(out)
+        assert got[0] == f"hang {event}" and got[1].startswith(f"after {event} ")
+        # the worker that hung is gone: the next hook ran in a fresh one
+        hung_pid = runner._slots[0].worker.proc.pid
+        assert int(got[1].split()[2]) == hung_pid
+        assert runner._slots[0].worker.starts == 2
+    finally:
+        runner.close()
+
+
+def test_builtin_subscribers_run_inside_the_transaction_that_marks_them_done(db, tmp_path):
+    calls = []
+
+    def flaky(s, event):
+        calls.append(event.target_id)
+        repo.add_tags(s, event.target_id, ["builtin"])
+        if len(calls) == 1:
+            raise RuntimeError("first time fails")  # its tag must be rolled back with it
+
+    registry = Registry()
+    registry.add_builtin("builtin:tagger", ["target.created"], flaky)
+    runner = make_runner(db, tmp_path / "none", registry=registry)
+    (tmp_path / "none").mkdir()
+    try:
+        runner.start()
+        (tid,) = new_targets(db, 1)
+        first = runner.run_once()
+        assert first.retried == 1
+        with db.sessions() as s:
+            assert repo.tags_of(s, [tid]) == {tid: []}
+        drain(runner, db)
+        (run,) = [r for r in runs(db, "builtin:tagger") if r.event_id == event_ids(db, "target.created")[0]]
+        assert (run.state, run.attempts) == ("done", 2)
+        with db.sessions() as s:
+            assert repo.tags_of(s, [tid]) == {tid: ["builtin"]}
+        assert calls == [tid, tid]
+    finally:
+        runner.close()
+
+
+def test_hooks_registered_later_start_after_their_registration(db, tmp_path):
+    out = tmp_path / "out.txt"
+    new_targets(db, 2, "EARLY")
+    write(tmp_path / "hooks", "late.py", """
+        from tomd.hooks import on
+
+        @on("target.created")
+        def seen(ctx):
+            with open(ctx.settings["out"], "a") as f:
+                f.write(f"{ctx.event.name}\\n")
+    """)
+    runner = make_runner(db, tmp_path / "hooks", settings={"late": {"out": str(out)}})
+    try:
+        runner.start()
+        new_targets(db, 1, "LATE")
+        drain(runner, db)
+        assert lines(out) == ["LATE0"]
+        with db.sessions() as s:
+            (reg,) = s.scalars(select(OutboxEvent).where(OutboxEvent.kind == "hook.registered")).all()
+        assert reg.payload["hook"] == "late.seen" and reg.payload["where"].endswith("late.py:4")
+    finally:
+        runner.close()
+
+
+def test_a_bad_hook_file_is_reported_with_file_and_line_and_the_others_load(tmp_path):
+    d = tmp_path / "hooks"
+    write(d, "good.py", """
+        from tomd.hooks import on
+
+        @on("data.stored")
+        def ok(ctx):
+            pass
+    """)
+    write(d, "typo.py", """
+        from tomd.hooks import on
+
+        @on("data.stord")
+        def f(ctx):
+            pass
+    """)
+    write(d, "syntax.py", "def f(:\n    pass\n")
+    write(d, "boom.py", "x = 1\nraise SystemExit('no')\n")
+    result = load_hooks([d, tmp_path / "missing"])
+    assert [s.name for s in result.specs] == ["good.ok"]
+    assert result.specs[0].where == f"{d / 'good.py'}:4"
+    problems = "\n".join(result.problems)
+    assert f"{d / 'typo.py'}:4: ValueError: @on(...): unknown event kind 'data.stord' (did you mean \"data.stored\"?)" \
+        in problems
+    assert f"{d / 'syntax.py'}:1: SyntaxError" in problems
+    assert f"{d / 'boom.py'}:2: SystemExit: no" in problems
+    assert f"{tmp_path / 'missing'}: no such file or directory" in problems
+
+
+def test_reload_reads_changed_hook_files(db, tmp_path):
+    out = tmp_path / "out.txt"
+    d = tmp_path / "hooks"
+    src = """
+        from tomd.hooks import on
+
+        @on("target.created")
+        def h(ctx):
+            with open(ctx.settings["out"], "a") as f:
+                f.write("VERSION\\n")
+    """
+    write(d, "mod.py", src.replace("VERSION", "v1"))
+    runner = make_runner(db, d, settings={"mod": {"out": str(out)}})
+    stop = threading.Event()
+    t = threading.Thread(target=runner.run, args=(stop,), daemon=True)
+    try:
+        t.start()
+        _wait(lambda: runner._started)  # registered: later events are its
+        new_targets(db, 1, "A")
+        runner.wake()
+        _wait(lambda: lines(out) == ["v1"])
+        write(d, "mod.py", src.replace("VERSION", "v2"))
+        runner.reload()
+        _wait(lambda: runner._generation == 2)
+        new_targets(db, 1, "B")
+        runner.wake()
+        _wait(lambda: lines(out) == ["v1", "v2"])
+    finally:
+        stop.set()
+        runner.wake()
+        t.join(30)
+
+
+def _wait(cond, timeout: float = 30.0) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return
+        time.sleep(0.05)
+    raise AssertionError("condition not met in time")
+
+
+# ------------------------------------------------------------- crashes
+
+
+DISPATCHER = """
+import sys, threading
+from tomd.db import migrate
+from tomd.hooks.runner import HookRunner, RunnerSettings
+
+if __name__ == "__main__":
+    url, hooks, out, mode = sys.argv[1:5]
+    engine = migrate.connect(url)
+    sessions = migrate.sessions(engine)
+    runner = HookRunner(sessions, RunnerSettings(paths=(hooks,), timeout=2.0, lease_margin=1.0, poll=0.1,
+                                                 retry_backoff=0.05, settings={"slowrec": {"out": out}}),
+                        database_url=url)
+    if mode == "forever":
+        runner.run(threading.Event())
+    else:  # until every run is done
+        from sqlalchemy import select, func
+        from tomd.db.models import HookRun
+        import time
+        while True:
+            runner.run_once()
+            with sessions() as s:
+                left = s.scalar(select(func.count()).select_from(HookRun).where(HookRun.state != "done"))
+            if not left:
+                break
+            time.sleep(0.1)
+        runner.close()
+"""
+
+SLOW_RECORDER = """
+    import os, time
+    from tomd.hooks import on
+
+    @on("target.created")
+    def one(ctx):
+        time.sleep(0.03)
+        with open(ctx.settings["out"], "a") as f:
+            f.write(f"one {ctx.event_id} {os.getpid()}\\n")
+
+    @on("target.created")
+    def two(ctx):
+        time.sleep(0.03)
+        with open(ctx.settings["out"], "a") as f:
+            f.write(f"two {ctx.event_id} {os.getpid()}\\n")
+"""
+
+
+def test_after_a_crash_each_hook_gets_each_event_once(db, tmp_path):
+    out = tmp_path / "out.txt"
+    hooks = tmp_path / "hooks"
+    write(hooks, "slowrec.py", SLOW_RECORDER)
+    script = tmp_path / "dispatcher.py"
+    script.write_text(DISPATCHER)
+    # Register the hooks, then commit the events: nothing has been delivered yet.
+    first = subprocess.run([sys.executable, str(script), db.url, str(hooks), str(out), "until-done"],
+                           cwd=tmp_path, timeout=120, capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr
+    new_targets(db, 40)
+    events = event_ids(db, "target.created")
+    proc = subprocess.Popen([sys.executable, str(script), db.url, str(hooks), str(out), "forever"], cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        _wait(lambda: len(lines(out)) >= 20, timeout=90)
+    finally:
+        proc.send_signal(signal.SIGKILL)  # the dispatcher dies mid-run, between commits
+        proc.wait(30)
+    worker_pid = int(lines(out)[-1].split()[2])
+    _wait(lambda: not _alive(worker_pid), timeout=10)  # its worker does not run on without it
+    in_flight = {(r.hook, r.event_id) for r in runs(db) if r.state == "running"}
+    assert len(in_flight) <= 1
+    done_before = len(lines(out))
+    assert done_before < 80
+    second = subprocess.run([sys.executable, str(script), db.url, str(hooks), str(out), "until-done"],
+                            cwd=tmp_path, timeout=180, capture_output=True, text=True)
+    assert second.returncode == 0, second.stderr
+    got = Counter((ln.split()[0], int(ln.split()[1])) for ln in lines(out))
+    for e in events:
+        for hook in ("one", "two"):
+            n = got[(hook, e)]
+            # exactly once, except a run killed in flight after its side effect and before its commit
+            assert n == 1 or (n == 2 and (f"slowrec.{hook}", e) in in_flight), (hook, e, n)
+    assert all(r.state == "done" for r in runs(db))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie is dead too
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+def test_two_dispatchers_never_run_a_hook_twice_for_one_event(db, tmp_path):
+    out = tmp_path / "out.txt"
+    write(tmp_path / "hooks", "rec.py", """
+        import time
+        from tomd.hooks import on
+
+        @on("target.created")
+        def once(ctx):
+            time.sleep(0.005)
+            with open(ctx.settings["out"], "a") as f:
+                f.write(f"{ctx.event_id}\\n")
+    """)
+    mk = lambda: make_runner(db, tmp_path / "hooks", settings={"rec": {"out": str(out)}}, workers=2)  # noqa: E731
+    a, b = mk(), mk()
+    stop = threading.Event()
+    threads = [threading.Thread(target=r.run, args=(stop,), daemon=True) for r in (a, b)]
+    try:
+        for t in threads:
+            t.start()
+        _wait(lambda: a._started and b._started)
+        for _ in range(4):
+            new_targets(db, 25)
+            a.wake()
+            b.wake()
+        events = event_ids(db, "target.created")
+        _wait(lambda: len(lines(out)) >= len(events) and all(r.state == "done" for r in runs(db)), timeout=120)
+        time.sleep(0.5)
+    finally:
+        stop.set()
+        a.wake()
+        b.wake()
+        for t in threads:
+            t.join(30)
+    got = Counter(int(x) for x in lines(out))
+    assert got == Counter(events)
+
+
+def test_an_event_committed_out_of_id_order_is_still_delivered(db, tmp_path):
+    if db.kind != "postgresql":
+        pytest.skip("SQLite commits one writer at a time, in id order")
+    out = tmp_path / "out.txt"
+    write(tmp_path / "hooks", "rec.py", """
+        from tomd.hooks import on
+
+        @on("target.created")
+        def once(ctx):
+            with open(ctx.settings["out"], "a") as f:
+                f.write(f"{ctx.event.name}\\n")
+    """)
+    runner = make_runner(db, tmp_path / "hooks", settings={"rec": {"out": str(out)}}, commit_window=0.4)
+    try:
+        runner.start()
+        slow = db.sessions()
+        slow.begin()
+        t = Target(name="SLOW", ra=1.0, dec=1.0)
+        slow.add(t)
+        slow.flush()
+        repo.add_event(slow, TargetCreated(t.id, "SLOW"), target_id=t.id)  # takes the lower id, commits later
+        new_targets(db, 1, "FAST")
+        drain(runner, db)
+        assert lines(out) == ["FAST0"]  # the fast cursor is now past SLOW's id
+        slow.commit()
+        slow.close()
+        _wait(lambda: (runner.run_once(), lines(out))[1] == ["FAST0", "SLOW"], timeout=10)
+    finally:
+        runner.close()
+
+
+# ------------------------------------------------------------- commands
+
+
+def _config(tmp_path: Path, db_url: str, hooks_dir: Path, extra: str = "") -> Path:
+    cfg = tmp_path / "tomd.toml"
+    cfg.write_text(textwrap.dedent(f"""
+        [database]
+        url = "{db_url}"
+        [storage]
+        url = "file://{tmp_path / 'store'}"
+        [metrics]
+        listen = "127.0.0.1:0"
+        [rules]
+        paths = ["{tmp_path / 'rules'}"]
+        [hooks]
+        paths = ["{hooks_dir}"]
+    """) + textwrap.dedent(extra))
+    return cfg
+
+
+def test_hook_run_and_list_commands(db, tmp_path, capsys):
+    from tomd.cli import main
+
+    out = tmp_path / "out.txt"
+    d = tmp_path / "hooks"
+    write(d, "rec.py", RECORDER)
+    write(d, "typo.py", """
+        from tomd.hooks import on
+
+        @on("target.creatd")
+        def f(ctx):
+            pass
+    """)
+    cfg = _config(tmp_path, db.url, d, f'[hooks.settings.rec]\nout = "{out}"\n')
+    (tid,) = new_targets(db, 1)
+    event = tmp_path / "event.json"
+    event.write_text(json.dumps({"kind": "target.created", "version": 1,
+                                 "payload": {"target_id": tid, "name": "T0"}, "id": 1}))
+    assert main(["-c", str(cfg), "hook", "run", "rec.first", "--event", str(event)]) == 0
+    printed = capsys.readouterr().out
+    assert "rec.first: ok" in printed and '"action": "tag"' in printed and "not applied" in printed
+    assert lines(out) == ["first 1 T0"]
+    with db.sessions() as s:
+        assert repo.tags_of(s, [tid]) == {tid: []}
+    assert main(["-c", str(cfg), "hook", "run", "rec.first", "--event-id", "1", "--apply"]) == 0
+    assert main(["-c", str(cfg), "hook", "run", "rec.first", "--event", str(event), "--apply"]) == 0
+    printed = capsys.readouterr().out
+    assert "applied: target 1: tagged seen" in printed and "nothing new (already applied)" in printed
+    with db.sessions() as s:
+        assert repo.tags_of(s, [tid]) == {tid: ["seen"]}
+        assert len(list(s.scalars(select(Notification)))) == 1  # the same hook, event and key: queued once
+    # a wrong event names the field
+    event.write_text(json.dumps({"kind": "target.created", "version": 1, "payload": {"target": 1}}))
+    assert main(["-c", str(cfg), "hook", "run", "rec.first", "--event", str(event)]) == 1
+    assert f"{event}: payload.target: not a field of target.created v1" in capsys.readouterr().err
+    # list: every hook with file:line, the bad file reported, exit 1
+    assert main(["-c", str(cfg), "hook", "list"]) == 1
+    captured = capsys.readouterr()
+    assert f"rec.first  on target.created  ({d / 'rec.py'}:5)" in captured.out
+    assert "rec.second  on target.created, target.updated" in captured.out
+    assert f"{d / 'typo.py'}:4: ValueError: @on(...): unknown event kind 'target.creatd'" in captured.err
