@@ -594,3 +594,29 @@ def test_stopping_releases_the_request_for_another_daemon(db, sim, tmp_path):
     assert out.state == "done" and out.stored == 3 and other.ready() is True
     r.close()
     other.close()
+
+
+def test_a_large_frame_streams_through_without_being_held_in_memory(db, sim, tmp_path):
+    """A 16 MB frame goes to the store in chunks: the retriever's peak allocation stays far below its size."""
+    import tracemalloc
+
+    sim.archive(frames_per_config=1, image_shape=(4096, 2048))  # int16: 16 MiB of data per frame
+    (rid,) = submit(db, sim)
+    fid = complete(db, sim, rid)
+    c = client(sim)
+    size = c.data_products(fid)[0].size  # the simulator makes (and keeps) its files now, outside the measure
+    assert size > 16 * 2**20
+    r = retriever(db, sim, LocalStore(tmp_path / "s"), facility=c)
+    tracemalloc.start()
+    try:
+        (out,) = r.run_once()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert out.state == "done" and out.stored == 3
+    print(json.dumps({"frame_bytes": size, "frames": 3, "peak_traced_bytes": peak}))
+    assert peak < size / 2, f"peak {peak} bytes for {size}-byte frames"
+    rows = products(db, request_id=rid)
+    assert all(x.size == size and x.md5 == sim_md5s(sim, [x])[x.product_id] for x in rows)
+    assert rows[0].meta["shape"] == [4096, 2048]
+    r.close()

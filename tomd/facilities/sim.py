@@ -521,7 +521,8 @@ class SimObservatory:
     # handed out so far; ``truncate_downloads(n)`` makes the next n downloads
     # announce the full Content-Length and close the connection midway.
 
-    def archive(self, *, url_ttl_s: float | None = None, frames_per_config: int | None = None) -> "_Archive":
+    def archive(self, *, url_ttl_s: float | None = None, frames_per_config: int | None = None,
+                image_shape: tuple[int, int] | None = None) -> "_Archive":
         """The archive's settings (created on first use); keyword arguments change them."""
         with self._lock:
             arch = self.__dict__.get("_archive_state")
@@ -531,6 +532,8 @@ class SimObservatory:
                 arch.url_ttl_s = url_ttl_s if url_ttl_s > 0 else None
             if frames_per_config is not None:
                 arch.frames_per_config = max(1, int(frames_per_config))
+            if image_shape is not None:
+                arch.image_shape = (int(image_shape[0]), int(image_shape[1]))
             return arch
 
     def expire_urls(self) -> None:
@@ -635,7 +638,11 @@ class SimObservatory:
                 return self._fits_cache[frame_id]
         from astropy.io import fits
 
-        hdu = fits.PrimaryHDU(self._image + (frame_id % 7))
+        import numpy as np
+
+        shape = self.archive().image_shape
+        image = self._image if shape is None else np.resize(self._image, shape)
+        hdu = fits.PrimaryHDU(image + (frame_id % 7))
         hdu.header["OBJECT"] = obj[:68]
         hdu.header["FILTER"] = filt
         hdu.header["REQNUM"] = request_id
@@ -661,6 +668,7 @@ class _Archive:
     url_ttl_s: float | None = None  # None: download URLs never expire
     expired_before: float = 0.0  # URLs issued before this Unix time are expired
     frames_per_config: int = 3  # frames per instrument configuration (at most its exposure_count)
+    image_shape: tuple[int, int] | None = None  # larger frames than the default 16 x 16 (streaming tests)
     truncate: int = 0  # downloads left to cut midway
     truncate_fraction: float = 0.5
 
