@@ -620,3 +620,17 @@ def test_a_large_frame_streams_through_without_being_held_in_memory(db, sim, tmp
     assert all(x.size == size and x.md5 == sim_md5s(sim, [x])[x.product_id] for x in rows)
     assert rows[0].meta["shape"] == [4096, 2048]
     r.close()
+
+
+def test_a_facility_without_an_archive_is_settled_at_once(db, sim, tmp_path):
+    """Gemini and Swift data arrive outside this interface: their completions are not retried for days."""
+    (rid,) = submit(db, sim)
+    make_due(db, rid)
+    c = client(sim)
+    c.kind = "gemini"  # the client of a facility whose data go through another archive
+    r = retriever(db, sim, LocalStore(tmp_path / "s"), facility=c)
+    (out,) = r.run_once()
+    assert out.state == "done" and "no archive" in out.message
+    assert request(db, rid).data_due_at is None and events(db, "data.retrieval_failed") == []
+    assert not [x for x in sim.received if x.path == "/frames/"]
+    r.close()

@@ -73,6 +73,10 @@ log = logging.getLogger(__name__)
 
 HEAD_BYTES = 64 * 1024  # bytes of each file kept for its FITS header (two headers of ~400 cards)
 STOP_AFTER_FAILURES = 3  # products failing in a row end an attempt early
+# Facilities whose data reach people outside this interface (the Gemini
+# Observatory Archive; Swift's quick-look site and HEASARC): nothing to list,
+# so their completions are settled at once instead of retried for days.
+NO_ARCHIVE_KINDS = frozenset({"gemini", "swift"})
 
 
 @dataclass(frozen=True)
@@ -359,6 +363,8 @@ class Retriever:
             return self._outcome(w, "retry", "the request has no facility id (never submitted)")
         try:
             fac = self._facility(w.facility)
+            if getattr(fac, "kind", None) in NO_ARCHIVE_KINDS:
+                return self._outcome(w, "done", f"{w.facility} has no archive tomd can list; nothing to fetch")
             listing = fac.data_products(w.facility_id)
         except (RetryableError, PermanentError, NotFoundError) as exc:
             return self._outcome(w, "retry", f"listing the products: {exc}")
