@@ -547,3 +547,25 @@ def test_rate_limit_headers():
     assert retry_after({}) is None
     assert quota_exhausted({"x-rate-limit-remaining": "0", "x-rate-limit-reset": "25"}) == 25.0
     assert quota_exhausted({"x-rate-limit-remaining": "3", "x-rate-limit-reset": "25"}) is None
+
+
+def test_one_daemon_at_a_time_polls_a_stream(db, fink):
+    if db.kind != "postgresql":
+        pytest.skip("several daemons share a stream through PostgreSQL")
+    import zlib
+
+    from tomd.brokers.poll import LOCK_SPACE
+
+    fink.add(2900000000000005001, "ZTF26alock01", 4.0, 4.0, jd_of(NOW - timedelta(hours=1)))
+    st = stream("fink-api", fink.url, query={"class": "Early SN Ia candidate"})
+    other = db.engine.connect()  # another daemon, in the middle of a poll of the same stream
+    assert repo.try_advisory_lock(other, LOCK_SPACE, zlib.crc32(b"broker:fink") & 0x7FFFFFFF)
+    try:
+        p = poller(db, st)
+        assert p.poll_once(STOP)
+        assert p.stats.skipped == 1 and fink.requests == [] and cursor(db, "fink") is None
+    finally:
+        repo.advisory_unlock(other, LOCK_SPACE, zlib.crc32(b"broker:fink") & 0x7FFFFFFF)
+        other.close()
+    assert p.poll_once(STOP)  # its turn now
+    assert p.stats.polls == 1 and counts(db)["alerts"] == 1

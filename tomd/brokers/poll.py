@@ -25,7 +25,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Sequence
+import zlib
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any, Protocol
@@ -40,6 +42,9 @@ from tomd.errors import ConfigError, PermanentError, RetryableError
 log = logging.getLogger(__name__)
 
 MIN_SPLIT = timedelta(seconds=1)  # windows are not split below this
+# Advisory-lock key space of broker polls (7411 target requests, 7412 notification
+# channels, 7413 facility status polls).
+LOCK_SPACE = 7421
 
 
 @dataclass(frozen=True)
@@ -95,6 +100,7 @@ class PollStats:
 
     consumed: int = 0  # results received (a window polled again counts again)
     polls: int = 0  # polls finished
+    skipped: int = 0  # polls left to another daemon polling the same stream
     failures: int = 0  # polls that ended on an error (retried at the next interval)
     backing_off: bool = False
     requests: int = 0
@@ -151,8 +157,18 @@ class PollStream:
         """One poll; True when it finished (the cursor reached its end). Never raises for
         a service or database failure: those are logged and retried at the next interval."""
         try:
-            self._poll(stop)
+            with self._exclusive() as mine:
+                if not mine:
+                    # Another daemon (same database, same stream name) is polling it now:
+                    # one poll at a time (Invariant 6); it moves the shared cursor.
+                    self.stats.skipped += 1
+                    log.debug("stream %s: polled by another daemon", self.stream.name)
+                    return True
+                if not self._poll(stop):
+                    return False  # stopped before the end: neither a poll nor a failure
         except (RetryableError, PermanentError) as exc:
+            if stop.is_set():
+                return False  # interrupted by the stop, not a failure of the service
             self.stats.failures += 1
             self.stats.last_error = str(exc)
             level = logging.ERROR if isinstance(exc, PermanentError) else logging.WARNING
@@ -172,7 +188,7 @@ class PollStream:
         self.stats.last_poll_at = time.time()
         return True
 
-    def _poll(self, stop: threading.Event) -> None:
+    def _poll(self, stop: threading.Event) -> bool:
         now = self._clock()
         cursor = self._load_cursor(now)
         todo = [Window(min(cursor - self.overlap, now), now)]  # a stack; oldest window on top
@@ -195,10 +211,11 @@ class PollStream:
                 self._ingest(nxt.items, window, stop)
                 more = nxt.more
             if stop.is_set():
-                return  # the window is not finished: the cursor stays where it was
+                return False  # the window is not finished: the cursor stays where it was
             if window.end > cursor:
                 cursor = window.end
                 self._save_cursor(cursor)
+        return not stop.is_set()
 
     def _ingest(self, items: Sequence[Item], window: Window, stop: threading.Event) -> None:
         items = self._unseen(items)
@@ -224,6 +241,33 @@ class PollStream:
                 delay = min(delay * 2, 30.0)
             finally:
                 self.stats.backing_off = False
+
+    @contextmanager
+    def _exclusive(self) -> Iterator[bool]:
+        """PostgreSQL: a session advisory lock on this stream's key, on a connection of its
+        own, held for the whole poll and released by the server if the process dies.
+        SQLite: one process, always granted."""
+        engine = self.ingestor.sessions.kw.get("bind")
+        if engine is None or engine.dialect.name != "postgresql":
+            yield True
+            return
+        key = zlib.crc32(self.key.encode()) & 0x7FFFFFFF
+        try:
+            conn = engine.connect()
+            got = repo.try_advisory_lock(conn, LOCK_SPACE, key)
+            conn.commit()
+        except Exception as exc:  # noqa: BLE001 - the database is away: try at the next interval
+            raise RetryableError(f"database: {exc.__class__.__name__}") from exc
+        try:
+            yield got
+        finally:
+            try:
+                if got:
+                    repo.advisory_unlock(conn, LOCK_SPACE, key)
+                    conn.commit()
+            except Exception:  # noqa: BLE001 - never pool a connection that may hold the lock
+                conn.invalidate()
+            conn.close()
 
     def _unseen(self, items: Sequence[Item]) -> list[Item]:
         """Drop results whose alert is already stored (a window polled again)."""
