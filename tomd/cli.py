@@ -123,11 +123,40 @@ def _spec_from_args(args):
     )
 
 
+def _spec_from_catalog(app: App, args):
+    """Look the name up in ``--from``'s service; the CLI's aliases, tags, lists and extras are added."""
+    from tomd.catalogs import Catalogs, title
+    from tomd.targets.model import ELEMENT_FIELDS, SIDEREAL_FIELDS
+
+    given = [f for f in (*SIDEREAL_FIELDS, "scheme", *ELEMENT_FIELDS) if getattr(args, f, None) is not None]
+    if given:
+        raise InputError(f"--from {args.catalog} gives the position or elements; do not also give "
+                         f"--{given[0].replace('_', '-')}", field="--from")
+    base = _spec_from_args(args)  # for the CLI's names, tags, lists and extras
+    entry = Catalogs(app.config.catalogs, app.sessions).lookup(args.catalog, args.name)
+    where = (f"ra {entry.ra:.6f} dec {entry.dec:+.6f}" if entry.ra is not None and entry.dec is not None
+             else f"{entry.scheme} elements at MJD {entry.elements.get('epochofel', float('nan')):.1f}")
+    what = ", ".join(x for x in (entry.object_type, f"z={entry.redshift:g}" if entry.redshift is not None else None)
+                     if x)
+    print(f"{title(args.catalog)}: {entry.name}" + (f" ({what})" if what else "") + f", {where}")
+    spec = entry.to_spec(query=args.name, tags=base.tags, lists=base.lists, extras=base.extras)
+    from dataclasses import replace
+
+    return replace(spec, aliases=tuple(dict.fromkeys((*spec.aliases, *base.aliases))))
+
+
 def cmd_target_add(app: App, args) -> int:
+    from tomd.errors import PermanentError, RetryableError
     from tomd.targets.model import SpecError
     from tomd.targets.store import upsert
 
-    spec = _spec_from_args(args)
+    if getattr(args, "catalog", None):
+        try:
+            spec = _spec_from_catalog(app, args)
+        except (RetryableError, PermanentError) as exc:  # "service down" etc.: one line, no traceback
+            raise UserError(str(exc)) from None
+    else:
+        spec = _spec_from_args(args)
     try:
         with app.sessions.begin() as s:
             res = upsert(s, spec, radius_arcsec=app.config.targets.match_radius_arcsec, origin="cli")
@@ -387,6 +416,8 @@ def build_parser() -> argparse.ArgumentParser:
     target = sub.add_parser("target", help="targets").add_subparsers(dest="sub", required=True, metavar="SUB")
     q = leaf(target, "add", cmd_target_add, "add a target, or merge into the one it matches")
     q.add_argument("name")
+    q.add_argument("--from", dest="catalog", choices=["simbad", "ned", "horizons", "mpc", "tns"],
+                   help="look NAME up in this catalog (position or orbital elements, aliases, type, redshift)")
     q.add_argument("--ra", help="degrees or sexagesimal hours (10:00:24.1)")
     q.add_argument("--dec", help="degrees or sexagesimal degrees (-12:30:00)")
     q.add_argument("--epoch", type=float, help="Julian year of ra/dec (default J2000)")

@@ -631,6 +631,32 @@ class Notify:
     interval: float = opt(5.0, parse=parse_duration)
 
 
+@dataclass(frozen=True, kw_only=True)
+class Catalogs:
+    """Catalog look-ups (tomd/catalogs/): SIMBAD, NED, JPL Horizons, MPC, TNS."""
+
+    timeout: float = opt(20.0, parse=parse_duration)
+    # Answers are kept in the database (table catalog_cache) this long.
+    cache_ttl: float = opt(7 * 86400.0, parse=parse_duration)
+    # Service URLs (default: each service's public one).
+    simbad_url: Optional[str] = opt(None, check=_http_url)  # SIMBAD TAP base (…/simbad/sim-tap)
+    ned_url: Optional[str] = opt(None, check=_http_url)  # NED object search (…/cgi-bin/objsearch)
+    horizons_url: Optional[str] = opt(None, check=_http_url)  # …/api/horizons.api
+    mpc_url: Optional[str] = opt(None, check=_http_url)  # MPC Orbits API (…/api/get-orb)
+    tns_url: Optional[str] = opt(None, check=_http_url)  # TNS API base (…/api)
+    tns_bot_id: Optional[int] = opt(None, check=_between(1, 10**12))
+    tns_bot_name: Optional[str] = None
+    tns_api_key: Optional[Secret] = None
+
+    @classmethod
+    def _check(cls, values: dict, path: tuple, ctx: _Ctx) -> None:
+        given = [k for k in ("tns_bot_id", "tns_bot_name", "tns_api_key") if k in values]
+        if given:
+            for key in ("tns_bot_id", "tns_bot_name", "tns_api_key"):
+                if key not in values:
+                    ctx.bad(path + (key,), f"missing required key when {given[0]} is set (TNS bot credentials)")
+
+
 def _default_facilities() -> dict[str, Facility]:
     return {"sim": Facility(kind="sim")}
 
@@ -649,6 +675,7 @@ class Config:
     metrics: Metrics = opt(factory=Metrics)
     logging: Logging = opt(factory=Logging)
     notify: Notify = opt(factory=Notify)
+    catalogs: Catalogs = opt(factory=Catalogs)
     source: Optional[Path] = field(default=None, compare=False, metadata={"internal": True})
     """The file this was read from (None for the embedded defaults)."""
 

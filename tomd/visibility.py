@@ -261,6 +261,12 @@ def observability(sites: Iterable[str], ra: float, dec: float, start_mjd: float,
     cd = math.cos(dd)
     sin_alt = w.sin_lat * math.sin(dd) + (w.cl_cos_lst * (cd * math.cos(r)) + w.cl_sin_lst * (cd * math.sin(r)))
     cosm = xyz @ w.moon_xyz  # (N,)
+    return _verdict(w, sin_alt, cosm, max_airmass, min_moon_deg, max_sun_alt)
+
+
+def _verdict(w: _Window, sin_alt: np.ndarray, cosm: np.ndarray, max_airmass: float, min_moon_deg: float,
+             max_sun_alt: float) -> Visibility:
+    """The answer from the target's sin(altitude) (S, N) and cos(Moon distance) (N,) on the window's grid."""
     moon_ok = cosm <= math.cos(math.radians(min_moon_deg))
     usable = w.dark & moon_ok  # (S, N)
     min_sin = 1.0 / max_airmass if max_airmass >= 1.0 else 1.0
@@ -291,3 +297,51 @@ def moon_distance_deg(ra: float, dec: float, mjd: float) -> float:
     i = int(round((mjd - d.mjd0) * 1440.0 / STEP_MIN))
     _, _, xyz = _of_date(d.rot, ra, dec)
     return float(np.degrees(np.arccos(np.clip(xyz @ d.moon_xyz[:, i], -1, 1))))
+
+
+# ---- solar-system targets ----
+# A target with orbital elements moves: its position is propagated
+# (tomd.orbits, offline two-body) to every grid time of the window, and the
+# same altitude arithmetic runs with a per-time ra/dec. Positions are cached
+# per (orbit, window grid), so the alerts of one 10-minute step share them.
+
+_TRACKS: OrderedDict[tuple, np.ndarray] = OrderedDict()
+
+
+def _track(orbit, mjd: np.ndarray) -> np.ndarray:
+    """(3, N) geocentric ICRS unit vectors of ``orbit`` at the grid times ``mjd``."""
+    key = (orbit, float(mjd[0]), len(mjd))
+    with _LOCK:
+        xyz = _TRACKS.get(key)
+    if xyz is None:
+        with _quiet():
+            xyz = orbit.geocentric_unit(mjd)
+        with _LOCK:
+            _TRACKS[key] = xyz
+            while len(_TRACKS) > 256:
+                _TRACKS.popitem(last=False)
+    return xyz
+
+
+def observability_orbit(sites: Iterable[str], orbit, start_mjd: float, hours: float = 24.0, *,
+                        max_airmass: float = 2.0, min_moon_deg: float = 30.0,
+                        max_sun_alt: float = -12.0) -> Visibility:
+    """``observability`` for a solar-system target given by a ``tomd.orbits.Orbit``."""
+    w = _window(tuple(sites), start_mjd, hours, max_sun_alt)
+    if w is None:
+        return Visibility(False, reason="empty window")
+    xyz = _track(orbit, w.mjd)
+    v = w.rot @ xyz  # true equator and equinox of date
+    r = np.arctan2(v[1], v[0])
+    dd = np.arcsin(np.clip(v[2], -1.0, 1.0))
+    cd = np.cos(dd)
+    sin_alt = w.sin_lat * np.sin(dd) + (w.cl_cos_lst * (cd * np.cos(r)) + w.cl_sin_lst * (cd * np.sin(r)))
+    cosm = np.einsum("ij,ij->j", xyz, w.moon_xyz)
+    return _verdict(w, sin_alt, cosm, max_airmass, min_moon_deg, max_sun_alt)
+
+
+def orbit_radec(orbit, mjd: float) -> tuple[float, float]:
+    """Geocentric astrometric (ra, dec) degrees of ``orbit`` at ``mjd`` (UTC)."""
+    with _quiet():
+        ra, dec = orbit.radec(mjd)
+    return float(ra[0]), float(dec[0])

@@ -1213,3 +1213,35 @@ def open_requests_by_state(s: Session) -> dict[str, int]:
 def unresolved_dead_letter_count(s: Session) -> int:
     """Dead letters nobody has resolved (retried successfully or dismissed) yet."""
     return s.scalar(select(func.count()).select_from(DeadLetter).where(DeadLetter.resolved_at.is_(None))) or 0
+
+
+# ---- catalogs ----
+# Answers of catalog services, shared by every process (tomd/catalogs/cache.py).
+
+
+def catalog_cache_get(s: Session, service: str, key: str):
+    """(payload, fetched_at) of a cached answer, or None."""
+    from tomd.db.models import CatalogCache
+
+    row = s.execute(select(CatalogCache.payload, CatalogCache.fetched_at)
+                    .where(CatalogCache.service == service, CatalogCache.key == key)).first()
+    return (row[0], row[1]) if row is not None else None
+
+
+def catalog_cache_put(s: Session, service: str, key: str, payload: dict[str, Any]) -> None:
+    """Insert or replace one answer. Two processes caching the same key at once both succeed."""
+    from sqlalchemy import update
+    from sqlalchemy.exc import IntegrityError
+
+    from tomd.db.models import CatalogCache
+
+    now = utcnow()
+    values = {"payload": payload, "fetched_at": now}
+    where = (CatalogCache.service == service, CatalogCache.key == key)
+    if s.execute(update(CatalogCache).where(*where).values(**values)).rowcount:
+        return
+    try:
+        with s.begin_nested():
+            s.execute(insert(CatalogCache).values(service=service, key=key, **values))
+    except IntegrityError:  # inserted meanwhile by another process: ours is as fresh
+        s.execute(update(CatalogCache).where(*where).values(**values))

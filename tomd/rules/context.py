@@ -198,11 +198,25 @@ class TargetView:
         self.distance = row.get("distance")
         self.parallax = row.get("parallax")
         self.extras = dict(row.get("extras") or {})
+        self.scheme = row.get("scheme")  # orbital elements: a solar-system target
+        self._row = row
         self.names = tuple(names)
         self.tags = frozenset(tags)
         self.lists = frozenset(lists)
         self.points = tuple(points)
         self._now = now_mjd
+
+    @cached_property
+    def orbit(self):
+        """The ``tomd.orbits.Orbit`` of a solar-system target (None for sidereal ones or bad elements)."""
+        if not self.scheme:
+            return None
+        from tomd.orbits import Orbit
+
+        try:
+            return Orbit.from_target(self._row)
+        except (TypeError, ValueError):
+            return None
 
     @cached_property
     def _lc(self) -> dict[str, Any]:
@@ -260,6 +274,10 @@ class Context:
                    max_sun_alt: float = -12.0) -> visibility.Visibility:
         key = ("vis", facility, hours, max_airmass, min_moon_deg, max_sun_alt)
         v = self._cache.get(key)
+        if v is None and self.target.orbit is not None:  # a solar-system target moves: follow its orbit
+            v = self._cache[key] = visibility.observability_orbit(
+                self.sites(facility), self.target.orbit, self.now, hours, max_airmass=max_airmass,
+                min_moon_deg=min_moon_deg, max_sun_alt=max_sun_alt)
         if v is None:
             ra = self.target.ra if self.target.ra is not None else self.alert.ra
             dec = self.target.dec if self.target.dec is not None else self.alert.dec
@@ -274,9 +292,19 @@ class Context:
     def fn_airmass(self, facility, hours=24.0, min_moon_deg=0.0, max_sun_alt=-12.0) -> float | None:
         return self.visibility(facility, hours, 100.0, min_moon_deg, max_sun_alt).airmass
 
-    def fn_moon_distance(self) -> float | None:
+    def position(self) -> tuple[float | None, float | None]:
+        """Where the target is now: its orbit's position for a solar-system target, else its (or the alert's) ra/dec."""
+        if self.target.orbit is not None:
+            key = ("position",)
+            if key not in self._cache:
+                self._cache[key] = visibility.orbit_radec(self.target.orbit, self.now)
+            return self._cache[key]
         ra = self.target.ra if self.target.ra is not None else self.alert.ra
         dec = self.target.dec if self.target.dec is not None else self.alert.dec
+        return ra, dec
+
+    def fn_moon_distance(self) -> float | None:
+        ra, dec = self.position()
         if ra is None or dec is None:
             return None
         key = ("moon",)
