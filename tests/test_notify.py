@@ -686,3 +686,36 @@ secret = "{HMAC_SECRET}"
     assert "no notification channel 'nope'" in capsys.readouterr().err
     assert main(["--config", str(cfg), "notify", "list", "--state", "failed"]) == 0
     assert "no notifications in state failed" in capsys.readouterr().out
+
+
+# ------------------------------------------------------- wiring and config --
+
+
+def test_builtin_subscriber_enqueues_once_and_wakes_after_commit(db):
+    from tomd.notify import notification_kinds, subscriber
+
+    config = config_with(journal=Channel(kind="log", events=["observation.*"]), quiet=Channel(kind="log"))
+    assert "rule.fired" in notification_kinds(config) and "observation.failed" in notification_kinds(config)
+    assert "alert.ingested" not in notification_kinds(config)
+    woken = []
+    fn = subscriber(config, wake=lambda: woken.append(True))
+    failed = ObservationFailed(request_id=5, name="tomd-5-ab12", facility="lco", reason="window over")
+    with db.sessions.begin() as s:
+        fn(s, failed)
+        assert woken == []  # not before the commit: the notifier would not see the row
+    assert woken == [True]
+    with db.sessions.begin() as s:
+        fn(s, failed)  # the event delivered again (at least once): nothing new
+    assert woken == [True] and [(r.channel, r.dedupe_key) for r in rows(db)] == [("journal", "observation.failed:5")]
+
+
+def test_config_names_an_unknown_event_kind(tmp_path):
+    from tomd.config import load_config
+    from tomd.errors import ConfigError
+
+    cfg = tmp_path / "tomd.toml"
+    cfg.write_text('[notify.channels.ops]\nkind = "log"\nevents = ["observation.faild", "observation.*"]\n')
+    with pytest.raises(ConfigError) as e:
+        load_config(cfg)
+    (line,) = e.value.problems
+    assert line.startswith(f"{cfg}:3: notify.channels.ops.events[0]: ") and 'did you mean "observation.failed"' in line

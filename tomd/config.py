@@ -606,10 +606,16 @@ class Channel:
             return
         if kind in ("slack", "webhook") and "url" not in values:
             ctx.bad(path + ("url",), f'missing required key for a "{kind}" channel; expected an http(s) URL')
+        from tomd.events import EVENT_TYPES
+
         for i, pattern in enumerate(values.get("events", []) if values.get("events") is not _FAIL else []):
-            if not re.fullmatch(r"[a-z_]+(\.[a-z_]+)*(\.\*)?|\*", pattern):
-                ctx.bad(path + ("events", i), f'expected an event kind like "observation.failed" or '
-                        f'"observation.*", got {_show(pattern)}')
+            stem = pattern[:-1] if pattern.endswith(".*") else None
+            if pattern == "*" or pattern in EVENT_TYPES or (stem and any(k.startswith(stem) for k in EVENT_TYPES)):
+                continue
+            close = difflib.get_close_matches(pattern, sorted(EVENT_TYPES), n=1)
+            hint = f'; did you mean "{close[0]}"?' if close else f" (known: {', '.join(sorted(EVENT_TYPES))})"
+            ctx.bad(path + ("events", i), f'expected an event kind like "observation.failed" or '
+                    f'"observation.*", got {_show(pattern)}{hint}')
         if kind == "email" and isinstance(values.get("sender"), str) and not re.fullmatch(
                 r"(?:[^<>]*<)?[^@\s<>]+@[^@\s<>]+>?", values["sender"]):
             ctx.bad(path + ("sender",), f"expected an e-mail address, got {_show(values['sender'])}")

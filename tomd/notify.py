@@ -80,8 +80,10 @@ __all__ = [
     "NotifySettings",
     "SendResult",
     "enqueue",
+    "notification_kinds",
     "notifications_for",
     "sign",
+    "subscriber",
     "verify",
 ]
 
@@ -263,6 +265,35 @@ def notifications_for(event: Any, config: Any, *, event_id: int | None = None
         blob = json.dumps(payload, sort_keys=True, default=str, separators=(",", ":"))
         key = f"{kind}:{hashlib.sha256(blob.encode()).hexdigest()[:32]}"
     return [(c, key, msg) for c in wanted]
+
+
+def notification_kinds(config: Any) -> list[str]:
+    """The event kinds the fan-out needs to see: every ``rule.*`` kind (rules' ``[notify]``)
+    and what the channels' ``events`` lists name ("observation.*" expanded)."""
+    from tomd.events import EVENT_TYPES
+
+    channels = getattr(getattr(config, "notify", config), "channels", {})
+    if not channels:
+        return []
+    patterns = [p for ch in channels.values() for p in ch.events]
+    return sorted(k for k in EVENT_TYPES if k.startswith("rule.") or subscribes(patterns, k))
+
+
+def subscriber(config: Any, *, wake: Callable[[], None] | None = None) -> Callable[[Session, Any], None]:
+    """``fn(session, event)`` for the hook runner's builtin subscribers: enqueue what
+    :func:`notifications_for` asks for, in the transaction that marks the event handled,
+    and ``wake`` the notifier once that commits."""
+
+    def notify_builtin(s: Session, event: Any) -> None:
+        queued = 0
+        for channel, key, msg in notifications_for(event, config):
+            queued += enqueue(s, channel=channel, dedupe_key=key, message=msg)
+        if queued and wake is not None:
+            from sqlalchemy import event as sa_event
+
+            sa_event.listen(s, "after_commit", lambda _s: wake(), once=True)
+
+    return notify_builtin
 
 
 def _scalar(v: Any) -> str:
@@ -953,6 +984,8 @@ def default_worker_id() -> str:
 class Notifier:
     """Sends queued notifications. Several notifiers (daemons) may share one database.
 
+    A daemon component: ``name``, ``run(stop)``, ``wake()``.
+
     Build it with :meth:`from_config`; drive it with :meth:`run` in a thread
     (:meth:`wake` after committing new notifications) or :meth:`run_once`.
     ``observer`` gets ``observe_notification(channel, ok)`` per notification
@@ -973,6 +1006,8 @@ class Notifier:
         self.clock = clock
         self.rng = rng or random.Random()
         self.wake_event = threading.Event()
+
+    name = "notifier"
 
     @classmethod
     def from_config(cls, config: Any, sessions: sessionmaker[Session], storage: Any = None, **kw: Any) -> Notifier:
@@ -1000,7 +1035,14 @@ class Notifier:
         self.wake_event.set()
 
     def run(self, stop: threading.Event) -> None:
-        """Sweep until ``stop`` is set: when woken, when a backed-off row is due, else every interval."""
+        """Sweep until ``stop`` is set: when woken, when a backed-off row is due, else every interval.
+        Closes the senders' connections on the way out."""
+        try:
+            self._run(stop)
+        finally:
+            self.close()
+
+    def _run(self, stop: threading.Event) -> None:
         while not stop.is_set():
             self.wake_event.clear()
             results: list[SendResult] = []
