@@ -634,3 +634,20 @@ def test_a_facility_without_an_archive_is_settled_at_once(db, sim, tmp_path):
     assert request(db, rid).data_due_at is None and events(db, "data.retrieval_failed") == []
     assert not [x for x in sim.received if x.path == "/frames/"]
     r.close()
+
+
+def test_settings_from_the_data_section(tmp_path):
+    from tomd.config import load_config
+
+    f = tmp_path / "tomd.toml"
+    f.write_text('[data]\ninterval = "30s"\nmax_attempts = 4\nbackoff = "2m"\nbackoff_max = "1h"\n'
+                 'timeout = "20s"\nmin_rate_kbps = 200\n')
+    s = RetrieveSettings.from_config(load_config(f, env={}).data)
+    assert (s.interval_s, s.max_attempts, s.backoff_base_s, s.backoff_cap_s, s.read_timeout_s, s.min_rate_bps) == \
+        (30.0, 4, 120.0, 3600.0, 20.0, 200_000.0)
+    from tomd.config import Config
+
+    assert RetrieveSettings.from_config(Config().data) == RetrieveSettings()  # the defaults agree
+    f.write_text('[data]\nmax_attempts = 0\n')
+    with pytest.raises(Exception, match=r"data\.max_attempts"):
+        load_config(f, env={})

@@ -638,6 +638,18 @@ class Notify:
 
 
 @dataclass(frozen=True, kw_only=True)
+class Data:
+    """Data retrieval (tomd/retrieve.py): completed requests' products fetched into [storage]."""
+
+    interval: float = opt(60.0, parse=parse_duration)  # how often requests whose data is due are looked for
+    max_attempts: int = opt(12, check=_between(1, 1000))  # attempts per request before giving up
+    backoff: float = opt(60.0, parse=parse_duration)  # the wait after a failed attempt, doubling…
+    backoff_max: float = opt(6 * 3600.0, parse=parse_duration)  # …up to this
+    timeout: float = opt(60.0, parse=parse_duration)  # silence allowed within one download
+    min_rate_kbps: float = opt(50.0, check=_between(above=0.0))  # slower on average (after 60 s): cut, retried
+
+
+@dataclass(frozen=True, kw_only=True)
 class Catalogs:
     """Catalog look-ups (tomd/catalogs/): SIMBAD, NED, JPL Horizons, MPC, TNS."""
 
@@ -675,6 +687,7 @@ class Config:
     streams: list[Stream] = opt(factory=list, precheck=_check_unique_names)
     facilities: dict[str, Facility] = opt(factory=_default_facilities, precheck=_check_names)
     storage: Storage = opt(factory=Storage)
+    data: Data = opt(factory=Data)
     targets: Targets = opt(factory=Targets)
     rules: Rules = opt(factory=Rules)
     hooks: Hooks = opt(factory=Hooks)

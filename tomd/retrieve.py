@@ -93,6 +93,15 @@ class RetrieveSettings:
     restarts: int = 2  # immediate restarts of one product's download within an attempt
     max_relists: int = 3  # fresh listings per attempt when download URLs expire
 
+    @classmethod
+    def from_config(cls, cfg: Any, **overrides: Any) -> "RetrieveSettings":
+        """From the ``[data]`` section (``tomd.config.Data``)."""
+        values = dict(interval_s=cfg.interval, max_attempts=cfg.max_attempts, backoff_base_s=cfg.backoff,
+                      backoff_cap_s=cfg.backoff_max, read_timeout_s=cfg.timeout,
+                      min_rate_bps=cfg.min_rate_kbps * 1000.0)
+        values.update(overrides)
+        return cls(**values)
+
 
 @dataclass(frozen=True)
 class ProductOutcome:
