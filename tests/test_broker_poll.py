@@ -569,3 +569,21 @@ def test_one_daemon_at_a_time_polls_a_stream(db, fink):
         other.close()
     assert p.poll_once(STOP)  # its turn now
     assert p.stats.polls == 1 and counts(db)["alerts"] == 1
+
+
+def test_tns_paging_ignored_by_the_service_does_not_loop(db, tns):
+    for i in range(3):
+        tns.add(f"2026pg{chr(97 + i)}", 20.0 + i, 5.0, NOW - timedelta(hours=1), f"ZTF26apaging{i}")
+    route = tns.route
+
+    def no_paging(method, path, query, body, headers):  # an answer that ignores num_page/page
+        status, h, obj = route(method, path, query, body, headers)
+        if path == "/api/get/search":
+            hits = sorted(tns.objects.values(), key=lambda o: -o["objid"])
+            obj["data"]["reply"] = [{"objname": o["objname"], "prefix": "AT", "objid": o["objid"]} for o in hits]
+        return status, h, obj
+
+    tns.route = no_paging
+    st = stream("tns-api", tns.url, api_key=Secret(FakeTNS.API_KEY), bot_id=1, bot_name="b", page_size=3)
+    assert poller(db, st).poll_once(STOP)
+    assert counts(db)["alerts"] == 3 and len(tns.paths("/api/get/search")) == 2

@@ -208,8 +208,13 @@ class PollStream:
                     break
                 page += 1
                 nxt = self.service.fetch(self.http, window, page, stop)
+                if [it.label for it in nxt.items] == [it.label for it in first.items]:
+                    # The same page again: the service ignores the paging parameters.
+                    log.warning("stream %s: page %d repeats page %d; the service ignores paging (raise page_size)",
+                                self.stream.name, page, page - 1)
+                    break
                 self._ingest(nxt.items, window, stop)
-                more = nxt.more
+                first, more = nxt, nxt.more
             if stop.is_set():
                 return False  # the window is not finished: the cursor stays where it was
             if window.end > cursor:

@@ -73,7 +73,7 @@ def _detection(d: Any, i: int) -> PhotPoint:
         raise ParseError(f"{where[:-1]} is not an object")
     mjd = require_float(d, "mjd", where)
     mag, err = finite(d.get("magpsf")), finite(d.get("sigmapsf"))
-    flux = _mag_to_flux(mag, _positive(d.get("isdiffpos")) or d.get("isdiffpos") == 1)
+    flux = _mag_to_flux(mag, _positive(d.get("isdiffpos")))  # ALeRCE writes 1 / -1
     return PhotPoint(
         mjd=mjd, band=_band(d.get("fid"), where), kind="detection", mag=mag, mag_err=err, flux=flux,
         flux_err=abs(flux) * err * math.log(10) / 2.5 if flux is not None and err is not None else None,
