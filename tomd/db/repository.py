@@ -1002,6 +1002,7 @@ def expand_hook_runs(s: Session, hook: str, kinds: Sequence[str] | None, after_i
     q = q.where(o.id > after_id, ~exists)
     if kinds is not None:
         q = q.where(o.kind.in_(list(kinds)))
+    q = q.order_by(o.id)  # run ids follow the outbox: each hook sees events in the order written
     stmt = _insert_ignore(s, _RUNS).from_select(["hook", "event_id", "state", "attempts", "next_attempt_at"], q)
     return s.execute(stmt).rowcount or 0
 
