@@ -587,3 +587,37 @@ def test_tns_paging_ignored_by_the_service_does_not_loop(db, tns):
     st = stream("tns-api", tns.url, api_key=Secret(FakeTNS.API_KEY), bot_id=1, bot_name="b", page_size=3)
     assert poller(db, st).poll_once(STOP)
     assert counts(db)["alerts"] == 3 and len(tns.paths("/api/get/search")) == 2
+
+
+def test_the_daemon_runs_a_poll_stream_with_metrics(db, fink, tmp_path):
+    """End to end through tomd.daemon (skipped until the daemon builds kind = "poll" runners)."""
+    from tomd.config import Config
+    from tomd.daemon import Daemon
+    from tomd.metrics import instrument
+
+    now = datetime.now(timezone.utc)
+    for i in range(3):
+        fink.add(2900000000000006000 + i, f"ZTF26adaemn{i}", 5.0 + i, 5.0, jd_of(now - timedelta(hours=2 - i)))
+    (tmp_path / "rules").mkdir()
+    cfg = Config(streams=[stream("fink-api", fink.url, name="fink-ia", interval=0.2,
+                                query={"class": "Early SN Ia candidate"})])
+    cfg = replace(cfg, rules=replace(cfg.rules, paths=[str(tmp_path / "rules")]),
+                  storage=replace(cfg.storage, url=f"file://{tmp_path}/data"))
+    try:
+        daemon = Daemon(cfg, engine=db.engine)
+    except ConfigError as exc:
+        pytest.skip(f"the daemon does not build poll streams yet: {exc}")
+    if not isinstance(daemon.runners[0].consumer, PollStream):
+        pytest.skip("the daemon does not build poll streams yet")
+    daemon.metrics = instrument(daemon)  # wraps the runner's handler: the poll must go through it
+    daemon.start()
+    try:
+        deadline = time.monotonic() + 30
+        while counts(db)["alerts"] < 3:
+            assert time.monotonic() < deadline, daemon.runners[0].consumer.stats
+            time.sleep(0.05)
+    finally:
+        daemon.stop.set()
+        assert daemon.wait() == 0
+    assert daemon.summary()["fink-ia"]["alerts"] == 3
+    assert cursor(db, "fink-ia") is not None
