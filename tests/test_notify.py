@@ -274,9 +274,9 @@ def test_fan_out_rule_channels_and_subscriptions():
     (ch, key, m), = notifications_for(failed, config)
     assert (ch, key, m.level) == ("slack", "observation.failed:5", "error") and m.text == "the window ended"
     # an outbox row works the same, and an unknown kind falls back to its fields
-    row = {"id": 77, "kind": "observation.status_changed", "payload": {"request_id": 5, "state": "COMPLETED"}}
+    row = {"id": 77, "kind": "observation.paused", "payload": {"request_id": 5, "state": "PAUSED"}}
     (ch, key, m), = notifications_for(row, config)
-    assert key == "observation.status_changed:event:77" and ("State", "COMPLETED") in m.fields
+    assert key == "observation.paused:event:77" and ("State", "PAUSED") in m.fields
     dead = AlertDeadLettered(dead_letter_id=3, stream="ztf", coords="ztf_x[0]@5", error="bad schema")
     assert [c for c, _, _ in notifications_for(dead, config)] == ["ops"]
     # test mode: labelled, never mistaken for a real firing
@@ -719,3 +719,17 @@ def test_config_names_an_unknown_event_kind(tmp_path):
         load_config(cfg)
     (line,) = e.value.problems
     assert line.startswith(f"{cfg}:3: notify.channels.ops.events[0]: ") and 'did you mean "observation.failed"' in line
+
+
+def test_status_changes_hook_failures_and_retrieval_failures_read_well():
+    from tomd.events import DataRetrievalFailed, HookFailed, ObservationStatusChanged
+
+    config = config_with(ops=Channel(kind="log", events=["observation.*", "hook.failed", "data.retrieval_failed"]))
+    (_, key, m), = notifications_for(ObservationStatusChanged(5, "tomd-5-ab", "lco", "123", 3, "PENDING",
+                                                              "COMPLETED"), config)
+    assert m.subject == "Observation of {target} COMPLETED at lco" and ("State", "PENDING → COMPLETED") in m.fields
+    assert m.image and key.startswith("observation.status_changed:")
+    (_, key, m), = notifications_for(HookFailed("dq.check", 77, "data.stored", 5, "ValueError: bad header"), config)
+    assert (key, m.level, m.text) == ("hook.failed:dq.check:77", "error", "ValueError: bad header")
+    (_, key, m), = notifications_for(DataRetrievalFailed(9, "lco", "123", 3, 6, 2, 1, "HTTP 503"), config)
+    assert key == "data.retrieval_failed:9:6" and m.level == "error" and ("Missing", "1") in m.fields

@@ -197,16 +197,19 @@ def enqueue(s: Session, *, channel: str, dedupe_key: str, message: Message | Map
 
 # The payload field that names what an event is about, so that the dedupe
 # key survives the same change being written to the outbox twice.
-_NATURAL_KEY = {
-    "rule.fired": "decision_id",
-    "observation.submitted": "request_id",
-    "observation.rejected": "request_id",
-    "observation.failed": "request_id",
-    "observation.cancelled": "request_id",
-    "alert.dead_lettered": "dead_letter_id",
-    "alert.ingested": "alert_id",
-    "data.stored": "data_product_id",
-    "target.created": "target_id",
+_NATURAL_KEY: dict[str, tuple[str, ...]] = {
+    "rule.fired": ("decision_id",),
+    "observation.submitted": ("request_id",),
+    "observation.rejected": ("request_id",),
+    "observation.failed": ("request_id",),
+    "observation.cancelled": ("request_id",),
+    "observation.cadence_step": ("request_id",),
+    "alert.dead_lettered": ("dead_letter_id",),
+    "alert.ingested": ("alert_id",),
+    "data.stored": ("data_product_id",),
+    "data.retrieval_failed": ("request_id", "attempts"),
+    "target.created": ("target_id",),
+    "hook.failed": ("hook", "event_id"),
 }
 
 
@@ -256,9 +259,9 @@ def notifications_for(event: Any, config: Any, *, event_id: int | None = None
     if not wanted:
         return []
     msg = message_for_event(kind, payload)
-    natural = _NATURAL_KEY.get(kind)
-    if natural and payload.get(natural) is not None:
-        key = f"{kind}:{payload[natural]}"
+    natural = _NATURAL_KEY.get(kind, ())
+    if natural and all(payload.get(f) is not None for f in natural):
+        key = f"{kind}:" + ":".join(str(payload[f]) for f in natural)
     elif event_id is not None:
         key = f"{kind}:event:{event_id}"
     else:
@@ -329,6 +332,16 @@ def message_for_event(kind: str, p: Mapping[str, Any]) -> Message:
         if test:
             text = (text + "\n" if text else "") + "Test mode: nothing was requested, tagged or listed."
         return Message(subject, text, tuple(fields), target_id=tid, image=tid is not None, kind=kind)
+    if kind == "observation.status_changed":
+        new, old = p.get("new_state", "?"), p.get("old_state", "?")
+        reopened = bool(p.get("reopened"))
+        subject = f"Observation of {{target}} {new} at {p.get('facility', '?')}" + (" (reopened)" if reopened else "")
+        add("Request", "request_id", lambda v: f"#{v} {p.get('name', '')}")
+        fields.append(("State", f"{old} → {new}" + (f" ({p['facility_state']})" if p.get("facility_state") else "")))
+        add("Facility id", "facility_id")
+        bad = new.lower() in ("failed", "expired", "window_expired", "cancelled", "canceled", "failure_limit_reached")
+        return Message(subject, "", tuple(fields), target_id=tid, level="warning" if bad or reopened else "info",
+                       image=new.lower() == "completed", kind=kind)
     if kind.startswith("observation."):
         what = kind.split(".", 1)[1]
         name, fac = p.get("name", "?"), p.get("facility", "?")
@@ -352,6 +365,20 @@ def message_for_event(kind: str, p: Mapping[str, Any]) -> Message:
         add("Dead letter", "dead_letter_id", lambda v: f"#{v} (tomd alert dead-letters)")
         return Message(f"Alert dead-lettered on stream {p.get('stream', '?')}", str(p.get("error", "")),
                        tuple(fields), level="error", kind=kind)
+    if kind == "data.retrieval_failed":
+        add("Request", "request_id", lambda v: f"#{v}")
+        add("Facility", "facility")
+        add("Stored", "stored")
+        add("Missing", "missing")
+        add("Attempts", "attempts")
+        return Message(f"Data of {{target}} could not be retrieved from {p.get('facility', '?')}",
+                       str(p.get("error", "")), tuple(fields), target_id=tid, level="error", kind=kind)
+    if kind == "hook.failed":
+        add("Event", "event_id", lambda v: f"#{v} {p.get('event_kind', '')}")
+        add("Attempts", "attempts")
+        fields.append(("Traceback", f"tomd hook runs --failed --hook {p.get('hook', '?')}"))
+        return Message(f"Hook {p.get('hook', '?')} failed", str(p.get("error", "")), tuple(fields), target_id=tid,
+                       level="error", kind=kind)
     if kind == "data.stored":
         add("File", "filename")
         add("Kind", "product_kind")
