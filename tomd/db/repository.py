@@ -1246,3 +1246,16 @@ def catalog_cache_put(s: Session, service: str, key: str, payload: dict[str, Any
             s.execute(insert(CatalogCache).values(service=service, key=key, **values))
     except IntegrityError:  # inserted meanwhile by another process: ours is as fresh
         s.execute(update(CatalogCache).where(*where).values(**values))
+
+
+# ---- cadence ----
+# Series whose request ended before reaching the facility (tomd.cadence.sweep).
+
+
+def unsent_ended_in_series(s: Session, *, since: datetime, states: Sequence[str] = ("failed",)) -> list[tuple[int, str]]:
+    """(id, state) of requests with a cadence that ended in ``states`` without a facility id
+    (the submitter gave up: window over, attempts exhausted) and changed since ``since``."""
+    R = _OBS
+    q = select(R.c.id, R.c.state).where(R.c.cadence.is_not(None), R.c.facility_id.is_(None),
+                                        R.c.state.in_(list(states)), R.c.updated_at >= since).order_by(R.c.id)
+    return [(i, st) for i, st in s.execute(q)]
