@@ -283,3 +283,27 @@ def test_a_fired_rule_with_a_cadence_starts_a_series(db, shared_data):
         req = s.scalars(select(ObservationRequest)).one()
     assert req.cadence == {"spec": {"every_s": 86400.0, "count": 2}, "seq": 0, "attempt": 0}
     assert req.parent_id is None and count(db, ObservationRequest) == 1
+
+
+def test_a_request_failed_before_submission_is_retried_by_the_sweep(db, sim):
+    from tomd.cadence import sweep
+
+    with db.sessions.begin() as s:
+        tid = upsert(s, TargetSpec(name="SN 2026late", ra=150.0, dec=-20.0), origin="test").target_id
+    past = datetime.now(timezone.utc) - timedelta(hours=30)
+    with db.sessions.begin() as s:
+        first = create_intent(s, target_id=tid, facility="sim", template="1m-gri", name="late-1",
+                              window_start=past, window_end=past + timedelta(hours=6))
+        repo.update_observation(s, first, {"cadence": initial(parse_cadence("retry 1 shift 12h"))})
+    fac = client(sim)
+    Submitter(db.sessions, {"sim": fac}, FAST, worker_id="w").run_until_settled(timeout_s=20)
+    with db.sessions() as s:
+        assert repo.get_observation(s, first).state == "failed"  # its window ended before it was sent
+    made = sweep(db.sessions)
+    assert len(made) == 1 and sweep(db.sessions) == []  # a second sweep makes nothing
+    Submitter(db.sessions, {"sim": fac}, FAST, worker_id="w").run_until_settled(timeout_s=20)
+    with db.sessions() as s:
+        retry = repo.get_observation(s, made[0])
+    assert retry.name == "late-1-0r1" and retry.state == "pending" and retry.parent_id == first
+    assert retry.window_end - retry.window_start == timedelta(hours=6)
+    assert sim.names()["late-1-0r1"] == 1

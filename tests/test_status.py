@@ -374,3 +374,38 @@ def test_bad_cadence_is_refused_before_anything_is_recorded(db, cli):
     assert "--cadence" in str(e.value) and "needs an end" in str(e.value)
     with db.sessions() as s:
         assert s.scalar(select(func.count()).select_from(ObservationRequest)) == 0
+
+
+def test_the_daemon_runs_the_status_jobs(db):
+    from tomd.config import Config, Facility
+    from tomd.daemon import Daemon
+    from tomd.metrics import instrument
+    from tomd.scheduler import status_jobs
+
+    cfg = Config(facilities={"lab": Facility(kind="sim", poll_interval=1.0)})
+    daemon = Daemon(cfg, engine=db.engine)
+    daemon.metrics = instrument(daemon)
+    jobs = daemon.add(status_jobs(daemon.sessions, daemon.facilities, cfg, wake=daemon.submitter.wake,
+                                  metrics=daemon.metrics))
+    assert jobs.names() == ["cadence", "poll:lab"]
+    with db.sessions.begin() as s:
+        tid = upsert(s, TargetSpec(name="SN 2026run", ra=150.0, dec=-20.0), origin="test").target_id
+    with db.sessions.begin() as s:
+        rid = create_intent(s, target_id=tid, facility="lab", template="1m-gri", name="run-1")
+    daemon.start()
+    try:
+        deadline = time.time() + 30
+        while row(db, rid).state != "pending":
+            assert time.time() < deadline
+            time.sleep(0.05)
+        (sim,) = daemon.facilities._sims
+        sim.set_state(int(row(db, rid).facility_id), "COMPLETED")
+        while row(db, rid).state != "completed":
+            assert time.time() < deadline
+            time.sleep(0.05)
+        assert daemon.metrics.registry.get_sample_value(
+            "tomd_observation_status_changes_total", {"facility": "lab", "state": "completed"}) == 1
+    finally:
+        daemon.stop.set()
+        assert daemon.wait() == 0
+    assert not jobs.running

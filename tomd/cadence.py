@@ -26,7 +26,9 @@ each with the first window's length.
 state (``tomd.status.Poller``); the next request's name is derived from the
 series' first name and its position (``<first>-3``, ``<first>-3r1``), and
 inserted only if new, so a replayed poll cannot make it twice. The submitter
-sends it like any intent.
+sends it like any intent. A request that ends without reaching the facility
+(the submitter gave up: its window passed, its attempts ran out) is never
+polled; ``sweep`` (a scheduler job) steps those series the same way.
 """
 
 from __future__ import annotations
@@ -421,3 +423,19 @@ def next_intent(s: Session, request_id: int, state: str, now: datetime) -> int |
                    target_id=row.target_id)
     log.info("cadence of %s: %s → %s", first.name, step.reason, name)
     return new_id
+
+
+def sweep(sessions: Any, *, lookback_s: float = 86400.0, clock: Any = None) -> list[int]:
+    """Step the series whose request failed before reaching the facility; returns new intent ids.
+
+    Idempotent like the poller's step (names are deterministic), so it may run
+    anywhere, often, and on several daemons at once.
+    """
+    now = (clock or (lambda: datetime.now(timezone.utc)))()
+    made: list[int] = []
+    with sessions.begin() as s:
+        for rid, state in repo.unsent_ended_in_series(s, since=now - timedelta(seconds=lookback_s)):
+            new_id = next_intent(s, rid, state, now)
+            if new_id is not None:
+                made.append(new_id)
+    return made

@@ -34,10 +34,14 @@ log = logging.getLogger(__name__)
 
 
 class Jobs:
-    """Named interval jobs on a background scheduler. ``start()`` / ``shutdown(wait=True)``."""
+    """Named interval jobs on a background scheduler. ``start()`` / ``shutdown(wait=True)``.
+
+    A daemon component (``tomd.daemon.Daemon.add``): ``name``, ``start``/``shutdown``, ``ready``.
+    """
 
     def __init__(self, *, workers: int = 4, first_delay_s: float = 1.0, jitter_s: float = 5.0,
-                 rng: random.Random | None = None):
+                 rng: random.Random | None = None, name: str = "scheduler"):
+        self.name = name
         self._scheduler = BackgroundScheduler(
             executors={"default": ThreadPoolExecutor(max_workers=max(1, workers))},
             job_defaults={"max_instances": 1, "coalesce": True, "misfire_grace_time": None},
@@ -97,6 +101,9 @@ class Jobs:
     def running(self) -> bool:
         return bool(self._scheduler.running)
 
+    def ready(self) -> bool | str:
+        return True if self.running else "scheduler not running"
+
     # -- one run -------------------------------------------------------------------
 
     def _guarded(self, name: str, fn: Callable[[], Any]) -> None:
@@ -119,3 +126,29 @@ def _poll_one(poller: Any, facility: str) -> Callable[[], Any]:
 
     run.__name__ = f"poll_{facility}"
     return run
+
+
+def status_jobs(sessions: Any, facilities: Mapping[str, Any], config: Any, *, wake: Callable[[], None] | None = None,
+                metrics: Any = None, cadence_sweep_s: float = 300.0, jobs: Jobs | None = None) -> Jobs:
+    """The status stage's jobs for ``tomd run``: ``poll:<facility>`` at each facility's
+    ``poll_interval``, and ``cadence`` (series whose request failed before reaching the
+    facility). ``wake``: the submitter's (a cadence step made an intent); ``metrics``: a
+    ``tomd.metrics.Metrics`` (status changes, open requests)."""
+    from tomd.cadence import sweep
+    from tomd.status import Poller
+
+    jobs = jobs or Jobs()
+    poller = Poller(sessions, facilities, wake=wake,
+                    on_change=metrics.observe_status_change if metrics is not None else None,
+                    on_open=metrics.set_open_requests if metrics is not None else None)
+    jobs.poller = poller  # type: ignore[attr-defined]  # for `run_now` callers and tests
+    jobs.add_pollers(poller, {name: float(config.facilities[name].poll_interval) for name in facilities
+                              if name in config.facilities})
+
+    def cadence() -> None:
+        made = sweep(sessions)
+        if made and wake is not None:
+            wake()
+
+    jobs.add_interval("cadence", cadence, cadence_sweep_s)
+    return jobs

@@ -205,14 +205,18 @@ class Poller:
         result.followed = len(rows)
         cur = None if full else _parse_time(cursor)
         if not rows:
+            # Nothing to miss: the next submission's group is younger than our clock minus the margin.
+            quiet = now - timedelta(seconds=st.skew_margin_s)
             with self.sessions.begin() as s:
-                repo.save_poll_state(s, name, now, cursor)
+                repo.save_poll_state(s, name, now, max(cur, quiet).isoformat() if cur else quiet.isoformat())
             return
         if cur is not None:
             since = cur - timedelta(seconds=st.overlap_s)
         else:
-            # First poll (or --full): from the oldest followed submission, by our clock, so with the skew margin.
-            oldest = min((r["submitted_at"] or r["created_at"]) for r in rows)
+            # First poll (or --full): from the oldest open submission (else the oldest followed one),
+            # by our clock, so with the skew margin.
+            open_rows = [r for r in rows if r["state"] in repo.OPEN_STATES] or rows
+            oldest = min((r["submitted_at"] or r["created_at"]) for r in open_rows)
             since = oldest - timedelta(seconds=st.skew_margin_s + st.overlap_s)
         result.since = since
         by_fid = {str(r["facility_id"]): r for r in rows}
