@@ -621,3 +621,14 @@ def test_the_daemon_runs_a_poll_stream_with_metrics(db, fink, tmp_path):
         assert daemon.wait() == 0
     assert daemon.summary()["fink-ia"]["alerts"] == 3
     assert cursor(db, "fink-ia") is not None
+
+
+def test_alerce_objects_of_one_exposure_beyond_a_page_are_paged(db, alerce):
+    # One ZTF exposure: many objects share the same lastmjd, so the window cannot split them.
+    for i in range(5):
+        alerce.add(f"ZTF26aexpos{i}", 200.0 + i * 0.01, -30.0, MJD_NOW - 0.25)
+    p = poller(db, stream("alerce-api", alerce.url + "/ztf/v1", page_size=2))
+    assert p.poll_once(STOP)
+    assert counts(db)["alerts"] == 5
+    pages = [q["page"][0] for _, path, q, _, _ in alerce.requests if path == "/ztf/v1/objects"]
+    assert {"2", "3"} <= set(pages)

@@ -31,6 +31,7 @@ class ALeRCE:
     name = "alerce"
     default_overlap_s = 6 * 3600.0  # ALeRCE's pipeline delay, with margin; re-listing is cheap
     splits = True
+    pages = True  # within a window under a second (one ZTF exposure can hold many objects)
 
     def __init__(self, stream):
         self.base = (stream.url or DEFAULT_URL).rstrip("/")

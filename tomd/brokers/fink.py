@@ -29,6 +29,7 @@ class Fink:
     name = "fink"
     default_overlap_s = 3600.0  # Fink's processing delay, with margin
     splits = True
+    pages = False  # latests returns at most n; no offset
 
     def __init__(self, stream):
         self.base = (stream.url or DEFAULT_URL).rstrip("/")

@@ -86,8 +86,12 @@ class Service(Protocol):
     name: str  # "tns", "alerce", "fink"
     default_overlap_s: float
     # True when a window can be split in time (the service filters by an upper
-    # bound too); False: the service pages instead (``page`` 1, 2, ...).
+    # bound too). Splitting is preferred to paging: pages of a list that changes
+    # while it is read can skip an entry, a time window cannot.
     splits: bool
+    # True when the service takes a page number (``page`` 1, 2, ...): used when a
+    # window cannot be split (no upper bound, or already under MIN_SPLIT).
+    pages: bool
 
     def fetch(self, http: BrokerHttp, window: Window, page: int, stop: threading.Event) -> Page: ...
 
@@ -202,9 +206,10 @@ class PollStream:
             self._ingest(first.items, window, stop)
             page, more = 1, first.more
             while more and not stop.is_set():
-                if self.service.splits:  # a full page in a window too short to split
-                    log.warning("stream %s: more than %d results between %s and %s; raise page_size",
-                                self.stream.name, self.stream.page_size, _iso(window.start), _iso(window.end))
+                if not self.service.pages:  # a full answer in a window too short to split
+                    log.warning("stream %s: more than %d results between %s and %s; some are not read: "
+                                "raise page_size", self.stream.name, self.stream.page_size,
+                                _iso(window.start), _iso(window.end))
                     break
                 page += 1
                 nxt = self.service.fetch(self.http, window, page, stop)

@@ -32,7 +32,8 @@ DEFAULT_URL = "https://www.wis-tns.org"
 class TNS:
     name = "tns"
     default_overlap_s = 600.0  # public_timestamp is TNS's clock; ten minutes of slack
-    splits = False
+    splits = False  # public_timestamp is a lower bound only
+    pages = True
 
     def __init__(self, stream):
         self.base = (stream.url or DEFAULT_URL).rstrip("/")
