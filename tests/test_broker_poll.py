@@ -110,11 +110,13 @@ class FakeTNS(FakeService):
         self.objects[objname] = {
             "objname": objname, "name_prefix": "AT", "objid": 100000 + len(self.objects),
             "ra": "00:00:00.000", "dec": "+00:00:00.00", "radeg": ra, "decdeg": dec,
-            "redshift": None, "hostname": None, "internal_names": f"{ztf}, ATLAS{objname[2:]}",
+            "radeg_err": 2.5e-05, "decdeg_err": 2.5e-05, "redshift": None, "hostname": None, "host_redshift": None,
+            "internal_names": f"{ztf}, ATLAS{objname[2:]}", "discoverer_internal_name": ztf,
             "discoverydate": "2026-11-19 03:39:50.400", "discoverymag": 18.9,
-            "discmagfilter": {"id": 111, "name": "r", "family": "ZTF"},
-            "object_type": {"name": None, "id": None}, "reporting_group": {"group_id": 48, "group_name": "ZTF"},
-            "lastmodified": modified.strftime("%Y-%m-%d %H:%M:%S"),
+            "discmagfilter": {"id": 111, "name": "r", "family": "ZTF"}, "discoverer": "ZTF team",
+            "object_type": {"name": None, "id": None}, "reporting_group": {"groupid": 48, "group_name": "ZTF"},
+            "discovery_data_source": {"groupid": 48, "group_name": "ZTF"}, "reporter": "ZTF", "reporterid": 1,
+            "public": 1, "end_prop_period": None, "source": "bot",
             "photometry": [
                 {"obsdate": "2026-11-19 03:39:50.400", "jd": 2461363.6526666 + 0.1 * i, "flux": 18.9 - 0.1 * i,
                  "fluxerr": 0.08, "limflux": "", "flux_unit": {"id": 1, "name": "ABMag"},
@@ -319,14 +321,18 @@ def test_tns_new_objects_become_targets_with_aliases_and_photometry_once(db, tns
     assert p2.poll_once(STOP)
     assert counts(db) == c
 
-    # A change at TNS (new photometry, new modification time) is a new alert on the same target.
+    # A change at TNS (a classification, new photometry) is a new alert on the same target.
     obj = tns.objects["2026aba"]
     obj["photometry"].append({**obj["photometry"][0], "jd": 2461364.9, "flux": 18.1})
-    obj["lastmodified"] = "2026-11-20 12:07:00"
+    obj["object_type"] = {"name": "SN Ia", "id": 3}
+    obj["name_prefix"] = "SN"
     tns.modified["2026aba"] = NOW + timedelta(minutes=7)
     assert poller(db, st, clock=lambda: NOW + timedelta(minutes=10)).poll_once(STOP)
     c2 = counts(db)
     assert (c2["alerts"], c2["targets"], c2["photometry"]) == (6, 5, 16)
+    with db.sessions() as s:
+        row = s.scalar(select(AlertRow).where(AlertRow.object_id == "SN 2026aba"))
+    assert row.fields["object_type"] == "SN Ia" and row.target_id is not None  # the same target, by its TNS name
 
 
 def test_tns_refusal_is_an_error_not_a_crash_and_the_cursor_stays(db, tns):

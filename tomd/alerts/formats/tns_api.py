@@ -6,10 +6,10 @@ One TNS object as the poller received it: ``objname`` (2024abc),
 names, comma-separated: ZTF objectId, ATLAS, ...), ``object_type``,
 ``redshift`` and, when asked, ``photometry`` rows (``jd``, ``flux`` in the
 row's ``flux_unit`` — only ABMag is used —, ``fluxerr``, ``limflux``,
-``filters``). The alert key is the name plus TNS's modification time when the
-reply carries one (``lastmodified``), else a hash of the reply: an object seen
-again unchanged is a replay; a change (classification, new photometry) is a
-new alert on the same target.
+``filters``). The alert key is the name plus a hash of the reply (plus TNS's
+modification time, should a reply carry one): an object seen again unchanged
+is a replay; a change (classification, new photometry) is a new alert on the
+same target, found by its TNS name.
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ def parse(record: dict) -> list[Alert]:
     ra, dec = check_radec(_deg(record, "radeg"), _deg(record, "decdeg"))
     when = parse_iso_utc(require(record, "discoverydate"), "discoverydate")
     modified = next((str(record[k]) for k in _MODIFIED if record.get(k)), None)
-    key = f"{objname}@{modified}" if modified else f"{objname}@{content_key(record)[7:27]}"
+    digest = content_key(record)[7:27]
+    key = f"{objname}@{modified}#{digest}" if modified else f"{objname}@{digest}"
 
     aliases = [objname, f"{prefix} {objname}"]
     for name in str(record.get("internal_names") or "").split(","):
