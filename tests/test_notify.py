@@ -619,6 +619,27 @@ def test_two_notifiers_never_send_one_notification_twice(db, endpoint):
     assert states.count("sent") == 7 and states.count("pending") == 13
 
 
+def test_a_second_notifier_waits_for_the_channel_lock(db, endpoint):
+    """Another notifier is between counting and committing its claim: this one must wait, then see
+    the claimed rows as in flight (without the lock it would count 0 and send past the limit)."""
+    clock = Clock()
+    config = config_with(limited=Channel(kind="webhook", url=endpoint.url(), rate_limit_per_hour=7))
+    queue(db, "limited", 20)
+    n = notifier(db, config, clock)
+    results: list = []
+    with db.sessions.begin() as s:
+        repo.lock_notification_channel(s, "limited")
+        claimed = repo.claim_notifications(s, "other", channel="limited", now=clock.now,
+                                           lease_until=clock.now + dt.timedelta(minutes=5), limit=7)
+        assert len(claimed) == 7
+        t = threading.Thread(target=lambda: results.extend(n.run_channel("limited")))
+        t.start()
+        t.join(1.0)
+        assert t.is_alive()  # waiting for the other's transaction
+    t.join(30)
+    assert not t.is_alive() and results == [] and endpoint.requests == []
+
+
 # ----------------------------------------------------------------- secrets --
 
 

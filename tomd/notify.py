@@ -128,6 +128,10 @@ class Message:
             raise ValueError(f"Message.level: expected info, warning or error, got {self.level!r}")
         if not isinstance(self.subject, str) or not self.subject.strip():
             raise ValueError("Message.subject: expected a non-empty string")
+        for label, url in self.links:
+            # Slack writes links as <url|label>: a URL with spaces, "|" or ">" would break the message.
+            if not re.fullmatch(r"https?://[^\s|<>]+", url):
+                raise ValueError(f"Message.links: expected an http(s) URL for {label!r}, got {url!r}")
 
     def as_json(self) -> dict[str, Any]:
         return {"subject": self.subject, "text": self.text, "fields": [list(p) for p in self.fields],
@@ -875,7 +879,7 @@ class EmailSender:
         m = EmailMessage()
         sender = ch.sender or f"tomd@{socket.getfqdn() or 'localhost'}"
         prefix = {"error": "[tomd ERROR] ", "warning": "[tomd warning] "}.get(out.level, "[tomd] ")
-        m["Subject"] = _cut((prefix + out.subject).replace("\n", " "), 200)
+        m["Subject"] = _cut(" ".join((prefix + out.subject).split()), 200)  # one line: no header injection
         m["From"] = sender
         m["To"] = ", ".join(ch.to)
         m["Date"] = email.utils.formatdate(localtime=False, usegmt=True)
