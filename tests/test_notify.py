@@ -754,3 +754,35 @@ def test_status_changes_hook_failures_and_retrieval_failures_read_well():
     assert (key, m.level, m.text) == ("hook.failed:dq.check:77", "error", "ValueError: bad header")
     (_, key, m), = notifications_for(DataRetrievalFailed(9, "lco", "123", 3, 6, 2, 1, "HTTP 503"), config)
     assert key == "data.retrieval_failed:9:6" and m.level == "error" and ("Missing", "1") in m.fields
+
+
+def test_end_to_end_outbox_to_hook_runner_builtin_to_webhook(db, endpoint, tmp_path):
+    """The daemon's wiring: the hook runner's builtin turns outbox events into queued
+    notifications exactly once, and the notifier (woken after the commit) delivers them."""
+    from tests.test_hooks import drain, make_runner
+    from tomd.hooks.registry import Registry
+    from tomd.notify import notification_kinds, subscriber
+
+    tid = add_target(db, photometry=False)
+    config = config_with(ops=Channel(kind="webhook", url=endpoint.url(), secret=Secret(HMAC_SECRET),
+                                     events=["observation.failed"]))
+    n = notifier(db, config)
+    registry = Registry()
+    registry.add_builtin("builtin:notify", notification_kinds(config), subscriber(config, wake=n.wake))
+    (tmp_path / "hooks").mkdir()
+    runner = make_runner(db, tmp_path / "hooks", registry=registry)
+    try:
+        runner.start()  # the builtin takes the events committed after its registration
+        with db.sessions.begin() as s:
+            repo.add_event(s, RuleFired(11, "fast-risers", None, tid, "rise=1.2", ("ops",), "Look"), target_id=tid)
+            repo.add_event(s, ObservationFailed(5, "tomd-5-ab", "lco", "window over", 2, tid), target_id=tid)
+        drain(runner, db)
+        assert n.wake_event.is_set()
+        drain(runner, db)  # again: nothing new is queued
+    finally:
+        runner.close()
+    assert sorted(r.dedupe_key for r in rows(db)) == ["observation.failed:5", "rule.fired:11"]
+    assert [r.state for r in n.run_until_idle()] == ["sent", "sent"]
+    subjects = sorted(b["notifications"][0]["subject"] for b in endpoint.bodies())
+    assert subjects == ["Observation of ZTF24aaabbbc failed (lco)", "Rule fast-risers fired on ZTF24aaabbbc"]
+    assert all(verify(HMAC_SECRET, r["body"], r["headers"]["Tomd-Signature"]) for r in endpoint.requests)
