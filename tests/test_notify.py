@@ -786,3 +786,59 @@ def test_end_to_end_outbox_to_hook_runner_builtin_to_webhook(db, endpoint, tmp_p
     subjects = sorted(b["notifications"][0]["subject"] for b in endpoint.bodies())
     assert subjects == ["Observation of ZTF24aaabbbc failed (lco)", "Rule fast-risers fired on ZTF24aaabbbc"]
     assert all(verify(HMAC_SECRET, r["body"], r["headers"]["Tomd-Signature"]) for r in endpoint.requests)
+
+
+def test_metrics_count_delivered_and_finally_failed(db, endpoint):
+    from tomd.metrics import Metrics
+
+    metrics = Metrics()
+    config = config_with(ops=Channel(kind="webhook", url=endpoint.url()), bad=Channel(kind="slack", url=endpoint.url()))
+    endpoint.plan.append((403, "action_prohibited", {}, 0.0))  # "bad" goes first (channels in name order)
+    queue(db, "bad", 1)
+    queue(db, "ops", 2)
+    notifier(db, config, observer=metrics).run_until_idle()
+    text = metrics.exposition().decode()
+    assert 'tomd_notifications_sent_total{channel="ops"} 2.0' in text
+    assert 'tomd_notifications_failed_total{channel="bad"} 1.0' in text
+
+
+def test_cli_list_retry_and_flush(tmp_path, endpoint, capsys):
+    from tomd.cli import main
+    from tomd.db import migrate
+
+    cfg = tmp_path / "tomd.toml"
+    cfg.write_text(f"""
+[database]
+url = "sqlite:///{tmp_path / 'tomd.db'}"
+[storage]
+url = "file://{tmp_path / 'store'}"
+[rules]
+paths = ["{tmp_path / 'rules'}"]
+[hooks]
+paths = ["{tmp_path / 'hooks'}"]
+[metrics]
+listen = "127.0.0.1:0"
+[notify.channels.ops]
+kind = "webhook"
+url = "{endpoint.url()}"
+""")
+    assert main(["--config", str(cfg), "db", "upgrade"]) == 0
+    engine = migrate.connect(f"sqlite:///{tmp_path / 'tomd.db'}")
+    sessions = migrate.sessions(engine)
+    with sessions.begin() as s:
+        enqueue(s, channel="ops", dedupe_key="a", message=Message("first"))
+        enqueue(s, channel="ops", dedupe_key="b", message=Message("second"))
+    endpoint.plan.append((404, "no such hook", {}, 0.0))
+    capsys.readouterr()
+    assert main(["--config", str(cfg), "notify", "flush"]) == 1  # one failed
+    assert "sent 1, to retry 0, failed 1" in capsys.readouterr().out
+    assert main(["--config", str(cfg), "notify", "list", "--state", "failed"]) == 0
+    out = capsys.readouterr().out
+    assert "#1" in out and "failed" in out and "first" in out and "HTTP 404: no such hook" in out
+    assert main(["--config", str(cfg), "notify", "retry", "--all-failed"]) == 0
+    assert "1 failed notification queued again" in capsys.readouterr().out
+    assert main(["--config", str(cfg), "notify", "flush"]) == 0
+    assert main(["--config", str(cfg), "notify", "list", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out.split("\n", 1)[1])
+    assert [(r["subject"], r["state"]) for r in listed] == [("second", "sent"), ("first", "sent")]
+    engine.dispose()
