@@ -409,3 +409,43 @@ def test_the_daemon_runs_the_status_jobs(db):
         daemon.stop.set()
         assert daemon.wait() == 0
     assert not jobs.running
+
+
+def test_a_poller_that_dies_releases_its_facility(db, sim):
+    """The lock is a session lock: a killed process's connection ends and takes the lock with it."""
+    if db.kind != "postgresql":
+        pytest.skip("the cross-process lock is PostgreSQL's")
+    import subprocess
+    import sys
+    import textwrap
+
+    from tomd.status import LOCK_SPACE, lock_key
+
+    ((rid, gid),) = submitted(db, sim)
+    sim.set_state(gid, "COMPLETED")
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys, time
+        from sqlalchemy import create_engine, text
+        c = create_engine({db.url!r}).connect()
+        assert c.execute(text("SELECT pg_try_advisory_lock({LOCK_SPACE}, {lock_key('sim')})")).scalar()
+        c.commit()
+        print("held", flush=True)
+        time.sleep(600)
+    """)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        poller = Poller(db.sessions, {"sim": client(sim)})
+        (p,) = poller.poll()
+        assert p.skipped and row(db, rid).state == "pending"
+        holder.kill()
+        holder.wait(10)
+        deadline = time.time() + 20
+        while True:  # the server notices the closed connection at once; allow it a moment
+            (p,) = poller.poll()
+            if not p.skipped or time.time() > deadline:
+                break
+            time.sleep(0.2)
+        assert p.skipped is None and [c.new_state for c in p.changes] == ["completed"]
+    finally:
+        if holder.poll() is None:
+            holder.kill()
