@@ -842,3 +842,24 @@ url = "{endpoint.url()}"
     listed = json.loads(capsys.readouterr().out.split("\n", 1)[1])
     assert [(r["subject"], r["state"]) for r in listed] == [("second", "sent"), ("first", "sent")]
     engine.dispose()
+
+
+def test_run_loop_sends_when_woken_and_stops(db, endpoint):
+    config = config_with(ops=Channel(kind="webhook", url=endpoint.url()))
+    n = Notifier.from_config(config, db.sessions, settings=NotifySettings(interval_s=30.0))
+    stop = threading.Event()
+    t = threading.Thread(target=n.run, args=(stop,))
+    t.start()
+    try:
+        queue(db, "ops", 1)
+        n.wake()  # else the next look would be 30 s away
+        deadline = time.monotonic() + 20
+        while not endpoint.requests and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert len(endpoint.requests) == 1
+    finally:
+        stop.set()
+        n.wake()
+        t.join(10)
+    assert not t.is_alive()
+    assert [r.state for r in rows(db)] == ["sent"]
