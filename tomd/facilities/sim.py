@@ -883,12 +883,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--proposal", action="append", help="proposal ids (default SIM2026A-001)")
     p.add_argument("--speed", type=float, default=1.0, help="time runs this many times faster (default 1)")
     p.add_argument("--pending", type=float, default=60.0, help="seconds a request stays PENDING at speed 1")
+    p.add_argument("--running", type=float, default=0.0,
+                   help="then seconds IN_PROGRESS at speed 1 (default 0: straight to COMPLETED)")
     p.add_argument("--chaos", type=float, default=0.0, help="fraction of calls that misbehave at random")
 
 
 def serve(args: argparse.Namespace, *, out=sys.stdout) -> int:
     sim = SimObservatory(token=args.token or None, proposals=tuple(args.proposal or ("SIM2026A-001",)),
-                         speed=args.speed, pending_s=args.pending, host=args.host, port=args.port)
+                         speed=args.speed, pending_s=args.pending, host=args.host, port=args.port,
+                         running_s=getattr(args, "running", 0.0))
     with sim:
         if args.chaos:
             sim.chaos(args.chaos)
