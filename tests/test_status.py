@@ -452,7 +452,7 @@ def test_a_poller_that_dies_releases_its_facility(db, sim):
 
 
 def test_states_progressing_by_themselves_at_the_sim_are_followed(db):
-    with SimObservatory(pending_s=0.5, running_s=0.8) as sim:
+    with SimObservatory(pending_s=0.5, running_s=3.0) as sim:
         ((rid, gid),) = submitted(db, sim)
         poller = Poller(db.sessions, {"sim": client(sim)})
         seen = []
@@ -461,6 +461,6 @@ def test_states_progressing_by_themselves_at_the_sim_are_followed(db):
             assert time.time() < deadline
             seen += [c.new_state for p in poller.poll() for c in p.changes]
             time.sleep(0.1)
-        # IN_PROGRESS lasts 0.8 s: polled every 0.1 s it is seen, then COMPLETED, each once.
+        # IN_PROGRESS lasts 3 s: polled every 0.1 s it is seen, then COMPLETED, each once.
         assert seen == ["in_progress", "completed"]
         assert [s for s, _ in history(db, rid)] == ["pending", "in_progress", "completed"]
