@@ -283,17 +283,28 @@ class RegistrySchemaSource:
 
 @dataclass
 class ChainSchemaSource:
-    """Ask each source in turn (registry first, packaged schemas as fallback)."""
+    """Ask each source in turn (registry first, packaged schemas as fallback).
+
+    The schema found is kept per id: an id the registry does not know would
+    otherwise cost one HTTP request per message before the fallback answers.
+    A failure is not kept, so a registry that was down is asked again.
+    """
 
     sources: tuple[SchemaSource, ...]
+    _cache: dict[int, Any] = field(default_factory=dict, repr=False)
 
     def get(self, schema_id: int) -> Any:
+        if schema_id in self._cache:
+            return self._cache[schema_id]
         errors = []
         for src in self.sources:
             try:
-                return src.get(schema_id)
+                schema = src.get(schema_id)
             except DecodeError as exc:
                 errors.append(str(exc))
+                continue
+            self._cache[schema_id] = schema
+            return schema
         raise DecodeError(f"schema id {schema_id} not found: " + "; ".join(errors))
 
 

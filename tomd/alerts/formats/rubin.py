@@ -6,7 +6,8 @@ photometry) and, up to v7, ``prvDiaNondetectionLimits``. Names changed
 across versions: v3–v4 have ``midPointTai``/``filterName``/``decl``/
 ``psFlux``; v5+ ``midpointMjdTai``/``band``/``dec``/``psfFlux``; v7.0 calls
 the top-level id ``alertId``, later versions ``diaSourceId``; v8+ carry
-``ssSource`` for known solar-system objects. Times are MJD in TAI (converted
+``ssSource`` for known solar-system objects (v8–v9 with ``MPCORB``, v10+
+with ``mpc_orbits``), v7 and v10.1+ an ``ssObject``. Times are MJD in TAI (converted
 to UTC here); fluxes are nJy.
 """
 
@@ -105,6 +106,25 @@ def limit_point(row: dict, source: str) -> PhotPoint | None:
     )
 
 
+def _solar_system_link(record: dict, dia: dict) -> tuple[Any, str | None]:
+    """(ssObjectId, designation) of a known solar-system object, wherever the version puts them.
+
+    ssObjectId: ``ssSource`` (v8+), ``ssObject`` (v7, v10.1+), ``MPCORB``
+    (v8–v9) or the source's own ``ssObjectId``. Designation: ``ssSource`` /
+    ``ssObject`` / ``mpc_orbits`` ``designation`` (v10+), ``MPCORB.mpcDesignation``
+    (v8–v9, packed form).
+    """
+    parts = [record.get(k) for k in ("ssSource", "ssObject", "mpc_orbits", "MPCORB")]
+    parts = [p for p in parts if isinstance(p, dict)]
+    ss_id = next((p["ssObjectId"] for p in parts if p.get("ssObjectId")), None) or dia.get("ssObjectId")
+    designation = next(
+        (str(p[k]).strip() for p in parts for k in ("designation", "mpcDesignation")
+         if p.get(k) is not None and str(p[k]).strip()),
+        None,
+    )
+    return ss_id, designation
+
+
 def parse(record: dict, *, source: str = "rubin") -> list[Alert]:
     """One Rubin alert record → one Alert."""
     dia = require(record, "diaSource")
@@ -165,20 +185,22 @@ def parse(record: dict, *, source: str = "rubin") -> list[Alert]:
         if record.get(name) is not None:
             fields[name] = record[name]
 
-    kind = "transient"
-    ss = record.get("ssSource")
-    ss_id = dia.get("ssObjectId")
-    if isinstance(ss, dict):
-        kind = "solar_system"
-        ss_id = ss.get("ssObjectId", ss_id)
-        if ss.get("designation") is not None:
-            fields["ss_designation"] = ss["designation"]
-    if ss_id:  # 0 / null mean "not associated"
-        fields["ssObjectId"] = ss_id
-
     object_id = dia.get("diaObjectId")
     if not object_id and isinstance(obj, dict):
         object_id = obj.get("diaObjectId")
+
+    kind = "transient"
+    ss_id, designation = _solar_system_link(record, dia)
+    if ss_id:  # 0 / null mean "not associated"
+        fields["ssObjectId"] = ss_id
+    if designation:
+        fields["ss_designation"] = designation
+    # v8+ send ssSource with every source of a known moving object. Up to v7
+    # there is no ssSource: the source's ssObjectId (and the ssObject record)
+    # say it, and such a source has no diaObject; the v7 sample packets fill
+    # both, so an ssObject beside a diaObject stays a transient.
+    if isinstance(record.get("ssSource"), dict) or (ss_id and not object_id):
+        kind = "solar_system"
 
     ra_err = finite(dia.get("raErr"))
     dec_err = finite(_get(dia, "decErr", "declErr"))

@@ -214,6 +214,16 @@ def parse(record: dict, *, source: str = "ztf") -> list[Alert]:
             fields[name] = (v if math.isfinite(v) else None) if isinstance(v, float) else v
     if "isdiffpos" in fields:
         fields["isdiffpos"] = positive
+    # No known solar-system object within 30": ZTF writes ssnamenr 'null'
+    # and ssdistnr/ssmagnr -999 (the real packets do), which must not read as
+    # an object named "null" at -999".
+    if str(fields.get("ssnamenr") or "").strip().lower() in ("", "null", "none"):
+        if "ssnamenr" in fields:
+            fields["ssnamenr"] = None
+    for name in ("ssdistnr", "ssmagnr"):
+        v = fields.get(name)
+        if v is not None and v <= -999.0:
+            fields[name] = None
     rb = finite(cand.get("drb"))
     fields["real_bogus"] = rb if rb is not None else finite(cand.get("rb"))
     fields["schemavsn"] = record.get("schemavsn")
