@@ -35,7 +35,9 @@ from tomd.targets.model import TargetSpec
 from tomd.targets.store import upsert
 
 TEMPLATES = {"1m-gri": {"instrument_type": "1M0-SCICAM-SINISTRO", "filters": ["gp", "rp", "ip"],
-                        "exposure_time": 120}}
+                        "exposure_time": 120},
+             "1m-gri-x3": {"instrument_type": "1M0-SCICAM-SINISTRO", "filters": ["gp", "rp", "ip"],
+                           "exposure_time": 120, "exposure_count": 3}}
 FAST = RetrieveSettings(batch=20, lease_s=60, max_attempts=3, backoff_base_s=30, backoff_cap_s=60,
                         read_timeout_s=5, connect_timeout_s=2, restarts=2)
 SUBMIT = SubmitSettings(lease_s=30, backoff_base_s=0.01, backoff_cap_s=0.05, settle_s=0.05, batch=50)
@@ -59,11 +61,11 @@ def make_target(db, name="SN 2026abc", ra=150.0, dec=-20.0) -> int:
         return upsert(s, TargetSpec(name=name, ra=ra, dec=dec), origin="test").target_id
 
 
-def submit(db, sim, n=1, *, target="SN 2026abc") -> list[int]:
+def submit(db, sim, n=1, *, target="SN 2026abc", template="1m-gri") -> list[int]:
     """n requests submitted to the simulator (pending there): their tomd ids."""
     tid = make_target(db, target)
     with db.sessions.begin() as s:
-        ids = [create_intent(s, target_id=tid, facility="sim", template="1m-gri", name=f"tomd-{target[-3:]}-{i}")
+        ids = [create_intent(s, target_id=tid, facility="sim", template=template, name=f"tomd-{target[-3:]}-{i}")
                for i in range(n)]
     c = client(sim)
     try:
@@ -141,17 +143,20 @@ def test_completed_request_frames_all_stored_with_target_and_request(db, sim, st
     assert sorted(e["data_product_id"] for e in evs) == sorted(x.id for x in rows)
     assert {(e["request_id"], e["target_id"], e["facility"]) for e in evs} == {(rid, tid, "sim")}
     req = request(db, rid)
-    assert req.data_due_at is None and req.data_attempts == 0
     assert sorted(n for _, n, ok in seen if ok) == sorted(x.size for x in rows)
+    # One more look later, for products the archive adds after the first ones (reduced frames).
+    later = req.data_due_at - datetime.now(timezone.utc)
+    assert timedelta(minutes=55) < later <= timedelta(hours=1) and req.data_attempts == 0
 
-    # Nothing due any more: a second run does nothing at all.
+    # Nothing due now: a second run does nothing at all.
     before = len(sim.downloads())
     assert r.run_once() == []
-    # The same products listed again (a re-armed request, or they reappear): none downloaded again.
+    # The look again (or a re-armed request): the same products listed, none downloaded again, and done.
     make_due(db, rid)
     (again,) = r.run_once()
     assert (again.state, again.already, again.stored) == ("done", 3, 0)
     assert len(sim.downloads()) == before and len(events(db, "data.stored")) == 3
+    assert request(db, rid).data_due_at is None
     r.close()
 
 
@@ -194,7 +199,7 @@ def test_download_that_keeps_failing_is_recorded_failed_and_retried_later(db, si
     row = [x for x in products(db, request_id=rid) if x.id == bad.id][0]
     assert (row.state, row.error, row.attempts) == ("stored", None, 2)
     assert row.md5 == sim_md5s(sim, [row])[row.product_id]
-    assert request(db, rid).data_due_at is None and request(db, rid).data_attempts == 0
+    assert request(db, rid).data_due_at > datetime.now(timezone.utc) and request(db, rid).data_attempts == 0
     r.close()
 
 
@@ -333,15 +338,15 @@ def test_expired_url_answer_is_s3s(sim, db):
 
 def test_frames_listed_over_several_pages(db, sim, store: Store):
     sim.archive(frames_per_config=3)
-    (rid,) = submit(db, sim)
+    (rid,) = submit(db, sim, template="1m-gri-x3")
     tmpl = request(db, rid).request["requests"][0]["configurations"]
     fid = complete(db, sim, rid)
     c = client(sim, page_size=2)
     listing = c.data_products(fid)
     expected = sum(min(3, ic.get("exposure_count", 1)) for cfg in tmpl for ic in cfg["instrument_configs"])
-    assert len(listing) == expected >= 3
+    assert len(listing) == expected == 9
     frames_calls = len([x for x in sim.received if x.path == "/frames/"])
-    assert frames_calls == -(-expected // 2)  # every page followed
+    assert frames_calls == 5  # every page followed (2 frames a page)
     r = retriever(db, sim, store, facility=c)
     (out,) = r.run_once()
     assert out.state == "done" and out.stored == expected
@@ -489,7 +494,7 @@ def test_full_cycle_submitted_in_progress_completed_data_stored(db, sim, store: 
     assert {x.state for x in rows} == {"stored"} and all(store.exists(x.storage_key) for x in rows)
     assert all(x.md5 == sim_md5s(sim, [x])[x.product_id] for x in rows)
     assert all(x.storage_key.startswith(f"{request(db, rid).target_id}-SN_2026xyz/sim/{gid}/") for x in rows)
-    assert request(db, rid).data_due_at is None
+    assert request(db, rid).data_due_at > datetime.now(timezone.utc)  # one look again, later
     poller.poll()  # a later poll changes nothing, and nothing is fetched again
     assert r.run_once() == [] and len(events(db, "data.stored")) == 3
     r.close()
@@ -651,3 +656,23 @@ def test_settings_from_the_data_section(tmp_path):
     f.write_text('[data]\nmax_attempts = 0\n')
     with pytest.raises(Exception, match=r"data\.max_attempts"):
         load_config(f, env={})
+
+
+def test_products_the_archive_adds_later_are_fetched_at_the_second_look(db, sim, tmp_path):
+    """LCO's reduced frames follow the raw ones: the look again finds them; a look with nothing new ends it."""
+    sim.archive(frames_per_config=1)
+    (rid,) = submit(db, sim, template="1m-gri-x3")  # 3 exposures per filter
+    complete(db, sim, rid)
+    r = retriever(db, sim, LocalStore(tmp_path / "s"))
+    (first,) = r.run_once()
+    assert (first.state, first.stored) == ("done", 3) and request(db, rid).data_due_at is not None
+    sim.archive(frames_per_config=3)  # the archive now lists every exposure: 6 more frames
+    make_due(db, rid)  # the second look falls due
+    (second,) = r.run_once()
+    assert (second.state, second.already, second.stored) == ("done", 3, 6)
+    assert request(db, rid).data_due_at is not None  # new ones came: one more look
+    make_due(db, rid)
+    (third,) = r.run_once()
+    assert (third.stored, third.already) == (0, 9) and request(db, rid).data_due_at is None
+    assert len(products(db, request_id=rid, state="stored")) == 9 and len(events(db, "data.stored")) == 9
+    r.close()

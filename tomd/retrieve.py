@@ -92,6 +92,10 @@ class RetrieveSettings:
     min_rate_bps: float = 50_000.0  # a download slower than this on average (after 60 s) is cut
     restarts: int = 2  # immediate restarts of one product's download within an attempt
     max_relists: int = 3  # fresh listings per attempt when download URLs expire
+    # After an attempt that stored new products, look once more this much later: archives add
+    # products after the first ones (LCO: reduced e91 frames follow the raw ones by minutes to
+    # hours). A look that finds nothing new ends the retrieval. 0: no second look.
+    recheck_s: float = 3600.0
 
     @classmethod
     def from_config(cls, cfg: Any, **overrides: Any) -> "RetrieveSettings":
@@ -300,8 +304,8 @@ class Retriever:
         """Fetch a request's missing products now, due or not (``tomd data download --request``).
 
         Takes no request lease (a daemon may hold one): the product claims
-        keep a product from being fetched twice. When everything listed is
-        stored, the request's pending retrieval (if any) is cleared.
+        keep a product from being fetched twice. When everything listed was
+        stored already, the request's pending retrieval (if any) is cleared.
         """
         with self.sessions() as s:
             r = repo.get_observation(s, request_id)
@@ -310,7 +314,7 @@ class Retriever:
             w = self._work(s, r, lease=None)
             due_seen = r.data_due_at
         out = self._attempt(w)
-        if out.state == "done" and due_seen is not None:
+        if out.state == "done" and not out.stored and due_seen is not None:
             with self.sessions.begin() as s:  # compare and set: a newer claim or re-arm wins
                 repo.update_data_lease(s, w.id, due_seen, {"data_due_at": None, "data_attempts": 0})
         return out
@@ -434,9 +438,13 @@ class Retriever:
             if out.state == "stopped":  # not an attempt: due again at once, for any daemon
                 ok = repo.update_data_lease(s, w.id, w.lease, {"data_due_at": now})
             elif out.state == "done":
-                ok = repo.update_data_lease(s, w.id, w.lease, {"data_due_at": None, "data_attempts": 0})
+                again = now + timedelta(seconds=self.settings.recheck_s) \
+                    if out.stored and self.settings.recheck_s > 0 else None
+                ok = repo.update_data_lease(s, w.id, w.lease, {"data_due_at": again, "data_attempts": 0})
                 if ok:
-                    log.info("request #%d (%s %s): %s", w.id, w.facility, w.facility_id, out.message)
+                    log.info("request #%d (%s %s): %s%s", w.id, w.facility, w.facility_id, out.message,
+                             f"; looking again in {self.settings.recheck_s:.0f} s for products added later"
+                             if again else "")
             elif attempts >= self.settings.max_attempts:
                 ok = repo.update_data_lease(s, w.id, w.lease, {"data_due_at": None, "data_attempts": attempts})
                 if ok:
