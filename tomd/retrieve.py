@@ -14,7 +14,8 @@ When the status stage sees a request complete (or partly complete) it sets
               ▼
          row "stored" + data.stored event, in one transaction
          │
-    all listed products stored ─► data_due_at cleared
+    all listed products stored ─► data_due_at cleared (or, when this attempt stored new ones,
+                                   set to one more look in recheck_s: archives add reduced frames later)
     else ─► data_due_at = now + backoff, data_attempts + 1; after max_attempts: give up,
             say so in the log and write a data.retrieval_failed event
 
