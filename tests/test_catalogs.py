@@ -255,6 +255,18 @@ MPC_ORBS = {
         "designation_data": {"name": "ISON", "iau_designation": "C/2012 S1",
                              "unpacked_primary_provisional_designation": "C/2012 S1"},
     },
+    # The object of a real Rubin ssSource alert in the shared samples (ssObjectId → "K13L24L").
+    # Elements shaped like the MPC's; the values are illustrative, not 2013 LL24's orbit.
+    "2013 LL24": {
+        "COM": _block(["q", "e", "i", "node", "argperi", "peri_time"],
+                      [2.1, 0.15, 12.0, 150.0, 60.0, 60700.0]),
+        "KEP": _block(["a", "e", "i", "node", "argperi", "mean_anomaly"],
+                      [2.470588235294118, 0.15, 12.0, 150.0, 60.0, 33.0]),
+        "epoch_data": {"epoch": 61000.0, "timeform": "MJD", "timesystem": "TDT"},
+        "categorization": {"object_type_str": "Minor Planet", "orbit_type_str": "MBA"},
+        "designation_data": {"iau_designation": "2013 LL24", "unpacked_primary_provisional_designation": "2013 LL24",
+                             "packed_primary_provisional_designation": "K13L24L"},
+    },
 }
 
 
@@ -264,7 +276,8 @@ def mpc_answer(req: Req):
     desig = json.loads(req.body)["desig"]
     for key, orb in MPC_ORBS.items():
         d = orb["designation_data"]
-        if desig.casefold() in {key.casefold(), str(d.get("name", "")).casefold(), str(d.get("permid", ""))}:
+        if desig.casefold() in {key.casefold(), str(d.get("name", "")).casefold(), str(d.get("permid", "")),
+                                str(d.get("unpacked_primary_provisional_designation", "")).casefold()}:
             return 200, {"Content-Type": "application/json"}, json.dumps([{"mpc_orb": [orb]}, 200])
     return 404, {"Content-Type": "application/json"}, json.dumps({"message": f"No orbit found for {desig}"})
 
@@ -391,7 +404,21 @@ def test_horizons_elements_map_onto_lco_orbital_elements(services):
                    "longascnode": pytest.approx(80.26775296710701), "argofperih": pytest.approx(73.56968535036279),
                    "eccentricity": pytest.approx(0.0785750943150799), "meandist": pytest.approx(2.766380805878023),
                    "meananom": pytest.approx(321.4371287399738)}
-    assert spec.aliases == ("Ceres", "1 Ceres")
+    assert spec.aliases == ("Ceres", "1 Ceres", "A801 AA")
+
+
+@pytest.mark.parametrize("target,names", [
+    ("1 Ceres (A801 AA)", ("1 Ceres", "Ceres", "A801 AA")),
+    ("C/2020 F3 (NEOWISE)", ("C/2020 F3", "NEOWISE")),
+    ("(2024 AB)", ("2024 AB", f"ssObject {int.from_bytes(b'K24A00B', 'big')}")),
+    ("Mars (499)", ("Mars",)),
+    ("1P/Halley", ()),
+])
+def test_horizons_target_names_become_aliases(target, names):
+    """Alerts of solar-system objects join the target bearing their designation: give it every name."""
+    from tomd.catalogs.horizons import names_of
+
+    assert names_of(target) == names
 
 
 def test_horizons_unknown_and_ambiguous_names(services):
@@ -446,6 +473,16 @@ def test_non_sidereal_visibility_follows_the_orbit(services):
         assert (wrong.best_site, wrong.airmass) != (moving.best_site, pytest.approx(moving.airmass, rel=1e-3))
 
 
+@pytest.mark.parametrize("unpacked,packed", [("1995 XA", "J95X00A"), ("2007 TA418", "K07Tf8A"),
+                                             ("2013 LL24", "K13L24L"), ("1976 AA", "J76A00A"), ("C/2020 F3", None)])
+def test_packed_designations_and_rubin_ids(unpacked, packed):
+    from tomd.catalogs.designations import pack_provisional, rubin_ss_object_id
+
+    assert pack_provisional(unpacked) == packed
+    if packed == "K13L24L":  # a real Rubin alert's ssObjectId (shared samples, Fink Rubin test data)
+        assert rubin_ss_object_id(packed) == 21164719644750924
+
+
 def test_conic_solutions_agree_across_parabolic_eccentricity():
     base = dict(q=0.5, incl=30.0, node=40.0, argperi=50.0, tp=60000.0)
     t = np.array([59900.0, 59990.0, 60000.0, 60010.0, 60100.0])
@@ -463,7 +500,8 @@ def test_mpc_orbits_minor_planet_and_comet(services):
     e = cats.lookup("mpc", "Aten")
     req = services["mpc"].requests[0]
     assert req.method == "GET" and json.loads(req.body) == {"desig": "Aten"}
-    assert e.name == "(2062) Aten" and e.scheme == "MPC_MINOR_PLANET" and "1976 AA" in e.aliases
+    assert e.name == "(2062) Aten" and e.scheme == "MPC_MINOR_PLANET"
+    assert e.aliases == ("Aten", "1976 AA", f"ssObject {int.from_bytes(b'J76A00A', 'big')}")  # Rubin's id
     assert e.elements == {"epochofel": 59800.0, "orbinc": 18.9341894308854, "longascnode": 108.5405811622926,
                           "argofperih": 148.0536882414564, "eccentricity": 0.18280496521003,
                           "meandist": 0.9669250787648711, "meananom": 256.365893}
@@ -678,3 +716,44 @@ def test_cli_target_add_from_horizons_tns_and_errors(services, db, tmp_path, mon
     Path(down).write_text(text_)
     code, _, err = run(capsys, "-c", down, "target", "add", "Vega", "--from", "simbad")
     assert code == 1 and err.strip() == "tomd: SIMBAD is unavailable: connection failed" and "Traceback" not in err
+
+
+def test_rubin_solar_system_alert_joins_the_target_made_from_the_mpc(services, db, tmp_path, capsys, shared_data,
+                                                                     monkeypatch):
+    """The whole flow: MPC orbit → target (with Rubin's ssObjectId as a name) → a Rubin ssSource alert joins it
+    (never a sidereal target at the same place) → rules see a moving target → LCO gets ORBITAL_ELEMENTS."""
+    from sqlalchemy import select
+
+    from tomd.alerts.ingest import FileMessage, IngestSettings, Ingestor
+    from tomd.alerts.parse import parse_message
+    from tomd.db import repository as repo
+    from tomd.db.models import AlertRow
+    from tomd.facilities.lco import target_document
+    from tomd.rules.context import AlertView, Context, TargetView
+    from tomd.targets import store
+    from tomd.targets.model import TargetSpec
+
+    path = shared_data / "lsst/fink-broker-rubin_test_data_9_0/169298432645136561_169298432645136561.avro"
+    (alert,) = parse_message("auto", path.read_bytes())
+    assert alert.kind == "solar_system" and alert.fields["ssObjectId"] == 21164719644750924
+    monkeypatch.setenv("TNS_KEY", TNS_BOT["key"])
+    cfg = str(write_config(tmp_path, db, services))
+    code, out, err = run(capsys, "-c", cfg, "target", "add", "2013 LL24", "--from", "mpc")
+    assert code == 0 and "created target" in out, err
+    with db.sessions.begin() as s:
+        store.upsert(s, TargetSpec("field star", ra=alert.ra, dec=alert.dec))
+    ing = Ingestor(db.sessions, IngestSettings(stream="rubin", format="auto"), lambda d: parse_message("auto", d))
+    ing.handle([FileMessage(str(path), 0, path.read_bytes())])
+    with db.sessions() as s:
+        target = store.resolve(s, "2013 LL24")
+        assert s.scalars(select(AlertRow)).one().target_id == target.id
+        row = repo.target_rows(s, [target.id])[target.id]
+        doc = target_document(target)
+    assert doc["type"] == "ORBITAL_ELEMENTS" and doc["meandist"] == pytest.approx(2.470588235294118)
+    mjd = 61005.3
+    ctx = Context(AlertView(alert), TargetView(row, now_mjd=mjd), mjd)
+    assert ctx.target.orbit is not None
+    ra, dec = ctx.position()
+    assert (ra, dec) != (alert.ra, alert.dec)  # from the orbit, not from the alert
+    v = ctx.visibility("lco", 24.0)
+    assert v.reason or v.visible

@@ -125,9 +125,7 @@ _SHARED_LOCK = threading.Lock()
 
 def _shared(config: "Config | None", sessions: "sessionmaker[Session] | None") -> Catalogs:
     if config is None:
-        from tomd.config import Config
-
-        config = Config()
+        config = _default_config()
     key = (id(config), id(sessions))
     with _SHARED_LOCK:
         c = _SHARED.get(key)
@@ -137,6 +135,19 @@ def _shared(config: "Config | None", sessions: "sessionmaker[Session] | None") -
             c = _SHARED[key] = Catalogs(config.catalogs, sessions)
             c._config_ref = config  # keep id(config) from being reused while cached
         return c
+
+
+_DEFAULT_CONFIG: list = []
+
+
+def _default_config() -> "Config":
+    """The config the daemon would read ($TOMD_CONFIG or ./tomd.toml; embedded defaults without one)."""
+    with _SHARED_LOCK:
+        if not _DEFAULT_CONFIG:
+            from tomd.config import load_config
+
+            _DEFAULT_CONFIG.append(load_config())
+        return _DEFAULT_CONFIG[0]
 
 
 def _database(config: "Config") -> "sessionmaker[Session] | None":
@@ -158,8 +169,8 @@ def lookup(service: str, name: str, *, config: "Config | None" = None,
     """Look ``name`` up in ``service`` ("simbad", "ned", "horizons", "mpc", "tns").
 
     ``config`` gives URLs, timeout, cache TTL and the TNS bot (default: the
-    embedded defaults); ``sessions`` the database for the cache (default:
-    the config's database).
+    config file the daemon reads, $TOMD_CONFIG or ./tomd.toml); ``sessions``
+    the database for the cache (default: the config's database).
     """
     return _shared(config, sessions).lookup(service, name)
 

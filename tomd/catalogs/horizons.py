@@ -25,6 +25,7 @@ from typing import Any
 
 from tomd.catalogs.base import (CatalogAmbiguous, CatalogEntry, CatalogError, CatalogNotFound, CatalogUnavailable,
                                 number, text)
+from tomd.catalogs.designations import pack_provisional, rubin_alias
 from tomd.catalogs.http import TimeoutSession, requests_failure
 
 DEFAULT_URL = "https://ssd.jpl.nasa.gov/api/horizons.api"
@@ -127,13 +128,31 @@ def entry_from_elements(row: dict[str, Any], *, query: str | None = None) -> Cat
     missing = [k for k, v in base.items() if v is None]
     if missing:
         raise CatalogError("horizons", f"elements of {target!r} lack {', '.join(missing)}")
-    aliases = []
-    short = re.sub(r"\s*\([^)]*\)\s*$", "", target)  # "1 Ceres (A801 AA)" → "1 Ceres"
-    if short and short != target:
-        aliases.append(short)
-    return CatalogEntry(service="horizons", name=target, aliases=tuple(aliases), scheme=scheme, elements=base,
+    return CatalogEntry(service="horizons", name=target, aliases=names_of(target), scheme=scheme, elements=base,
                         object_type="comet" if scheme == "MPC_COMET" else
                         ("major body" if scheme == "JPL_MAJOR_PLANET" else "minor planet"), extras=extras)
 
 
-__all__ = ["Horizons", "entry_from_elements", "CatalogUnavailable"]
+_NUMBERED = re.compile(r"^(\d+)\s+(.+?)\s*\(([^)]+)\)$")  # "1 Ceres (A801 AA)"
+_PAREN = re.compile(r"^(.*?)\s*\(([^)]+)\)$")  # "C/2020 F3 (NEOWISE)", "(2024 AB)", "Mars (499)"
+
+
+def names_of(target: str) -> tuple[str, ...]:
+    """The other names in a Horizons target name, so alerts naming the object find it.
+
+    "1 Ceres (A801 AA)" → "1 Ceres", "Ceres", "A801 AA"; "C/2020 F3 (NEOWISE)" →
+    "C/2020 F3", "NEOWISE"; "(2024 AB)" → "2024 AB"; "Mars (499)" → "Mars". A bare
+    number is never a name (it would shadow target ids in ``tomd target show``).
+    """
+    m = _NUMBERED.match(target)
+    if m:
+        out = [f"{m.group(1)} {m.group(2)}", m.group(2), m.group(3)]
+    else:
+        m = _PAREN.match(target)
+        out = [m.group(1), m.group(2)] if m else []
+    names = [n.strip() for n in out if n.strip() and not n.strip().isdigit()]
+    for n in list(names):  # a standard provisional designation: Rubin's ssObjectId name too
+        rubin = rubin_alias(pack_provisional(n))
+        if rubin:
+            names.append(rubin)
+    return tuple(dict.fromkeys(names))

@@ -20,6 +20,7 @@ from typing import Any
 import httpx
 
 from tomd.catalogs.base import CatalogEntry, CatalogError, CatalogNotFound, CatalogUnavailable, number, text
+from tomd.catalogs.designations import pack_provisional, rubin_alias
 from tomd.catalogs.http import retry_after
 
 DEFAULT_URL = "https://data.minorplanetcenter.net/api/get-orb"
@@ -119,8 +120,14 @@ def entry_from_mpc_orb(orb: dict, *, query: str | None = None) -> CatalogEntry:
         primary = f"({permid}) {name_}"
     else:
         primary = text(desig.get("iau_designation")) or name_ or prov or permid or (query or "").strip()
+    # A bare number is never a name (it would shadow target ids in `tomd target show`).
     aliases = [a for a in (name_, permid, prov, *(desig.get("unpacked_secondary_provisional_designations") or []))
-               if a and a != primary]
+               if a and a != primary and not str(a).isdigit()]
+    # Rubin alerts name the object by its packed designation (ssObjectId): let them find this target.
+    rubin = rubin_alias(text(desig.get("packed_primary_provisional_designation")) or (pack_provisional(prov) if prov
+                                                                                       else None))
+    if rubin:
+        aliases.append(rubin)
     mag = orb.get("magnitude_data") or {}
     extras = {f"mpc_{k}": number(mag[k]) for k in ("H", "G") if number(mag.get(k)) is not None}
     if text(cat.get("orbit_type_str")):
