@@ -306,10 +306,12 @@ def test_tns_new_objects_become_targets_with_aliases_and_photometry_once(db, tns
     assert "AT 2026aba" in got and {"ZTF26aaaaaa", "ATLAS26aba", "2026aba"} <= got["AT 2026aba"]
     assert "AT 2025old" not in got
     assert p.http.waited_s >= 1.0  # the reset TNS asked for was waited out
-    # Paged search (page size 2 → pages 0, 1, 2), the bot's marker and key on every call, the key in no URL.
+    # Paged search (page size 2 → pages 0, 1, 2, then an empty 3), the bot's marker and key on every
+    # call, the key in no URL.
     searches = [json.loads(parse_qs(b.decode())["data"][0]) for _, path, _, b, _ in tns.requests
                 if path == "/api/get/search"]
-    assert [s["page"] for s in searches if s is not searches[0]][-3:] == ["0", "1", "2"]
+    assert [s["page"] for s in searches[1:]] == ["0", "1", "2", "3"]  # the first one met the 429
+    assert all(s["num_page"] == "2" and s["public_timestamp"] == "2026-11-19 11:50:00" for s in searches)
     assert all(h["User-Agent"] == 'tns_marker{"tns_id": "1234", "type": "bot", "name": "tomd_bot"}'
                for _, _, _, _, h in tns.requests)
     assert all(FakeTNS.API_KEY not in path for _, path, _, _, _ in tns.requests)

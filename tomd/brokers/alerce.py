@@ -39,8 +39,8 @@ class ALeRCE:
         self.query = dict(stream.query)
 
     def fetch(self, http: BrokerHttp, window: Window, page: int, stop: threading.Event) -> Page:
-        params = [(k, str(v)) for k, v in self.query.items() if not isinstance(v, list)]
-        params += [(k, str(x)) for k, v in self.query.items() if isinstance(v, list) for x in v]
+        params = [(k, _text(v)) for k, v in self.query.items() if not isinstance(v, list)]
+        params += [(k, _text(x)) for k, v in self.query.items() if isinstance(v, list) for x in v]
         params += [("lastmjd", f"{utc_mjd(window.start):.6f}"), ("lastmjd", f"{utc_mjd(window.end):.6f}"),
                    ("page", str(page)), ("page_size", str(self.page_size)),
                    ("order_by", "lastmjd"), ("order_mode", "ASC")]
@@ -68,3 +68,7 @@ class ALeRCE:
             lc = {}
         return jsonb({"object": row, "detections": lc.get("detections") or [],
                       "non_detections": lc.get("non_detections") or []})
+
+
+def _text(v: object) -> str:
+    return ("true" if v else "false") if isinstance(v, bool) else str(v)

@@ -56,7 +56,9 @@ class TNS:
         if not isinstance(hits, list):
             raise PermanentError(f"tns: search answered {type(hits).__name__}, expected a list")
         items = [Item(f"object/{h['objname']}", hit=h) for h in hits]
-        return Page(items, more=len(hits) >= self.page_size)
+        # Read until an empty page: TNS may cap num_page below page_size, and a short
+        # page taken for the last one would drop the rest (one more search per poll).
+        return Page(items, more=bool(hits))
 
     def detail(self, http: BrokerHttp, item: Item, stop: threading.Event) -> bytes:
         objname = item.hit["objname"]
