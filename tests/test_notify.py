@@ -863,3 +863,22 @@ def test_run_loop_sends_when_woken_and_stops(db, endpoint):
         t.join(10)
     assert not t.is_alive()
     assert [r.state for r in rows(db)] == ["sent"]
+
+
+def test_a_held_back_row_does_not_make_the_loop_spin(db, endpoint):
+    """A retried row that is due but held back by the rate limit must not count as 'due soon'
+    (the run loop would otherwise look again every 50 ms)."""
+    clock = Clock()
+    config = config_with(ops=Channel(kind="webhook", url=endpoint.url(), rate_limit_per_hour=1))
+    endpoint.plan.append((500, "oops", {}, 0.0))
+    queue(db, "ops", 2)
+    n = notifier(db, config, clock)
+    (r,) = n.run_once()  # the one message the limit allows: #1, which fails (a failure uses no room)
+    assert r.state == "retry"
+    assert [x.state for x in n.run_once()] == ["sent"]  # #2 takes the hour's only slot
+    with db.sessions() as s:
+        assert repo.next_notification_attempt(s, clock.now) == r.next_attempt_at
+    clock.now = r.next_attempt_at + dt.timedelta(seconds=1)
+    assert n.run_once() == []  # #1 is due but the limit holds it back
+    with db.sessions() as s:
+        assert repo.next_notification_attempt(s, clock.now) is None

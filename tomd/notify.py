@@ -46,7 +46,6 @@ from __future__ import annotations
 import email.utils
 import hashlib
 import hmac
-import io
 import json
 import logging
 import os
@@ -60,7 +59,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 from email.message import EmailMessage
 from pathlib import Path
@@ -70,7 +69,7 @@ from urllib.parse import quote, urlsplit
 from sqlalchemy.orm import Session, sessionmaker
 
 from tomd.db import repository as repo
-from tomd.errors import NotFoundError, PermanentError, RetryableError, TomdError
+from tomd.errors import NotFoundError, PermanentError, RetryableError
 
 log = logging.getLogger(__name__)
 
@@ -631,7 +630,8 @@ def slack_payload(out: Outgoing) -> dict[str, Any]:
                 blocks.append({"type": "context", "elements": [{"type": "mrkdwn",
                                                                 "text": _cut(link_line(e.all_links()), 3000)}]})
         if len(out.entries) > len(shown):
-            blocks.append({"type": "context", "elements": [{"type": "mrkdwn", "text": f"…and {len(out.entries) - len(shown)} more (tomd notify list)"}]})
+            more = f"…and {len(out.entries) - len(shown)} more (tomd notify list)"
+            blocks.append({"type": "context", "elements": [{"type": "mrkdwn", "text": more}]})
     stamp = _now().strftime("%Y-%m-%d %H:%M UTC")
     blocks.append({"type": "context", "elements": [{"type": "mrkdwn", "text": f"tomd · {out.kind} · {stamp}"}]})
     fallback = out.subject if not out.digest else f"{out.subject}"
@@ -1087,10 +1087,11 @@ class Notifier:
                 continue  # more may be due
             wait = self.settings.interval_s
             try:
+                now = self.clock()
                 with self.sessions() as s:
-                    nxt = repo.next_notification_attempt(s)
+                    nxt = repo.next_notification_attempt(s, now)
                 if nxt is not None:
-                    wait = min(wait, max(0.05, (nxt - self.clock()).total_seconds()))
+                    wait = min(wait, max(0.05, (nxt - now).total_seconds()))
             except Exception:  # noqa: BLE001
                 pass
             if self.wake_event.wait(wait):
@@ -1129,8 +1130,8 @@ class Notifier:
             return []
         if ch is None:
             why = f"no channel {channel!r} is configured (known: {', '.join(sorted(self.channels)) or 'none'})"
-            return [self._finish(channel, [e for e in entries], PermanentError(why))]
-        if ch.digest and len(entries) >= 1:
+            return [self._finish(channel, entries, PermanentError(why))]
+        if ch.digest:
             return [self._deliver(channel, ch, entries)]
         return [self._deliver(channel, ch, [e]) for e in entries]
 

@@ -832,10 +832,11 @@ def requeue_notifications(s: Session, ids: Sequence[int]) -> int:
         state="pending", attempts=0, next_attempt_at=None, claimed_by=None, claimed_until=None)).rowcount
 
 
-def next_notification_attempt(s: Session) -> datetime | None:
-    """When the earliest backed-off pending notification becomes due (None: none waits)."""
+def next_notification_attempt(s: Session, after: datetime) -> datetime | None:
+    """When the earliest backed-off pending notification becomes due after ``after`` (None: none waits).
+    Rows already due but held back by a rate limit or digest interval do not count."""
     n = _NOTIFS.c
-    return s.scalar(select(func.min(n.next_attempt_at)).where(n.state == "pending", n.next_attempt_at.is_not(None)))
+    return s.scalar(select(func.min(n.next_attempt_at)).where(n.state == "pending", n.next_attempt_at > after))
 
 
 def latest_photometry(s: Session, target_id: int) -> Photometry | None:
