@@ -22,7 +22,7 @@ import random
 import threading
 import time
 from collections.abc import Mapping
-from datetime import datetime, timezone
+from datetime import timezone
 from typing import Any
 
 import httpx
@@ -154,7 +154,3 @@ def _path(url: str) -> str:
 def _snippet(r: httpx.Response) -> str:
     text = " ".join(r.text.split())[:300]
     return redact(text)
-
-
-def utc_now() -> datetime:
-    return datetime.now(timezone.utc)

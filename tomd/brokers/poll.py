@@ -28,7 +28,7 @@ import time
 import zlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any, Protocol
 
@@ -334,6 +334,7 @@ def utc_mjd(t: datetime) -> float:
 
 
 def jsonb(obj: Any) -> bytes:
+    """A result as the bytes the ingestor reads (and a dead letter keeps)."""
     import orjson
 
-    return orjson.dumps(obj, option=orjson.OPT_SERIALIZE_NUMPY if hasattr(orjson, "OPT_SERIALIZE_NUMPY") else 0)
+    return orjson.dumps(obj)
