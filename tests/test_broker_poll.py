@@ -640,3 +640,28 @@ def test_alerce_objects_of_one_exposure_beyond_a_page_are_paged(db, alerce):
     assert counts(db)["alerts"] == 5
     pages = [q["page"][0] for _, path, q, _, _ in alerce.requests if path == "/ztf/v1/objects"]
     assert {"2", "3"} <= set(pages)
+
+
+def test_a_tns_object_that_cannot_be_fetched_and_a_broken_fink_row_are_dead_lettered(db, tns, fink):
+    tns.add("2026gon", 30.0, 30.0, NOW - timedelta(hours=1), "ZTF26agoneee")
+    tns.add("2026kep", 31.0, 30.0, NOW - timedelta(hours=1), "ZTF26akeptee")
+    route = tns.route
+
+    def withdrawn(method, path, query, body, headers):  # listed by the search, refused by /get/object
+        if path == "/api/get/object" and b"2026gon" in body:
+            return 400, {}, {"id_code": 400, "id_message": "Bad request", "data": {"objname": "not found"}}
+        return route(method, path, query, body, headers)
+
+    tns.route = withdrawn
+    st = stream("tns-api", tns.url, api_key=Secret(FakeTNS.API_KEY), bot_id=1, bot_name="b")
+    assert poller(db, st).poll_once(STOP)
+    fink.add(2900000000000007001, "ZTF26afinkok", 40.0, 40.0, jd_of(NOW - timedelta(hours=1)))
+    fink.add(2900000000000007002, "ZTF26afinkbd", 41.0, 40.0, jd_of(NOW - timedelta(hours=1)), **{"i:fid": 9})
+    assert poller(db, stream("fink-api", fink.url, query={"class": "Early SN Ia candidate"})).poll_once(STOP)
+    c = counts(db)
+    assert (c["alerts"], c["dead_letters"]) == (2, 2)
+    with db.sessions() as s:
+        errors = sorted((d.stream, d.error) for d in repo.dead_letters(s))
+    assert errors[0][0] == "fink" and "unknown filter id: 9" in errors[0][1]
+    assert errors[1][0] == "tns" and "2026gon" in errors[1][1] and "HTTP 400" in errors[1][1]
+    assert FakeTNS.API_KEY not in errors[1][1]
