@@ -1260,3 +1260,15 @@ def unsent_ended_in_series(s: Session, *, since: datetime, states: Sequence[str]
     q = select(R.c.id, R.c.state).where(R.c.cadence.is_not(None), R.c.facility_id.is_(None),
                                         R.c.state.in_(list(states)), R.c.updated_at >= since).order_by(R.c.id)
     return [(i, st) for i, st in s.execute(q)]
+
+
+# ---- status: partial completion ----
+
+
+def mark_data_due(s: Session, request_ids: Sequence[int], now: datetime) -> int:
+    """Data became available for these requests (an inner request completed): due now, unless the
+    retriever already has them due (its own next try, maybe backed off, stands)."""
+    if not request_ids:
+        return 0
+    q = _OBS.update().where(_OBS.c.id.in_(list(request_ids)), _OBS.c.data_due_at.is_(None))
+    return s.execute(q.values(data_due_at=now, updated_at=utcnow())).rowcount
