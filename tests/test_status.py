@@ -464,3 +464,17 @@ def test_states_progressing_by_themselves_at_the_sim_are_followed(db):
         # IN_PROGRESS lasts 3 s: polled every 0.1 s it is seen, then COMPLETED, each once.
         assert seen == ["in_progress", "completed"]
         assert [s for s, _ in history(db, rid)] == ["pending", "in_progress", "completed"]
+
+
+@pytest.mark.skipif("completed_request_ids" not in __import__("tomd.facilities.base", fromlist=["x"])
+                    .RequestStatus.__dataclass_fields__,
+                    reason="RequestStatus has no completed_request_ids yet (tomd/facilities/base.py)")
+def test_partial_completion_makes_the_data_due(db, sim):
+    """A group of two requests: one COMPLETED while the group is still PENDING."""
+    ((rid, gid),) = submitted(db, sim)
+    (group,) = [g for g in sim.groups() if g["id"] == gid]
+    poller = Poller(db.sessions, {"sim": client(sim)})
+    poller.poll()
+    sim.set_request_state(group["requests"][0]["id"], "COMPLETED")
+    (p,) = poller.poll()
+    assert p.changes == [] and row(db, rid).state == "pending" and row(db, rid).data_due_at is not None

@@ -224,12 +224,19 @@ class Poller:
         result.reported = len(reported)
 
         pending: list[tuple[Any, RequestStatus]] = []
+        partial: list[int] = []
         for fid, status in reported.items():
             row = by_fid.get(fid)
             if row is None:
                 continue
             if (status.state.common, status.state.word) != (row["state"], row["facility_state"]):
                 pending.append((row, status))
+            elif row["state"] != "completed" and self._partly_completed(status):
+                # Same state, but an inner request finished (the group was modified): its data is due.
+                partial.append(row["id"])
+        if partial:
+            with self.sessions.begin() as s:
+                repo.mark_data_due(s, partial, now)
         created = False
         for i in range(0, len(pending), st.chunk):
             changes = self._record(name, pending[i:i + st.chunk])

@@ -656,8 +656,13 @@ class LCOClient:
 
     def _status(self, group: Mapping[str, Any]) -> RequestStatus:
         reqs = group.get("requests") or []
+        extra: dict[str, Any] = {}
+        if "completed_request_ids" in RequestStatus.__dataclass_fields__:
+            # Inner requests done while the group goes on (operator MANY): their data can be fetched now.
+            extra["completed_request_ids"] = tuple(str(r["id"]) for r in reqs
+                                                   if "id" in r and str(r.get("state", "")).upper() == "COMPLETED")
         return RequestStatus(
             facility_id=str(group["id"]), name=group.get("name", ""),
             state=map_state(group.get("state", "PENDING")), modified=group.get("modified"),
-            request_ids=tuple(str(r["id"]) for r in reqs if "id" in r),
+            request_ids=tuple(str(r["id"]) for r in reqs if "id" in r), **extra,
         )

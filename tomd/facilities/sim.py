@@ -44,7 +44,7 @@ import sys
 import threading
 import time
 from collections import Counter, deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -116,6 +116,9 @@ class _Group:
     outcome: str
     forced: str | None = None
     forced_at: datetime | None = None
+    # One inner request forced apart from its group (LCO: one of several requests COMPLETED
+    # while the group is still PENDING): request id → (state, when).
+    inner: dict[int, tuple[str, datetime]] = field(default_factory=dict)
 
 
 @dataclass
@@ -229,6 +232,15 @@ class SimObservatory:
             g = self._groups[int(group_id)]
             g.forced, g.forced_at = state, datetime.now(timezone.utc)
 
+    def set_request_state(self, request_id: int, state: str) -> None:
+        """Force one inner request into a state (its group's ``modified`` moves with it)."""
+        with self._lock:
+            for g in self._groups.values():
+                if any(r["id"] == int(request_id) for r in g.doc["requests"]):
+                    g.inner[int(request_id)] = (state, datetime.now(timezone.utc))
+                    return
+        raise KeyError(f"no request {request_id}")
+
     def submissions(self) -> list[Received]:
         with self._lock:
             return [r for r in self.received if r.method == "POST" and r.path == "/api/requestgroups/"]
@@ -266,14 +278,22 @@ class SimObservatory:
         when = datetime.fromtimestamp(g.created_wall.timestamp() + after + running, timezone.utc)
         return g.outcome, when
 
+    def _modified(self, g: _Group, when: datetime) -> datetime:
+        """A group changes when it, or one of its requests, does."""
+        return max([when, *(t for _, t in g.inner.values())])
+
     def _render(self, g: _Group) -> dict[str, Any]:
         state, when = self._state(g)
         doc = json.loads(json.dumps(g.doc))
         doc["state"] = state
-        doc["modified"] = when.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        doc["modified"] = self._modified(g, when).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        stamp = when.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
         for r in doc["requests"]:
-            r["state"] = state
-            r["modified"] = doc["modified"]
+            if r["id"] in g.inner and not g.forced:
+                r_state, r_when = g.inner[r["id"]]
+                r["state"], r["modified"] = r_state, r_when.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+            else:
+                r["state"], r["modified"] = state, stamp
         return doc
 
     def validate(self, rg: Any) -> tuple[dict[str, Any], float]:
@@ -463,7 +483,7 @@ class SimObservatory:
         """The groups a listing's filters keep, newest first (filtered before rendering: a
         listing of 10,000 groups renders only the page it answers)."""
         with self._lock:
-            hits = [(g, *self._state(g)) for g in self._groups.values()]
+            hits = [(g, st, self._modified(g, when)) for g in self._groups.values() for st, when in [self._state(g)]]
         if "name" in q:
             needle = q["name"][-1].lower()
             hits = [h for h in hits if needle in str(h[0].doc["name"]).lower()]  # "contains", as the portal
