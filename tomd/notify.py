@@ -105,9 +105,10 @@ class Message:
     position, latest brightness and broker links when it sends; with
     ``image`` it also adds a light curve where the channel can carry one
     (attached to e-mails; a public URL on Slack when the store is S3).
-    ``level`` (info | warning | error) colours Slack and prefixes e-mail
-    subjects of errors. ``kind`` names what caused the message (an event
-    kind, "test", "hook:<name>").
+    ``level`` (info | warning | error) marks Slack headers (⚠ / 🚨) and
+    e-mail subjects (``[tomd warning]`` / ``[tomd ERROR]``). ``kind`` names
+    what caused the message (an event kind, "test", "hook:<name>").
+    ``{target}`` in the subject, text or a field becomes the target's name.
     """
 
     subject: str
@@ -121,6 +122,7 @@ class Message:
 
     def __post_init__(self) -> None:
         # Accept lists / mappings from hooks and JSON, keep tuples inside.
+        object.__setattr__(self, "text", "" if self.text is None else str(self.text))
         object.__setattr__(self, "fields", _pairs(self.fields, "fields"))
         object.__setattr__(self, "links", _pairs(self.links, "links"))
         if self.level not in ("info", "warning", "error"):
