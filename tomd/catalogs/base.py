@@ -8,6 +8,8 @@ Errors name the service and what was asked, never a credential:
 
 - :class:`CatalogNotFound` (a :class:`~tomd.errors.NotFoundError`): the
   service answered and has no such object;
+- :class:`CatalogAmbiguous` (a :class:`~tomd.errors.UserError`): the name
+  matches several objects (Horizons lists them);
 - :class:`CatalogUnavailable` (a :class:`~tomd.errors.RetryableError`): no
   answer (timeout, refused connection, 5xx, 429) — try later;
 - :class:`CatalogError` (a :class:`~tomd.errors.PermanentError`): the service

@@ -23,8 +23,7 @@ import re
 import time
 from typing import Any
 
-from tomd.catalogs.base import (CatalogAmbiguous, CatalogEntry, CatalogError, CatalogNotFound, CatalogUnavailable,
-                                number, text)
+from tomd.catalogs.base import CatalogAmbiguous, CatalogEntry, CatalogError, CatalogNotFound, number, text
 from tomd.catalogs.designations import pack_provisional, rubin_alias
 from tomd.catalogs.http import TimeoutSession, requests_failure
 

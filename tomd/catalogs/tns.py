@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
@@ -37,7 +37,7 @@ def designation(name: str) -> str:
 class Credentials:
     bot_id: int
     bot_name: str
-    api_key: str  # revealed only when sending
+    api_key: str = field(repr=False)  # the revealed secret: never in repr(), logs or errors
 
     @property
     def marker(self) -> str:
