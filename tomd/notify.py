@@ -204,6 +204,7 @@ def enqueue(s: Session, *, channel: str, dedupe_key: str, message: Message | Map
 # key survives the same change being written to the outbox twice.
 _NATURAL_KEY: dict[str, tuple[str, ...]] = {
     "rule.fired": ("decision_id",),
+    "rule.tested": ("rule", "alert_id"),  # a test-mode verdict has no decision id when its event is written
     "observation.submitted": ("request_id",),
     "observation.rejected": ("request_id",),
     "observation.failed": ("request_id",),
