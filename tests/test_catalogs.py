@@ -757,3 +757,47 @@ def test_rubin_solar_system_alert_joins_the_target_made_from_the_mpc(services, d
     assert (ra, dec) != (alert.ra, alert.dec)  # from the orbit, not from the alert
     v = ctx.visibility("lco", 24.0)
     assert v.reason or v.visible
+
+
+def test_two_processes_caching_the_same_answer_both_succeed(db):
+    """The second writer of a key waits for the first (unique key), then replaces its answer: no error."""
+    from tomd.db import repository as repo
+
+    inserted, done = threading.Event(), []
+
+    def first():
+        with db.sessions.begin() as s:
+            repo.catalog_cache_put(s, "simbad", "object:m31", {"who": "first"})
+            inserted.set()
+            time.sleep(0.5)  # still uncommitted while the second one writes
+
+    def second():
+        inserted.wait(5)
+        with db.sessions.begin() as s:
+            repo.catalog_cache_put(s, "simbad", "object:m31", {"who": "second"})
+        done.append(True)
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert done == [True]
+    with db.sessions() as s:
+        payload, _ = repo.catalog_cache_get(s, "simbad", "object:m31")
+        n = s.execute(text("SELECT count(*) FROM catalog_cache")).scalar_one()
+    assert (payload, n) == ({"who": "second"}, 1)
+
+
+def test_plain_function_reads_the_daemons_config_by_default(services, db, tmp_path, monkeypatch):
+    import tomd.catalogs as catalogs
+
+    monkeypatch.setattr(catalogs, "_DEFAULT_CONFIG", [])
+    monkeypatch.setattr(catalogs, "_SHARED", {})
+    monkeypatch.setenv("TNS_KEY", TNS_BOT["key"])
+    monkeypatch.setenv("TOMD_CONFIG", str(write_config(tmp_path, db, services)))
+    assert lookup("tns", "2023ixf").name == "SN 2023ixf"
+    assert lookup("tns", "2023ixf").name == "SN 2023ixf"
+    assert len(services["tns"].requests) == 1  # cached in the config's database
+    with db.sessions() as s:
+        assert s.execute(text("SELECT count(*) FROM catalog_cache WHERE service = 'tns'")).scalar_one() == 1
