@@ -40,6 +40,7 @@ from fastavro.validation import validate
 from tests.conftest import SHARED_DATA
 from tomd.alerts import decode
 from tomd.alerts.parse import parse_message
+from tomd.errors import DecodeError
 
 SCHEMAS = Path(__file__).parent / "data" / "schemas" / "ztf"
 ZTF_VERSIONS = sorted((p.name for p in SCHEMAS.iterdir() if (p / "alert.avsc").is_file()),
@@ -342,12 +343,38 @@ def test_ztf_each_writer_schema_parsed_once() -> None:
 
 # --- Rubin ----------------------------------------------------------------------------
 
+# Versions not in the installed package: (major, minor) → folder with the .avsc files.
+_EXTRA_RUBIN: dict[tuple[int, int], Path] = {}
+
+
 def rubin_schema(major: int, minor: int) -> tuple[Any, dict]:
     """(fastavro-parsed schema, expanded schema) from the lsst-alert-packet files."""
+    if (major, minor) in _EXTRA_RUBIN:
+        parsed = load_schema(str(_EXTRA_RUBIN[major, minor] / f"lsst.v{major}_{minor}.alert.avsc"))
+        return parsed, expand_schema(parsed)
     path = RUBIN_ROOT / str(major) / str(minor) / f"lsst.v{major}_{minor}.alert.avsc"
     with resources.as_file(path) as p:
         parsed = load_schema(str(p))
     return parsed, expand_schema(parsed)
+
+
+@pytest.fixture(scope="module")
+def rubin_10_1(tmp_path_factory: pytest.TempPathFactory) -> tuple[int, int]:
+    """Rubin 10.1: in lsst/alert_packet's repository (aa5b8fd), not in the released package.
+
+    Its alert.avsc is in tests/data/schemas/rubin/10.1; its parts are 10.0's
+    under the lsst.v10_1 namespace (see SOURCE.md there).
+    """
+    d = tmp_path_factory.mktemp("rubin") / "10" / "1"
+    d.mkdir(parents=True)
+    for part in ("diaSource", "diaForcedSource", "diaObject", "ssObject", "ssSource", "mpc_orbits"):
+        text = (RUBIN_ROOT / "10" / "0" / f"lsst.v10_0.{part}.avsc").read_text()
+        (d / f"lsst.v10_1.{part}.avsc").write_text(text.replace("lsst.v10_0", "lsst.v10_1"))
+    alert = Path(__file__).parent / "data/schemas/rubin/10.1/lsst.v10_1.alert.avsc"
+    (d / alert.name).write_text(alert.read_text())
+    _EXTRA_RUBIN[10, 1] = d
+    yield (10, 1)
+    del _EXTRA_RUBIN[10, 1]
 
 
 _RUBIN_POOL: dict[str, dict] = {}
@@ -453,13 +480,16 @@ def _rubin_ids(v: tuple[int, int]) -> str:
 @needs_data
 @pytest.mark.parametrize("version", RUBIN_VERSIONS, ids=_rubin_ids)
 def test_rubin_version_decodes_and_parses(version: tuple[int, int]) -> None:
-    major, minor = version
+    check_rubin_version(*version, None)
+
+
+def check_rubin_version(major: int, minor: int, schema_source: Any) -> None:
     sid = 169298432598474793 + 1000 * major + minor
     rec, exp = build_rubin(major, minor, sid)
     data = rubin_message(major, minor, rec)
     assert decode.sniff(data) == "confluent-avro" and decode.confluent_schema_id(data) == 100 * major + minor
-    (a,) = parse_message("rubin-avro", data)
-    (auto,) = parse_message("auto", data)
+    (a,) = parse_message("rubin-avro", data, schema_source=schema_source)
+    (auto,) = parse_message("auto", data, schema_source=schema_source)
     assert auto.key == a.key and auto.source == "rubin"
 
     assert a.source == "rubin" and a.kind == "transient"
@@ -504,10 +534,13 @@ def test_rubin_version_decodes_and_parses(version: tuple[int, int]) -> None:
 @needs_data
 @pytest.mark.parametrize("version", RUBIN_VERSIONS, ids=_rubin_ids)
 def test_rubin_solar_system_source(version: tuple[int, int]) -> None:
-    major, minor = version
+    check_rubin_solar_system(*version, None)
+
+
+def check_rubin_solar_system(major: int, minor: int, schema_source: Any) -> None:
     sid = 169298432598475000 + 1000 * major + minor
     rec, exp = build_rubin(major, minor, sid, sso=True)
-    (a,) = parse_message("rubin-avro", rubin_message(major, minor, rec))
+    (a,) = parse_message("rubin-avro", rubin_message(major, minor, rec), schema_source=schema_source)
     assert a.kind == "solar_system"
     assert a.key == str(sid)
     assert a.object_id is None  # no diaObject for a known moving object
@@ -582,3 +615,20 @@ def test_rubin_registry_fetched_once_per_schema_id_then_packaged_fallback() -> N
     assert asked == sorted(f"/schemas/ids/{100 * M + m}" for M, m in RUBIN_VERSIONS)
     assert set(registry._cache) == set(schemas)
     assert set(packaged._cache) == {100 * M + m for M, m in RUBIN_VERSIONS} - set(schemas)
+
+
+@needs_data
+def test_rubin_10_1_comes_from_the_registry(rubin_10_1: tuple[int, int]) -> None:
+    """10.1 (ssObject beside ssSource) is not in the package: the registry serves it, once."""
+    major, minor = rubin_10_1
+    rec, _ = build_rubin(major, minor, 169298432598477001)
+    data = rubin_message(major, minor, rec)
+    with pytest.raises(DecodeError, match=r"v10\.1"):
+        parse_message("rubin-avro", data, schema_source=decode.PackagedRubinSchemas())
+    with _Registry({1001: json.dumps(rubin_schema(major, minor)[1])}) as reg, httpx.Client() as client:
+        chain = decode.ChainSchemaSource((decode.RegistrySchemaSource(reg.url, client, timeout=5.0),
+                                          decode.PackagedRubinSchemas()))
+        check_rubin_version(major, minor, chain)
+        check_rubin_solar_system(major, minor, chain)
+        calls = list(reg.calls)
+    assert calls == ["/schemas/ids/1001"]
