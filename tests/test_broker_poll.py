@@ -392,9 +392,18 @@ def test_a_malformed_result_is_dead_lettered_and_the_rest_kept(db, alerce):
     assert (c["alerts"], c["dead_letters"]) == (1, 1)
     with db.sessions() as s:
         letter = repo.dead_letters(s)[0]
-    assert "dec out of range" in letter.error and letter.topic.startswith("alerce:")
+    assert "dec out of range" in letter.error and letter.topic.startswith("alerce:objects/ZTF26aabroke@")
     assert json.loads(letter.raw)["object"]["oid"] == "ZTF26aabroke"  # kept whole for a retry
     assert cursor(db, "alerce") is not None
+    # Listed again by the next poll's overlap: not fetched nor dead-lettered a second time.
+    fetched = len(alerce.paths("/ztf/v1/objects/ZTF26aabroke"))
+    st = stream("alerce-api", alerce.url + "/ztf/v1")
+    assert poller(db, st, clock=lambda: NOW + timedelta(minutes=5)).poll_once(STOP)
+    assert counts(db) == c and len(alerce.paths("/ztf/v1/objects/ZTF26aabroke")) == fetched
+    # A new version of the object (a new detection) is a new result: it parses now.
+    alerce.objects[-1].update(meandec=11.0, lastmjd=MJD_NOW + 0.003)
+    assert poller(db, st, clock=lambda: NOW + timedelta(minutes=10)).poll_once(STOP)
+    assert counts(db)["alerts"] == 2
 
 
 # ------------------------------------------------------------------- Fink

@@ -7,7 +7,7 @@ dead letters, same per-source keys, so a replay changes nothing)::
 
     PollStream.run(stop)
       every interval:  window = [cursor - overlap, now]
-        service.fetch(window) ─► items ─► FileMessage(bytes) at "tns:<window start>/object/2024abc#i"
+        service.fetch(window) ─► items ─► PollMessage(bytes) at "tns:object/2024abc"
                                              │
                                              ▼
                                  Ingestor.handle(batch)  (one transaction)

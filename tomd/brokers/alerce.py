@@ -51,7 +51,8 @@ class ALeRCE:
         items = []
         for row in rows:
             key = alert_key(row) if isinstance(row, dict) else None
-            label = f"objects/{row.get('oid')}" if isinstance(row, dict) else "objects/?"
+            # The key names the version (oid@lastmjd): a dead letter of one is not the next one's.
+            label = f"objects/{key or (row.get('oid') if isinstance(row, dict) else '?')}"
             items.append(Item(label, source="alerce" if key else None, key=key, hit=row))
         more = bool(body.get("has_next")) or len(rows) >= self.page_size
         return Page(items, more=more)

@@ -34,7 +34,7 @@ from typing import Any, Protocol
 
 import httpx
 
-from tomd.alerts.ingest import FileMessage, Ingestor
+from tomd.alerts.ingest import Ingestor
 from tomd.brokers.http import BrokerHttp
 from tomd.db import repository as repo
 from tomd.errors import ConfigError, PermanentError, RetryableError
@@ -72,6 +72,20 @@ class Item:
     source: str | None = None
     key: str | None = None
     hit: Any = None  # what detail() needs (the listing row)
+
+
+@dataclass(frozen=True)
+class PollMessage:
+    """A result as the ingestor takes it (the ``Message`` protocol). Its coordinates
+    name the result itself (``alerce:objects/ZTF26abc@61000.1``), the same in every
+    poll, so a dead letter is not written again each time an overlap lists it."""
+
+    coords: str
+    value: bytes
+    topic: None = None
+    partition: None = None
+    offset: None = None
+    key: None = None
 
 
 @dataclass(frozen=True)
@@ -231,11 +245,10 @@ class PollStream:
         items = self._unseen(items)
         if not items:
             return
-        base = f"{self.service.name}:{_iso(window.start)}"
         batch = []
-        for i, it in enumerate(items):
+        for it in items:
             value = it.value if it.value is not None else self.service.detail(self.http, it, stop)
-            batch.append(FileMessage(f"{base}/{it.label}", i, value))
+            batch.append(PollMessage(self._coords(it), value))
         self.stats.consumed += len(batch)
         delay = 0.5
         while True:
@@ -279,17 +292,24 @@ class PollStream:
                 conn.invalidate()
             conn.close()
 
+    def _coords(self, it: Item) -> str:
+        return f"{self.service.name}:{it.label}"
+
     def _unseen(self, items: Sequence[Item]) -> list[Item]:
-        """Drop results whose alert is already stored (a window polled again)."""
+        """Drop results whose alert is already stored (a window polled again), and those
+        waiting as dead letters (the same version of a result that would not parse)."""
         keyed: dict[str, list[str]] = {}
         for it in items:
             if it.source and it.key:
                 keyed.setdefault(it.source, []).append(it.key)
         if not keyed:
             return list(items)
+        coords = [self._coords(it) for it in items if it.key]
         with self.ingestor.sessions() as s:
             known = {(src, k) for src, keys in keyed.items() for k in repo.existing_alert_keys(s, src, keys)}
-        return [it for it in items if (it.source, it.key) not in known]
+            waiting = repo.unresolved_dead_letter_topics(s, self.stream.name, coords)
+        return [it for it in items if (it.source, it.key) not in known
+                and not (it.key and self._coords(it) in waiting)]
 
     # ---------------------------------------------------------------- cursor
 

@@ -1110,6 +1110,17 @@ def save_poll_cursor(s: Session, key: str, cursor: str) -> None:
         row.last_poll_at = utcnow()
 
 
+def unresolved_dead_letter_topics(s: Session, stream: str, topics: Sequence[str]) -> set[str]:
+    """Which of ``topics`` (a poll result's stable coordinates) already wait as dead letters of ``stream``."""
+    from tomd.db.models import DeadLetter
+
+    if not topics:
+        return set()
+    q = select(DeadLetter.topic).where(DeadLetter.stream == stream, DeadLetter.resolved_at.is_(None),
+                                       DeadLetter.topic.in_(list(topics)))
+    return set(s.scalars(q))
+
+
 # ---- data retrieval ----
 # tomd.retrieve: requests whose data is due (data_due_at <= now) are claimed
 # by moving data_due_at forward to the claim's end (a lease, like a queue's
