@@ -676,3 +676,71 @@ def test_products_the_archive_adds_later_are_fetched_at_the_second_look(db, sim,
     assert (third.stored, third.already) == (0, 9) and request(db, rid).data_due_at is None
     assert len(products(db, request_id=rid, state="stored")) == 9 and len(events(db, "data.stored")) == 9
     r.close()
+
+
+def test_a_download_slower_than_the_minimum_rate_is_cut(db, sim, tmp_path):
+    """A body that trickles in (1 kB every 50 ms through a loopback proxy) is cut, never stored."""
+    import socket as sk
+
+    (rid,) = submit(db, sim)
+    complete(db, sim, rid)
+    sim.archive(frames_per_config=1)
+    host, port = sim.url.split("//")[1].split(":")
+
+    lst = sk.socket()
+    lst.bind(("127.0.0.1", 0))
+    lst.listen(8)
+    closing = threading.Event()
+
+    def pipe(src, dst, slow):
+        try:
+            while not closing.is_set():
+                data = src.recv(1024 if slow else 65536)
+                if not data:
+                    break
+                dst.sendall(data)
+                if slow:
+                    time.sleep(0.05)
+        except OSError:
+            pass
+        for s_ in (src, dst):
+            try:
+                s_.shutdown(2)
+            except OSError:
+                pass
+
+    def accept():
+        while not closing.is_set():
+            try:
+                cl, _ = lst.accept()
+            except OSError:
+                return
+            up = sk.create_connection((host, int(port)))
+            threading.Thread(target=pipe, args=(cl, up, False), daemon=True).start()
+            threading.Thread(target=pipe, args=(up, cl, True), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    c = client(sim)
+
+    class Throttled:
+        def __getattr__(self, name):
+            return getattr(c, name)
+
+        def data_products(self, facility_id):
+            from dataclasses import replace
+
+            return [replace(p, url=p.url.replace(f":{port}/", f":{lst.getsockname()[1]}/"))
+                    for p in c.data_products(facility_id)]
+
+    slow = RetrieveSettings(**{**FAST.__dict__, "grace_s": 0.1, "min_rate_bps": 1e9, "restarts": 0})
+    r = retriever(db, sim, LocalStore(tmp_path / "s"), slow, facility=Throttled())
+    try:
+        (out,) = r.run_once()
+    finally:
+        closing.set()
+        lst.close()
+    assert out.state == "retry" and out.stored == 0
+    rows = products(db, request_id=rid)
+    assert rows and all(x.state == "failed" and "too slow" in x.error for x in rows), [x.error for x in rows]
+    assert list(LocalStore(tmp_path / "s").keys()) == []
+    r.close()

@@ -91,6 +91,8 @@ class RetrieveSettings:
     connect_timeout_s: float = 10.0
     read_timeout_s: float = 60.0  # silence allowed between two chunks
     min_rate_bps: float = 50_000.0  # a download slower than this on average (after 60 s) is cut
+    max_download_s: float = 6 * 3600.0  # and none takes longer (a stream without a size or end)
+    grace_s: float = 60.0  # a download's first seconds, before its average rate counts
     restarts: int = 2  # immediate restarts of one product's download within an attempt
     max_relists: int = 3  # fresh listings per attempt when download URLs expire
     # After an attempt that stored new products, look once more this much later: archives add
@@ -180,15 +182,19 @@ def download_client(settings: RetrieveSettings = RetrieveSettings(),
 class _Body(io.RawIOBase):
     """An HTTP response body as a readable stream, chunk by chunk, within an overall deadline.
 
-    Keeps the first ``HEAD_BYTES`` for the FITS header. httpx raises when
-    the connection drops or the body is shorter than its Content-Length.
+    ``allowed(received)`` gives the seconds the download may have taken
+    when ``received`` bytes have arrived (it grows with them when the size
+    is unknown). Keeps the first ``HEAD_BYTES`` for the FITS header. httpx
+    raises when the connection drops or the body is shorter than its
+    Content-Length.
     """
 
-    def __init__(self, resp: httpx.Response, deadline: float, what: str):
+    def __init__(self, resp: httpx.Response, allowed: Callable[[int], float], what: str):
         self._it = resp.iter_raw(CHUNK)
         self._buf = bytearray()
         self._done = False
-        self.deadline, self.what = deadline, what
+        self.started, self.allowed, self.what = time.monotonic(), allowed, what
+        self.received = 0
         self.head = bytearray()
 
     def readable(self) -> bool:
@@ -197,12 +203,16 @@ class _Body(io.RawIOBase):
     def read(self, n: int = -1) -> bytes:
         want = CHUNK if n is None or n < 0 else n
         while len(self._buf) < want and not self._done:
-            if time.monotonic() > self.deadline:
-                raise DownloadFailed(f"{self.what}: too slow, cut at the download's deadline")
+            if time.monotonic() - self.started > self.allowed(self.received):
+                raise DownloadFailed(f"{self.what}: too slow ({self.received} bytes in "
+                                     f"{time.monotonic() - self.started:.0f} s), cut")
             try:
-                self._buf += next(self._it)
+                chunk = next(self._it)
             except StopIteration:
                 self._done = True
+            else:
+                self._buf += chunk
+                self.received += len(chunk)
         out = bytes(self._buf[:want])
         del self._buf[:want]
         if len(self.head) < HEAD_BYTES:
@@ -520,9 +530,11 @@ class Retriever:
             except Exception:  # noqa: BLE001 - metrics never break a download
                 log.debug("product observer failed", exc_info=True)
 
-    def download_deadline(self, size: int | None) -> float:
-        """Seconds one download may take in all: 60 s plus the size at ``min_rate_bps``."""
-        return 60.0 + (size or 0) / max(1.0, self.settings.min_rate_bps) + self.settings.connect_timeout_s
+    def download_deadline(self, size: int | None, received: int = 0) -> float:
+        """Seconds one download may take: ``grace_s`` plus its size (or, unknown, the bytes so far)
+        at ``min_rate_bps``, and never more than ``max_download_s``."""
+        rate = max(1.0, self.settings.min_rate_bps)
+        return min(self.settings.max_download_s, self.settings.grace_s + max(size or 0, received) / rate)
 
     def _download(self, p: DataProduct, key: str):
         """Stream one product into storage; (Stored, first bytes). Raises UrlExpired, DownloadFailed…"""
@@ -535,7 +547,7 @@ class Retriever:
             size = p.size
             if size is None and resp.headers.get("Content-Length", "").isdigit():
                 size = int(resp.headers["Content-Length"])
-            body = _Body(resp, time.monotonic() + self.download_deadline(size), what)
+            body = _Body(resp, lambda received: self.download_deadline(size, received), what)
             stored = self.storage.put(key, body, size=size, md5=p.md5)
         return stored, body.head
 
