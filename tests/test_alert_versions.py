@@ -549,6 +549,19 @@ def check_rubin_solar_system(major: int, minor: int, schema_source: Any) -> None
     assert _same_instant(a.time, Time(MJD_TAI, format="mjd", scale="tai").utc)
 
 
+def registered_schema(major: int, minor: int) -> str:
+    """The schema text Rubin puts in its registry: lsst-alert-packet's resolved definition."""
+    from lsst.alert.packet import Schema
+
+    folder = _EXTRA_RUBIN.get((major, minor))
+    path = (folder / f"lsst.v{major}_{minor}.alert.avsc") if folder else (
+        RUBIN_ROOT / str(major) / str(minor) / f"lsst.v{major}_{minor}.alert.avsc")
+    with resources.as_file(path) as p:
+        schema = Schema.from_file(str(p))
+    assert schema.get_schema_id() == 100 * major + minor  # the id Rubin registers it under
+    return json.dumps(schema.definition)
+
+
 class _Registry:
     """A Confluent Schema Registry on loopback: GET /schemas/ids/{id} → {"schema": "<json>"}."""
 
@@ -595,7 +608,7 @@ def test_rubin_registry_fetched_once_per_schema_id_then_packaged_fallback() -> N
     """Registry schemas over HTTP, one request per schema id for many messages;
     ids the registry does not know fall back to the packaged schemas."""
     served = RUBIN_VERSIONS[::2]
-    schemas = {100 * M + m: json.dumps(rubin_schema(M, m)[1]) for M, m in served}
+    schemas = {100 * M + m: registered_schema(M, m) for M, m in served}
     messages = []
     for M, m in RUBIN_VERSIONS:
         for i in range(3):
@@ -625,7 +638,7 @@ def test_rubin_10_1_comes_from_the_registry(rubin_10_1: tuple[int, int]) -> None
     data = rubin_message(major, minor, rec)
     with pytest.raises(DecodeError, match=r"v10\.1"):
         parse_message("rubin-avro", data, schema_source=decode.PackagedRubinSchemas())
-    with _Registry({1001: json.dumps(rubin_schema(major, minor)[1])}) as reg, httpx.Client() as client:
+    with _Registry({1001: registered_schema(major, minor)}) as reg, httpx.Client() as client:
         chain = decode.ChainSchemaSource((decode.RegistrySchemaSource(reg.url, client, timeout=5.0),
                                           decode.PackagedRubinSchemas()))
         check_rubin_version(major, minor, chain)
