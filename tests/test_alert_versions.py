@@ -251,11 +251,35 @@ def build_ztf(version: str, candid: int, *, object_id: str = "ZTF25aaaaaaa", ra:
     return schema, rec, exp
 
 
+def _zigzag(n: int) -> bytes:
+    """An Avro long (zig-zag varint)."""
+    n = (n << 1) ^ (n >> 63)
+    out = bytearray()
+    while n & ~0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
 def ztf_message(version: str, rec: dict) -> bytes:
-    """One Avro container holding one packet, its writer schema in the header (as ZTF sends)."""
-    buf = io.BytesIO()
-    fastavro.writer(buf, ztf_parsed(version), [rec])
-    return buf.getvalue()
+    """One Avro container holding one packet, as ZTF sends it.
+
+    Written here rather than by ``fastavro.writer`` so the header carries the
+    schema text itself: fastavro would write its own rendering and drop what
+    it does not keep (4.01's ``tooflag`` default of 0, for one).
+    """
+    text = (SCHEMAS / version / "alert.avsc").read_bytes()
+    body = io.BytesIO()
+    fastavro.schemaless_writer(body, ztf_parsed(version), rec)
+    data, sync = body.getvalue(), b"tomd-test-sync!!"
+    meta = {b"avro.schema": text, b"avro.codec": b"null"}
+    header = b"Obj\x01" + _zigzag(len(meta)) + b"".join(
+        _zigzag(len(k)) + k + _zigzag(len(v)) + v for k, v in meta.items()) + _zigzag(0) + sync
+    msg = header + _zigzag(1) + _zigzag(len(data)) + data + sync
+    (back,) = fastavro.reader(io.BytesIO(msg))  # a well-formed container: fastavro reads it too
+    assert back["candid"] == rec["candid"]
+    return msg
 
 
 @needs_data
