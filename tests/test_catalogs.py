@@ -801,3 +801,46 @@ def test_plain_function_reads_the_daemons_config_by_default(services, db, tmp_pa
     assert len(services["tns"].requests) == 1  # cached in the config's database
     with db.sessions() as s:
         assert s.execute(text("SELECT count(*) FROM catalog_cache WHERE service = 'tns'")).scalar_one() == 1
+
+
+@dataclass(frozen=True)
+class _Fixed:
+    """A stand-in orbit: an object fixed at a geocentric (ra, dec, distance in au)."""
+
+    ra: float
+    dec: float
+    au: float
+
+    def geocentric(self, mjd):
+        r, d = np.radians(self.ra), np.radians(self.dec)
+        v = self.au * np.array([np.cos(d) * np.cos(r), np.cos(d) * np.sin(r), np.sin(d)])
+        return np.repeat(v[:, None], len(np.atleast_1d(mjd)), axis=1)
+
+
+@pytest.mark.parametrize("au", [0.0026, 1.0])
+def test_moving_target_altitude_includes_each_sites_parallax(au):
+    """A near-Earth object's altitude from a site: topocentric, as astropy's AltAz gives it."""
+    import astropy.units as u
+    from astropy.coordinates import GCRS, AltAz, EarthLocation, SkyCoord
+    from astropy.time import Time
+    from astropy.utils import iers
+
+    from tomd import visibility
+
+    iers.conf.auto_download = False
+    site, mjd = visibility.SITES["lsc"], 61005.25  # a grid time
+    t = Time(mjd, format="mjd", scale="utc")
+    loc = EarthLocation.from_geodetic(site.lon * u.deg, site.lat * u.deg, site.height * u.m)
+    lst = t.sidereal_time("apparent", longitude=site.lon * u.deg).deg
+    obj = _Fixed((lst + 50.0) % 360.0, -10.0, au)  # about 35° up in the west
+    with iers.conf.set_temp("iers_degraded_accuracy", "ignore"):
+        ref = SkyCoord(ra=obj.ra * u.deg, dec=obj.dec * u.deg, distance=au * u.au,
+                       frame=GCRS(obstime=t)).transform_to(AltAz(obstime=t, location=loc)).alt.deg
+        geo = SkyCoord(ra=obj.ra * u.deg, dec=obj.dec * u.deg, distance=1e6 * u.au,
+                       frame=GCRS(obstime=t)).transform_to(AltAz(obstime=t, location=loc)).alt.deg
+    v = visibility.observability_orbit(["lsc"], obj, mjd, 0.01, max_airmass=100.0, min_moon_deg=0.0,
+                                       max_sun_alt=90.0)
+    alt = np.degrees(np.arcsin(1.0 / v.airmass))
+    assert alt == pytest.approx(ref, abs=0.02)
+    if au < 0.01:  # at the Moon's distance the parallax is most of a degree: the test can tell
+        assert abs(geo - ref) > 0.5

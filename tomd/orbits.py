@@ -9,9 +9,9 @@ as Horizons and the MPC use), the Earth from ERFA's built-in ephemeris
 (epv00), light time iterated twice. Planetary perturbations are ignored: a
 main-belt orbit drifts by arcseconds over a month from its epoch
 (tests/test_catalogs.py checks Ceres against a Horizons ephemeris), which
-is nothing next to the degree-scale needs of visibility. Topocentric
-parallax is ignored too (up to ~1° for an object 0.01 au away: fine for
-airmass, not for pointing — pointing is the facility's job, from elements).
+is nothing next to the degree-scale needs of visibility. Positions are
+geocentric here; ``tomd.visibility`` adds each site's parallax (an object
+0.01 au away shifts by up to 0.03°, one at the Moon's distance by 1°).
 """
 
 from __future__ import annotations
@@ -97,6 +97,11 @@ class Orbit:
 
     def geocentric_unit(self, mjd_utc: np.ndarray | float) -> np.ndarray:
         """(3, N) unit vectors towards the object from the geocentre (ICRS axes)."""
+        geo = self.geocentric(mjd_utc)
+        return geo / np.linalg.norm(geo, axis=0)
+
+    def geocentric(self, mjd_utc: np.ndarray | float) -> np.ndarray:
+        """(3, N) astrometric geocentric positions (au, ICRS axes; light-time corrected)."""
         import erfa
         from astropy.time import Time
 
@@ -109,7 +114,7 @@ class Orbit:
         for _ in range(2):  # light time: where the object was when the light left it
             tau = np.linalg.norm(geo, axis=0) / C_AU_PER_DAY
             geo = self.heliocentric(t_tt - tau) - earth
-        return geo / np.linalg.norm(geo, axis=0)
+        return geo
 
 
 def _ellipse(a: float, e: float, m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

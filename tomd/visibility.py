@@ -308,14 +308,17 @@ def moon_distance_deg(ra: float, dec: float, mjd: float) -> float:
 _TRACKS: OrderedDict[tuple, np.ndarray] = OrderedDict()
 
 
+_EARTH_RADIUS_AU = 6378.137 / 149597870.7
+
+
 def _track(orbit, mjd: np.ndarray) -> np.ndarray:
-    """(3, N) geocentric ICRS unit vectors of ``orbit`` at the grid times ``mjd``."""
+    """(3, N) geocentric ICRS positions (au) of ``orbit`` at the grid times ``mjd``."""
     key = (orbit, float(mjd[0]), len(mjd))
     with _LOCK:
         xyz = _TRACKS.get(key)
     if xyz is None:
         with _quiet():
-            xyz = orbit.geocentric_unit(mjd)
+            xyz = orbit.geocentric(mjd)
         with _LOCK:
             _TRACKS[key] = xyz
             while len(_TRACKS) > 256:
@@ -326,17 +329,24 @@ def _track(orbit, mjd: np.ndarray) -> np.ndarray:
 def observability_orbit(sites: Iterable[str], orbit, start_mjd: float, hours: float = 24.0, *,
                         max_airmass: float = 2.0, min_moon_deg: float = 30.0,
                         max_sun_alt: float = -12.0) -> Visibility:
-    """``observability`` for a solar-system target given by a ``tomd.orbits.Orbit``."""
+    """``observability`` for a solar-system target given by a ``tomd.orbits.Orbit``.
+
+    Topocentric: each site sees the object from its own place on the Earth
+    (spherical Earth; what matters for near-Earth objects), so the altitude
+    is that of the site-to-object vector, in the true equator of date where
+    the site's direction is (cos φ cos LST, cos φ sin LST, sin φ).
+    """
     w = _window(tuple(sites), start_mjd, hours, max_sun_alt)
     if w is None:
         return Visibility(False, reason="empty window")
-    xyz = _track(orbit, w.mjd)
-    v = w.rot @ xyz  # true equator and equinox of date
-    r = np.arctan2(v[1], v[0])
-    dd = np.arcsin(np.clip(v[2], -1.0, 1.0))
-    cd = np.cos(dd)
-    sin_alt = w.sin_lat * np.sin(dd) + (w.cl_cos_lst * (cd * np.cos(r)) + w.cl_sin_lst * (cd * np.sin(r)))
-    cosm = np.einsum("ij,ij->j", xyz, w.moon_xyz)
+    geo = _track(orbit, w.mjd)  # (3, N) au
+    v = w.rot @ geo  # true equator and equinox of date
+    x = v[0] - _EARTH_RADIUS_AU * w.cl_cos_lst  # (S, N): from each site
+    y = v[1] - _EARTH_RADIUS_AU * w.cl_sin_lst
+    z = v[2] - _EARTH_RADIUS_AU * w.sin_lat
+    sin_alt = (x * w.cl_cos_lst + y * w.cl_sin_lst + z * w.sin_lat) / np.sqrt(x * x + y * y + z * z)
+    unit = geo / np.linalg.norm(geo, axis=0)
+    cosm = np.einsum("ij,ij->j", unit, w.moon_xyz)
     return _verdict(w, sin_alt, cosm, max_airmass, min_moon_deg, max_sun_alt)
 
 
