@@ -302,6 +302,21 @@ def test_later_stage_observers():
     assert value(m, "tomd_notifications_failed_total", channel="email") == 1
 
 
+def test_scheduler_and_outbox_are_read_at_scrape_time():
+    m = Metrics(process=False)
+    scheduler = SimpleNamespace(running=False)
+    backlog = [3]
+    m.watch_scheduler(scheduler)
+    m.watch_outbox(lambda: backlog[0] if backlog else 1 // 0)
+    assert value(m, "tomd_scheduler_running") == 0 and value(m, "tomd_outbox_pending_events") == 3
+    scheduler.running = True
+    backlog.clear()  # the callback now raises: NaN, and the scrape still answers
+    assert value(m, "tomd_scheduler_running") == 1
+    assert m.registry.get_sample_value("tomd_outbox_pending_events") != m.registry.get_sample_value(
+        "tomd_outbox_pending_events")  # NaN
+    assert b"tomd_outbox_pending_events NaN" in m.exposition()
+
+
 def test_names_follow_prometheus_conventions():
     import re
 

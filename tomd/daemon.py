@@ -437,15 +437,19 @@ def add_components(daemon: Daemon) -> None:
 
     ``daemon.metrics`` exists already: hand its observer methods to the parts that report
     (``observe_hook``, ``observe_notification``, ``observe_product``, ``observe_status_change``,
-    ``observe_database_error``). For example::
+    ``observe_database_error``; ``watch_scheduler``, ``watch_outbox`` are read at scrape time).
+    For example::
 
-        config = daemon.config
+        config, m = daemon.config, daemon.metrics
         jobs = Jobs(daemon.sessions, daemon.facilities, config)         # status poller + APScheduler
         daemon.add(jobs)                                                 # start()/shutdown()
-        daemon.add_check("scheduler", lambda: jobs.running or "scheduler not running")
+        daemon.add_check("scheduler", scheduler_check(jobs))             # tomd.health: /readyz
+        m.watch_scheduler(jobs)
         daemon.add(Retriever(daemon.sessions, daemon.facilities, daemon.storage))     # run(stop)
         daemon.add(HookRunner(daemon.sessions, config.hooks), wake_on_ingest=True)   # reload() on SIGHUP
         daemon.add(Notifier(daemon.sessions, config.notifications), wake_on_ingest=True)
+
+    Nothing is added yet: with no components the daemon ingests, decides and submits.
     """
 
 

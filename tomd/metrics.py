@@ -15,7 +15,8 @@ Where values come from::
     LCOClient       ──► observe_facility_call (every HTTP call, retries included)
     database        ──► DatabaseCollector (read at scrape time, cached: open requests, dead letters)
     later stages    ──► observe_product / observe_hook / observe_notification /
-                        observe_status_change / observe_database_error
+                        observe_status_change / observe_database_error,
+                        watch_scheduler / watch_outbox (read at scrape time)
 
 ``instrument(daemon)`` plugs all of these into a built daemon.
 
@@ -300,6 +301,15 @@ class Metrics:
         """Replace the open-request counts by hand (when no database is watched)."""
         self.database.fixed = dict(by_state)
 
+    def watch_scheduler(self, scheduler: Any) -> None:
+        """``tomd_scheduler_running`` follows ``scheduler.running`` (an APScheduler scheduler), at scrape time."""
+        self.scheduler_up.set_function(_safe(lambda: 1.0 if getattr(scheduler, "running", False) else 0.0))
+
+    def watch_outbox(self, pending: Callable[[], int]) -> None:
+        """``tomd_outbox_pending_events`` is ``pending()`` at scrape time (the hook runner knows what
+        "handled" means; a failing call leaves NaN, never a failed scrape)."""
+        self.outbox_pending.set_function(_safe(lambda: float(pending())))
+
     def watch_database(self, sessions: Callable[[], Any], *, cache_s: float = 5.0) -> None:
         """Count open requests and unresolved dead letters at scrape time (at most every ``cache_s``)."""
         self.database.sessions, self.database.cache_s = sessions, cache_s
@@ -568,6 +578,16 @@ def sample_names(registry: CollectorRegistry) -> set[str]:
         names.update(fam.name + s for s in suffixes.get(fam.type, ("",)))
         names.update(s.name for s in fam.samples)
     return names
+
+
+def _safe(fn: Callable[[], float]) -> Callable[[], float]:
+    def read() -> float:
+        try:
+            return fn()
+        except Exception:  # noqa: BLE001 - a scrape must never fail on one gauge
+            return float("nan")
+
+    return read
 
 
 def _is_database_error(exc: BaseException) -> bool:
