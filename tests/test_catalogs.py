@@ -844,3 +844,28 @@ def test_moving_target_altitude_includes_each_sites_parallax(au):
     assert alt == pytest.approx(ref, abs=0.02)
     if au < 0.01:  # at the Moon's distance the parallax is most of a degree: the test can tell
         assert abs(geo - ref) > 0.5
+
+
+def test_cli_newer_catalog_elements_replace_older_ones(services, db, tmp_path, monkeypatch, capsys):
+    from tomd.db.models import OutboxEvent
+
+    monkeypatch.setenv("TNS_KEY", TNS_BOT["key"])
+    cfg = str(write_config(tmp_path, db, services))
+    code, _, err = run(capsys, "-c", cfg, "target", "add", "Ceres", "--scheme", "MPC_COMET", "--epochofel", "59000",
+                       "--orbinc", "10.6", "--longascnode", "80.3", "--argofperih", "73.6", "--perihdist", "2.55",
+                       "--eccentricity", "0.0786", "--epochofperih", "59180")
+    assert code == 0, err
+    code, out, err = run(capsys, "-c", cfg, "target", "add", "Ceres", "--from", "horizons")
+    assert code == 0, err
+    assert "matched existing target" in out and "by name" in out
+    assert "orbital elements replaced by the catalog's, epoch MJD 59740.0 (were at MJD 59000.0)" in out
+    code, out, _ = run(capsys, "-c", cfg, "target", "show", "Ceres", "--json")
+    shown = json.loads(out)
+    assert (shown["scheme"], shown["epochofel"], shown["perihdist"]) == ("MPC_MINOR_PLANET", 59740.0, None)
+    assert shown["meananom"] == pytest.approx(321.4371287399738)
+    with db.sessions() as s:
+        kinds = [e.kind for e in s.query(OutboxEvent).order_by(OutboxEvent.id)]
+    assert kinds.count("target.updated") >= 1
+    # The same epoch again: nothing to replace.
+    code, out, _ = run(capsys, "-c", cfg, "target", "add", "Ceres", "--from", "horizons")
+    assert code == 0 and "replaced" not in out

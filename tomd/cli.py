@@ -145,6 +145,30 @@ def _spec_from_catalog(app: App, args):
     return replace(spec, aliases=tuple(dict.fromkeys((*spec.aliases, *base.aliases))))
 
 
+def _refresh_elements(s, target_id: int, spec) -> tuple[dict[str, Any], float | None]:
+    """A catalog's newer osculating elements replace a solar-system target's older ones.
+
+    Elements are not a position the merge must keep: they age (perturbations),
+    and a later epoch from Horizons or the MPC is the same object's better orbit.
+    Returns the changes and the replaced epoch.
+    """
+    from tomd.db import repository as repo
+    from tomd.events import TargetUpdated
+    from tomd.targets.model import ELEMENT_FIELDS
+
+    t = repo.get_target(s, target_id)
+    if (not spec.scheme or t is None or t.type != "non_sidereal" or spec.epochofel is None
+            or (t.epochofel is not None and spec.epochofel <= t.epochofel + 0.5)):
+        return {}, None
+    before = t.epochofel
+    values = {"scheme": spec.scheme, **{f: getattr(spec, f) for f in ELEMENT_FIELDS}}
+    changes = {k: v for k, v in values.items() if getattr(t, k) != v}
+    if changes:
+        repo.update_target(s, target_id, values)
+        repo.add_event(s, TargetUpdated(target_id, t.name, changes, (), "cli"), target_id=target_id)
+    return changes, before
+
+
 def cmd_target_add(app: App, args) -> int:
     from tomd.errors import PermanentError, RetryableError
     from tomd.targets.model import SpecError
@@ -160,6 +184,9 @@ def cmd_target_add(app: App, args) -> int:
     try:
         with app.sessions.begin() as s:
             res = upsert(s, spec, radius_arcsec=app.config.targets.match_radius_arcsec, origin="cli")
+            refreshed, before = ({}, None)
+            if getattr(args, "catalog", None) and not res.created:
+                refreshed, before = _refresh_elements(s, res.target_id, spec)
             from tomd.db.repository import get_target
 
             name = get_target(s, res.target_id).name
@@ -178,6 +205,9 @@ def cmd_target_add(app: App, args) -> int:
             print(f"  added names: {', '.join(res.new_names)}")
         if res.changes:
             print(f"  updated: {', '.join(res.changes)}")
+        if refreshed:
+            was = f" (were at MJD {before:.1f})" if before is not None else ""
+            print(f"  orbital elements replaced by the catalog's, epoch MJD {spec.epochofel:.1f}{was}")
     for n in res.conflicts:
         print(f"  warning: name {n!r} already belongs to another target; not added", file=sys.stderr)
     return 0
