@@ -233,7 +233,8 @@ def test_promtool_unit_tests_of_the_alert_rules():
 def test_systemd_unit_is_sandboxed():
     text = (DEPLOY / "systemd/tomd.service").read_text()
     for line in ("ProtectSystem=strict", "NoNewPrivileges=yes", "PrivateTmp=yes", "Restart=on-failure",
-                 "ReadWritePaths=/var/lib/tomd", "EnvironmentFile=-/etc/tomd/tomd.env", "DynamicUser=yes"):
+                 "ReadWritePaths=/var/lib/tomd", "EnvironmentFile=-/etc/tomd/tomd.env", "DynamicUser=yes",
+                 "ExecReload=/bin/kill -HUP $MAINPID"):
         assert re.search(rf"^{re.escape(line)}$", text, re.M), line
 
 
