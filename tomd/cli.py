@@ -134,6 +134,8 @@ def _spec_from_catalog(app: App, args):
                          f"--{given[0].replace('_', '-')}", field="--from")
     base = _spec_from_args(args)  # for the CLI's names, tags, lists and extras
     entry = Catalogs(app.config.catalogs, app.sessions).lookup(args.catalog, args.name)
+    if not entry.scheme and (entry.ra is None or entry.dec is None):
+        raise UserError(f"{title(args.catalog)}: {entry.name} has neither a position nor orbital elements")
     where = (f"ra {entry.ra:.6f} dec {entry.dec:+.6f}" if entry.ra is not None and entry.dec is not None
              else f"{entry.scheme} elements at MJD {entry.elements.get('epochofel', float('nan')):.1f}")
     what = ", ".join(x for x in (entry.object_type, f"z={entry.redshift:g}" if entry.redshift is not None else None)
