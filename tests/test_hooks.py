@@ -440,19 +440,18 @@ def test_after_a_crash_each_hook_gets_each_event_once(db, tmp_path):
         proc.wait(30)
     worker_pid = int(lines(out)[-1].split()[2])
     _wait(lambda: not _alive(worker_pid), timeout=10)  # its worker does not run on without it
-    in_flight = {(r.hook, r.event_id) for r in runs(db) if r.state == "running"}
-    assert len(in_flight) <= 1
+    claimed = {(r.hook, r.event_id) for r in runs(db) if r.state == "running"}  # one batch, one of them in flight
+    assert 1 <= len(claimed) <= 20
     done_before = len(lines(out))
     assert done_before < 80
     second = subprocess.run([sys.executable, str(script), db.url, str(hooks), str(out), "until-done"],
                             cwd=tmp_path, timeout=180, capture_output=True, text=True)
     assert second.returncode == 0, second.stderr
-    got = Counter((ln.split()[0], int(ln.split()[1])) for ln in lines(out))
-    for e in events:
-        for hook in ("one", "two"):
-            n = got[(hook, e)]
-            # exactly once, except a run killed in flight after its side effect and before its commit
-            assert n == 1 or (n == 2 and (f"slowrec.{hook}", e) in in_flight), (hook, e, n)
+    got = Counter((f"slowrec.{ln.split()[0]}", int(ln.split()[1])) for ln in lines(out))
+    assert set(got) == {(f"slowrec.{h}", e) for e in events for h in ("one", "two")}
+    # exactly once, except at most the one run killed in flight after its side effect and before its commit
+    twice = [k for k, n in got.items() if n > 1]
+    assert len(twice) <= 1 and set(twice) <= claimed and max(got.values()) <= 2, twice
     assert all(r.state == "done" for r in runs(db))
 
 

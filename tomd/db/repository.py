@@ -1005,31 +1005,47 @@ def expand_hook_runs(s: Session, hook: str, kinds: Sequence[str] | None, after_i
         q = q.where(o.kind.in_(list(kinds)))
     q = q.order_by(o.id)  # run ids follow the outbox: each hook sees events in the order written
     stmt = _insert_ignore(s, _RUNS).from_select(["hook", "event_id", "state", "attempts", "next_attempt_at"], q)
-    return s.execute(stmt).rowcount or 0
+    return len(s.execute(stmt.returning(_RUNS.c.id)).all())  # rowcount is -1 for INSERT … SELECT on psycopg
 
 
-def claim_hook_run(s: Session, worker: str, hooks: Sequence[str], *, now, lease: dict[str, Any]):
-    """Claim the most overdue run of one of ``hooks`` for ``worker``; None if none is due.
+def claim_hook_runs(s: Session, worker: str, hooks: Sequence[str], *, now, lease: dict[str, Any],
+                    limit: int = 1) -> list[tuple]:
+    """Claim up to ``limit`` of the most overdue runs of ``hooks`` for ``worker``.
 
     Due: pending with its attempt time reached, or running with an expired
     lease (its daemon died). ``lease``: {hook: claimed_until}. Returns
-    (run id, hook, attempts, event id, kind, version, payload, target_id).
+    (run id, hook, attempts, event id, kind, version, payload, target_id,
+    claimed_until) tuples in run order.
     """
     if not hooks:
-        return None
+        return []
     r, o = _RUNS.c, _OUTBOX.c
     q = (select(r.id, r.hook, r.attempts, r.event_id)
          .where(r.hook.in_(list(hooks)),
                 or_(and_(r.state == "pending", or_(r.next_attempt_at.is_(None), r.next_attempt_at <= now)),
                     and_(r.state == "running", r.claimed_until < now)))
-         .order_by(r.next_attempt_at, r.id).limit(1).with_for_update(skip_locked=True))
-    row = s.execute(q).first()
-    if row is None:
-        return None
-    s.execute(_RUNS.update().where(r.id == row.id).values(state="running", claimed_by=worker,
-                                                         claimed_until=lease[row.hook]))
-    ev = s.execute(select(o.kind, o.version, o.payload, o.target_id).where(o.id == row.event_id)).one()
-    return (row.id, row.hook, row.attempts, row.event_id, ev.kind, ev.version, ev.payload, ev.target_id)
+         .order_by(r.next_attempt_at, r.id).limit(limit).with_for_update(skip_locked=True))
+    rows = s.execute(q).all()
+    if not rows:
+        return []
+    for hook in {row.hook for row in rows}:
+        s.execute(_RUNS.update().where(r.id.in_([row.id for row in rows if row.hook == hook]))
+                  .values(state="running", claimed_by=worker, claimed_until=lease[hook]))
+    events = {e.id: e for e in s.execute(select(o.id, o.kind, o.version, o.payload, o.target_id)
+                                         .where(o.id.in_([row.event_id for row in rows])))}
+    return [(row.id, row.hook, row.attempts, row.event_id, events[row.event_id].kind, events[row.event_id].version,
+             events[row.event_id].payload, events[row.event_id].target_id, lease[row.hook]) for row in rows]
+
+
+def extend_hook_leases(s: Session, worker: str, leases: dict[int, Any]) -> set[int]:
+    """Push claimed runs' leases to {run id: claimed_until}; returns the ids still ours."""
+    r = _RUNS.c
+    kept = set()
+    for run_id, until in leases.items():
+        q = _RUNS.update().where(r.id == run_id, r.claimed_by == worker, r.state == "running")
+        if s.execute(q.values(claimed_until=until)).rowcount == 1:
+            kept.add(run_id)
+    return kept
 
 
 def finish_hook_run(s: Session, run_id: int, worker: str, values: dict[str, Any]) -> bool:
@@ -1037,6 +1053,23 @@ def finish_hook_run(s: Session, run_id: int, worker: str, values: dict[str, Any]
     r = _RUNS.c
     q = _RUNS.update().where(r.id == run_id, r.claimed_by == worker, r.state == "running")
     return s.execute(q.values(**values)).rowcount == 1
+
+
+_FINISH_KEYS = ("state", "attempts", "error", "next_attempt_at", "finished_at", "claimed_by", "claimed_until")
+
+
+def finish_hook_runs(s: Session, worker: str, updates: Sequence[tuple[int, dict[str, Any]]]) -> set[int]:
+    """``finish_hook_run`` for many runs in two statements; returns the ids updated (still ours)."""
+    if not updates:
+        return set()
+    r = _RUNS.c
+    ids = [rid for rid, _ in updates]
+    mine = set(s.scalars(select(r.id).where(r.id.in_(ids), r.claimed_by == worker, r.state == "running")
+                         .with_for_update()))
+    rows = [{"rid": rid, **{k: values.get(k) for k in _FINISH_KEYS}} for rid, values in updates if rid in mine]
+    if rows:
+        s.execute(_RUNS.update().where(r.id == bindparam("rid")), rows)
+    return mine
 
 
 def hook_run_counts(s: Session) -> dict[str, dict[str, int]]:
@@ -1052,8 +1085,9 @@ def hook_last_runs(s: Session) -> dict[str, tuple[Any, Any]]:
     """{hook: (last finished_at of a done run, last finished_at of a failed run)}."""
     r = _RUNS.c
     out: dict[str, list[Any]] = {}
-    q = select(r.hook, r.state, func.max(r.finished_at)).where(r.state.in_(("done", "failed"))).group_by(r.hook,
-                                                                                                           r.state)
+    q = (select(r.hook, r.state, func.max(r.finished_at))
+         .where(r.state.in_(("done", "failed")), r.attempts > 0)  # attempts 0: a registration record
+         .group_by(r.hook, r.state))
     for hook, state, when in s.execute(q):
         out.setdefault(hook, [None, None])[0 if state == "done" else 1] = when
     return {h: (v[0], v[1]) for h, v in out.items()}

@@ -74,6 +74,7 @@ class RunnerSettings:
     poll: float = 2.0
     commit_window: float = 120.0
     lease_margin: float = 30.0
+    claim_batch: int = 20
     settings: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     @classmethod
@@ -145,6 +146,7 @@ class HookRunner:
         self._last_slow = 0.0
         self._ordered_commits: bool | None = None
         self.rng = random.Random()
+        self._builtin_error = ""
 
     @classmethod
     def from_config(cls, config, sessions, storage: Any = None, *, observer: Any = None,
@@ -211,12 +213,13 @@ class HookRunner:
         slot = self._slots[0]
         n = 0
         while max_runs is None or n < max_runs:
-            outcome = self._run_one(slot)
-            if outcome is None:
+            outcomes = self._run_batch(slot)
+            if not outcomes:
                 break
-            n += 1
-            if outcome != "lost":  # another daemon took the run over after our lease ended
-                setattr(result, outcome, getattr(result, outcome) + 1)
+            n += len(outcomes)
+            for outcome in outcomes:
+                if outcome != "lost":  # another daemon took the run over after our lease ended
+                    setattr(result, outcome, getattr(result, outcome) + 1)
         return result
 
     # ---------------------------------------------------------------- loading
@@ -328,20 +331,28 @@ class HookRunner:
             with self._cv:
                 gen = self._work_gen
             try:
-                outcome = self._run_one(slot)
+                outcomes = self._run_batch(slot, stop)
             except Exception:  # noqa: BLE001 - the database went away: wait, then try again
                 log.exception("hooks: running a hook failed; retrying in %.0f s", self.settings.poll)
                 stop.wait(self.settings.poll)
                 continue
-            if outcome is None:
+            if not outcomes:
                 with self._cv:
                     self._cv.wait_for(lambda: self._work_gen != gen or stop.is_set(), timeout=self.settings.poll)
 
     def _hook_timeout(self, h: HookSpec | Builtin) -> float:
         return h.timeout or self.settings.timeout
 
-    def _run_one(self, slot: _Slot) -> str | None:
-        """Claim and run one due run: "done", "retried", "failed", "lost" (claim lost), None (none due)."""
+    def _run_batch(self, slot: _Slot, stop: threading.Event | None = None) -> list[str]:
+        """Claim up to ``claim_batch`` due runs and run them in turn; returns their outcomes
+        ("done", "retried", "failed", "lost": the claim was lost); empty if none was due.
+
+        One claim transaction per batch, and failed attempts recorded together,
+        keep the runner's share of the database small while a hook fails on
+        everything. A success is recorded at once (with its actions), so a
+        crash repeats at most the run in flight. Before each run, its lease is
+        extended if it might end before the run's timeout.
+        """
         from tomd.db import repository as repo
         from tomd.db.models import utcnow
 
@@ -350,32 +361,69 @@ class HookRunner:
         lease = {n: now + timedelta(seconds=self._hook_timeout(h) + self.settings.lease_margin)
                  for n, h in hooks.items()}
         with self.sessions.begin() as s:
-            claimed = repo.claim_hook_run(s, self.worker_id, list(hooks), now=now, lease=lease)
-        if claimed is None:
-            return None
-        run_id, name, attempts, event_id, kind, version, payload, target_id = claimed
-        h = hooks[name]
-        event_json = {"kind": kind, "version": version, "payload": payload}
-        if isinstance(h, Builtin):
-            return self._run_builtin(h, run_id, attempts, event_id, event_json, target_id)
-        if slot.generation != self._generation:  # the files were reloaded: a fresh interpreter imports them
-            slot.worker.kill()
-            slot.generation = self._generation
-        outcome = slot.worker.run(name, event_json, event_id, target_id, attempts + 1, self._hook_timeout(h))
-        if outcome.status == "ok":
-            try:
-                applied = self._finish_ok(run_id, attempts, name, event_id, outcome.actions)
-            except Exception:  # noqa: BLE001 - e.g. an action on a target that is gone
-                outcome = Outcome("error", error="applying the hook's actions failed:\n" + traceback.format_exc(),
-                                  seconds=outcome.seconds)
-            else:
-                self._observe(name, "ok", outcome.seconds)
-                return "done" if applied else "lost"
-        self._observe(name, "timeout" if outcome.status == "timeout" else "failed", outcome.seconds)
-        return self._finish_failed(h, run_id, attempts, event_id, kind, target_id, outcome.error)
+            claimed = repo.claim_hook_runs(s, self.worker_id, list(hooks), now=now, lease=lease,
+                                           limit=self.settings.claim_batch)
+        outcomes: list[str] = []
+        failures: list[tuple] = []
+        try:
+            for i, (run_id, name, attempts, event_id, kind, version, payload, target_id, until) in enumerate(claimed):
+                h = hooks.get(name) or self.registry.get(name)
+                if h is None or (stop is not None and stop.is_set()):
+                    self._release([c[0] for c in claimed[i:]])
+                    break
+                timeout = self._hook_timeout(h)
+                now = utcnow()
+                if until - now < timedelta(seconds=timeout + self.settings.lease_margin / 2):
+                    rest = {c[0]: now + timedelta(seconds=self._hook_timeout(hooks.get(c[1], h))
+                                                  + self.settings.lease_margin) for c in claimed[i:]}
+                    with self.sessions.begin() as s:
+                        kept = repo.extend_hook_leases(s, self.worker_id, rest)
+                    claimed[i:] = [c[:8] + (rest[c[0]],) for c in claimed[i:]]
+                    if run_id not in kept:
+                        outcomes.append("lost")
+                        continue
+                event_json = {"kind": kind, "version": version, "payload": payload}
+                if isinstance(h, Builtin):
+                    outcome = self._run_builtin(h, run_id, attempts, event_id, event_json, target_id)
+                    if outcome is not None:
+                        outcomes.append(outcome)
+                        continue
+                    failures.append((h, run_id, attempts, event_id, kind, target_id, self._builtin_error))
+                    continue
+                if slot.generation != self._generation:  # files reloaded: a fresh interpreter imports them
+                    slot.worker.kill()
+                    slot.generation = self._generation
+                result = slot.worker.run(name, event_json, event_id, target_id, attempts + 1, timeout)
+                if result.status == "ok":
+                    try:
+                        applied = self._finish_ok(run_id, attempts, name, event_id, result.actions)
+                    except Exception:  # noqa: BLE001 - e.g. an action on a target that is gone
+                        result = Outcome("error", error="applying the hook's actions failed:\n"
+                                         + traceback.format_exc(), seconds=result.seconds)
+                    else:
+                        self._observe(name, "ok", result.seconds)
+                        outcomes.append("done" if applied else "lost")
+                        continue
+                self._observe(name, "timeout" if result.status == "timeout" else "failed", result.seconds)
+                failures.append((h, run_id, attempts, event_id, kind, target_id, result.error))
+        finally:
+            if failures:
+                outcomes.extend(self._finish_failed(failures))
+        return outcomes
+
+    def _release(self, run_ids: list[int]) -> None:
+        """Give claimed runs back (stopping): pending again at once, attempts unchanged."""
+        from tomd.db import repository as repo
+
+        with self.sessions.begin() as s:
+            for run_id in run_ids:
+                repo.finish_hook_run(s, run_id, self.worker_id, {"state": "pending", "claimed_by": None,
+                                                                 "claimed_until": None})
 
     def _run_builtin(self, h: Builtin, run_id: int, attempts: int, event_id: int, event_json: dict,
                      target_id: int | None) -> str | None:
+        """Run a builtin inside its done transaction: "done" / "lost", or None if it raised
+        (the traceback is left in ``_builtin_error`` for the batch's failure records)."""
         from tomd.db import repository as repo
         from tomd.db.models import utcnow
         from tomd.hooks.api import event_from_json
@@ -393,8 +441,8 @@ class HookRunner:
                 h.fn(s, event)
         except Exception:  # noqa: BLE001 - a builtin's failure is retried like a hook's
             self._observe(h.name, "failed", time.monotonic() - t0)
-            return self._finish_failed(h, run_id, attempts, event_id, event_json["kind"], target_id,
-                                       traceback.format_exc())
+            self._builtin_error = traceback.format_exc()
+            return None
         self._observe(h.name, "ok", time.monotonic() - t0)
         return "done"
 
@@ -417,35 +465,54 @@ class HookRunner:
             self.on_request()
         return True
 
-    def _finish_failed(self, h: HookSpec | Builtin, run_id: int, attempts: int, event_id: int, kind: str,
-                       target_id: int | None, error: str) -> str | None:
+    def _finish_failed(self, failures: list[tuple]) -> list[str]:
+        """Record failed attempts in one transaction: pending again after a backoff, or failed."""
         from tomd.db import repository as repo
         from tomd.db.models import utcnow
         from tomd.events import HookFailed
 
-        n = attempts + 1
-        limit = h.max_attempts or self.settings.max_attempts
-        last_line = (error.strip().splitlines() or ["error"])[-1][:500]
         now = utcnow()
-        with self.sessions.begin() as s:
+        updates, finals = [], []
+        for h, run_id, attempts, event_id, kind, target_id, error in failures:
+            n = attempts + 1
+            limit = h.max_attempts or self.settings.max_attempts
+            last_line = (error.strip().splitlines() or ["error"])[-1][:500]
+            values = {"attempts": n, "error": error, "claimed_by": None, "claimed_until": None}
             if n >= limit:
-                values = {"state": "failed", "attempts": n, "error": error, "finished_at": now, "claimed_by": None,
-                          "claimed_until": None}
+                values.update(state="failed", finished_at=now)
             else:
                 delay = backoff(n, self.settings.retry_backoff, self.settings.retry_max, self.rng)
-                values = {"state": "pending", "attempts": n, "error": error,
-                          "next_attempt_at": now + timedelta(seconds=delay), "claimed_by": None, "claimed_until": None}
-            if not repo.finish_hook_run(s, run_id, self.worker_id, values):
-                return "lost"
-            if n >= limit and kind != HookFailed.kind:  # a hook failing on hook.failed must not feed itself
-                repo.add_event(s, HookFailed(h.name, event_id, kind, n, last_line, target_id), target_id=target_id)
-        if n >= limit:
-            log.error("hook %s (%s) failed on event #%d (%s) after %d attempt(s): %s", h.name, h.where, event_id,
-                      kind, n, last_line)
-            return "failed"
-        log.warning("hook %s failed on event #%d (%s), attempt %d of %d, retrying in %.0f s: %s", h.name,
-                    event_id, kind, n, limit, (values["next_attempt_at"] - now).total_seconds(), last_line)
-        return "retried"
+                values.update(state="pending", next_attempt_at=now + timedelta(seconds=delay))
+            updates.append((run_id, values))
+            finals.append((n >= limit, h, event_id, kind, target_id, n, limit, values.get("next_attempt_at"),
+                           last_line))
+        with self.sessions.begin() as s:
+            mine = repo.finish_hook_runs(s, self.worker_id, updates)
+            # a hook failing on hook.failed must not feed itself
+            repo.add_events(s, [(HookFailed(h.name, event_id, kind, n, last_line, target_id), target_id)
+                                for (run_id, _), (final, h, event_id, kind, target_id, n, _l, _t, last_line)
+                                in zip(updates, finals) if final and run_id in mine and kind != HookFailed.kind])
+        outcomes, logs = [], []
+        for (run_id, _), (final, h, event_id, kind, _tid, n, limit, next_at, last_line) in zip(updates, finals):
+            if run_id not in mine:
+                outcomes.append("lost")
+                continue
+            outcomes.append("failed" if final else "retried")
+            logs.append((final, h, event_id, kind, n, limit, next_at, last_line))
+        retries: dict[str, list[tuple]] = {}
+        for final, h, event_id, kind, n, limit, next_at, last_line in logs:
+            if final:
+                log.error("hook %s (%s) failed on event #%d (%s) after %d attempt(s): %s", h.name, h.where,
+                          event_id, kind, n, last_line)
+            else:
+                retries.setdefault(h.name, []).append((event_id, kind, n, limit, next_at, last_line))
+        # One line per hook and batch: a hook failing on every event must not flood the log.
+        for name, items in retries.items():
+            event_id, kind, n, limit, next_at, last_line = items[0]
+            more = f" (and {len(items) - 1} more event(s) in this batch)" if len(items) > 1 else ""
+            log.warning("hook %s failed on event #%d (%s), attempt %d of %d, retrying in %.1f s%s: %s", name,
+                        event_id, kind, n, limit, (next_at - now).total_seconds(), more, last_line)
+        return outcomes
 
     def _observe(self, hook: str, outcome: str, seconds: float) -> None:
         if self.observer is not None:
