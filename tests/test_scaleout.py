@@ -37,7 +37,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import func, select, text, update
 
 from tomd.alerts.broker import produce
-from tomd.db.models import AlertRow, ObservationRequest
+from tomd.db.models import AlertRow, ObservationRequest, ObservationStatus
 from tomd.facilities.sim import SimObservatory
 
 REPO = Path(__file__).resolve().parents[1]
@@ -321,9 +321,13 @@ def test_two_daemons_share_partitions_ingest_once_submit_once_and_take_over(db, 
         produce(kafka_broker.bootstrap, topic, ztf_copies(1, seed=12), partition=0)  # wakes b's submitter
         wait_until("every intent resolved", lambda: open_intents(db) == 0, daemons)
         summaries = [check(db, sim) for check in side_effect_checks()]
+        with db.sessions() as s:  # those a left in "submitting" were found by name, never sent again
+            recovered = s.scalar(select(func.count()).select_from(ObservationStatus)
+                                 .where(ObservationStatus.message.like("found by name%")))
         print(f"phase 2: a killed at {at_kill - first} of {second} alerts; b took over all {PARTITIONS} "
               f"partitions and ingested the rest ({first + second} alerts in total, each once); "
-              f"{stranded} intents a held when it died were finished by b; " + "; ".join(summaries))
+              f"{stranded} intents a held when it died were finished by b ({recovered} of them found at the "
+              f"observatory by name); " + "; ".join(summaries))
     finally:
         for d in (a, b):
             if d.alive():

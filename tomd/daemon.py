@@ -152,6 +152,9 @@ class Component(Protocol):
     - ``start() -> None`` and ``shutdown() -> None``: for parts with their own
       threads (an APScheduler scheduler); ``shutdown`` waits for running jobs.
 
+    ``run`` returns only when stopped: a thread that ends otherwise makes the
+    daemon not ready (and stops it, for a critical component that raised).
+
     Optional, used when present:
 
     - ``wake() -> None``: work is waiting (called after every ingest commit
