@@ -475,3 +475,57 @@ format = "ztf-avro"
         p.wait(timeout=60)
         reader.join(timeout=10)
     assert p.returncode == 0, "".join(lines)
+
+
+class SlowWork(Recorder):
+    """Each wake starts one piece of work that takes a while and ends with a commit."""
+
+    def run(self, stop):
+        while not stop.is_set():
+            if self.woken.wait(0.1):
+                self.woken.clear()
+                self.log.append("begin")
+                time.sleep(0.5)  # in flight when SIGTERM arrives
+                self.log.append("commit")
+        self.log.append(f"finished {self.name}")
+
+
+def test_signals_reach_components_added_through_run(db, tmp_path):
+    """`run(config, components=...)`, as `tomd run` does with add_components: SIGHUP reloads the
+    component, SIGTERM lets its work in flight finish and commit before the daemon exits 0."""
+    from dataclasses import replace
+
+    from tomd.config import Config, Database, Stream
+    from tomd.daemon import run
+
+    cfg = Config(database=Database(url=db.url),
+                 streams=(Stream(name="empty", kind="file", topics=(str(tmp_path / "none/*.avro"),),
+                                 format="ztf-avro"),))
+    cfg = replace(cfg, rules=replace(cfg.rules, paths=(str(tmp_path / "rules"),)),
+                  metrics=replace(cfg.metrics, listen="127.0.0.1:0"))
+    log: list[str] = []
+    work = Reloadable("work", log)
+    work.run = SlowWork.run.__get__(work)
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+
+    def drive(daemon):
+        def go():
+            os.kill(os.getpid(), signal.SIGHUP)
+            deadline = time.monotonic() + 10
+            while work.reloads < 1:
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+            work.wake()
+            while "begin" not in log:
+                time.sleep(0.01)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+        threading.Thread(target=go, daemon=True).start()
+
+    try:
+        code = run(cfg, on_started=drive, components=lambda d: d.add(work))
+    finally:
+        for s, h in saved.items():
+            signal.signal(s, h)
+    assert code == 0 and work.reloads == 1
+    assert log[-3:] == ["begin", "commit", "finished work"], log
