@@ -18,8 +18,8 @@ SIGTERM/SIGINT set the stop event: every consumer finishes and commits its
 batch and leaves its group, the submitter finishes its sweep, then each
 component in the reverse order of starting finishes what it is doing (its
 own stop event is set and ``run`` returns, or ``shutdown()`` returns), then
-the facilities are closed. SIGHUP reads the
-rule files now and calls ``reload()`` on every component that has one.
+the facilities are closed. SIGHUP reads the rule files now and calls
+``reload()`` on every component that has one.
 """
 
 from __future__ import annotations
