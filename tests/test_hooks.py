@@ -174,8 +174,8 @@ FAILING = """
 def test_failing_hooks_are_retried_with_backoff_then_recorded_failed(db, tmp_path):
     out = tmp_path / "out.txt"
     write(tmp_path / "hooks", "bad.py", FAILING)
-    runner = make_runner(db, tmp_path / "hooks", settings={"bad": {"out": str(out)}}, retry_backoff=0.3,
-                         retry_max=0.6)
+    runner = make_runner(db, tmp_path / "hooks", settings={"bad": {"out": str(out)}}, retry_backoff=3.0,
+                         retry_max=3.0)
     try:
         runner.start()
         new_targets(db, 2)
@@ -515,7 +515,7 @@ def test_an_event_committed_out_of_id_order_is_still_delivered(db, tmp_path):
             with open(ctx.settings["out"], "a") as f:
                 f.write(f"{ctx.event.name}\\n")
     """)
-    runner = make_runner(db, tmp_path / "hooks", settings={"rec": {"out": str(out)}}, commit_window=0.4)
+    runner = make_runner(db, tmp_path / "hooks", settings={"rec": {"out": str(out)}}, commit_window=5.0)
     try:
         runner.start()
         slow = db.sessions()

@@ -1055,6 +1055,15 @@ def finish_hook_run(s: Session, run_id: int, worker: str, values: dict[str, Any]
     return s.execute(q.values(**values)).rowcount == 1
 
 
+def release_hook_runs(s: Session, worker: str, run_ids: Sequence[int] | None = None) -> int:
+    """Runs claimed by ``worker`` (all, or ``run_ids``) back to pending, attempts unchanged."""
+    r = _RUNS.c
+    q = _RUNS.update().where(r.claimed_by == worker, r.state == "running")
+    if run_ids is not None:
+        q = q.where(r.id.in_(list(run_ids)))
+    return s.execute(q.values(state="pending", claimed_by=None, claimed_until=None)).rowcount
+
+
 _FINISH_KEYS = ("state", "attempts", "error", "next_attempt_at", "finished_at", "claimed_by", "claimed_until")
 
 

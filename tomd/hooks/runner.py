@@ -5,11 +5,12 @@
     outbox (events, written in their stage's transaction)
        │ expand: one pending hook_runs row per (hook, event) of a kind it takes
        ▼         (INSERT … SELECT … ON CONFLICT DO NOTHING: many daemons, one row)
-    hook_runs ── claim one due row with a lease (SKIP LOCKED / BEGIN IMMEDIATE)
+    hook_runs ── claim due rows with a lease (SKIP LOCKED / BEGIN IMMEDIATE), a batch at a time
        │
-       ├─ user hook: the worker process runs it (timeout → worker killed);
+       ├─ user hook: the worker process claims, runs and records it (the daemon
+       │   watches the clock: timeout → worker killed, the attempt recorded here);
        │   its recorded actions are applied in the transaction that marks it done
-       └─ builtin: fn(session, event) inside the transaction that marks it done
+       └─ builtin: fn(session, event) in the daemon, inside that transaction
        ▼
     done (never again for that event) | pending again after a backoff | failed + traceback
 
@@ -55,12 +56,13 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
+from tomd.hooks.dispatch import Claimed, Dispatcher, Limits, backoff
 from tomd.hooks.registry import Builtin, HookSpec, Registry
-from tomd.hooks.worker import Outcome, WorkerBoot, WorkerProcess
+from tomd.hooks.worker import WorkerBoot, WorkerProcess
 
 log = logging.getLogger("tomd.hooks")
 
-__all__ = ["HookRunner", "RunnerSettings", "RunResult"]
+__all__ = ["HookRunner", "RunnerSettings", "RunResult", "backoff"]
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,11 @@ class RunnerSettings:
     lease_margin: float = 30.0
     claim_batch: int = 20
     settings: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(timeout=self.timeout, max_attempts=self.max_attempts, retry_backoff=self.retry_backoff,
+                      retry_max=self.retry_max, lease_margin=self.lease_margin, claim_batch=self.claim_batch)
 
     @classmethod
     def from_config(cls, hooks) -> RunnerSettings:
@@ -96,12 +103,6 @@ class RunResult:
     failed: int = 0
 
 
-def backoff(attempt: int, base: float, cap: float, rng: random.Random = random) -> float:  # type: ignore[assignment]
-    """Seconds before attempt ``attempt + 1``: base·2^(attempt-1), capped, with jitter in [½, 1]×."""
-    delay = min(cap, base * (2 ** max(0, attempt - 1)))
-    return delay * (0.5 + 0.5 * rng.random())
-
-
 class _Slot:
     """One worker process and the thread that feeds it."""
 
@@ -110,6 +111,7 @@ class _Slot:
         self.worker = WorkerProcess(runner._boot, name=f"tomd-hooks-{index}", load_timeout=runner.settings.timeout)
         self.generation = runner._generation
         self.thread: threading.Thread | None = None
+        self.turns = 0
 
 
 class HookRunner:
@@ -130,7 +132,8 @@ class HookRunner:
         self.on_request = on_request
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{id(self) & 0xffff:x}"
         self._boot = WorkerBoot(paths=tuple(settings.paths), database_url=database_url, storage=storage_config,
-                                settings={k: dict(v) for k, v in settings.settings.items()}, parent_pid=os.getpid())
+                                settings={k: dict(v) for k, v in settings.settings.items()}, parent_pid=os.getpid(),
+                                limits=settings.limits)
         self._generation = 0
         self._slots = [_Slot(self, i) for i in range(max(1, settings.workers))]
         self._lock = threading.Lock()
@@ -146,7 +149,7 @@ class HookRunner:
         self._last_slow = 0.0
         self._ordered_commits: bool | None = None
         self.rng = random.Random()
-        self._builtin_error = ""
+        self._builtin_thread: threading.Thread | None = None
 
     @classmethod
     def from_config(cls, config, sessions, storage: Any = None, *, observer: Any = None,
@@ -186,6 +189,9 @@ class HookRunner:
             slot.thread = threading.Thread(target=self._slot_loop, args=(slot, stop), name=f"hooks-{slot.index}",
                                            daemon=True)
             slot.thread.start()
+        self._builtin_thread = threading.Thread(target=self._builtin_loop, args=(stop,), name="hooks-builtin",
+                                                daemon=True)
+        self._builtin_thread.start()
         try:
             while not stop.is_set():
                 if self._reload.is_set():
@@ -201,25 +207,25 @@ class HookRunner:
                 self._wake.clear()
         finally:
             self._notify_slots()
-            for slot in self._slots:
-                if slot.thread is not None:
-                    slot.thread.join(timeout=self.settings.timeout + 5)
+            for th in [s.thread for s in self._slots] + [self._builtin_thread]:
+                if th is not None:
+                    th.join(timeout=self.settings.timeout + 5)
             self.close()
 
     def run_once(self, *, max_runs: int | None = None) -> RunResult:
         """Expand, then run due hooks in this thread (slot 0) until none is due. For tests and tools."""
         self.start()
         result = RunResult(expanded=self.expand())
-        slot = self._slots[0]
         n = 0
         while max_runs is None or n < max_runs:
-            outcomes = self._run_batch(slot)
-            if not outcomes:
+            counts = self._builtin_batch(None)
+            counts.update({k: counts.get(k, 0) + v for k, v in self._work(self._slots[0], None).items()})
+            ran = sum(v for k, v in counts.items() if k in ("done", "retried", "failed", "lost", "killed"))
+            if not ran:
                 break
-            n += len(outcomes)
-            for outcome in outcomes:
-                if outcome != "lost":  # another daemon took the run over after our lease ended
-                    setattr(result, outcome, getattr(result, outcome) + 1)
+            n += ran
+            for outcome in ("done", "retried", "failed"):
+                setattr(result, outcome, getattr(result, outcome) + counts.get(outcome, 0))
         return result
 
     # ---------------------------------------------------------------- loading
@@ -327,192 +333,75 @@ class HookRunner:
             self._cv.notify_all()
 
     def _slot_loop(self, slot: _Slot, stop: threading.Event) -> None:
+        self._loop(stop, lambda: self._work(slot, stop))
+
+    def _builtin_loop(self, stop: threading.Event) -> None:
+        if self.registry.builtins:
+            self._loop(stop, lambda: self._builtin_batch(stop))
+
+    def _loop(self, stop: threading.Event, step: Callable[[], dict[str, int]]) -> None:
         while not stop.is_set():
             with self._cv:
                 gen = self._work_gen
             try:
-                outcomes = self._run_batch(slot, stop)
+                counts = step()
             except Exception:  # noqa: BLE001 - the database went away: wait, then try again
-                log.exception("hooks: running a hook failed; retrying in %.0f s", self.settings.poll)
+                log.exception("hooks: running hooks failed; retrying in %.0f s", self.settings.poll)
                 stop.wait(self.settings.poll)
                 continue
-            if not outcomes:
+            busy = any(counts.get(k) for k in ("done", "retried", "failed", "lost", "killed"))
+            if not busy:
                 with self._cv:
                     self._cv.wait_for(lambda: self._work_gen != gen or stop.is_set(), timeout=self.settings.poll)
 
-    def _hook_timeout(self, h: HookSpec | Builtin) -> float:
-        return h.timeout or self.settings.timeout
+    def _work(self, slot: _Slot, stop: threading.Event | None) -> dict[str, int]:
+        """One turn of a worker: it runs due user-hook runs until none is due."""
+        names = sorted(self.registry.user)
+        if not names:
+            return {}
+        if slot.generation != self._generation:  # the files were reloaded: a fresh interpreter imports them
+            slot.worker.kill()
+            slot.generation = self._generation
+        slot.turns += 1
+        claim_id = f"{self.worker_id}/{slot.index}.{slot.turns}"  # fences this turn's claims, also against a killed worker
+        counts: dict[str, int] = {}
 
-    def _run_batch(self, slot: _Slot, stop: threading.Event | None = None) -> list[str]:
-        """Claim up to ``claim_batch`` due runs and run them in turn; returns their outcomes
-        ("done", "retried", "failed", "lost": the claim was lost); empty if none was due.
+        def on_kill(start: tuple | None, error: str) -> None:
+            d = Dispatcher(self.sessions, self.settings.limits, self.registry.user, claim_id)
+            if start is not None:
+                _, run_id, hook, timeout, attempts, event_id, kind, target_id = start
+                spec = self.registry.user.get(hook)
+                if spec is not None:
+                    self._observe(hook, "timeout" if error.startswith("TimeoutError") else "failed", timeout)
+                    c = Claimed(run_id, hook, attempts, event_id, kind, 0, {}, target_id, None)
+                    for o in d.record_failures([(spec, c, error)]):
+                        counts[o] = counts.get(o, 0) + 1
+            d.release()  # the rest of its batch: pending again, no attempt used
 
-        One claim transaction per batch, and failed attempts recorded together,
-        keep the runner's share of the database small while a hook fails on
-        everything. A success is recorded at once (with its actions), so a
-        crash repeats at most the run in flight. Before each run, its lease is
-        extended if it might end before the run's timeout.
-        """
-        from tomd.db import repository as repo
-        from tomd.db.models import utcnow
+        got = slot.worker.work(claim_id, names, stop=stop, on_end=self._on_end, on_kill=on_kill,
+                               finish_allowance=self.settings.lease_margin)
+        for k, v in got.items():
+            counts[k] = counts.get(k, 0) + v
+        return counts
 
-        hooks = self.registry.all()
-        now = utcnow()
-        lease = {n: now + timedelta(seconds=self._hook_timeout(h) + self.settings.lease_margin)
-                 for n, h in hooks.items()}
-        with self.sessions.begin() as s:
-            claimed = repo.claim_hook_runs(s, self.worker_id, list(hooks), now=now, lease=lease,
-                                           limit=self.settings.claim_batch)
-        outcomes: list[str] = []
-        failures: list[tuple] = []
-        try:
-            for i, (run_id, name, attempts, event_id, kind, version, payload, target_id, until) in enumerate(claimed):
-                h = hooks.get(name) or self.registry.get(name)
-                if h is None or (stop is not None and stop.is_set()):
-                    self._release([c[0] for c in claimed[i:]])
-                    break
-                timeout = self._hook_timeout(h)
-                now = utcnow()
-                if until - now < timedelta(seconds=timeout + self.settings.lease_margin / 2):
-                    rest = {c[0]: now + timedelta(seconds=self._hook_timeout(hooks.get(c[1], h))
-                                                  + self.settings.lease_margin) for c in claimed[i:]}
-                    with self.sessions.begin() as s:
-                        kept = repo.extend_hook_leases(s, self.worker_id, rest)
-                    claimed[i:] = [c[:8] + (rest[c[0]],) for c in claimed[i:]]
-                    if run_id not in kept:
-                        outcomes.append("lost")
-                        continue
-                event_json = {"kind": kind, "version": version, "payload": payload}
-                if isinstance(h, Builtin):
-                    outcome = self._run_builtin(h, run_id, attempts, event_id, event_json, target_id)
-                    if outcome is not None:
-                        outcomes.append(outcome)
-                        continue
-                    failures.append((h, run_id, attempts, event_id, kind, target_id, self._builtin_error))
-                    continue
-                if slot.generation != self._generation:  # files reloaded: a fresh interpreter imports them
-                    slot.worker.kill()
-                    slot.generation = self._generation
-                result = slot.worker.run(name, event_json, event_id, target_id, attempts + 1, timeout)
-                if result.status == "ok":
-                    try:
-                        applied = self._finish_ok(run_id, attempts, name, event_id, result.actions)
-                    except Exception:  # noqa: BLE001 - e.g. an action on a target that is gone
-                        result = Outcome("error", error="applying the hook's actions failed:\n"
-                                         + traceback.format_exc(), seconds=result.seconds)
-                    else:
-                        self._observe(name, "ok", result.seconds)
-                        outcomes.append("done" if applied else "lost")
-                        continue
-                self._observe(name, "timeout" if result.status == "timeout" else "failed", result.seconds)
-                failures.append((h, run_id, attempts, event_id, kind, target_id, result.error))
-        finally:
-            if failures:
-                outcomes.extend(self._finish_failed(failures))
-        return outcomes
+    def _builtin_batch(self, stop: threading.Event | None) -> dict[str, int]:
+        if not self.registry.builtins:
+            return {}
+        d = Dispatcher(self.sessions, self.settings.limits, self.registry.builtins, f"{self.worker_id}/builtin",
+                       on_end=self._on_end, rng=self.rng)
+        counts: dict[str, int] = {}
+        while not (stop is not None and stop.is_set()):
+            outcomes = d.run_batch(stop.is_set if stop is not None else None)
+            if not outcomes:
+                break
+            for o in outcomes:
+                counts[o] = counts.get(o, 0) + 1
+        return counts
 
-    def _release(self, run_ids: list[int]) -> None:
-        """Give claimed runs back (stopping): pending again at once, attempts unchanged."""
-        from tomd.db import repository as repo
-
-        with self.sessions.begin() as s:
-            for run_id in run_ids:
-                repo.finish_hook_run(s, run_id, self.worker_id, {"state": "pending", "claimed_by": None,
-                                                                 "claimed_until": None})
-
-    def _run_builtin(self, h: Builtin, run_id: int, attempts: int, event_id: int, event_json: dict,
-                     target_id: int | None) -> str | None:
-        """Run a builtin inside its done transaction: "done" / "lost", or None if it raised
-        (the traceback is left in ``_builtin_error`` for the batch's failure records)."""
-        from tomd.db import repository as repo
-        from tomd.db.models import utcnow
-        from tomd.hooks.api import event_from_json
-
-        t0 = time.monotonic()
-        try:
-            event = event_from_json(event_json, where=f"outbox #{event_id}")
-            with self.sessions.begin() as s:
-                if not repo.finish_hook_run(s, run_id, self.worker_id, {
-                        "state": "done", "attempts": attempts + 1, "finished_at": utcnow(), "error": None,
-                        "claimed_by": None, "claimed_until": None}):
-                    log.warning("hook %s event #%d: the claim was lost (lease over); left to its new owner",
-                                h.name, event_id)
-                    return "lost"
-                h.fn(s, event)
-        except Exception:  # noqa: BLE001 - a builtin's failure is retried like a hook's
-            self._observe(h.name, "failed", time.monotonic() - t0)
-            self._builtin_error = traceback.format_exc()
-            return None
-        self._observe(h.name, "ok", time.monotonic() - t0)
-        return "done"
-
-    def _finish_ok(self, run_id: int, attempts: int, name: str, event_id: int, actions: list) -> bool:
-        from tomd.db import repository as repo
-        from tomd.db.models import utcnow
-        from tomd.hooks.api import apply_actions
-
-        with self.sessions.begin() as s:
-            if not repo.finish_hook_run(s, run_id, self.worker_id, {
-                    "state": "done", "attempts": attempts + 1, "finished_at": utcnow(), "error": None,
-                    "claimed_by": None, "claimed_until": None}):
-                log.warning("hook %s event #%d: the claim was lost (lease over); its actions are not applied",
-                            name, event_id)
-                return False
-            changes = apply_actions(s, actions, hook=name, event_id=event_id)
-        for line in changes:
-            log.info("hook %s event #%d: %s", name, event_id, line)
-        if self.on_request is not None and any(a.get("action") == "request" for a in actions):
+    def _on_end(self, hook: str, outcome: str, seconds: float, requested: bool) -> None:
+        self._observe(hook, outcome, seconds)
+        if requested and self.on_request is not None:
             self.on_request()
-        return True
-
-    def _finish_failed(self, failures: list[tuple]) -> list[str]:
-        """Record failed attempts in one transaction: pending again after a backoff, or failed."""
-        from tomd.db import repository as repo
-        from tomd.db.models import utcnow
-        from tomd.events import HookFailed
-
-        now = utcnow()
-        updates, finals = [], []
-        for h, run_id, attempts, event_id, kind, target_id, error in failures:
-            n = attempts + 1
-            limit = h.max_attempts or self.settings.max_attempts
-            last_line = (error.strip().splitlines() or ["error"])[-1][:500]
-            values = {"attempts": n, "error": error, "claimed_by": None, "claimed_until": None}
-            if n >= limit:
-                values.update(state="failed", finished_at=now)
-            else:
-                delay = backoff(n, self.settings.retry_backoff, self.settings.retry_max, self.rng)
-                values.update(state="pending", next_attempt_at=now + timedelta(seconds=delay))
-            updates.append((run_id, values))
-            finals.append((n >= limit, h, event_id, kind, target_id, n, limit, values.get("next_attempt_at"),
-                           last_line))
-        with self.sessions.begin() as s:
-            mine = repo.finish_hook_runs(s, self.worker_id, updates)
-            # a hook failing on hook.failed must not feed itself
-            repo.add_events(s, [(HookFailed(h.name, event_id, kind, n, last_line, target_id), target_id)
-                                for (run_id, _), (final, h, event_id, kind, target_id, n, _l, _t, last_line)
-                                in zip(updates, finals) if final and run_id in mine and kind != HookFailed.kind])
-        outcomes, logs = [], []
-        for (run_id, _), (final, h, event_id, kind, _tid, n, limit, next_at, last_line) in zip(updates, finals):
-            if run_id not in mine:
-                outcomes.append("lost")
-                continue
-            outcomes.append("failed" if final else "retried")
-            logs.append((final, h, event_id, kind, n, limit, next_at, last_line))
-        retries: dict[str, list[tuple]] = {}
-        for final, h, event_id, kind, n, limit, next_at, last_line in logs:
-            if final:
-                log.error("hook %s (%s) failed on event #%d (%s) after %d attempt(s): %s", h.name, h.where,
-                          event_id, kind, n, last_line)
-            else:
-                retries.setdefault(h.name, []).append((event_id, kind, n, limit, next_at, last_line))
-        # One line per hook and batch: a hook failing on every event must not flood the log.
-        for name, items in retries.items():
-            event_id, kind, n, limit, next_at, last_line = items[0]
-            more = f" (and {len(items) - 1} more event(s) in this batch)" if len(items) > 1 else ""
-            log.warning("hook %s failed on event #%d (%s), attempt %d of %d, retrying in %.1f s%s: %s", name,
-                        event_id, kind, n, limit, (next_at - now).total_seconds(), more, last_line)
-        return outcomes
 
     def _observe(self, hook: str, outcome: str, seconds: float) -> None:
         if self.observer is not None:

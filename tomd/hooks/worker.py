@@ -1,22 +1,28 @@
 """The hook worker: a persistent subprocess that imports the hook files and runs hooks.
 
-User code never runs in the daemon. One worker process per runner slot lives
-as long as the daemon; the daemon sends it one run at a time over a pipe and
-waits at most the hook's timeout for the answer::
+User code never runs in the daemon, and neither does the per-run bookkeeping:
+the worker claims due runs itself (tomd.hooks.dispatch), runs them, and
+records them, over its own database connection. The daemon tells it when to
+work and watches the clock::
 
-    daemon (WorkerProcess)                      worker (worker_main)
-      start ── spawn ──────────────────────────►  import hook files
-            ◄── ("loaded", specs, problems) ────
-      run   ── ("run", hook, event, …) ─────────►  hook(ctx)  (async: on the worker's loop)
-            ◄── ("log", level, line) … ─────────   ctx.log lines, as they happen
-            ◄── ("ok", actions) | ("error", tb) ─
+    daemon (WorkerProcess)                       worker (worker_main)
+      start ── python -m tomd.hooks.worker ────►  import hook files
+            ◄── ("loaded", specs, problems) ─────
+      work  ── ("work", claim_id, hook names) ──►  claim a batch, then per run:
+            ◄── ("start", run, hook, timeout, …)     hook(ctx)  (async: on the worker's loop)
+            ◄── ("log", level, name, line) …         ctx.log lines, as they happen
+            ◄── ("ran", run)                         record done + actions | failure
+            ◄── ("end", hook, outcome, s, requested)
+            ◄── ("batch", counts)                    after each claimed batch
+            ◄── ("idle", counts) ─────────────────  nothing more is due
+      pause ── ("pause",) ──────────────────────►  (stopping) give back the rest of the batch
 
-A run that outlives its timeout gets the worker killed (SIGKILL) and a fresh
-one started for the next run; a worker that dies (``os._exit``, segfault,
-out of memory) is noticed as the pipe closing. Either way the daemon records
-a failed attempt and goes on. The worker dies with the daemon (Linux
-PR_SET_PDEATHSIG, plus a watchdog thread elsewhere), so a killed daemon never
-leaves a hook running on.
+A run that outlives its timeout gets the worker killed (SIGKILL); a worker
+that dies (``os._exit``, segfault, out of memory) is noticed as the pipe
+closing. Either way the daemon records the failed attempt under the dead
+worker's claim, gives its other claimed runs back, and starts a fresh worker
+for the next run. The worker dies with the daemon (Linux PR_SET_PDEATHSIG,
+plus a watchdog thread), so a killed daemon never leaves a hook running on.
 """
 
 from __future__ import annotations
@@ -34,11 +40,14 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
+
+from tomd.hooks.dispatch import Claimed, Dispatcher, Limits, Outcome
+from collections.abc import Callable
 from typing import Any
 
 log = logging.getLogger("tomd.hooks")
 
-__all__ = ["Outcome", "WorkerBoot", "WorkerProcess", "invoke"]
+__all__ = ["WorkerBoot", "WorkerProcess", "invoke"]
 
 
 @dataclass(frozen=True)
@@ -50,14 +59,7 @@ class WorkerBoot:
     storage: Any = None  # tomd.config.Storage
     settings: dict[str, dict[str, Any]] = field(default_factory=dict)
     parent_pid: int = 0
-
-
-@dataclass(frozen=True)
-class Outcome:
-    status: str  # ok | error | timeout | crash
-    actions: list[dict[str, Any]] = field(default_factory=list)
-    error: str = ""
-    seconds: float = 0.0
+    limits: Any = None  # tomd.hooks.dispatch.Limits
 
 
 def invoke(fn, ctx, loop: asyncio.AbstractEventLoop | None = None) -> None:
@@ -130,10 +132,35 @@ def worker_main(conn, boot: WorkerBoot) -> None:
     loaded = load_hooks(boot.paths)
     with lock:
         conn.send(("loaded", loaded.specs, loaded.problems))
-    reader = Reader(_lazy_sessions(boot.database_url), _lazy_storage(boot.storage))
+    sessions = _lazy_sessions(boot.database_url)
+    reader = Reader(sessions, _lazy_storage(boot.storage))
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     user_log = logging.getLogger("tomd.hooks.user")
+    specs = {s.name: s for s in loaded.specs}
+
+    def send(msg) -> None:
+        with lock:
+            conn.send(msg)
+
+    def execute(h, c: Claimed, timeout: float) -> Outcome:
+        send(("start", c.run_id, c.hook, timeout, c.attempts, c.event_id, c.kind, c.target_id))
+        t0 = time.monotonic()
+        try:
+            event = event_from_json(c.event_json, where=f"outbox #{c.event_id}")
+            ctx = HookContext(hook=c.hook, event=event, event_id=c.event_id, reader=reader, target_id=c.target_id,
+                              settings=boot.settings.get(c.hook.split(".", 1)[0], {}), logger=user_log,
+                              attempt=c.attempts + 1)
+            invoke(loaded.functions[c.hook], ctx, loop)
+            outcome = Outcome("ok", actions=ctx.actions, seconds=time.monotonic() - t0)
+        except BaseException:  # noqa: BLE001 - SystemExit and KeyboardInterrupt are a hook's failures too
+            outcome = Outcome("error", error=traceback.format_exc(), seconds=time.monotonic() - t0)
+        send(("ran", c.run_id))
+        return outcome
+
+    def on_end(hook: str, outcome: str, seconds: float, requested: bool) -> None:
+        send(("end", hook, outcome, seconds, requested))
+
     while True:
         try:
             msg = conn.recv()
@@ -141,25 +168,40 @@ def worker_main(conn, boot: WorkerBoot) -> None:
             os._exit(0)
         if msg[0] == "stop":
             break
-        _, hook, event_json, event_id, target_id, attempt = msg
+        if msg[0] != "work":
+            continue
+        _, claim_id, names = msg
+        paused = False
+
+        def should_stop() -> bool:
+            nonlocal paused
+            while not paused and conn.poll(0):
+                if conn.recv()[0] in ("pause", "stop"):
+                    paused = True
+            return paused
+
+        d = Dispatcher(sessions, boot.limits or Limits(), {n: specs[n] for n in names if n in specs}, claim_id,
+                       execute=execute, on_end=on_end)
+        counts: dict[str, int] = {}
         try:
-            fn = loaded.functions.get(hook)
-            if fn is None:
-                raise LookupError(f"hook {hook} is not defined in the hook files any more")
-            event = event_from_json(event_json, where=f"outbox #{event_id}")
-            ctx = HookContext(hook=hook, event=event, event_id=event_id, reader=reader, target_id=target_id,
-                              settings=boot.settings.get(hook.split(".", 1)[0], {}), logger=user_log,
-                              attempt=attempt)
-            invoke(fn, ctx, loop)
-            reply = ("ok", ctx.actions)
-        except BaseException:  # noqa: BLE001 - SystemExit and KeyboardInterrupt are a hook's failures too
-            reply = ("error", traceback.format_exc())
-        try:
-            with lock:
-                conn.send(reply)
-        except Exception:  # noqa: BLE001 - e.g. unpicklable actions: report as the hook's error
-            with lock:
-                conn.send(("error", traceback.format_exc()))
+            while not should_stop():
+                outcomes = d.run_batch(should_stop)
+                batch: dict[str, int] = {}
+                for o in outcomes:
+                    if o != "done":  # the daemon counts those from the "end" messages, as they happen
+                        batch[o] = batch.get(o, 0) + 1
+                if batch:
+                    send(("batch", batch))
+                if not outcomes:
+                    break
+        except Exception:  # noqa: BLE001 - the database went away: the daemon retries later
+            logging.getLogger("tomd.hooks").exception("hook worker: claiming or recording runs failed")
+            counts["error"] = counts.get("error", 0) + 1
+            try:
+                d.release()
+            except Exception:  # noqa: BLE001 - the leases run out on their own
+                pass
+        send(("idle", counts))
     os._exit(0)
 
 
@@ -173,11 +215,21 @@ class _Lazy:
         return self._value
 
 
+class _LazySessions:
+    """A sessionmaker made on first use (a worker that only loads files never connects)."""
+
+    def __init__(self, url: str):
+        self._holder = _Lazy(lambda: _sessions(url))
+
+    def __call__(self):
+        return self._holder.get()()
+
+    def begin(self):
+        return self._holder.get().begin()
+
+
 def _lazy_sessions(url: str | None):
-    if not url:
-        return None
-    holder = _Lazy(lambda: _sessions(url))
-    return lambda: holder.get()()
+    return _LazySessions(url) if url else None
 
 
 def _sessions(url: str):
@@ -257,38 +309,83 @@ class WorkerProcess:
                 self.specs, self.problems = list(msg[1]), list(msg[2])
                 return
 
-    def run(self, hook: str, event_json: dict[str, Any], event_id: int, target_id: int | None, attempt: int,
-            timeout: float) -> Outcome:
-        t0 = time.monotonic()
+    def work(self, claim_id: str, hooks: list[str], *, stop=None,
+             on_end: Callable[[str, str, float, bool], None] | None = None,
+             on_kill: Callable[[tuple | None, str], None] | None = None,
+             finish_allowance: float = 30.0) -> dict[str, int]:
+        """Let the worker claim and run due runs of ``hooks`` until none is due; its outcome counts.
+
+        Enforces each run's timeout: a worker still in a hook at its deadline
+        is killed, and ``on_kill(start message or None, error)`` records the
+        run and gives the claim's other runs back (also when it dies). With
+        ``stop`` set the worker is asked to give back what it has not started.
+        """
         if not self.alive:
             try:
                 self.start()
             except RuntimeError as exc:
-                return Outcome("crash", error=str(exc), seconds=time.monotonic() - t0)
+                log.error("%s", exc)
+                return {"error": 1}
         try:
-            self.conn.send(("run", hook, event_json, event_id, target_id, attempt))
+            self.conn.send(("work", claim_id, list(hooks)))
         except (OSError, ValueError) as exc:
             self.kill()
-            return Outcome("crash", error=f"hook worker is gone: {exc}", seconds=time.monotonic() - t0)
-        deadline = time.monotonic() + timeout
-        msg = self._recv(deadline)
-        seconds = time.monotonic() - t0
-        if msg is None:
-            self.kill()
-            return Outcome("timeout", error=f"TimeoutError: hook {hook} ran longer than {timeout:g} s and was "
-                                            f"killed", seconds=seconds)
-        if msg[0] == "crash":
-            return Outcome("crash", error=f"hook worker died running {hook}: {msg[1]}", seconds=seconds)
-        if msg[0] == "ok":
-            return Outcome("ok", actions=list(msg[1]), seconds=seconds)
-        return Outcome("error", error=msg[1], seconds=seconds)
+            if on_kill:
+                on_kill(None, f"hook worker is gone: {exc}")
+            return {"error": 1}
+        current: tuple | None = None
+        deadline: float | None = None
+        paused = False
+        counts: dict[str, int] = {}
+        while True:
+            if stop is not None and stop.is_set() and not paused:
+                paused = True
+                try:
+                    self.conn.send(("pause",))
+                except (OSError, ValueError):
+                    pass
+            now = time.monotonic()
+            wait = 0.2 if deadline is None else max(0.0, min(0.2, deadline - now))
+            msg = self._recv(time.monotonic() + wait)
+            if msg is None:
+                if deadline is not None and time.monotonic() >= deadline:
+                    self.kill()
+                    hook, timeout = (current[2], current[3]) if current else ("?", 0)
+                    if on_kill:
+                        on_kill(current, f"TimeoutError: hook {hook} ran longer than {timeout:g} s and was killed")
+                    counts["killed"] = counts.get("killed", 0) + 1
+                    return counts
+                continue
+            if msg[0] == "crash":
+                if on_kill:
+                    hook = current[2] if current else None
+                    on_kill(current, f"hook worker died{f' running {hook}' if hook else ''}: {msg[1]}")
+                counts["killed"] = counts.get("killed", 0) + 1
+                return counts
+            if msg[0] == "start":
+                current, deadline = msg, time.monotonic() + msg[3]
+            elif msg[0] == "ran":
+                deadline = time.monotonic() + finish_allowance  # recording it: the database's time, not the hook's
+            elif msg[0] == "end":
+                current, deadline = None, None
+                if msg[2] == "ok":
+                    counts["done"] = counts.get("done", 0) + 1
+                if on_end:
+                    on_end(*msg[1:])
+            elif msg[0] == "batch":
+                for k, v in msg[1].items():
+                    counts[k] = counts.get(k, 0) + v
+            elif msg[0] == "idle":
+                for k, v in msg[1].items():
+                    counts[k] = counts.get(k, 0) + v
+                return counts
 
     def _recv(self, deadline: float):
         """The next non-log message; None at the deadline; ("crash", why) if the process died."""
         while True:
             remaining = deadline - time.monotonic()
             try:
-                if remaining <= 0 or not self.conn.poll(remaining):
+                if not self.conn.poll(max(0.0, remaining)):  # a message already here still counts
                     return None
                 msg = self.conn.recv()
             except (EOFError, OSError):
