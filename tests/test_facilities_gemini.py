@@ -401,7 +401,8 @@ def test_storm_of_faults_no_trigger_twice_every_intent_settles(db, odb):
 
 
 def test_crash_mid_post_is_never_resent(db, odb):
-    """A row left "submitting" (a worker died during the POST) cannot be looked up: it waits for a person."""
+    """A row left "submitting" (a worker died during the POST) cannot be looked up: it ends rejected (final, for a person),
+    never resent."""
     tid = _target_id(db)
     with db.sessions.begin() as s:
         rid = create_intent(s, target_id=tid, facility="gemini", template="gmos-r", name="tomd-crash")
@@ -410,7 +411,8 @@ def test_crash_mid_post_is_never_resent(db, odb):
         row.state, row.attempts = "submitting", 1
     sub = Submitter(db.sessions, {"gemini": client(odb)}, FAST)
     out = sub.run_once()
-    assert out[0].state == "submitting" and "cannot look a trigger up" in out[0].message
+    assert out[0].state == "rejected" and "not resent" in out[0].message and "cannot look a trigger up" in out[0].message
+    assert sub.run_once() == []  # settled: nothing left to claim
     assert odb.requests == []
 
 

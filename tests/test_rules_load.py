@@ -11,7 +11,7 @@ import pytest
 
 from tomd.config import load_config
 from tomd.rules.engine import RuleSet
-from tomd.rules.load import RuleEnv, estimate_hours, load_paths, parse_rule
+from tomd.rules.load import RuleEnv, estimate_hours, load_file, load_paths, parse_rule
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = RuleEnv({"lco": ("lco", {"1m-gri": {"exposure_time": 300, "filters": ["gp", "rp", "ip"]}}),
@@ -224,3 +224,30 @@ def test_from_config_with_features_and_kill_switch(tmp_path):
     assert eng.killed().startswith("kill switch:")
     with pytest.raises(InputError, match="rules.features.bad"):
         load_features({"bad": "no_such_module_xyz:f"})
+
+
+def test_gemini_program_narrows_visibility_to_its_site_and_swift_has_none(tmp_path):
+    from tomd.config import load_config
+
+    cfg = tmp_path / "tomd.toml"
+    cfg.write_text("""
+[facilities.gs]
+kind = "gemini"
+url = "http://127.0.0.1:9"
+email = "pi@example.org"
+token = "key"
+proposal = "GS-2026B-Q-101"
+[facilities.swift]
+kind = "swift"
+url = "http://127.0.0.1:9"
+username = "me"
+token = "secret"
+""")
+    env = RuleEnv.from_config(load_config(cfg))
+    from tomd.visibility import FACILITY_SITES
+
+    assert FACILITY_SITES[env.facility_kinds["gs"]] == ("gs",)
+    rule = tmp_path / "r.toml"
+    rule.write_text('name = "r"\nwhen = \'visible("swift")\'\n')
+    problems = load_file(rule, env)[1]
+    assert any("observes from orbit" in str(p) for p in problems)

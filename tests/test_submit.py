@@ -130,6 +130,43 @@ def test_ambiguous_without_storing_is_submitted_after_the_look_up(db, sim):
     assert len(lookups) == 1  # looked before the second POST
 
 
+def test_a_window_that_ends_after_an_ambiguous_post_is_looked_up_first(db, sim):
+    """The request may exist although its window is over: look before calling it failed."""
+    now = datetime.now(timezone.utc)
+    make_intents(db, 1, window_start=now, window_end=now + timedelta(hours=2))
+    sim.inject("accept_then_hang", method="POST", path="/api/requestgroups/")
+    (first,) = Submitter(db.sessions, {"sim": client(sim)}, FAST).run_once()
+    assert first.state == "submitting"
+    later = now + timedelta(hours=3)  # past the window and past the lease
+    (out,) = Submitter(db.sessions, {"sim": client(sim)}, FAST, clock=lambda: later).run_once()
+    (row,) = rows(db)
+    assert out.state == "pending" and row.state == "pending" and row.facility_id
+    assert sim.names() == {"tomd-i-0": 1}
+
+
+def test_a_window_over_and_nothing_at_the_facility_fails_after_the_look_up(db, sim):
+    now = datetime.now(timezone.utc)
+    make_intents(db, 1, window_start=now, window_end=now + timedelta(hours=2))
+    sim.inject("drop", method="POST", path="/api/requestgroups/")  # not stored: unknown outcome
+    (first,) = Submitter(db.sessions, {"sim": client(sim)}, FAST).run_once()
+    assert first.state == "submitting"
+    later = now + timedelta(hours=3)
+    (out,) = Submitter(db.sessions, {"sim": client(sim)}, FAST, clock=lambda: later).run_once()
+    assert out.state == "failed" and "holds no request named tomd-i-0" in out.message
+    assert sim.names() == {}
+    looked = [r for r in sim.received if r.method == "GET" and r.path == "/api/requestgroups/"]
+    assert len(looked) == 1
+
+
+def test_a_404_from_the_facility_is_final_not_retried(db, sim):
+    make_intents(db, 1)
+    c = client(sim, url=sim.url + "/nothere")
+    (out,) = Submitter(db.sessions, {"sim": c}, FAST).run_once()
+    (row,) = rows(db)
+    assert out.state == "rejected" and row.state == "rejected" and "404" in row.last_error
+    assert Submitter(db.sessions, {"sim": c}, FAST).run_once() == []  # nothing left to retry
+
+
 def test_crash_after_marking_submitting_is_recovered_by_the_next_worker(db, sim):
     """A worker died mid-POST (the group exists, the row says submitting, its lease ran out)."""
     (rid,) = make_intents(db, 1)

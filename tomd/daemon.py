@@ -283,6 +283,10 @@ class Daemon:
         )
         if st.kind == "file":
             return StreamRunner(st, FileStream(st, ingestor), ingestor)
+        if st.kind == "poll":  # REST brokers (TNS, ALeRCE, Fink): same ingest path, cursor in the database
+            from tomd.brokers.poll import PollStream
+
+            return StreamRunner(st, PollStream(st, ingestor), ingestor)
         consumer = StreamConsumer(
             ConsumerSettings(bootstrap=st.bootstrap or "", topics=list(st.topics), group=st.group, start=st.start,
                              batch_size=st.batch_size, batch_timeout_s=st.batch_timeout,

@@ -49,7 +49,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from tomd.db import repository as repo
 from tomd.errors import AmbiguousError, NotFoundError, PermanentError, RetryableError, TomdError
 from tomd.events import ObservationFailed, ObservationRejected, ObservationSubmitted
-from tomd.facilities.base import Facility, Intent, TemplateError, TokenRefused, ValidationRejected
+from tomd.facilities.base import (Facility, Intent, LookupUnsupported, TemplateError, TokenRefused,
+                                  ValidationRejected)
 
 log = logging.getLogger(__name__)
 
@@ -199,7 +200,8 @@ class Submitter:
         fac = self.facilities.get(w.facility)
         if fac is None:
             return self._fail(w, f"no facility {w.facility!r} is configured")
-        if w.window_end is not None and w.window_end <= self.clock():
+        window_over = w.window_end is not None and w.window_end <= self.clock()
+        if window_over and w.state != "submitting":
             return self._fail(w, f"the window ended at {w.window_end.isoformat()} before submission")
 
         if w.state == "submitting":
@@ -208,6 +210,11 @@ class Submitter:
                 found = fac.find_by_name(w.name)
             except TokenRefused as exc:
                 return self._retry(w, str(exc), keep_state=True, delay=self.settings.token_backoff_s)
+            except LookupUnsupported as exc:
+                # Resending could make a second request, and asking is impossible: final, for a person
+                # (rejected, not failed: a retry cadence must not send the trigger again).
+                return self._reject(w, LookupUnsupported(
+                    f"outcome unknown after an interrupted submission, not resent: {exc}"))
             except (RetryableError, PermanentError) as exc:
                 return self._retry(w, f"looking up {w.name} after an unknown outcome: {exc}", keep_state=True)
             if found:
@@ -216,6 +223,9 @@ class Submitter:
                               ", ".join(f.facility_id for f in found))
                 first = min(found, key=lambda f: int(f.facility_id) if f.facility_id.isdigit() else 0)
                 return self._submitted(w, first.facility_id, first.state.common, first.state.word, recovered=True)
+            if window_over:  # looked first: the facility does not hold it, and it is too late to send
+                return self._fail(w, f"the window ended at {w.window_end.isoformat()}; "
+                                     f"{w.facility} holds no request named {w.name}")
             if w.attempts >= self.settings.max_attempts:
                 return self._fail(w, f"gave up after {w.attempts} attempts: {self._last_error(w)}")
 
@@ -235,15 +245,20 @@ class Submitter:
                 return self._reject(w, exc)
             except RetryableError as exc:
                 return self._retry(w, str(exc), keep_state=True, delay=exc.retry_after)
-            except PermanentError as exc:
+            except (PermanentError, NotFoundError) as exc:  # a 404 too: the facility's final word
                 return self._reject(w, exc)
             if not v.ok:
                 return self._reject(w, ValidationRejected(fac.name, v.issues))
 
         # Commit "submitting" before sending: a crash from here on means "look first".
         with self.sessions.begin() as s:
+            # The lease restarts here, so it covers the POST and its retries in full: a successor
+            # cannot claim this intent (and look the name up) while the POST may still be in flight.
             if not repo.update_observation(s, w.id, {"state": "submitting", "attempts": w.attempts + 1,
-                                                     "request": doc}, worker=self.worker):
+                                                     "request": doc,
+                                                     "claimed_until": self.clock() + timedelta(
+                                                         seconds=self.settings.lease_s)},
+                                           worker=self.worker):
                 return Outcome(w.id, w.name, "lost", message="claim lost before sending")
         was = w.state
         w.state, w.attempts, w.request = "submitting", w.attempts + 1, doc
@@ -256,7 +271,7 @@ class Submitter:
         except TokenRefused as exc:
             return self._retry(w, str(exc), keep_state=(was == "submitting"), delay=self.settings.token_backoff_s,
                                attempts=w.attempts - 1)
-        except ValidationRejected as exc:
+        except (ValidationRejected, NotFoundError) as exc:  # 404: the path is wrong, nothing was created
             return self._reject(w, exc)
         except RetryableError as exc:  # certainly not sent (connect error, 429)
             if w.attempts >= self.settings.max_attempts:
@@ -278,7 +293,7 @@ class Submitter:
             template: Any = w.template
             if w.template.startswith("inline:"):
                 # A rule's inline template travels with its decision.
-                template = repo.decision_template_fields(s, w.decision_id)
+                template = repo.series_template_fields(s, w.id)
                 if template is None:
                     raise TemplateError(f"intent {w.name}: inline template {w.template} not found with decision "
                                         f"#{w.decision_id}")

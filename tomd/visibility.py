@@ -46,6 +46,8 @@ SITES: dict[str, Site] = {s.code: s for s in (
     Site("elp", "McDonald Observatory", 30.6801, -104.0151, 2027.0),
     Site("tlv", "Wise Observatory, Mitzpe Ramon", 30.5958, 34.7633, 875.0),
     Site("sor", "SOAR, Cerro Pachón", -30.2378, -70.7337, 2713.0),
+    Site("gn", "Gemini North, Maunakea", 19.8238, -155.46905, 4213.0),
+    Site("gs", "Gemini South, Cerro Pachón", -30.24075, -70.736694, 2722.0),
 )}
 
 #: Sites per facility kind (config ``facilities.NAME.kind``). A "sim"
@@ -53,6 +55,9 @@ SITES: dict[str, Site] = {s.code: s for s in (
 FACILITY_SITES: dict[str, tuple[str, ...]] = {
     "lco": ("ogg", "coj", "lsc", "cpt", "tfn", "elp", "tlv"),
     "soar": ("sor",),
+    "gemini": ("gn", "gs"),  # a program's prefix narrows it to one (tomd.rules.load.RuleEnv.site_keys)
+    "gemini-gn": ("gn",),
+    "gemini-gs": ("gs",),
     "sim": ("ogg", "coj", "lsc", "cpt", "tfn", "elp", "tlv"),
 }
 

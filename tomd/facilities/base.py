@@ -70,6 +70,13 @@ class TemplateError(PermanentError):
     """A configured template cannot make a request (missing or bad key)."""
 
 
+class LookupUnsupported(PermanentError):
+    """The facility cannot be asked whether a request exists (Gemini's ToO trigger API).
+
+    After an unknown outcome such a request is never resent: it ends for a person to check.
+    """
+
+
 # ----------------------------------------------------------------- results --
 
 
@@ -117,6 +124,8 @@ class RequestStatus:
     state: FacilityState
     modified: str | None = None  # ISO time of the facility's last change, when given
     request_ids: tuple[str, ...] = ()  # the facility's inner request ids (LCO: requests[].id)
+    # Inner requests already COMPLETED while the group goes on: their data are due now.
+    completed_request_ids: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -63,6 +63,7 @@ from tomd.facilities.base import (
     DataProduct,
     FacilityState,
     Intent,
+    LookupUnsupported,
     RequestStatus,
     Site,
     Submitted,
@@ -108,10 +109,6 @@ _SEXA_RE = re.compile(r"^([+-]?)(\d{1,3}):(\d{1,2}):(\d{1,2}(?:\.\d*)?)$")
 
 class OutcomeUnknown(PermanentError):
     """A trigger may have been created, and Gemini cannot be asked: not resent, a person checks."""
-
-
-class LookupUnsupported(PermanentError):
-    """The facility cannot be asked whether a request exists."""
 
 
 def map_state(word: str) -> FacilityState:

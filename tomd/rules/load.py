@@ -81,6 +81,8 @@ class RuleEnv:
     facilities: Mapping[str, tuple[str, Mapping[str, Mapping[str, Any]]]] = field(default_factory=dict)
     channels: frozenset[str] | None = None  # None: not checked
     features: frozenset[str] = frozenset()
+    # Where a facility's sites depend on more than its kind (a Gemini program is at one site).
+    site_keys: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_config(cls, config, features: Iterable[str] | None = None) -> "RuleEnv":
@@ -89,11 +91,24 @@ class RuleEnv:
         channels = frozenset(config.notify.channels)
         if features is None:
             features = (getattr(config.rules, "features", None) or {}).keys()
-        return cls(facs, channels, frozenset(features))
+        return cls(facs, channels, frozenset(features), _site_keys(config))
 
     @property
     def facility_kinds(self) -> dict[str, str]:
-        return {n: k for n, (k, _) in self.facilities.items()}
+        """Facility name → the key of its sites in ``tomd.visibility.FACILITY_SITES``."""
+        return {n: self.site_keys.get(n, k) for n, (k, _) in self.facilities.items()}
+
+
+def _site_keys(config) -> dict[str, str]:
+    from tomd.facilities.gemini import program_site
+
+    out = {}
+    for name, f in config.facilities.items():
+        if f.kind == "gemini":
+            site = program_site(f.proposal or "")  # GN-2026B-Q-1 observes from Maunakea only
+            if site:
+                out[name] = f"gemini-{site.lower()}"
+    return out
 
 
 def _sim_templates() -> dict[str, Mapping[str, Any]]:
@@ -384,6 +399,9 @@ def _check_calls(compiled: Compiled, text: str, env: RuleEnv) -> None:
             a = n.args[0]
             if isinstance(a, ast.Constant) and isinstance(a.value, str):
                 kind = env.facility_kinds.get(a.value, a.value)
+                if kind == "swift":
+                    raise ExprError(f"{n.func.id}(): {a.value!r} observes from orbit; ground visibility does not "
+                                    "apply", max(1, a.lineno - 1), a.col_offset + 1)
                 if kind not in FACILITY_SITES and kind not in SITES:
                     known = ", ".join(sorted(env.facilities)) or "none configured"
                     raise ExprError(f"{n.func.id}(): unknown facility {a.value!r} (configured: {known}; "
