@@ -296,6 +296,7 @@ class ObservationRequest(Base):
     submitted_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
     last_polled_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    proposal: Mapped[str | None] = mapped_column(String(100), index=True)  # for hours per facility and proposal
     # Data retrieval: set when the request (partly) completes; cleared once its products are all stored.
     data_due_at: Mapped[datetime | None] = mapped_column(UTCDateTime, index=True)
     data_attempts: Mapped[int] = mapped_column(Integer, default=0)
@@ -384,7 +385,8 @@ class DeadLetter(Base):
     """A message that could not be decoded or parsed, kept whole for a retry."""
 
     __tablename__ = "dead_letters"
-    __table_args__ = (Index("ix_dead_letters_coords", "topic", "partition", "offset"),)
+    __table_args__ = (Index("ix_dead_letters_coords", "topic", "partition", "offset"),
+                      UniqueConstraint("stream", "fingerprint"))
 
     id: Mapped[int] = mapped_column(Id, primary_key=True)
     stream: Mapped[str] = mapped_column(String(100))
@@ -398,6 +400,10 @@ class DeadLetter(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     retries: Mapped[int] = mapped_column(Integer, default=0)
     resolved_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # The same message delivered again (replay, redelivery after a crash) is one letter:
+    # topic[partition]@offset for Kafka, a hash of the bytes for files.
+    fingerprint: Mapped[str | None] = mapped_column(String(300))
+    headers: Mapped[dict[str, Any] | None] = mapped_column(Json)  # Kafka headers (hop's _id, _test, _format)
 
 
 class PollState(Base):
