@@ -322,3 +322,30 @@ class CadenceStep(Event):
 
 
 EVENT_TYPES[CadenceStep.kind] = CadenceStep
+
+
+@dataclass(frozen=True)
+class RuleTested(Event):
+    """A test-mode rule would have fired: what it would have done (``would``), nothing done.
+
+    The fields of ``rule.fired`` (notifications go to ``channels`` like a real
+    firing, marked as a test) plus the plan: ``would`` = {"observe": {...} or
+    None, "notify": [...], "add_tags": [...], "add_to_lists": [...]}.
+    """
+
+    kind: ClassVar[str] = "rule.tested"
+    decision_id: int
+    rule: str
+    alert_id: int | None
+    target_id: int | None
+    reason: str = ""
+    channels: tuple[str, ...] = ()
+    message: str = ""
+    request_id: int | None = None  # always None: nothing is requested
+    tags_added: tuple[str, ...] = ()  # always empty: see would["add_tags"]
+    lists_joined: tuple[str, ...] = ()
+    would: dict[str, Any] = field(default_factory=dict)
+    test: bool = True
+
+
+EVENT_TYPES[RuleTested.kind] = RuleTested
