@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import re
 import struct
 from datetime import timezone
 from pathlib import Path
@@ -19,6 +20,7 @@ from astropy.time import Time
 
 from tomd.alerts import decode
 from tomd.alerts.formats import rubin
+from tomd.alerts.formats._tns import tns_designation
 from tomd.alerts.parse import parse_message
 from tomd.errors import ParseError
 
@@ -304,6 +306,101 @@ def test_fink_columns_land_in_fields(rel: str) -> None:
         assert a.band in ("ztfg", "ztfr", "ztfi")
     if "part-3" in rel:
         assert all("finkclass" in a.fields for a in alerts)
+
+
+FINK_ZTF = ["other/fink/ztf/part-3-305711.avro", "other/fink/ztf/avro_multi_alerts.avro"]
+ZTF_ID = re.compile(r"^ZTF\d\d[a-z]{7}$")
+
+
+def test_tns_designation_tells_names_from_classifications() -> None:
+    assert tns_designation("SN 2025abc") == "SN 2025abc" and tns_designation(" at2024xyz ") == "AT 2024xyz"
+    assert tns_designation("2023ixf") == "2023ixf" and tns_designation("SN 1987A") == "SN 1987A"
+    assert tns_designation("FRB 20201124A") == "FRB 20201124A" and tns_designation("TDE 2019qiz") == "TDE 2019qiz"
+    for not_a_name in ("SN Ia", "SN II", "SN Ia-91T", "TDE", "", "Unknown", "(TNS) SN Ia", "ZTF25abcdefg", None, 2025):
+        assert tns_designation(not_a_name) is None, not_a_name
+
+
+def test_fink_tns_column_is_a_classification_not_an_alias() -> None:
+    """Fink's ``tns`` holds "SN Ia", "SN II": a class shared by many objects, never a name."""
+    alerts = _parse(FINK_ZTF[0], "fink-avro")
+    classified = [a for a in alerts if a.payload.get("tns") or a.fields.get("tns")]
+    assert {a.fields["tns_class"] for a in classified} == {"SN Ia", "SN II"}
+    for a in alerts:
+        assert a.aliases == () and ZTF_ID.match(a.object_id), (a.object_id, a.aliases)
+        assert a.fields["broker"] == "fink"
+    # The Fink API row carries the same column as d:tns.
+    row = {"i:candid": 1, "i:objectId": "ZTF26aaakzsi", "i:jd": 2461100.5, "i:ra": 191.6, "i:dec": 3.8,
+           "i:fid": 1, "i:magpsf": 19.0, "i:sigmapsf": 0.1, "d:tns": "SN II"}
+    (api,) = parse_message("fink-api", json.dumps(row).encode())
+    assert api.aliases == () and api.fields["tns_class"] == "SN II"
+    (named,) = parse_message("fink-api", json.dumps(row | {"d:tns": "SN 2026abc"}).encode())
+    assert named.aliases == ("SN 2026abc",)
+
+
+def _ingestor(db, stream: str, fmt: str):
+    from tomd.alerts.ingest import IngestSettings, Ingestor
+
+    return Ingestor(db.sessions, IngestSettings(stream=stream, format=fmt),
+                    lambda data: parse_message(fmt, data))
+
+
+def test_fink_replay_keeps_each_object_its_own_target(db) -> None:
+    """Objects 100 degrees apart once merged through the shared alias "SN II"."""
+    from sqlalchemy import select
+
+    from tomd.alerts.ingest import FileMessage
+    from tomd.db.models import AlertRow, TargetName
+
+    msgs = [FileMessage(rel, 0, (DATA / rel).read_bytes()) for rel in FINK_ZTF]
+    result = _ingestor(db, "fink", "fink-avro").handle(msgs)
+    assert result.dead_letters == 0
+    with db.sessions() as s:
+        object_ids = set(s.scalars(select(AlertRow.object_id)))
+        names: dict[int, list[str]] = {}
+        for target_id, name in s.execute(select(TargetName.target_id, TargetName.name)):
+            names.setdefault(target_id, []).append(name)
+    assert len(names) == len(object_ids) == 42  # one target per object (the alias merged 5 into 2)
+    for target_id, ns in names.items():
+        assert len([n for n in ns if ZTF_ID.match(n)]) == 1, ns
+        assert all(ZTF_ID.match(n) or tns_designation(n) for n in ns), ns
+
+
+def test_a_ztf_point_relayed_by_brokers_is_stored_once(db) -> None:
+    """The survey's own packet, Fink's copy of it and ALeRCE's light curve: one point each."""
+    from sqlalchemy import func, select
+
+    from tomd.alerts.ingest import FileMessage
+    from tomd.alerts.formats import ztf
+    from tomd.db.models import Photometry
+
+    raw = (DATA / FINK_ZTF[0]).read_bytes()
+    reader = fastavro.reader(io.BytesIO(raw))
+    fink_schema, records = reader.writer_schema, list(reader)[:6]
+    # What ZTF itself sent: the packet without Fink's columns, under ZTF's field set.
+    ztf_schema = {**fink_schema, "fields": [f for f in fink_schema["fields"] if f["name"] in ztf.PACKET_KEYS]}
+    ztf_records = [{k: v for k, v in r.items() if k in ztf.PACKET_KEYS} for r in records]
+    ztf_bytes, fink_bytes = io.BytesIO(), io.BytesIO()
+    fastavro.writer(ztf_bytes, fastavro.parse_schema(ztf_schema), ztf_records)
+    fastavro.writer(fink_bytes, fastavro.parse_schema(fink_schema), records)
+    alerce = [json.dumps({
+        "object": {"oid": r["objectId"], "meanra": r["candidate"]["ra"], "meandec": r["candidate"]["dec"],
+                   "lastmjd": r["candidate"]["jd"] - 2400000.5},
+        "detections": [{"candid": r["candid"], "mjd": r["candidate"]["jd"] - 2400000.5, "fid": r["candidate"]["fid"],
+                        "magpsf": r["candidate"]["magpsf"], "sigmapsf": r["candidate"]["sigmapsf"], "isdiffpos": 1}],
+    }).encode() for r in records]
+
+    _ingestor(db, "ztf", "ztf-avro").handle([FileMessage("ztf", 0, ztf_bytes.getvalue())])
+    with db.sessions() as s:
+        alone = s.scalar(select(func.count()).select_from(Photometry))
+    assert alone > len(records)
+    _ingestor(db, "fink", "fink-avro").handle([FileMessage("fink", 0, fink_bytes.getvalue())])
+    _ingestor(db, "alerce", "alerce-api").handle([FileMessage("alerce", i, b) for i, b in enumerate(alerce)])
+    with db.sessions() as s:
+        rows = s.execute(select(Photometry.target_id, Photometry.band, Photometry.kind, Photometry.mjd,
+                                Photometry.source)).all()
+    keys = [(t, b, k, round(m, 6)) for t, b, k, m, _ in rows]
+    assert len(keys) == len(set(keys)) == alone
+    assert {r.source for r in rows} == {"ztf"}
 
 
 # --- Lasair ---------------------------------------------------------------------------

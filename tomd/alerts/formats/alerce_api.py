@@ -7,7 +7,9 @@ a bare object row is read too. Object rows carry ``oid`` (the ZTF objectId),
 classification the query selected (``class``, ``classifier``,
 ``probability``). Detections are ZTF measurements (``candid``, ``mjd``,
 ``fid``, ``magpsf``, ``sigmapsf``, ``isdiffpos`` ±1); non-detections give
-``diffmaglim`` upper limits. The alert key is ``oid@lastmjd``.
+``diffmaglim`` upper limits. The alert key is ``oid@lastmjd``. The points
+are ZTF's measurements, so their source is ``ztf``: relayed by ALeRCE or read
+from ZTF, a point is stored once; ``fields["broker"]`` says who relayed it.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from tomd.errors import ParseError
 
 from ._common import check_radec, finite, mjd_utc_to_datetime, require, require_float, scalar_items
 from .ztf import BANDS, _mag_to_flux, _positive
+
+SURVEY = "ztf"  # the photometry source of the relayed points, as ztf.parse gives it
 
 
 def alert_key(row: dict) -> str | None:
@@ -51,6 +55,7 @@ def parse(record: dict) -> list[Alert]:
     for name in ("class", "classifier", "probability"):
         if name in obj:
             fields[f"alerce_{name}"] = obj[name]
+    fields["broker"] = "alerce"
     return [Alert(
         source="alerce", key=alert_key(obj) or f"{oid}@{lastmjd:.6f}", time=mjd_utc_to_datetime(lastmjd),
         kind="transient", object_id=oid, ra=ra, dec=dec,
@@ -77,7 +82,7 @@ def _detection(d: Any, i: int) -> PhotPoint:
     return PhotPoint(
         mjd=mjd, band=_band(d.get("fid"), where), kind="detection", mag=mag, mag_err=err, flux=flux,
         flux_err=abs(flux) * err * math.log(10) / 2.5 if flux is not None and err is not None else None,
-        limit=finite(d.get("diffmaglim")), source="alerce",
+        limit=finite(d.get("diffmaglim")), source=SURVEY,
         measurement_id=str(d["candid"]) if d.get("candid") is not None else None,
     )
 
@@ -90,4 +95,4 @@ def _limit(n: Any, i: int) -> PhotPoint | None:
     if limit is None:
         return None
     return PhotPoint(mjd=require_float(n, "mjd", where), band=_band(n.get("fid"), where), kind="upper_limit",
-                     limit=limit, source="alerce")
+                     limit=limit, source=SURVEY)

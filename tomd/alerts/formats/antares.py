@@ -7,6 +7,12 @@ and ``included`` holds its alerts (``attributes``: ``mjd``, ``properties``
 such as ``ant_mag``, ``ant_magerr``, ``ant_passband``, ``ant_maglim``,
 ``ztf_candid``). A flat locus dict is accepted as well. The key is the
 locus' newest alert id. ANTARES MJDs come from ZTF ``jd`` and are UTC.
+
+ANTARES relays ZTF measurements (alert ids ``ztf_candidate:<candid>``,
+``ztf_upper_limit:…``): their points carry the survey (``ztf``) as source and
+the bare candid as measurement id, as the ZTF parser gives them, so a point
+relayed by ANTARES and read from ZTF is one point. ``fields["broker"]`` says
+who relayed the alert.
 """
 
 from __future__ import annotations
@@ -20,6 +26,18 @@ from ._common import check_radec, finite, mjd_utc_to_datetime, scalar_items
 from .ztf import clean
 
 PASSBANDS = {"g": "ztfg", "R": "ztfr", "r": "ztfr", "i": "ztfi"}
+ZTF_CANDIDATE = "ztf_candidate:"
+
+
+def _point_source(alert_id: str, band: str, broker: str) -> str:
+    """The survey that measured a point: ZTF for ZTF alerts and ZTF bands, else the broker."""
+    return "ztf" if alert_id.startswith("ztf_") or band.startswith("ztf") else broker
+
+
+def _measurement_id(alert_id: str) -> str | None:
+    if not alert_id:
+        return None
+    return alert_id[len(ZTF_CANDIDATE):] if alert_id.startswith(ZTF_CANDIDATE) else alert_id
 
 
 def _alerts(msg: dict) -> list[dict]:
@@ -65,18 +83,21 @@ def parse(record: dict, *, source: str = "antares") -> list[Alert]:
         band = PASSBANDS.get(str(p.get("ant_passband")), str(p.get("ant_passband") or ""))
         if amjd is None or not band:
             continue
+        aid = str(a.get("id") or "")
+        psource = _point_source(aid, band, source)
         mag = finite(p.get("ant_mag"))
         if mag is not None:
             phot.append(PhotPoint(mjd=amjd, band=band, kind="detection", mag=mag,
-                                  mag_err=finite(p.get("ant_magerr")), source=source,
-                                  measurement_id=str(a.get("id")) if a.get("id") else None))
+                                  mag_err=finite(p.get("ant_magerr")), source=psource,
+                                  measurement_id=_measurement_id(aid)))
         elif finite(p.get("ant_maglim")) is not None:
             phot.append(PhotPoint(mjd=amjd, band=band, kind="upper_limit",
-                                  limit=finite(p.get("ant_maglim")), source=source))
+                                  limit=finite(p.get("ant_maglim")), source=psource))
     newest_props = (newest or {}).get("properties") or {}
     fields = scalar_items(props)
     fields["tags"] = list(attrs.get("tags") or [])
     fields["catalogs"] = list(attrs.get("catalogs") or [])
+    fields["broker"] = source
     aliases = tuple(str(props[k]) for k in ("ztf_object_id", "lsst_diaObject_diaObjectId") if props.get(k))
     band = newest_props.get("ant_passband")
     return [

@@ -6,6 +6,15 @@ top level and add classification and cross-match columns (``cdsxmatch``,
 outputs ``rfscore``, ``snn``). The survey part is parsed by the ZTF or Rubin
 parser; the added scalar columns go into ``fields`` as they are named, the
 non-scalar ones stay in the payload.
+
+Fink's ``tns`` column is the TNS *classification* of a cross-matched object
+("SN Ia"), not its name: it is kept as ``fields["tns_class"]`` and becomes an
+alias only if it is shaped like a designation (see :mod:`._tns`).
+
+The photometry is the survey's own (ZTF candidates, Rubin diaSources), so
+its points carry the survey as their source: the same ZTF point relayed by
+Fink and read from ZTF's stream is then one point. ``fields["broker"]`` says
+who relayed the alert.
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ from tomd.errors import ParseError
 
 from . import rubin, ztf
 from ._common import scalar_items
+from ._tns import tns_designation
 from .ztf import clean
 
 
@@ -34,11 +44,18 @@ def parse(record: dict, *, source: str = "fink") -> list[Alert]:
         fields: dict[str, Any] = dict(alert.fields)
         fields.update(scalar_items(extra))
         fields["survey"] = survey
+        fields["broker"] = source
         aliases = list(alert.aliases)
         tns = extra.get("tns")
-        if isinstance(tns, str) and tns.strip():
-            aliases.append(tns.strip())
+        name = tns_designation(tns)
+        if name:
+            aliases.append(name)
+            fields["tns_name"] = name
+        elif isinstance(tns, str) and tns.strip():
+            fields["tns_class"] = tns.strip()
         payload = dict(alert.payload)
         payload.update(clean(extra))
-        out.append(dataclasses.replace(alert, fields=fields, payload=payload, aliases=tuple(aliases)))
+        phot = tuple(dataclasses.replace(p, source=survey) for p in alert.photometry)
+        out.append(dataclasses.replace(alert, fields=fields, payload=payload, aliases=tuple(aliases),
+                                       photometry=phot))
     return out

@@ -8,6 +8,9 @@ added values (``d:cdsxmatch``, ``d:rf_snia_vs_nonia``, ``d:tns``, ...) and
 source ``fink`` and key ``candid``, as the alerts of Fink's Kafka stream
 (``fink-avro``) do, so one alert seen both ways is stored once. Fink's
 columns go into ``fields`` under their names without the family prefix.
+``d:tns`` is the TNS classification ("SN Ia"), kept as ``tns_class``; it is
+an alias only when shaped like a designation. The point is ZTF's own
+measurement, so its source is ``ztf`` (one point however it arrived).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from tomd.alerts.model import Alert, PhotPoint
 from tomd.errors import ParseError
 
 from ._common import MJD0, check_radec, finite, jd_utc_to_datetime, require, require_float
+from ._tns import tns_designation
 from .ztf import BANDS, FIELDS, _mag_to_flux, _positive
 
 
@@ -38,7 +42,7 @@ def parse(record: dict) -> list[Alert]:
     flux = _mag_to_flux(mag, _positive(record.get("i:isdiffpos", "t")))
     flux_err = abs(flux) * err * math.log(10) / 2.5 if flux is not None and err is not None else None
     point = PhotPoint(mjd=jd - MJD0, band=band, kind="detection", mag=mag, mag_err=err, flux=flux,
-                      flux_err=flux_err, limit=finite(record.get("i:diffmaglim")), source="fink",
+                      flux_err=flux_err, limit=finite(record.get("i:diffmaglim")), source="ztf",
                       measurement_id=str(candid))
     fields: dict = {}
     for k, v in record.items():
@@ -52,10 +56,15 @@ def parse(record: dict) -> list[Alert]:
     rb = finite(record.get("i:drb"))
     fields["real_bogus"] = rb if rb is not None else finite(record.get("i:rb"))
     fields["survey"] = "ztf"
+    fields["broker"] = "fink"
     aliases = []
     tns = record.get("d:tns")
-    if isinstance(tns, str) and tns.strip():
-        aliases.append(tns.strip())
+    name = tns_designation(tns)
+    if name:
+        aliases.append(name)
+        fields["tns_name"] = name
+    elif isinstance(tns, str) and tns.strip():
+        fields["tns_class"] = tns.strip()
     return [Alert(
         source="fink", key=str(candid).strip(), time=jd_utc_to_datetime(jd), kind="transient",
         object_id=str(object_id), ra=ra, dec=dec, band=band, mag=mag, mag_err=err, flux=flux, flux_err=flux_err,

@@ -8,6 +8,11 @@ messages carry ``diaObjectId``, ``ra``/``decl``, ``lastDiaSourceMjdTai``
 ``ramean``/``decmean`` and ``jdmax``/``mjdmax`` (UTC). ``UTC`` is when the
 filter ran. The key is the object id plus the time of its latest detection,
 so a replay of the same message is a no-op and a new detection is new.
+
+The sources are Rubin's own measurements, so their points carry the survey
+(``rubin``) as source: relayed by Lasair or read from Rubin, a point is one
+point. ``fields["broker"]`` says who relayed the alert. ``tns_name`` becomes
+an alias only when it is a TNS designation (see :mod:`._tns`).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from ._common import (
     parse_iso_utc,
     scalar_items,
 )
+from ._tns import tns_designation
 from .ztf import clean
 
 
@@ -37,6 +43,14 @@ def _first(record: dict, *names: str) -> Any:
         if record.get(n) is not None:
             return record[n]
     return None
+
+
+SURVEY_LSST = "rubin"  # the photometry source of Rubin points, as rubin.parse gives it
+
+
+def _tns_aliases(record: dict) -> tuple[str, ...]:
+    name = tns_designation(record.get("tns_name"))
+    return (name,) if name else ()
 
 
 def parse(record: dict, *, source: str = "lasair") -> list[Alert]:
@@ -73,20 +87,21 @@ def _parse_lsst(record: dict, source: str) -> Alert:
     phot: list[PhotPoint] = []
     seen: set[str] = set()
     for row in sources:
-        p = rubin.source_point(row, "detection", source, "diaSourceId")
+        p = rubin.source_point(row, "detection", SURVEY_LSST, "diaSourceId")
         if p is not None and p.measurement_id not in seen:
             seen.add(p.measurement_id or "")
             phot.append(p)
     for row in alert.get("diaForcedSourcesList") or []:
-        p = rubin.source_point(row, "forced", source, "diaForcedSourceId")
+        p = rubin.source_point(row, "forced", SURVEY_LSST, "diaForcedSourceId")
         if p is not None:
             phot.append(p)
     for row in alert.get("diaNondetectionLimitsList") or []:
-        p = rubin.limit_point(row, source)
+        p = rubin.limit_point(row, SURVEY_LSST)
         if p is not None:
             phot.append(p)
     fields = scalar_items(record, skip={"alert"})
     fields["survey"] = "rubin"
+    fields["broker"] = source
     band = flux = flux_err = None
     if latest is not None:
         band = rubin.band_name(latest.get("band"))
@@ -97,7 +112,7 @@ def _parse_lsst(record: dict, source: str) -> Alert:
     elif finite(record.get("latestR")) is not None:
         fields["real_bogus"] = finite(record.get("latestR"))
     mag = flux_to_mag(flux)
-    aliases = (record["tns_name"],) if record.get("tns_name") else ()
+    aliases = _tns_aliases(record)
     return Alert(
         source=source,
         key=f"{object_id}@{mjd_tai!r}",
@@ -132,7 +147,8 @@ def _parse_ztf(record: dict, source: str) -> Alert:
         raise ParseError("missing field jdmax")
     fields = scalar_items(record)
     fields["survey"] = "ztf"
-    aliases = (record["tns_name"],) if record.get("tns_name") else ()
+    fields["broker"] = source
+    aliases = _tns_aliases(record)
     return Alert(
         source=source,
         key=f"{object_id}@{stamp!r}",
