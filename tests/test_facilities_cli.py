@@ -52,6 +52,12 @@ exposure_time = 300
 kind = "lco"
 url = "{sim.url}"
 token = "not-the-token"
+
+[facilities.broken]
+kind = "lco"
+url = "{sim.url}/nowhere"
+token = "sim-token"
+timeout = "1s"
 ''')
     with db.sessions.begin() as s:
         upsert(s, TargetSpec(name="SN 2026abc", ra=150.0, dec=-20.0), origin="test")
@@ -124,6 +130,112 @@ def test_facility_check(run):
     assert code == 0 and "lab: OK" in out and "SIM2026A-001" in out
     code, out, err = run("facility", "check")
     assert code == 1 and "locked refused the API token (HTTP 403)" in err and "not-the-token" not in err
+
+
+def test_facility_check_reports_a_404_and_goes_on_to_the_next_facility(run):
+    # "broken" (a wrong URL: every path answers 404) sorts first: it must not stop the others' checks.
+    code, out, err = run("facility", "check")
+    assert code == 1
+    assert "broken: broken: GET /nowhere/api/proposals/: not found at the facility (HTTP 404)" in err
+    assert "lab: OK" in out and "locked refused the API token" in err
+
+
+def _put(db, name, **values):
+    from tomd.db import repository as repo
+    from tomd.submit import create_intent
+
+    with db.sessions.begin() as s:
+        rid = create_intent(s, target_id=1, facility=values.pop("facility", "lab"), template="1m-gri", name=name)
+        repo.update_observation(s, rid, values)
+    return rid
+
+
+def _row(db, rid):
+    from tomd.db import repository as repo
+
+    with db.sessions() as s:
+        return repo.get_observation(s, rid)
+
+
+def test_cancel_releases_its_claim_when_the_facility_answers_404(run, db):
+    rid = _put(db, "lost-1", facility="broken", state="submitting", attempts=1)
+    code, _, err = run("obs", "cancel", "lost-1")
+    assert code == 1 and "not found at the facility (HTTP 404)" in err
+    r = _row(db, rid)
+    assert (r.state, r.claimed_by, r.claimed_until) == ("submitting", None, None)  # a submitter may take it again
+
+
+def test_list_state_accepts_only_known_states(run):
+    with pytest.raises(InputError, match="unknown state 'pendng'; did you mean pending"):
+        run("obs", "list", "--state", "pendng")
+    with pytest.raises(InputError, match="unknown state 'bogus'"):
+        run("obs", "list", "--state", "bogus")
+    code, _, err = run("obs", "list", "--state", "in-progress")
+    assert code == 0 and "no observation requests" in err
+
+
+def _events(db, kind):
+    from sqlalchemy import select
+
+    from tomd.db.models import OutboxEvent
+
+    with db.sessions() as s:
+        return [e.payload for e in s.scalars(select(OutboxEvent).where(OutboxEvent.kind == kind))]
+
+
+def _history(db, rid):
+    from tomd.db import repository as repo
+
+    with db.sessions() as s:
+        return [(h.state, h.message) for h in repo.observation_history(s, rid)]
+
+
+UNKNOWN = ("gemini: outcome unknown after an interrupted submission, not resent: the ToO interface cannot be "
+           "asked; check the program's observations and settle it with `tomd obs settle`")
+
+
+def test_settle_an_unknown_outcome_that_exists(run, db, sim):
+    rid = _put(db, "trig-1", state="rejected", last_error=UNKNOWN, attempts=1)
+    code, out, _ = run("obs", "settle", "trig-1", "--facility-id", "GS-2026B-Q-1-7")
+    assert code == 0 and "lab holds it as GS-2026B-Q-1-7" in out
+    r = _row(db, rid)
+    assert (r.state, r.facility_id, r.last_error) == ("pending", "GS-2026B-Q-1-7", None)
+    assert r.submitted_at is not None
+    assert _history(db, rid)[-1] == ("pending", "settled by a person: lab holds it as GS-2026B-Q-1-7")
+    (ev,) = _events(db, "observation.submitted")
+    assert ev["request_id"] == rid and ev["facility_id"] == "GS-2026B-Q-1-7" and ev["recovered"] is True
+    with pytest.raises(InputError, match="is pending; only a request whose submission outcome is unknown"):
+        run("obs", "settle", "trig-1", "--absent")
+
+
+def test_settle_a_submitting_row_as_absent_fails_it_and_the_cadence_goes_on(run, db):
+    from tomd.cadence import cadence_option
+
+    rid = _put(db, "stuck-1", state="submitting", attempts=2, cadence=cadence_option("every 1d x3 retry 2 shift 6h"),
+               last_error="lab: POST /api/requestgroups/: no answer within the timeout after sending")
+    code, out, _ = run("obs", "settle", "stuck-1", "--absent")
+    assert code == 0 and "lab holds no such request" in out and "cadence: next request #" in out
+    r = _row(db, rid)
+    assert (r.state, r.claimed_by, r.facility_id) == ("failed", None, None)
+    assert _history(db, rid)[-1][0] == "failed"
+    (ev,) = _events(db, "observation.failed")
+    assert ev["request_id"] == rid and "settled by a person" in ev["reason"]
+    assert len(_events(db, "observation.cadence_step")) == 1
+
+
+def test_settle_refuses_what_is_not_unknown(run, db):
+    _put(db, "plain-reject", state="rejected", last_error="lab rejected the request: filter: bad")
+    with pytest.raises(InputError, match="is rejected; only a request"):
+        run("obs", "settle", "plain-reject", "--absent")
+    _put(db, "queued-2")
+    with pytest.raises(InputError, match="was never sent"):
+        run("obs", "settle", "queued-2", "--facility-id", "17")
+    from datetime import datetime, timedelta, timezone
+
+    _put(db, "busy-1", state="submitting", claimed_by="w1",
+         claimed_until=datetime.now(timezone.utc) + timedelta(minutes=5))
+    with pytest.raises(InputError, match="being submitted right now"):
+        run("obs", "settle", "busy-1", "--absent")
 
 
 def test_python_m_sim_serves_until_interrupted():

@@ -1,4 +1,4 @@
-"""``tomd obs …`` (submit, list, show, update, cancel), ``tomd facility check`` and ``tomd sim``.
+"""``tomd obs …`` (submit, list, show, update, cancel, settle), ``tomd facility check`` and ``tomd sim``.
 
 ``register(subparsers)`` adds the three command groups to tomd's parser;
 each command is ``cmd_*(app, args) -> exit status`` like those in
@@ -14,9 +14,14 @@ import sys
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from tomd.errors import InputError, NotFoundError, PermanentError, RetryableError
+from tomd.errors import InputError, NotFoundError, PermanentError, RetryableError, TomdError
 
 FINAL_LOCAL = ("completed", "failed", "expired", "cancelled", "rejected")
+# Every state an observation request can be in, in its life's order (tomd.submit, tomd.status).
+REQUEST_STATES = ("intent", "submitting", "pending", "scheduled", "in_progress", "completed", "failed", "expired",
+                  "cancelled", "rejected")
+# The reason tomd.submit records when a submission's outcome is unknown and cannot be looked up.
+UNKNOWN_OUTCOME = "outcome unknown"
 
 
 def _parse_time(value: str, field: str, *, after: datetime | None = None) -> datetime:
@@ -179,9 +184,24 @@ def cmd_obs_update(app, args) -> int:
     return 1 if any(r["error"] for r in out) else 0
 
 
+def _state_option(value: str | None) -> str | None:
+    """``--state``: one of REQUEST_STATES (a typo would list nothing and look like an empty queue)."""
+    if value is None:
+        return None
+    v = value.strip().lower().replace("-", "_")
+    if v in REQUEST_STATES:
+        return v
+    import difflib
+
+    close = difflib.get_close_matches(v, REQUEST_STATES, n=1)
+    hint = f"; did you mean {close[0]}?" if close else ""
+    raise InputError(f"unknown state {value!r}{hint} (states: {', '.join(REQUEST_STATES)})", field="--state")
+
+
 def cmd_obs_list(app, args) -> int:
     from tomd.db import repository as repo
 
+    args.state = _state_option(args.state)
     with app.sessions() as s:
         rows = repo.query_observations(s, state=args.state, facility=args.facility, limit=args.limit)
         targets = {r.target_id: (repo.get_target(s, r.target_id).name if repo.get_target(s, r.target_id) else None)
@@ -257,7 +277,8 @@ def cmd_obs_cancel(app, args) -> int:
                     found = fac.find_by_name(name)
                     fid = found[0].facility_id if found else None
                 status = fac.cancel(fid) if fid else None
-            except (RetryableError, PermanentError, ValidationRejected) as exc:
+            except (RetryableError, PermanentError, ValidationRejected, NotFoundError) as exc:
+                # NotFoundError (a 404) too: whatever failed, the claim taken above must not outlive us.
                 if claimed:
                     with app.sessions.begin() as s:
                         repo.update_observation(s, rid, {"claimed_by": None, "claimed_until": None},
@@ -279,6 +300,78 @@ def cmd_obs_cancel(app, args) -> int:
     return 0
 
 
+def cmd_obs_settle(app, args) -> int:
+    """A person settles a request whose submission outcome tomd could not learn.
+
+    Two cases: a ``submitting`` row (the POST's answer was lost and the
+    facility is unreachable or cannot be asked), or a trigger ended
+    ``rejected`` because its outcome is unknown (Gemini's ToO interface
+    cannot be asked whether a trigger exists). The person looked at the
+    facility and says what is there:
+
+    - ``--facility-id X``: it exists as X. Recorded as submitted (pending);
+      the status poller follows it from there.
+    - ``--absent``: it does not exist. Recorded as failed; a cadence series
+      goes on with its next request.
+    """
+    from tomd.cadence import next_intent
+    from tomd.db import repository as repo
+    from tomd.events import ObservationFailed, ObservationSubmitted
+
+    if bool(args.facility_id) == bool(args.absent):
+        raise InputError("say what the facility holds: --facility-id ID (it exists) or --absent (it does not)",
+                         field="--facility-id")
+    fid = args.facility_id.strip() if args.facility_id else None
+    if args.facility_id is not None and not fid:
+        raise InputError("expected the facility's id of the request, got an empty string", field="--facility-id")
+    now = datetime.now(timezone.utc)
+    worker = "cli-settle"
+    with app.sessions.begin() as s:
+        row = _find_row(s, args.id)
+        rid, name, state = row.id, row.name, row.state
+        unknown = state == "rejected" and UNKNOWN_OUTCOME in (row.last_error or "")
+        if state not in ("intent", "submitting") and not unknown:
+            raise InputError(f"#{rid} {name} is {state}; only a request whose submission outcome is unknown "
+                             "(submitting, or rejected because the outcome is unknown) can be settled")
+        if state == "intent":
+            raise InputError(f"#{rid} {name} was never sent (state intent); nothing to settle "
+                             "(`tomd obs cancel` takes it back)")
+        if state == "submitting":
+            # Take it from the submitters first: a live claim means a POST or a look-up runs right now.
+            if not repo.claim_observation_intents(s, worker, now=now, lease_until=now + timedelta(minutes=5),
+                                                  limit=1, ids=[rid]):
+                raise InputError(f"#{rid} {name} is being submitted right now; try again in a minute")
+    fence = worker if state == "submitting" else None
+    with app.sessions.begin() as s:
+        row = repo.get_observation(s, rid)
+        if fid:
+            message = f"settled by a person: {row.facility} holds it as {fid}"
+            values = {"state": "pending", "facility_id": fid, "facility_state": None, "submitted_at": now,
+                      "last_error": None}
+            event: Any = ObservationSubmitted(rid, name, row.facility, fid, row.target_id, row.decision_id, "",
+                                              recovered=True)
+            new_state = "pending"
+        else:
+            message = f"settled by a person: {row.facility} holds no such request"
+            values = {"state": "failed", "last_error": message}
+            event = ObservationFailed(rid, name, row.facility, message, row.attempts or 0, row.target_id,
+                                      row.decision_id)
+            new_state = "failed"
+        guard = {"claimed_by": None, "claimed_until": None, "next_attempt_at": None}
+        if state == "rejected":
+            # No submitter touches a rejected row; still, settle only what was read (a second settle loses).
+            done = repo.set_request_status(s, rid, "rejected", row.facility_state, {**values, **guard})
+        else:
+            done = repo.update_observation(s, rid, {**values, **guard}, worker=fence)
+        if not done:
+            raise InputError(f"#{rid} {name} changed meanwhile; look again with `tomd obs show {rid}`")
+        repo.add_observation_status(s, rid, new_state, None, message)
+        repo.add_event(s, event, target_id=row.target_id)
+        nxt = next_intent(s, rid, "failed", now) if new_state == "failed" else None
+    print(f"#{rid} {name}: {message}" + (f"; cadence: next request #{nxt}" if nxt else ""))
+    return 0
+
+
 def cmd_facility_check(app, args) -> int:
     from tomd.facilities import open_facilities
 
@@ -287,11 +380,18 @@ def cmd_facility_check(app, args) -> int:
         _facility_config(app, args.facility)
     bad = 0
     for name in names:
-        with open_facilities(app.config, only=name) as facs:
-            if name not in facs.clients:
-                print(f"{name}: kind {app.config.facilities[name].kind} has no client yet; skipped")
-                continue
-            r = facs[name].check()
+        # One facility's failure (a 404 from a wrong URL, a bad template) is its problem line;
+        # the others are still checked.
+        try:
+            with open_facilities(app.config, only=name) as facs:
+                if name not in facs.clients:
+                    print(f"{name}: kind {app.config.facilities[name].kind} has no client yet; skipped")
+                    continue
+                r = facs[name].check()
+        except TomdError as exc:
+            bad += 1
+            print(f"{name}: {exc}", file=sys.stderr)
+            continue
         if r.ok:
             print(f"{name}: OK — proposals {', '.join(r.proposals) or 'none'}; "
                   f"{len(r.instruments)} instrument types")
@@ -348,6 +448,13 @@ def register(subparsers) -> None:
     q.add_argument("--json", action="store_true")
     q = leaf(obs, "cancel", cmd_obs_cancel, "cancel an observation request (at the facility when submitted)")
     q.add_argument("id", help="id or name")
+    q = leaf(obs, "settle", cmd_obs_settle,
+             "settle a request whose submission outcome is unknown, after looking at the facility")
+    q.add_argument("id", help="id or name")
+    how = q.add_mutually_exclusive_group(required=True)
+    how.add_argument("--facility-id", metavar="ID", help="it exists at the facility as ID: the poller follows it")
+    how.add_argument("--absent", action="store_true",
+                     help="it does not exist: recorded failed (a cadence goes on)")
 
     fac = subparsers.add_parser("facility", help="facilities").add_subparsers(dest="sub", required=True, metavar="SUB")
     q = leaf(fac, "check", cmd_facility_check, "check each facility's token, proposals, instruments and templates")

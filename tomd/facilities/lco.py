@@ -535,7 +535,7 @@ class LCOClient:
                 tp = t.get("proposal")
                 if tp and tp not in proposals:
                     problems.append(f"template {tname}: proposal {tp} is not among this token's active proposals")
-        except (PermanentError, RetryableError) as exc:
+        except (PermanentError, RetryableError, NotFoundError) as exc:  # a 404: wrong URL, or no such API
             problems.append(str(exc))
         return CheckReport(self.name, not problems, tuple(proposals), tuple(instruments), tuple(problems))
 

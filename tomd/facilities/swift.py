@@ -72,7 +72,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from tomd.errors import AmbiguousError, PermanentError, RetryableError, redact
+from tomd.errors import AmbiguousError, NotFoundError, PermanentError, RetryableError, redact
 from tomd.facilities.base import (
     CheckReport,
     DataProduct,
@@ -401,7 +401,7 @@ class SwiftClient:
         if not problems:
             try:
                 self._entries({"limit": 1})
-            except (PermanentError, RetryableError) as exc:
+            except (PermanentError, RetryableError, NotFoundError) as exc:  # a 404: wrong URL
                 problems.append(str(exc))
         return CheckReport(self.name, not problems, (), INSTRUMENTS, tuple(problems))
 
