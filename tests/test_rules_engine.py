@@ -15,9 +15,11 @@ from tomd.db.models import AlertRow, Decision, ObservationRequest, OutboxEvent, 
 from tomd.rules.engine import RuleEngine, RuleSet
 from tomd.rules.load import RuleEnv, parse_rule
 
-ENV = RuleEnv({"lco": ("lco", {"1m-gri": {"exposure_time": 300, "exposure_count": 1, "filters": ["gp", "rp", "ip"]},
+GRI = {"exposure_time": 300, "exposure_count": 1, "filters": ["gp", "rp", "ip"]}
+ENV = RuleEnv({"lco": ("lco", {"1m-gri": GRI, "1m-gri-b": {**GRI, "proposal": "LCO2030A-002"},
                                "2m-spec": {"exposure_time": 1800, "exposure_count": 1}}),
-               "sim": ("sim", {"1m-gri": {}})}, frozenset({"slack"}), frozenset())
+               "sim": ("sim", {"1m-gri": {}})}, frozenset({"slack"}), frozenset(),
+              proposals={"lco": "LCO2030A-001"})
 
 
 def rule(text: str, name: str = "r.toml"):
@@ -149,16 +151,50 @@ def test_duplicate_request_is_not_submitted_and_higher_priority_escalates(db, sa
     assert count(db, ObservationRequest) == 2
 
 
-def test_test_mode_records_and_submits_nothing(db, sample):
+def test_test_mode_records_notifies_and_submits_nothing(db, sample):
+    """A test rule records and notifies what it would have done (rule.tested → its channels), and submits nothing."""
+    from tomd.config import Channel, Config, Notify
+    from tomd.db.models import Notification
+    from tomd.notify import notification_kinds, subscriber
+
     schema, rec = sample
     t = rule('name = "new-class"\nmode = "test"\nwhen = "alert.mag > 0"\nadd_tags = ["candidate"]\n'
-             + OBSERVE.format(priority=1))
+             '[notify]\nchannels = ["slack"]\nmessage = "look at this one"\n' + OBSERVE.format(priority=1))
     ingest(db, engine(t), [rec], schema)
     (r, outcome, why, _), = decisions(db)
     assert outcome == "test" and why.startswith("would fire")
     assert count(db, ObservationRequest) == 0 and count(db, TargetTag) == 0
+    config = Config(notify=Notify(channels={"slack": Channel(kind="log")}))
+    assert "rule.tested" in notification_kinds(config)
+    with db.sessions.begin() as s:
+        ev, = s.scalars(select(OutboxEvent).where(OutboxEvent.kind.like("rule.%"))).all()
+        d = s.scalars(select(Decision)).one()
+        assert ev.kind == "rule.tested" and ev.payload["decision_id"] == d.id and ev.payload["channels"] == ["slack"]
+        assert ev.payload["would"]["observe"]["template"] == "1m-gri" and ev.payload["would"]["add_tags"] == ["candidate"]
+        assert ev.payload["request_id"] is None and ev.payload["tags_added"] == []
+        subscriber(config)(s, ev)  # the hook runner's builtin, as the daemon wires it
     with db.sessions() as s:
-        assert s.scalar(select(func.count()).select_from(OutboxEvent).where(OutboxEvent.kind.like("rule.%"))) == 0
+        n, = s.scalars(select(Notification)).all()
+    assert n.channel == "slack" and n.message["subject"].startswith("[test] Rule new-class would fire")
+    assert "nothing was requested" in n.message["text"]
+
+
+def test_test_mode_limits_count_within_one_batch(db, sample):
+    """20 alerts in one batch, per_night = 1: one "would fire", 19 "would be limited" (as an active rule would)."""
+    schema, rec = sample
+    recs = [rec] + [next_alert(schema, rec, new_candid=rec["candid"] + i, days_later=0.001 * i) for i in range(1, 20)]
+    t = rule('name = "t"\nmode = "test"\nwhen = "alert.mag > 0"\nadd_tags = ["x"]\n[limits]\nper_night = 1')
+    c = rule('name = "c"\nmode = "test"\nwhen = "alert.mag > 0"\nadd_tags = ["x"]\n[limits]\ncooldown = "1d"')
+    now = datetime(2030, 1, 1, 13, tzinfo=timezone.utc)
+    ing = Ingestor(db.sessions, IngestSettings(stream="ztf", format="ztf-avro"), ztf_parser,
+                   sinks=[engine(t, c, clock=lambda st: now)])
+    ing.handle([FileMessage("copy", r["candid"], encode(schema, [r])) for r in recs])
+    for name in ("t", "c"):
+        why = [w for r, o, w, _ in decisions(db) if r == name]
+        assert len(why) == 20 and sum(w.startswith("would fire") for w in why) == 1, name
+        assert sum(w.startswith("would be limited: ") for w in why) == 19
+    with db.sessions() as s:
+        assert s.scalar(select(func.count()).select_from(OutboxEvent).where(OutboxEvent.kind == "rule.tested")) == 2
 
 
 def alerts_series(schema, rec, n, days):
@@ -182,34 +218,70 @@ def test_per_night_boundary_across_targets(db, shared_data):
     files = ztf_files()[:4]
     recs = [read_ztf(f) for f in files]
     r = rule('name = "pn"\nwhen = "alert.mag > 0"\nadd_tags = ["seen"]\n[limits]\nper_night = 2')
-    # All four alerts "now" at the same moment: the third and fourth exceed 2 per 24 h.
-    now = datetime(2030, 1, 1, tzinfo=timezone.utc)
+    # All four alerts "now" at the same moment: the third and fourth exceed 2 this night (UTC noon to noon).
+    now = datetime(2030, 1, 1, 11, 59, tzinfo=timezone.utc)
     eng = engine(r, clock=lambda st: now)
     for schema, (rec,) in recs:
         ingest(db, eng, [rec], schema)
     outcomes = [o for _, o, _, _ in decisions(db)]
     assert outcomes == ["fired", "fired", "limited", "limited"]
-    assert "per_night: fired 2 times in the last 24 h (limit 2)" in decisions(db)[2][2]
-    # 24 h later the window has passed.
-    later = rule('name = "pn"\nwhen = "alert.mag > 0"\nadd_tags = ["seen"]\n[limits]\nper_night = 2')
+    assert "per_night: fired 2 times in the night of 2029-12-31 (limit 2)" in decisions(db)[2][2]
+    # Two minutes later it is the next night (noon UTC passed), not 24 h later.
     schema, (rec,) = recs[0]
     nxt = next_alert(schema, rec, new_candid=rec["candid"] + 7)
-    ingest(db, engine(later, clock=lambda st: now + timedelta(hours=24)), [nxt], schema)
+    ingest(db, engine(r, clock=lambda st: now + timedelta(minutes=2)), [nxt], schema)
     assert decisions(db)[-1][1] == "fired"
 
 
-def test_hours_per_night_counts_every_rule_on_the_facility(db, shared_data):
+def test_night_is_local_noon_to_noon_at_the_facilitys_first_site(db, shared_data):
+    """LCO's first site is Haleakala (156.26° W): its local noon is 22:25 UTC, and its night starts there."""
+    from tomd.rules.engine import night_of
+
+    start, label = night_of(datetime(2030, 1, 1, 22, 0, tzinfo=timezone.utc), -156.2575)
+    assert label == "2029-12-31" and start == datetime(2029, 12, 31, 22, 25, 1, 800000, tzinfo=timezone.utc)
+    assert night_of(datetime(2030, 1, 1, 22, 30, tzinfo=timezone.utc), -156.2575)[1] == "2030-01-01"
+    assert night_of(datetime(2030, 1, 1, 12, 0, tzinfo=timezone.utc))[1] == "2030-01-01"
     recs = [read_ztf(f) for f in ztf_files()[:3]]
+    r = rule('name = "n"\nwhen = "alert.mag > 0"\n' + OBSERVE.format(priority=1) + "\n[limits]\nper_night = 1\n")
+    times = iter([datetime(2030, 1, 1, 22, 0, tzinfo=timezone.utc),  # night of 31 Dec at Haleakala
+                  datetime(2030, 1, 1, 22, 40, tzinfo=timezone.utc),  # past local noon: night of 1 Jan
+                  datetime(2030, 1, 1, 23, 30, tzinfo=timezone.utc)])  # the same night: limited
+    eng = engine(r, clock=lambda st: next(times))
+    for schema, (rec,) in recs:
+        ingest(db, eng, [rec], schema)
+    got = decisions(db)
+    assert [o for _, o, _, _ in got] == ["fired", "fired", "limited"]
+    assert "per_night: fired 1 times in the night of 2030-01-01" in got[2][2]
+
+
+def test_hours_per_night_counts_every_rule_on_the_facility_and_proposal(db, shared_data):
+    recs = [read_ztf(f) for f in ztf_files()[:4]]
     est = (3 * (300 + 20) + 120 + 2 * 10) / 3600  # 0.3056 h per request: 3 filters, setup, 2 filter changes
     r = rule('name = "h"\nwhen = "alert.mag > 0"\n' + OBSERVE.format(priority=1)
              + f"\n[limits]\nhours_per_night = {2 * est + 1e-6}\n")
+    # Another proposal's hours on the same facility are its own.
+    other = rule('name = "other"\nwhen = "alert.mag > 0"\n' + OBSERVE.format(priority=1).replace(
+        '"1m-gri"', '"1m-gri-b"') + f"\n[limits]\nhours_per_night = {est + 1e-6}\n")
     now = datetime(2030, 1, 1, tzinfo=timezone.utc)
-    eng = engine(r, clock=lambda st: now)
-    for schema, (rec,) in recs:
+    eng = engine(r, other, clock=lambda st: now)
+    for schema, (rec,) in recs[:3]:
         ingest(db, eng, [rec], schema)
-    outcomes = [o for _, o, _, _ in decisions(db)]
-    assert outcomes == ["fired", "fired", "limited"]
-    assert "hours_per_night: 0.61 h requested from lco in the last 24 h + 0.31 h" in decisions(db)[2][2]
+    got = [(n, o, w) for n, o, w, _ in decisions(db)]
+    assert [o for n, o, _ in got if n == "h"] == ["fired", "fired", "limited"]
+    assert [o for n, o, _ in got if n == "other"] == ["fired", "limited", "limited"]
+    h3 = [w for n, o, w in got if n == "h"][2]
+    assert "hours_per_night: 0.61 h requested from lco (proposal LCO2030A-001) in the night of 2029-12-31 + 0.31 h" \
+        in h3
+    with db.sessions() as s:
+        assert sorted(q.proposal for q in s.scalars(select(ObservationRequest))) == \
+            ["LCO2030A-001", "LCO2030A-001", "LCO2030A-002"]
+    # Hours are full, but a duplicate with a higher priority still raises the pending request: no new hours.
+    high = rule('name = "high"\nwhen = "alert.mag > 0"\n' + OBSERVE.format(priority=5)
+                + f"\n[limits]\nhours_per_night = {2 * est + 1e-6}\n")
+    schema, (rec,) = recs[0]
+    ingest(db, engine(high, clock=lambda st: now), [next_alert(schema, rec, new_candid=rec["candid"] + 9)], schema)
+    (_, o, w, _), = [d for d in decisions(db) if d[0] == "high"]
+    assert o == "deduplicated" and "its priority raised 1.0 → 5.0" in w
 
 
 def test_kill_switch_file_limits_everything_but_still_records(db, sample, tmp_path):

@@ -251,3 +251,70 @@ token = "secret"
     rule.write_text('name = "r"\nwhen = \'visible("swift")\'\n')
     problems = load_file(rule, env)[1]
     assert any("observes from orbit" in str(p) for p in problems)
+
+
+DEEP = 'name = "deep"\nwhen = "' + "-" * 3000 + '1 > 0"\nadd_tags = ["a"]\n'
+
+
+def test_deeply_nested_expression_is_a_check_error_not_a_traceback(tmp_path, capsys):
+    from tomd.rules.cli import cmd_rule_check
+
+    r, problems = parse_rule(DEEP, "deep.toml", ENV)
+    assert r is None and problems == ["deep.toml:2:9: when: expression nested too deeply"]
+    r, problems = parse_rule("name = \"t\"\nwhen = \"alert.mag < 1\"\nadd_tags = [\"a\"]\nx = " + "[" * 3000
+                             + "]" * 3000 + "\n", "t.toml", ENV)
+    assert r is None and problems == ["t.toml:1:1: TOML nested too deeply"]
+    (tmp_path / "deep.toml").write_text(DEEP)
+
+    class App:
+        config = example_config()
+
+    assert cmd_rule_check(App(), argparse.Namespace(paths=[str(tmp_path)])) == 1
+    assert capsys.readouterr().err.strip() == f"{tmp_path}/deep.toml:2:9: when: expression nested too deeply"
+
+
+def test_reload_keeps_a_files_last_good_version_when_it_turns_deep(tmp_path):
+    f = tmp_path / "r.toml"
+    f.write_text('name = "r"\nwhen = "alert.mag < 18"\nadd_tags = ["a"]\n')
+    g = tmp_path / "s.toml"
+    g.write_text('name = "s"\nwhen = "alert.mag < 20"\nadd_tags = ["b"]\n')
+    rs = RuleSet([tmp_path], ENV, check_every_s=0)
+    _touch(f, DEEP.replace('"deep"', '"r"'))
+    _touch(g, 'name = "s"\nwhen = "alert.mag < 21"\nadd_tags = ["b"]\n')
+    assert [(r.name, r.when.source) for r in rs.current()] == [("r", "alert.mag < 18"), ("s", "alert.mag < 21")]
+    assert rs.problems == [f"{f}:2:9: when: expression nested too deeply"]
+
+
+def test_missing_rules_path_is_reported_once_not_at_every_look(tmp_path):
+    told = []
+    missing = tmp_path / "rules"
+    rs = RuleSet([missing], ENV, check_every_s=0)
+    rs.observer = lambda n, problems: told.append(problems)
+    for _ in range(5):
+        rs.reload()
+    assert told == [[]] * 5  # reported at construction, before the observer was attached
+    missing.mkdir()
+    rs.reload()
+    missing.rmdir()
+    rs.reload()
+    rs.reload()
+    assert told[-3:] == [[], [f"{missing}: no such file or directory"], []]
+
+
+def test_every_unknown_name_and_source_is_reported():
+    text = ('name = "typos"\nsources = ["ztff", "gcn"]\nwhen = """\nalert.magg < 18 and target.age_dayz < 3\n'
+            '  and foo > 1 and feature.kn_scor > 0.5 and frob(alert.ra)\n"""\nadd_tags = ["a"]\n')
+    r, problems = parse_rule(text, "t.toml", ENV)
+    assert r is None
+    assert problems == [
+        "t.toml:2:1: sources: unknown alert source 'ztff' (did you mean 'ztf'?); known: alerce, antares, fink, gcn, "
+        "hop, lasair, lvk, rubin, tns, ztf",
+        "t.toml:4:1: when: alert has no field 'magg' (did you mean 'mag'?); survey fields are alert.fields.NAME, "
+        "the raw packet alert.payload.NAME",
+        "t.toml:4:21: when: target has no field 'age_dayz' (did you mean 'age_days'?); typed extras are "
+        "target.extras.NAME",
+        "t.toml:5:7: when: unknown name 'foo'; expressions read alert.*, target.*, feature.*, now",
+        "t.toml:5:19: when: unknown feature 'kn_scor' (did you mean 'kn_score'?); known: kn_score",
+        "t.toml:5:45: when: unknown function 'frob'; known: abs, airmass, color, galactic_latitude, in_circle, "
+        "in_polygon, known, log10, max, min, moon_distance, separation, sqrt, visible",
+    ]

@@ -1326,3 +1326,62 @@ def mark_data_due(s: Session, request_ids: Sequence[int], now: datetime) -> int:
         return 0
     q = _OBS.update().where(_OBS.c.id.in_(list(request_ids)), _OBS.c.data_due_at.is_(None))
     return s.execute(q.values(data_due_at=now, updated_at=utcnow())).rowcount
+
+
+# ---- rules: nights, proposals, backtest ----
+# tomd.rules.engine counts limits per night (from a night's start, tomd.rules.engine.night_of) and
+# telescope hours per facility AND proposal; tomd.rules.cli rebuilds notice alerts as they stood.
+
+
+def count_decisions_from(s: Session, rule: str, outcome: str, start, *, reason_prefix: str | None = None) -> int:
+    """Decisions of ``rule`` with ``outcome`` created at or after ``start``."""
+    q = _decision_filter(select(func.count()).select_from(_DECISIONS), rule, outcome, None, reason_prefix)
+    return s.scalar(q.where(_DECISIONS.c.created_at >= start)) or 0
+
+
+def requested_hours_from(s: Session, facility: str, proposal: str | None, start) -> float:
+    """Estimated hours of the facility's requests under ``proposal`` (None: requests without one)
+    created at or after ``start``, not cancelled or rejected."""
+    R = _REQUESTS
+    q = select(func.coalesce(func.sum(R.c.estimated_hours), 0.0)).where(
+        R.c.facility == facility, R.c.created_at >= start, R.c.state.not_in(("cancelled", "rejected")),
+        R.c.proposal == proposal if proposal is not None else R.c.proposal.is_(None))
+    return float(s.scalar(q) or 0.0)
+
+
+def notice_alert_ids(s: Session, notice_ids: Sequence[int]) -> dict[int, list[int]]:
+    """{notice id: [ids of its alerts, in the order they were stored]}."""
+    out: dict[int, list[int]] = {n: [] for n in notice_ids}
+    if notice_ids:
+        q = select(_ALERTS.c.notice_id, _ALERTS.c.id).where(_ALERTS.c.notice_id.in_(list(notice_ids))) \
+            .order_by(_ALERTS.c.id)
+        for nid, aid in s.execute(q):
+            out[nid].append(aid)
+    return out
+
+
+def notice_received_payloads(s: Session, notice_ids: Sequence[int]) -> dict[int, list[dict[str, Any]]]:
+    """{notice id: [notice.received payloads, in outbox order]}: each notice alert's own localisation
+    as it was ingested (the notices row holds only the latest refinement)."""
+    wanted = set(notice_ids)
+    out: dict[int, list[dict[str, Any]]] = {n: [] for n in notice_ids}
+    if wanted:
+        q = select(OutboxEvent.payload).where(OutboxEvent.kind == "notice.received").order_by(OutboxEvent.id)
+        for (p,) in s.execute(q):
+            if isinstance(p, dict) and p.get("notice_id") in wanted:
+                out[p["notice_id"]].append(p)
+    return out
+
+
+# ---- ingest: notice refinement order ----
+
+
+def notice_issued_times(s: Session, notice_id: int) -> list[str]:
+    """The ``issued`` times (ISO UTC) of the alerts applied to a notice.
+
+    A notice's refinements carry their issue time in ``fields["issued"]``; a
+    notice issued before this one arrived late and must not overwrite it.
+    A notice has a handful of alerts, so they are read whole.
+    """
+    q = select(_ALERTS.c.fields).where(_ALERTS.c.notice_id == notice_id)
+    return [f["issued"] for f in s.scalars(q) if isinstance(f, dict) and isinstance(f.get("issued"), str)]

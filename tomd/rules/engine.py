@@ -11,12 +11,17 @@ For each alert and each rule listening to its source::
     when false ................................ not_fired  (the first false clause, with its values)
     when raised ............................... error      (the other rules still run)
     [observe] visible gate not met ............ not_fired  ("not visible from ... : why")
-    mode = "test" ............................. test       ("would fire" / "would be limited: ..." /
-                                                            "would be deduplicated: ...")
-    kill switch, cooldown, per_night,
-    hours_per_night ........................... limited    (the limit that decided)
+    mode = "test" ............................. test       ("would fire" (+ rule.tested event) /
+                                                            "would be limited: ..." / "would be deduplicated: ...")
+    kill switch, cooldown, per_night .......... limited    (the limit that decided)
     same target+facility+template pending .... deduplicated (priority raised if the new one is higher)
+    hours_per_night ........................... limited    (after the duplicate check: a raise adds no hours)
     otherwise ................................. fired      (+ intent, tags, lists, rule.fired event)
+
+"Night" (per_night, hours_per_night) is :func:`night_of`: local noon to noon
+at the longitude of the rule's facility's first site, the night holding the
+decision time; UTC noon to noon for a rule without a facility. The backtest
+counts nights the same way.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from tomd.db import repository as repo
-from tomd.events import RequestPriorityRaised, RuleFired, SubmissionIntent
+from tomd.events import RequestPriorityRaised, RuleFired, RuleTested, SubmissionIntent
 from tomd.rules.context import AlertView, Context, FeatureFn, Point, TargetView, mjd_of
 from tomd.rules.expr import describe_values
 from tomd.rules.load import Rule, RuleEnv, load_file, rule_files
@@ -45,6 +50,32 @@ log = logging.getLogger(__name__)
 
 DAY = timedelta(hours=24)
 WOULD_FIRE = "would fire"
+
+
+def night_of(t: datetime, lon_deg: float = 0.0) -> tuple[datetime, str]:
+    """(start, label) of the night holding ``t``: local mean noon to noon at longitude ``lon_deg`` (east > 0).
+
+    The label is the local date of the night's evening ("2026-03-01" runs from
+    noon on 1 March to noon on 2 March, local mean time); the start is in UTC.
+    """
+    off = timedelta(hours=lon_deg / 15.0)
+    local = _utc(t) + off
+    noon = local.replace(hour=12, minute=0, second=0, microsecond=0)
+    if local < noon:
+        noon -= DAY
+    return noon - off, noon.date().isoformat()
+
+
+def facility_longitude(facility_kinds: Mapping[str, str], facility: str | None) -> float:
+    """Longitude of a facility's first site (0: UTC nights, for no facility or one without sites)."""
+    if facility is None:
+        return 0.0
+    from tomd.visibility import FACILITY_SITES, SITES
+
+    kind = facility_kinds.get(facility, facility)
+    code = FACILITY_SITES[kind][0] if kind in FACILITY_SITES else kind
+    site = SITES.get(code)
+    return site.lon if site is not None else 0.0
 
 
 # ------------------------------------------------------------- rule set --
@@ -63,6 +94,7 @@ class RuleSet:
         self._files: dict[Path, tuple[tuple[int, int], Rule | None]] = {}
         self._rules: list[Rule] = []
         self._checked = -math.inf
+        self._missing: set[str] = set()  # paths reported missing (once)
         self.problems: list[str] = []
         self._lock = threading.Lock()  # one stream thread reloads at a time
         # Told after each look at the files: observer(rules in force, problems of the files that changed).
@@ -90,7 +122,13 @@ class RuleSet:
         self._checked = time.monotonic()
         if not self.paths:
             return []
-        files, problems = rule_files(self.paths)
+        files, missing = rule_files(self.paths)
+        # A missing path is reported when it goes missing, not at every look (every 2 s): the
+        # observer counts reported problems (tomd_rule_reload_failures_total).
+        problems = [m for m in missing if m not in self._missing]
+        for m in problems:
+            log.error("rules path missing, %s", m)
+        self._missing = set(missing)
         changed = False
         seen = set()
         for f in files:
@@ -103,7 +141,10 @@ class RuleSet:
             old = self._files.get(f)
             if old is not None and old[0] == stamp:
                 continue
-            rule, probs = load_file(f, self.env)
+            try:
+                rule, probs = load_file(f, self.env)
+            except Exception as exc:  # noqa: BLE001 - one bad file must never stop the others or the ingest
+                rule, probs = None, [f"{f}:1:1: cannot load: {exc.__class__.__name__}: {exc}"]
             if probs:
                 problems.extend(probs)
                 for p in probs:
@@ -339,23 +380,18 @@ class RuleEngine:
                 repo.lock_target_requests(s, st.target_id)  # two daemons: one request, not two
             limit = None if test else killed
             limit = limit or self.limit(s, rule, st, now, test)
+            pending = None
+            if not limit and ob is not None:
+                pending = repo.pending_request_like(s, st.target_id, ob.facility, ob.template_key)
+            if pending is not None:  # before the hours: raising a priority asks for no more time
+                return self._duplicate(s, rule, st, pending, details, base, why, test, record_later)
+            limit = limit or self.hours_limit(s, rule, now)
             if limit:
                 if test:
                     return record_later(Verdict(rule.name, "test", f"would be limited: {limit}; {why}", details))
                 return record_later(Verdict(rule.name, "limited", f"{limit}; {why}", details))
-            pending = None
-            if ob is not None:
-                pending = repo.pending_request_like(s, st.target_id, ob.facility, ob.template_key)
-            if pending is not None:
-                return self._duplicate(s, rule, st, pending, details, base, why, test, record_later)
             if test:
-                plan = {"observe": {"facility": ob.facility, "template": ob.template_key, "mode": ob.mode,
-                                    "priority": ob.priority, "window_hours": ob.window_hours,
-                                    "estimated_hours": ob.estimated_hours, "cadence": ob.cadence} if ob else None,
-                        "notify": list(rule.notify), "add_tags": list(rule.add_tags),
-                        "add_to_lists": list(rule.add_to_lists)}
-                details["would"] = plan
-                return record_later(Verdict(rule.name, "test", f"{WOULD_FIRE}: {why}", details))
+                return self._test(s, rule, st, why, details, base)
             if ob is not None:
                 # The submitter reads inline templates ("inline:<hash>") from here.
                 details["observe"] = {"facility": ob.facility, "template": ob.template_key,
@@ -370,8 +406,17 @@ class RuleEngine:
                         extra={"rule": rule.name, "coords": st.coords})
             return record_later(Verdict(rule.name, "error", f"{exc.__class__.__name__}: {exc}"[:2000], details))
 
+    def night(self, rule: Rule, now: datetime) -> tuple[datetime, str]:
+        """The night a decision counts in (:func:`night_of` at the rule's facility, UTC without one)."""
+        fac = rule.observe.facility if rule.observe is not None else None
+        return night_of(now, facility_longitude(self.facility_kinds, fac))
+
     def limit(self, s: Session, rule: Rule, st, now: datetime, test: bool) -> str | None:
-        """The limit that stops this firing, or None."""
+        """The cooldown or per-night limit that stops this firing, or None.
+
+        A test rule is limited by its own earlier "would fire" verdicts, which
+        are written as they are decided, so the limits hold inside one batch.
+        """
         lim = rule.limits
         outcome, prefix = ("test", WOULD_FIRE) if test else ("fired", None)
         if lim.cooldown_s is not None and st.target_id is not None:
@@ -381,16 +426,41 @@ class RuleEngine:
                 return (f"cooldown: fired for this target {_dur(ago)} ago ({last.isoformat(timespec='seconds')}), "
                         f"cooldown {_dur(lim.cooldown_s)}")
         if lim.per_night is not None:
-            n = repo.count_decisions_since(s, rule.name, outcome, now - DAY, reason_prefix=prefix)
+            start, label = self.night(rule, now)
+            n = repo.count_decisions_from(s, rule.name, outcome, start, reason_prefix=prefix)
             if n >= lim.per_night:
-                return f"per_night: fired {n} times in the last 24 h (limit {lim.per_night})"
-        ob = rule.observe
-        if lim.hours_per_night is not None and ob is not None:
-            used = repo.facility_hours_since(s, ob.facility, now - DAY)
-            if used + ob.estimated_hours > lim.hours_per_night + 1e-9:
-                return (f"hours_per_night: {used:.2f} h requested from {ob.facility} in the last 24 h "
-                        f"+ {ob.estimated_hours:.2f} h > {lim.hours_per_night:g} h")
+                return f"per_night: fired {n} times in the night of {label} (limit {lim.per_night})"
         return None
+
+    def hours_limit(self, s: Session, rule: Rule, now: datetime) -> str | None:
+        """hours_per_night: the estimated hours asked of the facility and proposal this night, by every rule."""
+        lim, ob = rule.limits, rule.observe
+        if lim.hours_per_night is None or ob is None:
+            return None
+        start, label = self.night(rule, now)
+        used = repo.requested_hours_from(s, ob.facility, ob.proposal, start)
+        if used + ob.estimated_hours > lim.hours_per_night + 1e-9:
+            of = f"{ob.facility} (proposal {ob.proposal})" if ob.proposal else ob.facility
+            return (f"hours_per_night: {used:.2f} h requested from {of} in the night of {label} "
+                    f"+ {ob.estimated_hours:.2f} h > {lim.hours_per_night:g} h")
+        return None
+
+    def _test(self, s: Session, rule: Rule, st, why: str, details, base) -> Verdict:
+        """A test rule would fire: record it now (its limits count it in this batch) and tell its channels."""
+        ob = rule.observe
+        plan = {"observe": {"facility": ob.facility, "template": ob.template_key, "mode": ob.mode,
+                            "priority": ob.priority, "window_hours": ob.window_hours, "proposal": ob.proposal,
+                            "estimated_hours": ob.estimated_hours, "cadence": ob.cadence} if ob else None,
+                "notify": list(rule.notify), "add_tags": list(rule.add_tags),
+                "add_to_lists": list(rule.add_to_lists)}
+        details["would"] = plan
+        reason = f"{WOULD_FIRE}: {why}"
+        with s.begin_nested():
+            decision_id = repo.insert_decision(s, {**base, "outcome": "test", "reason": reason,
+                                                   "details": _jsonable(details)})
+            repo.add_event(s, RuleTested(decision_id, rule.name, st.alert_id, st.target_id, reason, rule.notify,
+                                         rule.notify_message, would=_jsonable(plan)), target_id=st.target_id)
+        return Verdict(rule.name, "test", reason, details, decision_id)
 
     def _duplicate(self, s, rule: Rule, st, pending, details, base, why, test, record_later) -> Verdict:
         ob = rule.observe
@@ -427,6 +497,7 @@ class RuleEngine:
                     "template": ob.template_key, "mode": ob.mode, "priority": ob.priority, "window_start": now,
                     "window_end": end, "state": "intent", "request": {}, "estimated_hours": ob.estimated_hours,
                     "attempts": 0, "created_at": now, "updated_at": now, "cadence": ob.cadence,
+                    "proposal": ob.proposal,
                 })
                 repo.add_event(s, SubmissionIntent(request_id, decision_id, name, rule.name, st.target_id, ob.facility,
                                                    ob.template_key, ob.mode, ob.priority, now.isoformat(),

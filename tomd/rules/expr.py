@@ -47,11 +47,24 @@ MAX_LITERAL_ITEMS = 1000
 
 
 class ExprError(Exception):
-    """A problem in an expression; ``line``/``col`` are 1-based inside the expression text."""
+    """A problem in an expression; ``line``/``col`` are 1-based inside the expression text.
+
+    ``all`` lists every problem found (unknown names, fields, features and
+    functions are all collected before compiling gives up); this error is the first.
+    """
 
     def __init__(self, message: str, line: int = 1, col: int = 1):
         self.message, self.line, self.col = message, line, col
+        self.all: list[ExprError] = [self]
         super().__init__(f"{line}:{col}: {message}")
+
+    @classmethod
+    def of(cls, problems: Sequence["ExprError"]) -> "ExprError":
+        problems = sorted(problems, key=lambda e: (e.line, e.col))
+        first = problems[0]
+        exc = cls(first.message, first.line, first.col)
+        exc.all = problems
+        return exc
 
 
 # --------------------------------------------------------------- schema --
@@ -391,6 +404,13 @@ class _Compiler:
         self.uses_visibility = False
         self.nodes = 0
         self.ntmp = 0
+        # Unknown names, fields, features, functions: collected, so a check reports them all at once.
+        self.unknown: list[ExprError] = []
+
+    def soft(self, node: ast.AST, message: str) -> tuple[ast.expr, ast.expr]:
+        """Record a problem that does not stop the translation; the part reads as None meanwhile."""
+        self.unknown.append(self.err(node, message))
+        return ast.Constant(None), ast.Constant(None)
 
     def tmp(self) -> str:
         self.ntmp += 1
@@ -463,6 +483,11 @@ class _Compiler:
             raise ExprError("empty expression")
         try:
             tree = ast.parse("(\n" + self.text + "\n)", mode="eval")
+        except (RecursionError, MemoryError):
+            # CPython's parser gives up on deep nesting (3000 unary minus signs) with these, not SyntaxError.
+            raise ExprError("expression nested too deeply") from None
+        except ValueError as exc:  # e.g. NUL bytes in the source
+            raise ExprError(f"cannot parse: {exc}") from None
         except SyntaxError as exc:
             line = max(1, (exc.lineno or 2) - 1)
             lines = self.text.splitlines() or [""]
@@ -554,9 +579,9 @@ class _Compiler:
         if node.id in FUNCTIONS:
             raise self.err(node, f"{node.id} is a function: call it, {FUNCTIONS[node.id].doc}")
         if node.id in ("true", "false", "null", "none"):
-            raise self.err(node, f"unknown name '{node.id}'; write True, False or None")
-        raise self.err(node, f"unknown name '{node.id}'{_suggest(node.id, list(ROOTS) + list(FUNCTIONS))}; "
-                             "expressions read alert.*, target.*, feature.*, now")
+            return self.soft(node, f"unknown name '{node.id}'; write True, False or None")
+        return self.soft(node, f"unknown name '{node.id}'{_suggest(node.id, list(ROOTS) + list(FUNCTIONS))}; "
+                               "expressions read alert.*, target.*, feature.*, now")
 
     def access(self, node: ast.expr, d: int) -> tuple[ast.expr, ast.expr]:
         """Attribute chains rooted at alert/target/feature; subscripts read by key."""
@@ -575,24 +600,24 @@ class _Compiler:
             if root == "alert":
                 if attr in ALERT_FIELDS or attr in ALERT_DICTS:
                     return node, node
-                raise self.err(node, f"alert has no field '{attr}'"
-                               f"{_suggest(attr, ALERT_FIELDS | ALERT_DICTS)}; survey fields are alert.fields.NAME, "
-                               "the raw packet alert.payload.NAME")
+                return self.soft(node, f"alert has no field '{attr}'"
+                                 f"{_suggest(attr, ALERT_FIELDS | ALERT_DICTS)}; survey fields are alert.fields.NAME, "
+                                 "the raw packet alert.payload.NAME")
             if root == "target":
                 if attr in TARGET_FIELDS or attr in TARGET_DICTS:
                     return node, node
-                raise self.err(node, f"target has no field '{attr}'{_suggest(attr, TARGET_FIELDS | TARGET_DICTS)}; "
-                                     "typed extras are target.extras.NAME")
+                return self.soft(node, f"target has no field '{attr}'{_suggest(attr, TARGET_FIELDS | TARGET_DICTS)}; "
+                                       "typed extras are target.extras.NAME")
             if root == "feature":
                 if attr not in self.features:
                     known = ", ".join(sorted(self.features)) or "none are registered ([rules] features in the config)"
-                    raise self.err(node, f"unknown feature '{attr}'{_suggest(attr, self.features)}; known: {known}")
+                    return self.soft(node, f"unknown feature '{attr}'{_suggest(attr, self.features)}; known: {known}")
                 self.used_features.add(attr)
                 c = _call("ctx.feature", [ast.Constant(attr)])
                 return c, c
             if root == "now":
                 raise self.err(node, "now is a number (MJD, UTC): it has no fields")
-            self.name(base)  # raises
+            return self.name(base)  # another name: unknown (reported once) or a function (raises)
         # An attribute of a dict-like field: key access (alert.fields.real_bogus).
         if self._is_dict_path(base):
             (vf, vs) = self.tr(base, d)
@@ -618,8 +643,10 @@ class _Compiler:
         name = node.func.id
         fn = FUNCTIONS.get(name)
         if fn is None:
-            raise self.err(node.func, f"unknown function '{name}'{_suggest(name, FUNCTIONS)}; "
-                                      f"known: {', '.join(sorted(FUNCTIONS))}")
+            for a in [*node.args, *(kw.value for kw in node.keywords)]:
+                self.tr(a, d)  # its arguments may hold more unknown names
+            return self.soft(node.func, f"unknown function '{name}'{_suggest(name, FUNCTIONS)}; "
+                                        f"known: {', '.join(sorted(FUNCTIONS))}")
         if not (fn.min_args <= len(node.args) <= fn.max_args):
             raise self.err(node, f"{name}() takes {_arity(fn)}: {fn.doc}")
         args = [self.tr(a, d) for a in node.args]
@@ -643,6 +670,11 @@ class _Compiler:
         body = self.parse()
         terms = body.values if isinstance(body, ast.BoolOp) and isinstance(body.op, ast.And) else [body]
         fast_stmts, safe_stmts, clauses, clause_fns = [], [], [], []
+        for term in terms:  # every term first: all unknown names, not only the first
+            self.tr(term)
+        if self.unknown:
+            raise ExprError.of(self.unknown)
+        self.nodes = 0
         for i, term in enumerate(terms):
             f, s = self.tr(term)
             clause_fns.append(_lambda(s))

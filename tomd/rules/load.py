@@ -36,6 +36,7 @@ class Observe:
     visible: Mapping[str, float] | None = None  # gate: observable within the window
     estimated_hours: float = 0.0
     cadence: Mapping[str, Any] | None = None  # a series (tomd.cadence), as stored on the first request
+    proposal: str | None = None  # the template's proposal, else the facility's (hours are counted per proposal)
 
     @property
     def template_key(self) -> str:
@@ -45,9 +46,9 @@ class Observe:
 
 @dataclass(frozen=True)
 class Limits:
-    cooldown_s: float | None = None  # per target
-    per_night: int | None = None  # firings of this rule in any 24 h
-    hours_per_night: float | None = None  # estimated hours requested from the facility in any 24 h (all rules)
+    cooldown_s: float | None = None  # per target: since this rule last fired for it
+    per_night: int | None = None  # firings of this rule in the night of the decision (tomd.rules.engine.night_of)
+    hours_per_night: float | None = None  # estimated hours asked of the facility AND proposal that night (all rules)
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,8 @@ class RuleEnv:
     features: frozenset[str] = frozenset()
     # Where a facility's sites depend on more than its kind (a Gemini program is at one site).
     site_keys: Mapping[str, str] = field(default_factory=dict)
+    proposals: Mapping[str, str | None] = field(default_factory=dict)  # facility → its config proposal
+    sources: frozenset[str] | None = None  # alert sources a rule may listen to; None: KNOWN_SOURCES
 
     @classmethod
     def from_config(cls, config, features: Iterable[str] | None = None) -> "RuleEnv":
@@ -91,12 +94,31 @@ class RuleEnv:
         channels = frozenset(config.notify.channels)
         if features is None:
             features = (getattr(config.rules, "features", None) or {}).keys()
-        return cls(facs, channels, frozenset(features), _site_keys(config))
+        return cls(facs, channels, frozenset(features), _site_keys(config),
+                   {name: f.proposal for name, f in config.facilities.items()})
 
     @property
     def facility_kinds(self) -> dict[str, str]:
         """Facility name → the key of its sites in ``tomd.visibility.FACILITY_SITES``."""
         return {n: self.site_keys.get(n, k) for n, (k, _) in self.facilities.items()}
+
+
+def known_sources() -> frozenset[str]:
+    """The ``alert.source`` values tomd's parsers produce (each format module's default source)."""
+    import inspect
+
+    from tomd.alerts import formats
+
+    out = {"alerce", "tns"}  # the broker APIs' parsers name theirs inline
+    for mod in (formats.antares, formats.fink, formats.gcn_binary, formats.gcn_json, formats.hop, formats.lasair,
+                formats.lvk, formats.rubin, formats.voevent, formats.ztf):
+        p = inspect.signature(mod.parse).parameters.get("source")
+        if p is not None and isinstance(p.default, str):
+            out.add(p.default)
+    return frozenset(out)
+
+
+KNOWN_SOURCES = known_sources()
 
 
 def _site_keys(config) -> dict[str, str]:
@@ -194,6 +216,8 @@ def parse_rule(text: str, file: str, env: RuleEnv) -> tuple[Rule | None, list[st
         line, col = (m.group(1), m.group(2)) if m else ("1", "1")
         msg = re.sub(r"\s*\(at line \d+, column \d+\)", "", str(exc))
         return None, [f"{file}:{line}:{col}: TOML syntax: {msg}"]
+    except (RecursionError, MemoryError):  # tomllib recurses per nested array or table
+        return None, [f"{file}:1:1: TOML nested too deeply"]
 
     def unknown(table: Mapping, allowed: set[str], prefix: tuple) -> None:
         for k in table:
@@ -231,6 +255,12 @@ def parse_rule(text: str, file: str, env: RuleEnv) -> tuple[Rule | None, list[st
     if mode not in MODES:
         bad(("mode",), f'expected "active" or "test", got {_show(mode)}')
     sources = strings(data, "sources")
+    known_src = env.sources if env.sources is not None else KNOWN_SOURCES
+    for src in sources:
+        if src not in known_src:
+            hint = difflib.get_close_matches(src, list(known_src), n=1, cutoff=0.6)
+            bad(("sources",), f"unknown alert source {src!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
+                + f"; known: {', '.join(sorted(known_src))}")
     kinds = strings(data, "kinds")
     for k in kinds:
         if k not in ("transient", "localization", "solar_system"):
@@ -245,8 +275,10 @@ def parse_rule(text: str, file: str, env: RuleEnv) -> tuple[Rule | None, list[st
             compiled = compile_expression(when_text, sorted(env.features))
             _check_calls(compiled, when_text, env)
         except ExprError as exc:
-            line, col = pos.in_string(("when",), exc.line, exc.col)
-            bad((), f"when: {exc.message}", line, col)
+            compiled = None
+            for e in exc.all:  # every unknown name, field and function, each at its place
+                line, col = pos.in_string(("when",), e.line, e.col)
+                bad((), f"when: {e.message}", line, col)
 
     observe = None
     if "observe" in data:
@@ -378,7 +410,9 @@ def _observe(ob: Mapping, env: RuleEnv, bad, get, unknown) -> Observe | None:
     if facility is None or template is None:
         return None
     hours = estimate_hours(template)
-    return Observe(facility, tname, template, mode, window_h, float(priority), visible, hours, cadence)
+    proposal = template.get("proposal") if isinstance(template.get("proposal"), str) else None
+    proposal = proposal or env.proposals.get(facility)
+    return Observe(facility, tname, template, mode, window_h, float(priority), visible, hours, cadence, proposal)
 
 
 def _has_sites(kind: str) -> bool:
@@ -394,21 +428,25 @@ def _check_calls(compiled: Compiled, text: str, env: RuleEnv) -> None:
     tree = ast.parse("(\n" + text + "\n)", mode="eval")
     from tomd.visibility import FACILITY_SITES, SITES
 
+    problems: list[ExprError] = []
     for n in ast.walk(tree):
         if isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id in ("visible", "airmass") and n.args:
             a = n.args[0]
             if isinstance(a, ast.Constant) and isinstance(a.value, str):
                 kind = env.facility_kinds.get(a.value, a.value)
                 if kind == "swift":
-                    raise ExprError(f"{n.func.id}(): {a.value!r} observes from orbit; ground visibility does not "
-                                    "apply", max(1, a.lineno - 1), a.col_offset + 1)
-                if kind not in FACILITY_SITES and kind not in SITES:
+                    problems.append(ExprError(f"{n.func.id}(): {a.value!r} observes from orbit; ground visibility "
+                                              "does not apply", max(1, a.lineno - 1), a.col_offset + 1))
+                elif kind not in FACILITY_SITES and kind not in SITES:
                     known = ", ".join(sorted(env.facilities)) or "none configured"
-                    raise ExprError(f"{n.func.id}(): unknown facility {a.value!r} (configured: {known}; "
-                                    f"or a site code: {', '.join(SITES)})", max(1, a.lineno - 1), a.col_offset + 1)
+                    problems.append(ExprError(f"{n.func.id}(): unknown facility {a.value!r} (configured: {known}; "
+                                              f"or a site code: {', '.join(SITES)})", max(1, a.lineno - 1),
+                                              a.col_offset + 1))
             elif not isinstance(a, ast.Constant) or not isinstance(a.value, str):
-                raise ExprError(f"{n.func.id}(): the facility must be a quoted name", max(1, a.lineno - 1),
-                                a.col_offset + 1)
+                problems.append(ExprError(f"{n.func.id}(): the facility must be a quoted name", max(1, a.lineno - 1),
+                                          a.col_offset + 1))
+    if problems:
+        raise ExprError.of(problems)
 
 
 # ------------------------------------------------------------ estimates --
