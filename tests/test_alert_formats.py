@@ -430,7 +430,7 @@ GCN = "gcn/gcn-schema-v7.2.1/gcn/notices/"
 
 def test_gcn_json_fermi_gbm_notice() -> None:
     (a,) = _parse(GCN + "fermi/gbm/trigger.ground1.example.json", "gcn-json")
-    assert a.kind == "localization" and a.event_id == "745121685"
+    assert a.kind == "localization" and a.event_id == "fermi:745121685"  # trigger ids are per mission
     assert "bn240812094" in a.aliases and a.notice_type == "fermi/gbm/trigger"
     assert a.localization.error_deg == pytest.approx(1.34)
     assert (a.ra, a.dec) == (pytest.approx(92.17), pytest.approx(-66.98))
@@ -479,7 +479,7 @@ def test_voevent_position_time_and_role() -> None:
     assert a.ra == pytest.approx(214.74, abs=1e-4) and a.dec == pytest.approx(28.14, abs=1e-4)
     assert a.localization.error_deg == pytest.approx(11.19)
     assert a.time.isoformat() == "2018-01-16T00:36:52.810000+00:00"
-    assert a.notice_type == "FERMI_GBM_GND_POS" and a.event_id == "537755817" and not a.test
+    assert a.notice_type == "FERMI_GBM_GND_POS" and a.event_id == "fermi:537755817" and not a.test
     (t,) = _parse("gcn/voevent/voevent-parse/no_namespace_packet.xml", "gcn-voevent")
     assert t.test
     (g,) = _parse("gcn/voevent/voevent-parse/Gaia16aac.xml", "gcn-voevent")

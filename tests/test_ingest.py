@@ -168,3 +168,108 @@ def test_a_message_the_database_refuses_is_dead_lettered_not_retried_forever(db,
         assert (dl.topic, dl.offset) == ("ztf_x", 7) and "database refused it" in dl.error
     else:
         assert (result.alerts, result.dead_letters) == (4, 0)
+
+
+# --- notices (GCN, LVK): identity, matching, refinement order ---------------------------
+
+GCN_JSON = "gcn/gcn-schema-v7.2.1/gcn/notices/"
+
+
+def gcn_record(shared_data, path: str, **changes) -> bytes:
+    import json
+
+    rec = json.loads((shared_data / GCN_JSON / path).read_text())
+    rec.update(changes)
+    return json.dumps(rec).encode()
+
+
+def notice_ingestor(db, fmt: str = "gcn-json", **settings):
+    from tomd.alerts.parse import parse_message
+
+    return Ingestor(db.sessions, IngestSettings(stream="gcn", format=fmt, **settings),
+                    lambda d: parse_message(fmt, d, include_test=True))
+
+
+def notices(db):
+    from tomd.db.models import Notice
+
+    with db.sessions() as s:
+        return {n.event_id: n for n in s.scalars(select(Notice)).all()}
+
+
+@pytest.mark.parametrize("err, max_deg", [(0.08, 0.1), (0.5, 0.5)])
+def test_a_notice_never_captures_an_unrelated_target_inside_its_error_circle(db, shared_data, err, max_deg):
+    """B1: a supernova 2.8' from a GRB position is not the burst, whatever the error circle."""
+    from tomd.targets.model import TargetSpec
+
+    with db.sessions.begin() as s:
+        sn = store.upsert(s, TargetSpec("SN 2026xyz", ra=10.05, dec=20.0)).target_id
+    data = gcn_record(shared_data, "swift/bat/guano.loc_arc_min.example.json", ra=10.0, dec=20.0,
+                      ra_dec_error=err)
+    notice_ingestor(db, localization_max_deg=max_deg).handle([FileMessage("guano", 0, data)])
+    (n,) = notices(db).values()
+    assert n.event_id == "swift:694215995" and n.error_deg == pytest.approx(err)
+    assert n.target_id is not None and n.target_id != sn
+    with db.sessions() as s:
+        assert store.resolve(s, "GCN swift 694215995").id == n.target_id
+        assert [x.name for x in s.scalars(select(TargetName).where(TargetName.target_id == sn))] == ["SN 2026xyz"]
+        t = s.get(Target, n.target_id)
+        assert (t.ra, t.dec) == (pytest.approx(10.0), pytest.approx(20.0))
+
+
+def test_a_later_notice_of_the_same_event_joins_its_target_by_name(db, shared_data):
+    """The XRT position (5") of a Swift trigger lands 1.4' from the BAT one: same target, by name."""
+    base = shared_data / "gcn/voevent/skyportal"
+    ing = notice_ingestor(db, "gcn-voevent", localization_max_deg=0.1)
+    ing.handle([FileMessage(str(base / "SWIFT_1125809-092.xml"), 0, (base / "SWIFT_1125809-092.xml").read_bytes())])
+    ing.handle([FileMessage(str(base / "SWIFT_1125809-104.xml"), 0, (base / "SWIFT_1125809-104.xml").read_bytes())])
+    (n,) = notices(db).values()
+    assert n.event_id == "swift:1125809" and n.notice_type == "SWIFT_XRT_POSITION"
+    with db.sessions() as s:
+        assert s.scalar(select(func.count()).select_from(Target)) == 1
+        assert {a.notice_id for a in s.scalars(select(AlertRow))} == {n.id}
+
+
+def test_notices_of_different_missions_with_the_same_trigger_number_are_two_events(db, shared_data):
+    """B2: trigger numbers are per mission."""
+    swift = gcn_record(shared_data, "swift/bat/guano.loc_arc_min.example.json")
+    icecube = gcn_record(shared_data, "icecube/single_neutrino_alerts.gold_bronze_track_alerts.example.json",
+                         id=["694215995"])
+    notice_ingestor(db).handle([FileMessage("swift", 0, swift), FileMessage("icecube", 0, icecube)])
+    got = notices(db)
+    assert set(got) == {"swift:694215995", "icecube:694215995"}
+    assert (got["swift:694215995"].ra, got["icecube:694215995"].ra) == (pytest.approx(336.26), pytest.approx(345.82))
+    with db.sessions() as s:
+        rows = {a.key.split("/")[0]: a.notice_id for a in s.scalars(select(AlertRow))}
+    assert rows == {"swift": got["swift:694215995"].id, "icecube": got["icecube:694215995"].id}
+
+
+@pytest.mark.parametrize("batches", ["one batch", "two batches"])
+def test_an_older_notice_arriving_late_does_not_overwrite_the_refinement(db, shared_data, batches):
+    """B2: Fermi GBM ground1 (issued 02:16:11, 1.34°) then flight1 (02:14:56, 8.32°) arriving late."""
+    ground = FileMessage("ground1", 0, gcn_record(shared_data, "fermi/gbm/trigger.ground1.example.json"))
+    flight = FileMessage("flight1", 0, gcn_record(shared_data, "fermi/gbm/trigger.flight1.example.json"))
+    ing = notice_ingestor(db)
+    if batches == "one batch":
+        ing.handle([ground, flight])
+    else:
+        ing.handle([ground])
+        ing.handle([flight])
+    (n,) = notices(db).values()
+    assert (n.ra, n.dec, n.error_deg) == (pytest.approx(92.17), pytest.approx(-66.98), pytest.approx(1.34))
+    assert counts(db)["alerts"] == 2  # both kept as alerts of the notice
+    # In order, the later one refines.
+    final = FileMessage("final", 0, gcn_record(shared_data, "fermi/gbm/trigger.final.example.json", ra=93.0,
+                                               dec=-67.5, ra_dec_error=0.9))
+    ing.handle([final])
+    (n,) = notices(db).values()
+    assert (n.ra, n.dec, n.error_deg) == (pytest.approx(93.0), pytest.approx(-67.5), pytest.approx(0.9))
+
+
+def test_a_retraction_applies_even_when_issued_before_the_last_update(db, shared_data):
+    update = FileMessage("upd", 0, gcn_record(shared_data, "swift/bat/guano.loc_arc_min.example.json"))  # 05:33
+    retraction = FileMessage("ret", 0, gcn_record(shared_data, "swift/bat/Guano.Retraction.example.json"))  # 03:24
+    notice_ingestor(db).handle([update])
+    notice_ingestor(db).handle([retraction])
+    (n,) = notices(db).values()
+    assert n.retracted and n.ra == pytest.approx(336.26)

@@ -19,6 +19,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import Any, Protocol
 
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, OperationalError, ProgrammingError
@@ -222,10 +223,11 @@ class Ingestor:
         """Targets for the whole batch in one upsert_many, then alerts, photometry, events in bulk."""
         targets: dict[int, int | None] = {}  # index in todo → target id
         notices: dict[int, int] = {}
+        issued: dict[int, datetime] = {}  # notice id → latest issue time applied in this batch
         specs, spec_of = [], []
         for i, (m, a) in enumerate(todo):
             if a.kind == "localization" or (a.event_id is not None and a.object_id is None):
-                notices[i], targets[i] = self._notice(s, a)
+                notices[i], targets[i] = self._notice(s, a, issued)
                 r.notices += 1
             elif a.kind == "solar_system":
                 # A moving object is never matched by position. It joins the
@@ -282,25 +284,45 @@ class Ingestor:
         return TargetSpec(name=name, ra=a.ra, dec=a.dec, aliases=tuple(x for x in a.aliases if x != name),
                           name_source=a.source)
 
-    def _notice(self, s: Session, a: Alert) -> tuple[int, int | None]:
+    def _notice(self, s: Session, a: Alert, issued_in_batch: dict[int, datetime]) -> tuple[int, int | None]:
         loc = a.localization
         ra = loc.ra if loc and loc.ra is not None else a.ra
         dec = loc.dec if loc and loc.dec is not None else a.dec
         err = loc.error_deg if loc else None
         event_id = a.event_id or a.key
+        # Notices of one event arrive out of order (a lagging broker, a replay of
+        # an older file): one issued before the latest applied refinement must
+        # not overwrite its better position.
+        issued = _issued(a)
+        known = repo.get_notice(s, a.source, event_id)
+        stale = False
+        if known is not None and issued is not None:
+            times = [t for t in map(_parse_issued, repo.notice_issued_times(s, known.id)) if t is not None]
+            if known.id in issued_in_batch:
+                times.append(issued_in_batch[known.id])
+            stale = bool(times) and issued < max(times)
         target_id = None
         small = err is not None and err <= self.settings.localization_max_deg
-        if ra is not None and dec is not None and small and not a.retraction:
-            res = upsert(s, TargetSpec(name=f"{a.source.upper()} {event_id}", ra=ra, dec=dec, name_source=a.source),
-                         radius_arcsec=max(self.settings.match_radius_arcsec, err * 3600.0),
-                         origin=f"notice:{a.source}")
+        if ra is not None and dec is not None and small and not a.retraction and not stale:
+            # Matched by the notice's own name ("GCN swift 1125809": its earlier
+            # notices), else by position within the ordinary match radius only.
+            # Never within the error circle: an unrelated supernova 3' away is
+            # not the burst (rules still see the error circle on the alert).
+            res = upsert(s, TargetSpec(name=notice_target_name(a.source, event_id), ra=ra, dec=dec,
+                                       name_source=a.source),
+                         radius_arcsec=self.settings.match_radius_arcsec, origin=f"notice:{a.source}")
             target_id = res.target_id
         notice = repo.save_notice(s, {
             "source": a.source, "event_id": event_id, "notice_type": a.notice_type, "time": a.time,
             "ra": ra, "dec": dec, "error_deg": err,
             "area_90_deg2": loc.area_90_deg2 if loc else None,
             "retracted": True if a.retraction else None, "test": a.test, "target_id": target_id,
-        })
+        }, refine=not stale)
+        if issued is not None:
+            issued_in_batch[notice.id] = max(issued, issued_in_batch.get(notice.id, issued))
+        if stale:
+            log.info("notice %s %s issued %s is older than the one applied; kept, not applied",
+                     a.source, event_id, issued.isoformat())
         repo.add_event(s, NoticeReceived(notice.id, a.source, event_id, a.notice_type, ra, dec, err,
                                          bool(notice.retracted), notice.target_id), target_id=notice.target_id)
         if self.storage is not None and loc is not None and loc.skymap and not a.retraction:
@@ -326,6 +348,26 @@ class Ingestor:
 
 def _db_reason(exc: Exception) -> str:
     return redact(str(getattr(exc, "orig", None) or exc).strip().splitlines()[0] if str(exc) else exc.__class__.__name__)
+
+
+def notice_target_name(source: str, event_id: str) -> str:
+    """The name of a notice's target: 'GCN swift 1125809', 'LVK S240514x'."""
+    return f"{source.upper()} {event_id.replace(':', ' ', 1)}"
+
+
+def _issued(a: Alert) -> datetime | None:
+    """When the notice was issued (``fields["issued"]``, set by the GCN and LVK parsers)."""
+    return _parse_issued(a.fields.get("issued"))
+
+
+def _parse_issued(value: Any) -> datetime | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        t = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return t if t.tzinfo is not None else t.replace(tzinfo=timezone.utc)
 
 
 def _solar_system_names(a: Alert) -> list[str]:

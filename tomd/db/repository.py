@@ -333,24 +333,32 @@ def get_notice(s: Session, source: str, event_id: str) -> Notice | None:
     return s.scalar(select(Notice).where(Notice.source == source, Notice.event_id == event_id))
 
 
-def save_notice(s: Session, values: dict[str, Any]) -> Notice:
-    """Create or update the notice for (source, event_id); later notices refine earlier ones."""
+def save_notice(s: Session, values: dict[str, Any], *, refine: bool = True) -> Notice:
+    """Create or update the notice for (source, event_id); later notices refine earlier ones.
+
+    ``refine=False`` is for a notice issued before the one already applied (it
+    arrived late): it must not overwrite the better position, so it only fills
+    what the stored notice lacks, and a retraction still marks it retracted.
+    """
     row = get_notice(s, values["source"], values["event_id"])
     if row is None:
         row = Notice(**values)
         s.add(row)
     else:
         for k, v in values.items():
-            if v is not None:
+            if v is not None and (refine or getattr(row, k) is None or (k == "retracted" and v)):
                 setattr(row, k, v)
     s.flush()
     return row
 
 
-def add_dead_letter(s: Session, values: dict[str, Any]) -> int:
+def add_dead_letter(s: Session, values: dict[str, Any]) -> int | None:
+    """Insert a letter; None when the stream already holds one with this ``fingerprint``
+    (the same message delivered again: a replay, a redelivery after a crash)."""
     return s.execute(
-        DeadLetter.__table__.insert().returning(DeadLetter.__table__.c.id), {"created_at": utcnow(), **values}
-    ).scalar_one()
+        _insert_ignore(s, DeadLetter.__table__).returning(DeadLetter.__table__.c.id),
+        {"created_at": utcnow(), **values},
+    ).scalar_one_or_none()
 
 
 def dead_letters(s: Session, *, unresolved_only: bool = True, limit: int | None = None) -> list[DeadLetter]:

@@ -143,6 +143,27 @@ TYPES: dict[int, PacketType] = {
     189: _t("GECAM_GND", "GECAM", err_word=10),
 }
 LVC_TYPES = frozenset({150, 151, 152, 153, 164})
+
+# Missions number their triggers independently (a Swift and an IceCube trigger
+# can share a number), so an event id is "<mission>:<trigger>". The slugs are
+# gcn-schema's notice folders (swift, fermi, icecube, superk, ...) so that the
+# same trigger arriving as a Kafka JSON notice, a VOEvent or a binary packet
+# is one notice. LVK superevent ids are unique already and stay bare.
+MISSION_SLUGS = {"Super-Kamiokande": "superk", "Konus-Wind": "konus", "LVK": "lvk"}
+
+
+def mission_slug(mission: str) -> str:
+    """'Swift' → 'swift', 'Einstein Probe' → 'einstein_probe', 'Super-Kamiokande' → 'superk'."""
+    if mission in MISSION_SLUGS:
+        return MISSION_SLUGS[mission]
+    return "".join(c if c.isalnum() else "_" for c in mission.strip().lower()).strip("_") or "gcn"
+
+
+def qualified_id(mission: str | None, event_id: str) -> str:
+    """'1125809' of Swift → 'swift:1125809' (unchanged when already qualified or no mission)."""
+    if not mission or ":" in event_id:
+        return event_id
+    return f"{mission_slug(mission)}:{event_id}"
 LVC_PREFIXES = ("G", "T", "M", "Y", "H", "E", "K", "S", "GW", "TS", "TGW", "MS", "MGW")
 
 
@@ -180,7 +201,7 @@ def parse(record: dict, *, source: str = "gcn") -> list[Alert]:
     else:
         time = _time(words[5], words[6])
     trig = words[4]
-    event_id = str(trig)
+    event_id = qualified_id(info.mission, str(trig))
     test = info.test
     retraction = False
     fields: dict = {"packet_type": ptype, "packet_serial": words[1], "mission": info.mission}

@@ -4,7 +4,9 @@ gcn-schema defines no notice id, so the key is built from what identifies a
 notice: the notice type (the ``$schema`` path, e.g. ``fermi/gbm/trigger``),
 the mission trigger id(s), and the record number / alert type / alert time
 that distinguish the notices of one trigger, plus a short content hash. Without a trigger id
-the key is a content hash. Positions are ICRS degrees; ``ra_dec_error`` is a radius or
+the key is a content hash. The event id is the first trigger id qualified by
+the mission (``fermi:745121685``): missions number their triggers
+independently. Positions are ICRS degrees; ``ra_dec_error`` is a radius or
 an ellipse ``[a, b, pa]`` (its semi-major axis is kept as the radius).
 ``alert_tense`` "test" or "injection" marks a test notice.
 """
@@ -26,6 +28,7 @@ from ._common import (
     scalar_items,
     unix_ms_to_datetime,
 )
+from .gcn_binary import qualified_id
 from .ztf import clean
 
 TEST_TENSES = frozenset({"test", "injection"})
@@ -88,6 +91,11 @@ def parse(record: dict, *, source: str = "gcn") -> list[Alert]:
     names = _ids(record.get("event_name"))
     event_id = ids[0] if ids else (str(ref) if ref else (names[0] if names else None))
     mission = record.get("mission") or (ntype.split("/")[0] if ntype else None)
+    if event_id is not None:
+        # Trigger numbers are per mission (B2 of the ingest audit: a Swift and an
+        # IceCube notice with the same number must not be one event). The schema
+        # folder is the stable slug ("einstein_probe", "svom", "superk").
+        event_id = qualified_id(ntype.split("/")[0] if ntype else mission, event_id)
     if ids or ref:
         parts = [
             ntype or str(mission or "gcn"),
@@ -123,6 +131,13 @@ def parse(record: dict, *, source: str = "gcn") -> list[Alert]:
         fields["healpix_url"] = record["healpix_url"]
     if mission:
         fields["mission"] = mission
+    if record.get("alert_datetime"):
+        # When the notice was issued: orders the refinements of one event
+        # (a bad one costs only the ordering, not the notice).
+        try:
+            fields["issued"] = parse_iso_utc(record["alert_datetime"], "alert_datetime").isoformat()
+        except ParseError:
+            pass
     tense = str(record.get("alert_tense", "")).lower()
     test = tense in TEST_TENSES or (ntype or "").split("/")[-1] == "test"
     aliases = tuple(dict.fromkeys([*ids[1:], *names]))

@@ -43,6 +43,7 @@ def parse(record: dict, *, source: str = "lvk") -> list[Alert]:
     created = parse_iso_utc(record["time_created"], "time_created")
     event = record.get("event") if isinstance(record.get("event"), dict) else None
     fields: dict[str, Any] = scalar_items(record)
+    fields["issued"] = created.isoformat()  # orders the refinements of one superevent
     time = created
     skymap = None
     if event is not None:

@@ -17,6 +17,7 @@ from tomd.errors import ParseError
 
 from ._common import check_radec, finite, parse_iso_utc
 from .gcn_binary import TYPES as GCN_TYPES
+from .gcn_binary import qualified_id
 
 TEST_ROLES = frozenset({"test", "utility"})
 TIME_SCALES = {"UTC": "utc", "TT": "tt", "TDB": "tdb", "TAI": "tai", "TCB": "tcb", "TCG": "tcg", "GPS": "tai"}
@@ -57,6 +58,22 @@ def _to_icrs(ra: float, dec: float, frame: str) -> tuple[float, float]:
     return float(c.ra.deg), float(c.dec.deg)
 
 
+def _mission(ivorn: str, packet_type: Any) -> str | None:
+    """The mission of a packet: its GCN packet type's, else the IVORN's stream.
+
+    'ivo://nasa.gsfc.gcn/SWIFT#BAT_GRB_Pos_1125809-092' → 'SWIFT'; the AMON
+    stream carries IceCube tracks, and packet type 174 says so.
+    """
+    try:
+        info = GCN_TYPES.get(int(packet_type)) if packet_type is not None else None
+    except (TypeError, ValueError):
+        info = None
+    if info is not None and info.mission != "GCN":
+        return info.mission
+    stream = ivorn.split("#", 1)[0].rstrip("/").rsplit("/", 1)[-1]
+    return stream or None
+
+
 def parse(record: dict, *, source: str = "gcn") -> list[Alert]:
     ivorn = record.get("ivorn")
     if not ivorn:
@@ -95,13 +112,25 @@ def parse(record: dict, *, source: str = "gcn") -> list[Alert]:
             notice_type = info.name if info else f"packet_type_{ptype}"
         except ValueError:
             notice_type = str(ptype)
-    event_id = params.get("GraceID") or params.get("TrigID") or params.get("EventID")
+    # LVK GraceIDs are unique; GCN trigger numbers are per mission, so they are
+    # qualified by it ("swift:1125809"), as the JSON and binary notices are.
+    event_id = params.get("GraceID")
+    trig = params.get("TrigID") or params.get("EventID")
+    if trig is None and params.get("run_id") and params.get("event_id"):
+        trig = f"{params['run_id']}_{params['event_id']}"  # IceCube (AMON): as its JSON notices name it
+    if event_id is None and trig is not None:
+        event_id = qualified_id(_mission(str(ivorn), ptype), str(trig))
     role = str(record.get("role", "observation")).lower()
     retraction = str(params.get("AlertType", "")).lower() == "retraction" or str(ptype) == "164"
     fields: dict[str, Any] = {
         k: v for k, v in params.items() if isinstance(v, str) and len(v) < 512
     }
     fields["role"] = role
+    if record.get("date"):
+        try:  # Who/Date: when the packet was issued; orders the refinements of one event
+            fields["issued"] = parse_iso_utc(record["date"], "Who.Date").isoformat()
+        except ParseError:
+            pass
     if record.get("author"):
         fields["author"] = record["author"]
     if record.get("citations"):
