@@ -399,3 +399,44 @@ def test_two_daemons_deciding_at_once_make_one_request(db, sample):
     assert not errors, errors
     assert sorted(o for _, o, _, _ in decisions(db)) == ["deduplicated", "fired"]
     assert count(db, ObservationRequest) == 1
+
+
+def test_manual_intents_record_proposal_and_hours_and_validation_duration_replaces_the_estimate(db):
+    """create_intent fills the proposal (template's, else the facility's) and the template's hours; the
+    facility's validated duration then replaces the estimate, so hours_per_night counts what it said."""
+    from dataclasses import replace
+
+    from tests.test_submit import FAST, TEMPLATES, client, make_target
+    from tomd.config import Config, Facility
+    from tomd.facilities.sim import SimObservatory
+    from tomd.submit import Submitter, create_intent
+
+    templates = {**TEMPLATES, "1m-gri-b": {**TEMPLATES["1m-gri"], "proposal": "SIM2026A-002"}}
+    config = replace(Config(), facilities={"sim": Facility(kind="sim", proposal="SIM2026A-001", templates=templates)})
+    tid = make_target(db)
+    with db.sessions.begin() as s:
+        a = create_intent(s, target_id=tid, facility="sim", template="1m-gri", name="m-1", config=config)
+        b = create_intent(s, target_id=tid, facility="sim", template="1m-gri-b", name="m-2", config=config)
+        c = create_intent(s, target_id=tid, facility="sim", template="1m-gri", name="m-3")  # no config: as before
+    with db.sessions() as s:
+        got = {r.id: (r.proposal, r.estimated_hours) for r in s.scalars(select(ObservationRequest))}
+    est = (3 * (120 + 20) + 120 + 2 * 10) / 3600
+    assert got[a] == ("SIM2026A-001", pytest.approx(est)) and got[b] == ("SIM2026A-002", pytest.approx(est))
+    assert got[c] == (None, None)
+    with SimObservatory(pending_s=3600, proposals=("SIM2026A-001", "SIM2026A-002")) as sim:
+        outs = Submitter(db.sessions, {"sim": client(sim, templates=templates)}, FAST, worker_id="w1").run_once()
+        assert sorted(o.state for o in outs) == ["pending"] * 3
+        groups = {g["name"]: g for g in sim.groups()}
+    with db.sessions() as s:
+        rows = {r.name: r for r in s.scalars(select(ObservationRequest))}
+    for name in ("m-1", "m-2", "m-3"):
+        # The simulator's own duration (its overheads, not ours): the request now carries the facility's figure.
+        assert rows[name].estimated_hours != pytest.approx(est)
+        assert rows[name].estimated_hours > 0
+    assert rows["m-1"].estimated_hours == pytest.approx(rows["m-3"].estimated_hours)
+    assert groups["m-2"]["proposal"] == "SIM2026A-002"
+    with db.sessions() as s:
+        from tomd.db import repository as repo
+
+        assert repo.requested_hours_from(s, "sim", "SIM2026A-002", datetime(2000, 1, 1, tzinfo=timezone.utc)) == \
+            pytest.approx(rows["m-2"].estimated_hours)

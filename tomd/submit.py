@@ -236,6 +236,7 @@ class Submitter:
         except NotFoundError as exc:
             return self._fail(w, str(exc))
 
+        est: dict[str, Any] = {}
         if self.settings.validate:
             try:
                 v = fac.validate(doc)
@@ -249,13 +250,15 @@ class Submitter:
                 return self._reject(w, exc)
             if not v.ok:
                 return self._reject(w, ValidationRejected(fac.name, v.issues))
+            if v.duration_s:  # the facility's own estimate replaces the template's (hours_per_night counts it)
+                est["estimated_hours"] = v.duration_s / 3600.0
 
         # Commit "submitting" before sending: a crash from here on means "look first".
         with self.sessions.begin() as s:
             # The lease restarts here, so it covers the POST and its retries in full: a successor
             # cannot claim this intent (and look the name up) while the POST may still be in flight.
             if not repo.update_observation(s, w.id, {"state": "submitting", "attempts": w.attempts + 1,
-                                                     "request": doc,
+                                                     "request": doc, **est,
                                                      "claimed_until": self.clock() + timedelta(
                                                          seconds=self.settings.lease_s)},
                                            worker=self.worker):
@@ -412,10 +415,27 @@ def manual_intent_name(target_id: int, rng: random.Random | None = None) -> str:
 
 def create_intent(s: Session, *, target_id: int, facility: str, template: str, name: str | None = None,
                   mode: str | None = None, priority: float | None = None, window_start: datetime | None = None,
-                  window_end: datetime | None = None, decision_id: int | None = None) -> int:
-    """Record an intent (the rules engine does the same with its decision's key). The caller commits."""
+                  window_end: datetime | None = None, decision_id: int | None = None,
+                  proposal: str | None = None, config: Any = None) -> int:
+    """Record an intent (the rules engine does the same with its decision's key). The caller commits.
+
+    With ``config`` (a :class:`tomd.config.Config`), the request records its proposal (the
+    template's ``proposal``, else the facility's) and the template's estimated hours, so the
+    rules' hours_per_night counts manual requests too.
+    """
+    extra: dict[str, Any] = {}
+    fc = config.facilities.get(facility) if config is not None else None
+    if fc is not None:
+        from tomd.rules.load import estimate_hours
+
+        fields = fc.templates.get(template)
+        if isinstance(fields, Mapping):
+            extra["estimated_hours"] = estimate_hours(fields)
+            if proposal is None and isinstance(fields.get("proposal"), str):
+                proposal = fields["proposal"]
+        proposal = proposal or fc.proposal
     return repo.add_observation_intent(s, {
         "name": name or manual_intent_name(target_id), "target_id": target_id, "facility": facility,
         "template": template, "mode": mode, "priority": priority, "window_start": window_start,
-        "window_end": window_end, "decision_id": decision_id,
+        "window_end": window_end, "decision_id": decision_id, "proposal": proposal, **extra,
     })
