@@ -232,3 +232,98 @@ def test_sniff_edge_cases() -> None:
     assert decode.sniff(b"") == "unknown"
     assert decode.sniff(b"\xef\xbb\xbf  {\"a\": 1}") == "json"
     assert decode.sniff(zlib.compress(b"x")) == "zlib"
+
+
+# --- schemaless Avro with a published schema (the Fink livestream) ---------------------
+
+FINK_AVSC = "other/fink/schemas/distribution_schema_fink_ztf_2.7_3.10.1.avsc"
+FINK_PART = "other/fink/ztf/part-3-305711.avro"
+
+
+def _fink_livestream(n: int = 5) -> tuple[decode.SchemaFile, list[dict], list[bytes]]:
+    """Real Fink records as the livestream sends them: bare Avro under Fink's published schema."""
+    schema = decode.load_schema_file(str(DATA / FINK_AVSC))
+    records = list(fastavro.reader(io.BytesIO((DATA / FINK_PART).read_bytes())))[:n]
+    messages = []
+    for rec in records:
+        buf = io.BytesIO()
+        fastavro.schemaless_writer(buf, schema.schema, rec)
+        messages.append(buf.getvalue())
+    return schema, records, messages
+
+
+@needs_data
+def test_fink_livestream_schemaless_avro_with_its_published_schema() -> None:
+    schema, records, messages = _fink_livestream()
+    assert decode.load_schema_file(str(DATA / FINK_AVSC)) is schema  # parsed once per file
+    for rec, data in zip(records, messages):
+        assert data[:4] != decode.OCF_MAGIC
+        (a,) = parse_message("fink-avro", data, schema_file=schema)
+        assert a.source == "fink" and a.key == str(rec["candid"]) and a.object_id == rec["objectId"]
+        assert a.ra == pytest.approx(rec["candidate"]["ra"]) and a.fields["survey"] == "ztf"
+        assert a.fields["cdsxmatch"] == rec["cdsxmatch"] and a.fields["broker"] == "fink"
+        assert len(a.photometry) == 1 + len(rec["prv_candidates"] or [])
+        # "auto" takes the stream's word for it: the first byte (a union branch, 0x00)
+        # is not Confluent's magic byte here.
+        assert decode.sniff(data) == "confluent-avro"
+        (b,) = parse_message("auto", data, schema_file=schema)
+        assert (b.source, b.key, b.photometry) == (a.source, a.key, a.photometry)
+    with pytest.raises(DecodeError, match="needs the stream's schema_file"):
+        parse_message("fink-avro", messages[0])
+    with pytest.raises(DecodeError, match="left 2 of .* bytes unread"):
+        parse_message("fink-avro", messages[0] + b"\x02\x04", schema_file=schema)
+    with pytest.raises(DecodeError, match="does not match"):
+        parse_message("fink-avro", messages[0][:100], schema_file=schema)
+    # A container (Fink's data-transfer files) still reads as one, schema_file or not.
+    ocf = (DATA / FINK_PART).read_bytes()
+    assert len(parse_message("fink-avro", ocf, schema_file=schema)) == len(parse_message("fink-avro", ocf))
+
+
+@needs_data
+def test_parser_for_loads_the_schema_file_once_and_names_a_bad_one(tmp_path) -> None:
+    from tomd.daemon import parser_for
+    from tomd.errors import ConfigError
+
+    _, records, messages = _fink_livestream(1)
+    parse = parser_for("fink-avro", include_test=False, schema_file=str(DATA / FINK_AVSC))
+    assert [a.key for a in parse(messages[0])] == [str(records[0]["candid"])]
+    with pytest.raises(ConfigError, match="nope.avsc: No such file"):
+        parser_for("fink-avro", include_test=False, schema_file=str(tmp_path / "nope.avsc"))
+
+
+@needs_data
+@pytest.mark.kafka
+@pytest.mark.timeout(120)
+def test_fink_livestream_through_a_real_broker_into_targets(kafka_broker, make_topic, db) -> None:
+    import threading
+    import time
+
+    from sqlalchemy import select
+
+    from tomd.alerts.broker import LOCAL_GROUP_SETTINGS, produce
+    from tomd.alerts.consumer import ConsumerSettings, StreamConsumer
+    from tomd.alerts.ingest import IngestSettings, Ingestor
+    from tomd.daemon import parser_for
+    from tomd.db.models import AlertRow, DeadLetter
+
+    _, records, messages = _fink_livestream(8)
+    topic = make_topic(1)
+    produce(kafka_broker.bootstrap, topic, messages)
+    ingestor = Ingestor(db.sessions, IngestSettings(stream="fink", format="fink-avro"),
+                        parser_for("fink-avro", include_test=False, schema_file=str(DATA / FINK_AVSC)))
+    consumer = StreamConsumer(ConsumerSettings(bootstrap=kafka_broker.bootstrap, topics=[topic], group="fink",
+                                               kafka=dict(LOCAL_GROUP_SETTINGS), batch_timeout_s=0.1), ingestor)
+    stop = threading.Event()
+    thread = threading.Thread(target=consumer.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 60
+        while ingestor.totals.messages < len(messages) and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        stop.set()
+        thread.join(30)
+    with db.sessions() as s:
+        keys = set(s.scalars(select(AlertRow.key).where(AlertRow.source == "fink")))
+        letters = s.scalars(select(DeadLetter.error)).all()
+    assert letters == [] and keys == {str(r["candid"]) for r in records}

@@ -488,6 +488,67 @@ def test_each_problem_is_one_line_with_file_line_and_key(tmp_path, text, expecte
         assert line == expected
 
 
+@pytest.mark.parametrize("key, why", [
+    ("enable.auto.commit", "tomd commits offsets itself"),
+    ("enable.auto.offset.store", "tomd stores offsets itself"),
+    ("client.id", "set by tomd to tomd-<stream name>"),
+    ("group.id", "set streams[0].group instead"),
+])
+def test_kafka_keys_that_run_would_refuse_or_override_fail_config_check(tmp_path, key, why):
+    """`run` owns these (tomd.alerts.consumer): `config check` must not accept them quietly."""
+    line = one_problem(tmp_path, f"""
+        [[streams]]
+        name = "ztf"
+        bootstrap = "localhost:9092"
+        topics = ["t"]
+        format = "ztf-avro"
+
+        [streams.kafka]
+        "session.timeout.ms" = 45000
+        "{key}" = "x"
+        """)
+    assert line.startswith(f'tomd.toml:9: streams[0].kafka."{key}": {why}'), line
+
+
+def test_schema_file_is_parsed_at_load_and_resolved_beside_the_config(tmp_path):
+    (tmp_path / "schemas").mkdir()
+    (tmp_path / "schemas" / "fink.avsc").write_text(
+        '{"type": "record", "name": "r", "fields": [{"name": "objectId", "type": "string"}]}')
+    path = write(tmp_path, """
+        [[streams]]
+        name = "fink"
+        bootstrap = "localhost:9092"
+        topics = ["fink_sn_candidates_ztf"]
+        format = "fink-avro"
+        schema_file = "schemas/fink.avsc"
+        """)
+    (st,) = load_config(path, env={}).streams
+    assert st.schema_file == str(tmp_path / "schemas" / "fink.avsc")
+    assert Stream(name="x", topics=["t"], format="fink-avro").schema_file is None
+
+
+@pytest.mark.parametrize("content, fmt, why", [
+    (None, "fink-avro", "schema file s.avsc: No such file or directory"),
+    ("{not json", "fink-avro", "schema file s.avsc: not JSON"),
+    ('{"type": "record", "name": "r", "fields": [{"name": "a", "type": "nosuchtype"}]}', "auto",
+     "schema file s.avsc: not an Avro schema: UnknownType: nosuchtype"),
+    ('{"type": "string"}', "ztf-avro", 'only fink-avro and auto streams read schemaless Avro; '
+                                       'this stream\'s format is "ztf-avro"'),
+])
+def test_schema_file_problems_are_one_line(tmp_path, content, fmt, why):
+    if content is not None:
+        (tmp_path / "s.avsc").write_text(content)
+    line = one_problem(tmp_path, f"""
+        [[streams]]
+        name = "fink"
+        bootstrap = "localhost:9092"
+        topics = ["t"]
+        format = "{fmt}"
+        schema_file = "s.avsc"
+        """)
+    assert line.startswith(f"tomd.toml:6: streams[0].schema_file: {why}"), line
+
+
 def test_inline_tables_report_the_line_of_the_inline_table(tmp_path):
     line = one_problem(tmp_path, """
         # comment
@@ -713,7 +774,7 @@ def test_env_values_in_lists_dicts_and_numbers(tmp_path):
         batch_size = "${BATCH}"
         include_test = "${TEST:-false}"
         localization_max_deg = "${LOC:-0.25}"
-        kafka = { "client.id" = "${CLIENT}" }
+        kafka = { "client.rack" = "${CLIENT}" }
         """)
     config = load_config(path, env={"TOPIC": "ztf_x", "BATCH": "250", "CLIENT": "me"})
     stream = config.streams[0]
@@ -722,7 +783,7 @@ def test_env_values_in_lists_dicts_and_numbers(tmp_path):
     assert stream.batch_size == 250
     assert stream.include_test is False
     assert stream.localization_max_deg == 0.25
-    assert stream.kafka == {"client.id": "me"}
+    assert stream.kafka == {"client.rack": "me"}
     lines = check_config_file(path, env={"TOPIC": "t", "BATCH": "many", "CLIENT": "me"})
     assert lines == [f'{path}:6: streams[0].batch_size: expected an integer, got "many"']
 

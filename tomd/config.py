@@ -383,6 +383,19 @@ class Database:
             values["url"] = parts._replace(netloc=netloc).geturl()
 
 
+# librdkafka settings tomd sets itself for a stream (tomd.alerts.consumer):
+# accepted by `config check` they would be refused or overridden by `run`.
+_KAFKA_OWNED = {
+    "enable.auto.commit": "tomd commits offsets itself, only after the database transaction "
+                          "(at-least-once); remove it",
+    "enable.auto.offset.store": "tomd stores offsets itself, only after the database transaction "
+                                "(at-least-once); remove it",
+    "client.id": "set by tomd to tomd-<stream name>, so broker logs and quotas name the stream; remove it",
+}
+# Formats that read schemaless Avro with a stream's schema_file.
+SCHEMALESS_FORMATS = ("fink-avro", "auto")
+
+
 @dataclass(frozen=True, kw_only=True)
 class Stream:
     name: str = opt(check=_simple_name)
@@ -395,6 +408,9 @@ class Stream:
     batch_size: int = opt(500, check=_between(1, 100000))
     batch_timeout: float = opt(0.5, parse=parse_duration)
     schema_registry: Optional[str] = opt(None, check=_http_url)
+    # The .avsc of a schemaless Avro stream (the Fink livestream publishes its
+    # schema apart from the messages); relative to the config file. Parsed once.
+    schema_file: Optional[str] = None
     include_test: bool = False
     localization_max_deg: float = opt(0.1, check=_between(hi=180.0, above=0.0))
     kafka: dict[str, Union[str, int, float, bool, Secret]] = opt(factory=dict)
@@ -419,6 +435,7 @@ class Stream:
         if values.get("kind", "kafka") == "kafka" and "bootstrap" not in values:
             ctx.bad(path + ("bootstrap",), 'missing required key for a kafka stream; expected host:port[,host:port...]')
         cls._check_poll(values, path, ctx)
+        cls._check_schema_file(values, path, ctx)
         if values.get("kafka", {}) is _FAIL:
             return
         kafka = dict(values.get("kafka", {}))
@@ -426,6 +443,9 @@ class Stream:
             if key in kafka:
                 own = "bootstrap" if key == "bootstrap.servers" else "group"
                 ctx.bad(path + ("kafka", key), f"set {_render(path + (own,))} instead")
+        for key, why in _KAFKA_OWNED.items():
+            if key in kafka:
+                ctx.bad(path + ("kafka", key), why)
         for key in list(kafka):
             base = key[:-len("_file")] if key.endswith("_file") else None
             if base is not None and _is_kafka_secret(base):
@@ -446,6 +466,26 @@ class Stream:
                     kafka[key] = Secret(value)
         values["kafka"] = kafka
 
+
+    @classmethod
+    def _check_schema_file(cls, values: dict, path: tuple, ctx: _Ctx) -> None:
+        name, fmt = values.get("schema_file"), values.get("format", _FAIL)
+        if not isinstance(name, str):
+            return
+        if fmt is not _FAIL and fmt not in SCHEMALESS_FORMATS:
+            ctx.bad(path + ("schema_file",), f"only {' and '.join(SCHEMALESS_FORMATS)} streams read schemaless "
+                    f"Avro; this stream's format is {_show(fmt)}")
+            return
+        from tomd.alerts.decode import load_schema_file  # fastavro: imported only when used
+        from tomd.errors import DecodeError
+
+        file = str((ctx.base_dir / name).absolute())
+        try:
+            load_schema_file(file)
+        except DecodeError as exc:
+            ctx.bad(path + ("schema_file",), str(exc))
+            return
+        values["schema_file"] = file
 
     @classmethod
     def _check_poll(cls, values: dict, path: tuple, ctx: _Ctx) -> None:

@@ -44,8 +44,13 @@ from tomd.errors import UserError
 log = logging.getLogger(__name__)
 
 
-def parser_for(fmt: str, *, include_test: bool, schema_registry: str | None = None) -> Parser:
-    """The bytes → Alerts function for a stream's format."""
+def parser_for(fmt: str, *, include_test: bool, schema_registry: str | None = None,
+               schema_file: str | None = None) -> Parser:
+    """The bytes → Alerts function for a stream's format.
+
+    ``schema_file`` (an .avsc path) is the writer schema of a schemaless Avro
+    stream (the Fink livestream); it is parsed once, here, not per message.
+    """
     from tomd.alerts.parse import parse_message
 
     schema_source = None
@@ -60,9 +65,19 @@ def parser_for(fmt: str, *, include_test: bool, schema_registry: str | None = No
             )
         else:
             schema_source = default_schema_source()
+    schema = None
+    if schema_file:
+        from tomd.alerts.decode import load_schema_file
+        from tomd.errors import ConfigError, DecodeError
+
+        try:
+            schema = load_schema_file(str(schema_file))
+        except DecodeError as exc:
+            raise ConfigError([str(exc)]) from None
 
     def parse(data: bytes):
-        return parse_message(fmt, data, schema_source=schema_source, include_test=include_test)
+        return parse_message(fmt, data, schema_source=schema_source, schema_file=schema,
+                             include_test=include_test)
 
     return parse
 

@@ -13,6 +13,9 @@ Framings:
   the blocks are then decoded with ``fastavro.schemaless_reader``.
 * Confluent wire format (Rubin): ``0x00`` + big-endian int32 schema id +
   schemaless Avro. The schema comes from a :class:`SchemaSource`.
+* Schemaless Avro (Fink livestream): the bare record, its schema published
+  apart as an ``.avsc`` file (:class:`SchemaFile`, a stream's
+  ``schema_file``), parsed once per file.
 * JSON, VOEvent XML, classic GCN 160-byte binary, ANTARES zlib+BSON.
 """
 
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import struct
 import xml.etree.ElementTree as ET
 import zlib
@@ -334,6 +338,69 @@ def decode_confluent(data: bytes, schema_source: SchemaSource | None = None) -> 
         raise DecodeError(
             f"Avro body for schema id {schema_id} left {len(data) - bio.tell()} bytes unread"
         )
+    return [record]
+
+
+# --- schemaless Avro with a separately distributed schema ------------------------
+
+@dataclass(frozen=True, slots=True)
+class SchemaFile:
+    """A writer schema published apart from the messages (Fink's
+    ``distribution_schema_*.avsc``): every message is one bare Avro record."""
+
+    path: str
+    schema: Any  # fastavro-parsed
+
+
+def load_schema_file(path: str) -> SchemaFile:
+    """Read and parse an ``.avsc`` once per path and version of the file.
+
+    Raises :class:`DecodeError` naming the file when it is missing or not an
+    Avro schema. Named types defined in sibling files (``<name>.avsc``, as
+    ZTF splits its schema) resolve through ``fastavro.schema.load_schema``.
+    The file's modification time is part of the cache key, so a reload
+    after the file was replaced reads the new schema.
+    """
+    try:
+        mtime = os.stat(path).st_mtime_ns
+    except OSError as exc:
+        raise DecodeError(f"schema file {path}: {exc.strerror or type(exc).__name__}") from exc
+    return _load_schema_file(path, mtime)
+
+
+@lru_cache(maxsize=32)
+def _load_schema_file(path: str, _mtime_ns: int) -> SchemaFile:
+    try:
+        with open(path, "rb") as fh:
+            obj = json.loads(fh.read())
+    except OSError as exc:
+        raise DecodeError(f"schema file {path}: {exc.strerror or type(exc).__name__}") from exc
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise DecodeError(f"schema file {path}: not JSON: {exc}") from exc
+    try:
+        return SchemaFile(path, fastavro.parse_schema(obj))
+    except Exception as exc:  # noqa: BLE001 - fastavro's SchemaParseException and friends
+        first = exc
+    try:
+        return SchemaFile(path, load_schema(path))
+    except Exception:  # noqa: BLE001 - report the plain parse's error, the clearer one
+        raise DecodeError(f"schema file {path}: not an Avro schema: {type(first).__name__}: {first}") from first
+
+
+def decode_avro_schemaless(data: bytes, schema_file: SchemaFile) -> list[dict]:
+    """One bare Avro record written with ``schema_file``'s schema.
+
+    The whole message must be consumed: bytes left over mean another schema
+    (or framing) wrote it, which would otherwise decode into nonsense quietly.
+    """
+    bio = io.BytesIO(data)
+    try:
+        record = fastavro.schemaless_reader(bio, schema_file.schema, None)
+    except Exception as exc:  # noqa: BLE001 - fastavro raises many kinds
+        raise DecodeError(f"schemaless Avro does not match {schema_file.path}: {exc!r}") from exc
+    if bio.tell() != len(data):
+        raise DecodeError(f"schemaless Avro read with {schema_file.path} left "
+                          f"{len(data) - bio.tell()} of {len(data)} bytes unread (another schema?)")
     return [record]
 
 

@@ -12,8 +12,8 @@ both name what was wrong. Test/mock messages are dropped unless
 
 from __future__ import annotations
 
-from tomd.alerts.decode import SchemaSource
-from tomd.alerts.formats import FORMATS, Format
+from tomd.alerts.decode import SchemaFile, SchemaSource
+from tomd.alerts.formats import FORMATS, NO_CONTEXT, DecodeContext, Format
 from tomd.alerts.model import Alert
 from tomd.errors import AlertError, ParseError
 
@@ -31,17 +31,21 @@ def parse_message(
     data: bytes,
     *,
     schema_source: SchemaSource | None = None,
+    schema_file: SchemaFile | None = None,
     include_test: bool = False,
 ) -> list[Alert]:
     """Decode ``data`` as ``format_name`` and parse every record into Alerts.
 
     ``schema_source`` resolves Confluent schema ids (Rubin); by default the
-    schemas shipped in lsst-alert-packet are used.
+    schemas shipped in lsst-alert-packet are used. ``schema_file`` is the
+    writer schema of a schemaless Avro stream (the Fink livestream; see
+    :func:`tomd.alerts.decode.load_schema_file`).
     """
     fmt = get_format(format_name)
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise ParseError(f"message value must be bytes, got {type(data).__name__}")
-    records = fmt.decode(bytes(data), schema_source)
+    ctx = NO_CONTEXT if schema_source is None and schema_file is None else DecodeContext(schema_source, schema_file)
+    records = fmt.decode(bytes(data), ctx)
     alerts: list[Alert] = []
     for i, record in enumerate(records):
         try:

@@ -3,7 +3,8 @@
 ``FORMATS`` maps a stream's configured ``format`` name to a :class:`Format`:
 a decode step (bytes → records, see :mod:`tomd.alerts.decode`) and a parse
 step (record → Alerts, one module per survey here). ``"auto"`` sniffs the
-framing and picks the parser from the record's shape.
+framing and picks the parser from the record's shape. A decode step gets a
+:class:`DecodeContext`: the stream's schema sources, fixed per stream.
 """
 
 from __future__ import annotations
@@ -18,7 +19,17 @@ from tomd.errors import DecodeError, ParseError
 from . import antares, fink, gcn_binary, gcn_json, hop, lasair, lvk, rubin, voevent, ztf
 from . import alerce_api, fink_api, tns_api  # broker REST results (tomd/brokers/)
 
-Decoder = Callable[[bytes, "decode.SchemaSource | None"], list[Any]]
+
+@dataclass(frozen=True, slots=True)
+class DecodeContext:
+    """What a decode step may need beyond the bytes, fixed per stream."""
+
+    schema_source: decode.SchemaSource | None = None  # Confluent schema ids (Rubin)
+    schema_file: decode.SchemaFile | None = None  # schemaless Avro (Fink livestream)
+
+
+NO_CONTEXT = DecodeContext()
+Decoder = Callable[[bytes, DecodeContext], list[Any]]
 Parser = Callable[[Any], list[Alert]]
 
 
@@ -32,19 +43,32 @@ class Format:
     description: str = ""
 
 
-def _ocf(data: bytes, _src: decode.SchemaSource | None) -> list[Any]:
+def _ocf(data: bytes, _ctx: DecodeContext) -> list[Any]:
     return decode.decode_avro_ocf(data)
 
 
-def _confluent(data: bytes, src: decode.SchemaSource | None) -> list[Any]:
-    return decode.decode_confluent(data, src)
+def _ocf_or_schemaless(data: bytes, ctx: DecodeContext) -> list[Any]:
+    """Fink: data-transfer files are containers, the livestream is schemaless Avro."""
+    if data[:4] == decode.OCF_MAGIC or ctx.schema_file is None:
+        try:
+            return decode.decode_avro_ocf(data)
+        except DecodeError as exc:
+            if data[:4] == decode.OCF_MAGIC:
+                raise
+            raise DecodeError(f"{exc}; a schemaless Avro stream (the Fink livestream) needs the stream's "
+                              "schema_file (the published .avsc)") from None
+    return decode.decode_avro_schemaless(data, ctx.schema_file)
 
 
-def _json(data: bytes, _src: decode.SchemaSource | None) -> list[Any]:
+def _confluent(data: bytes, ctx: DecodeContext) -> list[Any]:
+    return decode.decode_confluent(data, ctx.schema_source)
+
+
+def _json(data: bytes, _ctx: DecodeContext) -> list[Any]:
     return decode.decode_json(data)
 
 
-def _json_object(data: bytes, _src: decode.SchemaSource | None) -> list[Any]:
+def _json_object(data: bytes, _ctx: DecodeContext) -> list[Any]:
     records = decode.decode_json(data)
     for r in records:
         if not isinstance(r, dict):
@@ -52,28 +76,33 @@ def _json_object(data: bytes, _src: decode.SchemaSource | None) -> list[Any]:
     return records
 
 
-def _voevent(data: bytes, _src: decode.SchemaSource | None) -> list[Any]:
+def _voevent(data: bytes, _ctx: DecodeContext) -> list[Any]:
     return decode.decode_voevent(data)
 
 
-def _gcn_binary(data: bytes, _src: decode.SchemaSource | None) -> list[Any]:
+def _gcn_binary(data: bytes, _ctx: DecodeContext) -> list[Any]:
     return decode.decode_gcn_binary(data)
 
 
-def _antares(data: bytes, _src: decode.SchemaSource | None) -> list[Any]:
+def _antares(data: bytes, _ctx: DecodeContext) -> list[Any]:
     return decode.decode_antares(data)
 
 
-def _auto_decode(data: bytes, src: decode.SchemaSource | None) -> list[Any]:
+def _auto_decode(data: bytes, ctx: DecodeContext) -> list[Any]:
     kind = decode.sniff(data)
     if kind == "avro-ocf":
         return decode.decode_avro_ocf(data)
-    if kind == "confluent-avro":
-        return decode.decode_confluent(data, src)
     if kind == "json":
         return decode.decode_json(data)
     if kind == "xml":
         return decode.decode_voevent(data)
+    # A schemaless record has no framing to sniff: its first byte is the
+    # first field's (often a union branch 0x00, which looks like Confluent's
+    # magic byte). A stream that names a schema_file says what it carries.
+    if ctx.schema_file is not None:
+        return decode.decode_avro_schemaless(data, ctx.schema_file)
+    if kind == "confluent-avro":
+        return decode.decode_confluent(data, ctx.schema_source)
     if kind == "gcn-binary":
         return decode.decode_gcn_binary(data)
     if kind == "zlib":
@@ -117,7 +146,8 @@ FORMATS: dict[str, Format] = {
         Format("ztf-avro", _ocf, ztf.parse, "ZTF alert: Avro container, schema embedded"),
         Format("rubin-avro", _confluent, rubin.parse, "Rubin alert: Confluent wire format"),
         Format("rubin-avro-file", _ocf, rubin.parse, "Rubin alert(s) in an Avro container"),
-        Format("fink-avro", _ocf, fink.parse, "Fink output (ZTF or Rubin + Fink columns)"),
+        Format("fink-avro", _ocf_or_schemaless, fink.parse,
+               "Fink output (ZTF or Rubin + Fink columns): Avro container, or schemaless with schema_file"),
         Format("lasair-json", _json_object, lasair.parse, "Lasair filter output"),
         Format("gcn-json", _json_object, gcn_json.parse, "GCN Kafka JSON notice (gcn-schema)"),
         Format("gcn-voevent", _voevent, voevent.parse, "VOEvent 2.0 XML"),
