@@ -117,3 +117,94 @@ def test_backtest_command_from_the_database(db, shared_data, tmp_path, capsys):
     assert r["evaluated"] == 6 and r["firings"] == sum(r["per_night"].values())
     # The simulator's 1m-gri: 3 filters x (300 s + 20 s readout) + 120 s setup + 2 filter changes of 10 s.
     assert r["estimated_hours"] == pytest.approx(r["firings"] * 1100 / 3600, abs=1e-3)
+
+
+def _store_swift_burst(db, shared_data):
+    """Swift BAT (3' error circle) then XRT (5") notices of GRB 240511: the notices row ends with the XRT's."""
+    from tomd.alerts.parse import parse_message
+
+    ing = Ingestor(db.sessions, IngestSettings(stream="gcn", format="auto"), lambda b: parse_message("auto", b))
+    for n in ("SWIFT_BAT_GRB_POS_ACK", "SWIFT_XRT_POSITION"):
+        p = shared_data / "gcn" / "gcn-classic-binary" / f"{n}.bin"
+        ing.handle([FileMessage(str(p), 0, p.read_bytes())])
+
+
+def test_backtest_from_the_database_sees_each_notice_as_it_was(db, shared_data, tmp_path, capsys):
+    """The BAT alert is replayed with its own 0.05° circle and notice type, not the later XRT refinement."""
+    _store_swift_burst(db, shared_data)
+    rules_dir = tmp_path / "rules"
+    rules_dir.mkdir()
+    (rules_dir / "xrt.toml").write_text('name = "xrt"\nwhen = "alert.error_deg < 0.01"\nadd_tags = ["grb"]\n')
+    (rules_dir / "bat.toml").write_text('name = "bat"\nwhen = "alert.notice_type == \'SWIFT_BAT_GRB_POS_ACK\' '
+                                        'and alert.error_deg == 0.05"\nadd_tags = ["grb"]\n')
+    app = App(db, rules_dir)
+    args = argparse.Namespace(rules=None, alerts=None, since="2024-05-01", until=None, format="auto", json=True)
+    assert cmd_rule_backtest(app, args) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["alerts"] == 2
+    assert report["rules"]["xrt"]["outcomes"] == {"not_fired": 1, "fired": 1}
+    assert report["rules"]["bat"]["outcomes"] == {"fired": 1, "not_fired": 1}
+    x = report["rules"]["xrt"]
+    assert x["target_names"] == ["GCN swift 1227767"]
+    assert x["nights"] == {"2024-05-11": {"firings": 1, "targets": ["GCN swift 1227767"], "estimated_hours": 0.0}}
+    assert any("target.tags, target.lists" in n for n in report["notes"])
+    assert not any("without an error circle" in n for n in report["notes"])
+
+
+def test_backtest_without_the_notice_events_flags_the_unknown_circles(db, shared_data, tmp_path):
+    """Outbox events pruned: the earlier notice alert gets no error circle (flagged), never the later one's."""
+    from sqlalchemy import delete
+
+    from tomd.db.models import OutboxEvent
+    from tomd.rules.cli import _alerts_from_db
+    from datetime import datetime, timezone
+
+    _store_swift_burst(db, shared_data)
+    with db.sessions.begin() as s:
+        s.execute(delete(OutboxEvent))
+    notes: list[str] = []
+    bat, xrt = _alerts_from_db(App(db), datetime(2024, 5, 1, tzinfo=timezone.utc), None, notes)
+    assert bat.localization.error_deg is None and bat.notice_type is None
+    assert xrt.localization.error_deg == pytest.approx(0.0013) and xrt.notice_type == "SWIFT_XRT_POSITION"
+    assert notes and notes[0].startswith("1 notice alert(s) replayed without an error circle")
+
+
+def test_backtest_report_names_targets_per_night_with_hours(shared_data, tmp_path, capsys):
+    """Nights are the facility's (noon to noon at its first site), as the engine's limits count them."""
+    schema, recs = series(3)
+    files = []
+    for i, r in enumerate(recs):
+        p = tmp_path / f"a{i}.avro"
+        p.write_bytes(encode(schema, [r]))
+        files.append(str(p))
+    rules_dir = tmp_path / "rules"
+    rules_dir.mkdir()
+    # Test mode: no request is made, so every alert would fire (no pending duplicate).
+    (rules_dir / "a.toml").write_text('name = "all"\nmode = "test"\nwhen = "alert.mag > 0"\n'
+                                      '[observe]\nfacility = "sim"\ntemplate = "1m-gri"\n[limits]\ncooldown = "1h"\n')
+    config = Config()
+    from dataclasses import replace
+
+    from tomd.config import Facility
+
+    config = replace(config, facilities={"sim": Facility(kind="sim")},
+                     rules=replace(config.rules, paths=[str(rules_dir)]))
+    app = App()
+    app.config = config
+    args = argparse.Namespace(rules=None, alerts=files, since=None, until=None, format="auto", json=True)
+    assert cmd_rule_backtest(app, args) == 0
+    r = json.loads(capsys.readouterr().out)["rules"]["all"]
+    from tomd.rules.engine import night_of
+    from tomd.rules.cli import _alerts_from_files
+
+    alerts, _ = _alerts_from_files(files, "auto")
+    expect = sorted({night_of(a.time, -156.2575)[1] for a in alerts})
+    assert list(r["nights"]) == expect
+    (name,) = r["target_names"]
+    assert name.startswith("ZTF")
+    assert all(n["targets"] == [name] for n in r["nights"].values())
+    assert sum(n["estimated_hours"] for n in r["nights"].values()) == pytest.approx(r["estimated_hours"], abs=1e-3)
+    args.json = False
+    assert cmd_rule_backtest(app, args) == 0
+    out = capsys.readouterr()
+    assert f"night of {expect[0]}: 1, 0.31 h: {name}" in out.out and "note: targets start empty" in out.err

@@ -11,7 +11,7 @@ import json
 import sys
 import tempfile
 from collections import Counter
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -124,31 +124,69 @@ def _alerts_from_files(paths: list[str], fmt: str):
     return out, bad
 
 
-def _alerts_from_db(app, since: datetime, until: datetime | None):
-    """Stored alerts rebuilt as Alerts, each with the photometry it brought (so the replay sees no future)."""
+def _alerts_from_db(app, since: datetime, until: datetime | None, notes: list[str] | None = None):
+    """Stored alerts rebuilt as Alerts, each with the photometry it brought (so the replay sees no future).
+
+    A notice alert (GRB, GW) is rebuilt with its OWN localisation, notice type
+    and retraction, never the notice row's (which later refinements
+    overwrite): the alert row keeps ra/dec, and the ``notice.received`` event
+    written with it keeps error_deg, notice_type and whether the event was
+    retracted by then. Where those events are gone (the k-th event of a
+    notice no longer matches its k-th alert), only the notice's latest alert
+    takes the notice row; the others get no error circle, and ``notes`` says
+    how many.
+    """
     from tomd.alerts.model import Alert, Localization, PhotPoint
     from tomd.db import repository as repo
     from tomd.db.models import Notice
 
     out = []
+    unknown_loc = 0
     with app.sessions() as s:
-        for row in repo.alerts_since(s, since):
-            if until is not None and row.time >= until:
-                break
+        rows = repo.alerts_since(s, since)
+        if until is not None:
+            rows = [r for r in rows if r.time < until]
+        notice_ids = sorted({r.notice_id for r in rows if r.notice_id})
+        order = repo.notice_alert_ids(s, notice_ids)
+        received = repo.notice_received_payloads(s, notice_ids)
+        for row in rows:
             pts = tuple(PhotPoint(mjd=p.mjd, band=p.band, kind=p.kind, mag=p.mag, mag_err=p.mag_err, flux=p.flux,
                                   flux_err=p.flux_err, limit=p.limit, source=p.source)
                         for p in repo.photometry_of_alert(s, row.id))
-            notice = s.get(Notice, row.notice_id) if row.notice_id else None
-            loc = Localization(notice.ra, notice.dec, notice.error_deg, None, None, notice.area_90_deg2) \
-                if notice else None
+            event_id = notice_type = loc = None
+            retraction = False
+            if row.notice_id:
+                notice = s.get(Notice, row.notice_id)
+                ids, evs = order.get(row.notice_id, []), received.get(row.notice_id, [])
+                own = evs[ids.index(row.id)] if len(ids) == len(evs) and row.id in ids else None
+                if own is not None:
+                    notice_type, retraction = own.get("notice_type"), bool(own.get("retracted"))
+                    ra = own.get("ra") if own.get("ra") is not None else row.ra
+                    dec = own.get("dec") if own.get("dec") is not None else row.dec
+                    loc = Localization(ra, dec, own.get("error_deg"), None, None,
+                                       notice.area_90_deg2 if notice is not None and ids[-1] == row.id else None)
+                elif notice is not None and ids and ids[-1] == row.id:  # the latest: the row is its own
+                    notice_type, retraction = notice.notice_type, bool(notice.retracted)
+                    loc = Localization(notice.ra, notice.dec, notice.error_deg, None, None, notice.area_90_deg2)
+                else:
+                    unknown_loc += 1
+                    loc = Localization(row.ra, row.dec, None) if row.ra is not None else None
+                event_id = notice.event_id if notice is not None else None
             out.append(Alert(source=row.source, key=row.key, time=row.time, kind=row.kind, object_id=row.object_id,
                              ra=row.ra, dec=row.dec, band=row.band, mag=row.mag, mag_err=row.mag_err, flux=row.flux,
-                             flux_err=row.flux_err, photometry=pts,
-                             event_id=notice.event_id if notice else None,
-                             notice_type=notice.notice_type if notice else None, localization=loc,
-                             retraction=bool(notice.retracted) if notice else False,
+                             flux_err=row.flux_err, photometry=pts, event_id=event_id, notice_type=notice_type,
+                             localization=loc, retraction=retraction,
                              fields=dict(row.fields or {}), payload=dict(row.payload or {})))
+    if unknown_loc and notes is not None:
+        notes.append(f"{unknown_loc} notice alert(s) replayed without an error circle: their notice.received events "
+                     "are no longer in the outbox, and the notices table holds only the latest refinement")
     return out
+
+
+#: What a replay cannot know: said with every report.
+HISTORY_NOTE = ("targets start empty in the replay: target.tags, target.lists and target.extras hold only what the "
+                "replayed rules themselves added (tags and lists carry no timestamps, so today's cannot be replayed "
+                "as they stood), and no earlier requests or decisions exist for limits and duplicates")
 
 
 def backtest(alerts, rules, *, facility_kinds=None, features=None, match_radius_arcsec: float = 1.5) -> dict[str, Any]:
@@ -162,8 +200,8 @@ def backtest(alerts, rules, *, facility_kinds=None, features=None, match_radius_
 
     from tomd.alerts.ingest import FileMessage, IngestSettings, Ingestor
     from tomd.db import migrate
-    from tomd.db.models import Decision, ObservationRequest
-    from tomd.rules.engine import RuleEngine, RuleSet
+    from tomd.db.models import Decision, ObservationRequest, TargetName
+    from tomd.rules.engine import RuleEngine, RuleSet, facility_longitude, night_of
 
     alerts = sorted(alerts, key=lambda a: a.time)
     with tempfile.TemporaryDirectory(prefix="tomd-backtest-") as tmp:
@@ -182,15 +220,21 @@ def backtest(alerts, rules, *, facility_kinds=None, features=None, match_radius_
             rows = [(d.rule, d.outcome, d.reason, d.target_id, d.created_at, d.details, d.id)
                     for d in s.scalars(select(Decision).order_by(Decision.created_at, Decision.id))]
             hours = {r.decision_id: r.estimated_hours or 0.0 for r in s.scalars(select(ObservationRequest))}
+            names = {t: n for t, n in s.execute(select(TargetName.target_id, TargetName.name)
+                                                 .where(TargetName.primary.is_(True)))}
         engine.dispose()
     n_alerts = ing.totals.alerts
     report: dict[str, Any] = {"alerts": n_alerts, "duplicates_skipped": ing.totals.duplicates,
                               "first": alerts[0].time.isoformat() if alerts else None,
-                              "last": alerts[-1].time.isoformat() if alerts else None, "rules": {}, "warnings": []}
+                              "last": alerts[-1].time.isoformat() if alerts else None, "rules": {}, "warnings": [],
+                              "notes": [HISTORY_NOTE]}
     per: dict[str, dict[str, Any]] = {}
+    lon: dict[str, float] = {}
     for r in rules:
-        per[r.name] = {"mode": r.mode, "evaluated": 0, "outcomes": Counter(), "firings": 0, "per_night": Counter(),
+        per[r.name] = {"mode": r.mode, "evaluated": 0, "outcomes": Counter(), "firings": 0, "nights": {},
                        "targets": set(), "estimated_hours": 0.0}
+        # Nights as the engine's limits count them: noon to noon at the facility's first site (UTC without one).
+        lon[r.name] = facility_longitude(facility_kinds or {}, r.observe.facility if r.observe else None)
     for rule, outcome, reason, tid, at, details, did in rows:
         p = per[rule]
         p["evaluated"] += 1
@@ -198,21 +242,32 @@ def backtest(alerts, rules, *, facility_kinds=None, features=None, match_radius_
         fires = outcome == "fired" or (outcome == "test" and reason.startswith("would fire"))
         if fires:
             p["firings"] += 1
-            night = (at - timedelta(hours=12)).date().isoformat()
-            p["per_night"][night] += 1
+            if outcome == "fired":
+                h = hours.get(did, 0.0)
+            else:
+                h = (((details or {}).get("would") or {}).get("observe") or {}).get("estimated_hours") or 0.0
+            p["estimated_hours"] += h
+            n = p["nights"].setdefault(night_of(at, lon[rule])[1], {"firings": 0, "targets": set(),
+                                                                     "estimated_hours": 0.0})
+            n["firings"] += 1
+            n["estimated_hours"] += h
             if tid is not None:
                 p["targets"].add(tid)
-            if outcome == "fired":
-                p["estimated_hours"] += hours.get(did, 0.0)
-            else:
-                ob = ((details or {}).get("would") or {}).get("observe") or {}
-                p["estimated_hours"] += ob.get("estimated_hours") or 0.0
+                n["targets"].add(tid)
+
+    def named(tids) -> list[str]:
+        return sorted(names.get(t, f"#{t}") for t in tids)
+
     for name, p in per.items():
         frac = p["firings"] / p["evaluated"] if p["evaluated"] else 0.0
+        nights = dict(sorted(p["nights"].items()))
         report["rules"][name] = {
             "mode": p["mode"], "evaluated": p["evaluated"], "outcomes": dict(p["outcomes"]), "firings": p["firings"],
-            "fraction": round(frac, 4), "per_night": dict(sorted(p["per_night"].items())),
-            "targets": len(p["targets"]), "estimated_hours": round(p["estimated_hours"], 3),
+            "fraction": round(frac, 4), "per_night": {k: v["firings"] for k, v in nights.items()},
+            "targets": len(p["targets"]), "target_names": named(p["targets"]),
+            "estimated_hours": round(p["estimated_hours"], 3),
+            "nights": {k: {"firings": v["firings"], "targets": named(v["targets"]),
+                           "estimated_hours": round(v["estimated_hours"], 3)} for k, v in nights.items()},
         }
         if p["evaluated"] and frac > 0.05:
             report["warnings"].append(f"rule {name} fires on {100 * frac:.1f}% of the {p['evaluated']} alerts it "
@@ -232,15 +287,17 @@ def cmd_rule_backtest(app, args) -> int:
     if not rules:
         raise InputError("no rules to test", field="--rules")
     bad: list[str] = []
+    notes: list[str] = []
     if args.alerts:
         alerts, bad = _alerts_from_files(args.alerts, args.format)
     else:
         alerts = _alerts_from_db(app, _parse_date(args.since, "--since"),
-                                 _parse_date(args.until, "--until") if args.until else None)
+                                 _parse_date(args.until, "--until") if args.until else None, notes)
     for b in bad:
         print(f"skipped: {b}", file=sys.stderr)
     report = backtest(alerts, rules, facility_kinds=env.facility_kinds, features=features,
                       match_radius_arcsec=config.targets.match_radius_arcsec)
+    report["notes"] = notes + report["notes"]
     if args.json:
         print(json.dumps(report, indent=2))
     else:
@@ -250,8 +307,12 @@ def cmd_rule_backtest(app, args) -> int:
             print(f"  {name}{' (test)' if r['mode'] == 'test' else ''}: fired {r['firings']} "
                   f"({100 * r['fraction']:.1f}%) on {r['targets']} targets, {r['estimated_hours']:.2f} h "
                   f"estimated; {oc}")
-            for night, n in r["per_night"].items():
-                print(f"      night of {night}: {n}")
+            for night, n in r["nights"].items():
+                shown = ", ".join(n["targets"][:10]) + (f" and {len(n['targets']) - 10} more"
+                                                        if len(n["targets"]) > 10 else "")
+                print(f"      night of {night}: {n['firings']}, {n['estimated_hours']:.2f} h: {shown}")
         for w in report["warnings"]:
             print(f"warning: {w}", file=sys.stderr)
+        for note in report["notes"]:
+            print(f"note: {note}", file=sys.stderr)
     return 0
