@@ -312,6 +312,61 @@ def test_wake_submits_at_once(db, sim):
     assert not t.is_alive()
 
 
+def test_a_hanging_facility_does_not_delay_another_facilitys_intent(db, sim):
+    """Each facility has a lane of its own: an LCO rapid-response intent is not queued behind
+    a facility whose validation call hangs (as Swift's job_wait or a stuck Gemini endpoint can)."""
+    with SimObservatory(pending_s=3600, hang_s=60) as slow_sim:
+        slow_sim.inject("hang", path="/api/requestgroups/validate/")
+        tid = make_target(db)
+        with db.sessions.begin() as s:  # the slow facility's intent first: one thread would take it first
+            slow_id = create_intent(s, target_id=tid, facility="slow", template="1m-gri", name="slow-0")
+            fast_id = create_intent(s, target_id=tid, facility="fast", template="1m-gri", name="fast-0",
+                                    mode="RAPID_RESPONSE")
+        sub = Submitter(db.sessions, {"slow": client(slow_sim, timeout=120, max_attempts=1),
+                                      "fast": client(sim)}, FAST)
+        stop = threading.Event()
+        t = threading.Thread(target=sub.run, args=(stop,))
+        t.start()
+        try:
+            deadline = time.monotonic() + 30  # well inside the 60 s hang
+            while {r.id: r.state for r in rows(db)}[fast_id] != "pending":
+                assert time.monotonic() < deadline, "the fast facility's intent waited behind the hanging one"
+                time.sleep(0.02)
+            # The slow facility's validation is still hanging: its intent is claimed, not sent.
+            slow = {r.id: r for r in rows(db)}[slow_id]
+            assert slow.state == "intent" and slow.claimed_by == sub.worker
+            assert any(r.path == "/api/requestgroups/validate/" for r in slow_sim.received)
+            assert slow_sim.submissions() == [] and [g["name"] for g in sim.groups()] == ["fast-0"]
+        finally:
+            stop.set()
+            sub.wake()
+            slow_sim.stop()  # ends the hang: the lane records a retry and sees the stop
+            t.join(30)
+    assert not t.is_alive()
+
+
+def test_an_intent_for_a_facility_not_configured_fails_in_its_own_lane(db, sim):
+    tid = make_target(db)
+    with db.sessions.begin() as s:
+        gone = create_intent(s, target_id=tid, facility="retired", template="1m-gri", name="gone-0")
+        ok = create_intent(s, target_id=tid, facility="sim", template="1m-gri", name="ok-0")
+    sub = Submitter(db.sessions, {"sim": client(sim)}, FAST)
+    stop = threading.Event()
+    t = threading.Thread(target=sub.run, args=(stop,))
+    t.start()
+    try:
+        deadline = time.monotonic() + 20
+        while {r.id: r.state for r in rows(db)} != {gone: "failed", ok: "pending"}:
+            assert time.monotonic() < deadline, {r.id: r.state for r in rows(db)}
+            time.sleep(0.02)
+    finally:
+        stop.set()
+        sub.wake()
+        t.join(10)
+    assert not t.is_alive()
+    assert "no facility 'retired' is configured" in {r.id: r for r in rows(db)}[gone].last_error
+
+
 def test_inline_template_from_the_rule_decision(db, sim):
     """The rules engine stores an inline template with its decision; the intent names it "inline:<hash>"."""
     from tomd.db.models import Decision

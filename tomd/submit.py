@@ -22,9 +22,11 @@ The ``Submitter`` moves each intent through::
 - State, status history and outbox event commit in one transaction.
 - Retries back off exponentially with full jitter; each facility client
   holds its own rate limit (``tomd.facilities.lco.RateLimiter``).
-- ``Submitter.wake()`` starts a sweep at once (call it after committing a
-  decision); otherwise ``run()`` sweeps every ``sweep_interval_s`` and when
-  the earliest backed-off intent becomes due.
+- ``run()`` gives each configured facility a lane (thread) of its own: a
+  slow facility delays only its own intents. ``Submitter.wake()`` starts a
+  sweep in every lane at once (call it after committing a decision);
+  otherwise each lane sweeps every ``sweep_interval_s`` and when its
+  earliest backed-off intent becomes due.
 
 The lease must outlast one attempt (validate + POST, each bounded by the
 facility's timeout and retries: about 4 min at the 30 s default timeout);
@@ -122,7 +124,9 @@ class Submitter:
         self.worker = worker_id or default_worker_id()
         self.clock = clock
         self.rng = rng or random.Random()
-        self.wake_event = threading.Event()
+        self.wake_event = threading.Event()  # set by wake(); each lane of run() has its own as well
+        self._lane_events: list[threading.Event] = []
+        self._lanes_lock = threading.Lock()
         # Told of each recorded outcome: observer(facility, "submitted" | "rejected" | "failed" | "retry",
         # seconds from a rule's decision to acceptance, or None). Metrics plug in here.
         self.observer: Callable[[str, str, float | None], None] | None = None
@@ -130,31 +134,73 @@ class Submitter:
     # -- driving -----------------------------------------------------------------
 
     def wake(self) -> None:
-        """Start a sweep now (thread-safe; call after committing a decision)."""
+        """Start a sweep now, in every lane (thread-safe; call after committing a decision)."""
         self.wake_event.set()
+        with self._lanes_lock:
+            for ev in self._lane_events:
+                ev.set()
 
     def run(self, stop: threading.Event) -> None:
-        """Sweep until ``stop`` is set: at once when woken, else periodically."""
-        while not stop.is_set():
-            self.wake_event.clear()
-            try:
-                outcomes = self.run_once()
-            except Exception:  # noqa: BLE001 - a database hiccup must not end the thread
-                log.exception("submission sweep failed; retrying")
-                outcomes = []
-            if len(outcomes) >= self.settings.batch:
-                continue  # more may be due
-            wait = self.settings.sweep_interval_s
-            try:
-                with self.sessions() as s:
-                    nxt = repo.next_observation_attempt(s)
-                if nxt is not None:
-                    wait = min(wait, max(0.01, (nxt - self.clock()).total_seconds()))
-            except Exception:  # noqa: BLE001
-                pass
-            if self.wake_event.wait(wait):
-                continue
+        """Submit until ``stop`` is set: one lane (thread) per configured facility, plus one for
+        intents naming a facility that is not configured (they fail at once).
+
+        A lane claims only its facility's intents and handles them one after
+        another, so a slow facility (Swift's job_wait, a hanging Gemini
+        endpoint) holds back its own intents only, never another facility's
+        rapid-response request. Each lane sweeps at once when woken, else
+        periodically and when its earliest backed-off intent becomes due.
+        Claims, leases and fencing are per intent, as with one thread. Returns
+        when every lane has finished the attempt it was making.
+        """
+        names = sorted(self.facilities)
+        lanes = [threading.Thread(target=self._lane, args=(stop, (n,)), name=f"tomd-submit-{n}", daemon=True)
+                 for n in names]
+        lanes.append(threading.Thread(target=self._lane, args=(stop, None), name="tomd-submit-other", daemon=True))
+        for t in lanes:
+            t.start()
+        stop.wait()
+        self.wake()
+        for t in lanes:
+            t.join()
         log.info("submitter %s stopped", self.worker)
+
+    def _lane(self, stop: threading.Event, facilities: tuple[str, ...] | None) -> None:
+        """One facility's intents (``None``: those of facilities not configured)."""
+        event = threading.Event()
+        with self._lanes_lock:
+            self._lane_events.append(event)
+        others = sorted(self.facilities)
+        try:
+            while not stop.is_set():
+                event.clear()  # before the sweep: a wake during it makes the next wait return at once
+                try:
+                    outcomes = self._sweep_lane(facilities)
+                except Exception:  # noqa: BLE001 - a database hiccup must not end the lane
+                    log.exception("submission sweep failed; retrying")
+                    outcomes = []
+                if len(outcomes) >= self.settings.batch:
+                    continue  # more may be due
+                wait = self.settings.sweep_interval_s
+                try:
+                    with self.sessions() as s:
+                        nxt = repo.next_intent_attempt_of(s, facilities=facilities,
+                                                          exclude=others if facilities is None else None)
+                    if nxt is not None:
+                        wait = min(wait, max(0.01, (nxt - self.clock()).total_seconds()))
+                except Exception:  # noqa: BLE001
+                    pass
+                event.wait(wait)
+        finally:
+            with self._lanes_lock:
+                self._lane_events.remove(event)
+
+    def _sweep_lane(self, facilities: tuple[str, ...] | None) -> list[Outcome]:
+        if facilities is not None:
+            return [self._process(w) for w in self._claim(None, facilities)]
+        with self.sessions() as s:
+            ids = repo.due_intent_ids_elsewhere(s, sorted(self.facilities), now=self.clock(),
+                                                limit=self.settings.batch)
+        return [self._process(w) for w in self._claim(ids)] if ids else []
 
     def run_once(self, ids: Sequence[int] | None = None) -> list[Outcome]:
         """Claim the due intents (or just ``ids``) and try each once."""
@@ -178,12 +224,12 @@ class Submitter:
 
     # -- one intent ----------------------------------------------------------------
 
-    def _claim(self, ids: Sequence[int] | None) -> list[_Work]:
+    def _claim(self, ids: Sequence[int] | None, facilities: Sequence[str] | None = None) -> list[_Work]:
         now = self.clock()
         with self.sessions.begin() as s:
             rows = repo.claim_observation_intents(
                 s, self.worker, now=now, lease_until=now + timedelta(seconds=self.settings.lease_s),
-                limit=self.settings.batch, ids=ids)
+                limit=self.settings.batch, ids=ids, facilities=facilities)
             return [_Work(r.id, r.name, r.facility, r.template, r.state, r.attempts or 0, r.target_id,
                           r.decision_id, r.mode, r.priority, r.window_start, r.window_end, dict(r.request or {}),
                           r.created_at if r.decision_id is not None else None)

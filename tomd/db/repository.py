@@ -1393,3 +1393,35 @@ def notice_issued_times(s: Session, notice_id: int) -> list[str]:
     """
     q = select(_ALERTS.c.fields).where(_ALERTS.c.notice_id == notice_id)
     return [f["issued"] for f in s.scalars(q) if isinstance(f, dict) and isinstance(f.get("issued"), str)]
+
+
+# ---- submit: one lane per facility ----
+# Used by tomd.submit.Submitter.run: each configured facility's intents are claimed by a lane
+# (thread) of its own, so a slow facility holds back only its own intents.
+
+
+def due_intent_ids_elsewhere(s: Session, configured: Sequence[str], *, now: datetime, limit: int) -> list[int]:
+    """Ids of due, unclaimed intents naming a facility outside ``configured`` (they fail at once)."""
+    R = _OBS
+    q = select(R.c.id).where(
+        R.c.state.in_(("intent", "submitting")), R.c.facility.not_in(list(configured)),
+        or_(R.c.next_attempt_at.is_(None), R.c.next_attempt_at <= now),
+        or_(R.c.claimed_until.is_(None), R.c.claimed_until < now),
+    ).order_by(R.c.id).limit(limit)
+    return list(s.scalars(q))
+
+
+def next_intent_attempt_of(s: Session, *, facilities: Sequence[str] | None = None,
+                           exclude: Sequence[str] | None = None) -> datetime | None:
+    """``next_observation_attempt`` for the intents of ``facilities`` (or of every facility but ``exclude``)."""
+    from sqlalchemy import case
+
+    R = ObservationRequest
+    due = func.coalesce(R.next_attempt_at, R.created_at)
+    when = case((R.claimed_until > due, R.claimed_until), else_=due)
+    q = select(func.min(when)).where(R.state.in_(("intent", "submitting")))
+    if facilities is not None:
+        q = q.where(R.facility.in_(list(facilities)))
+    if exclude is not None:
+        q = q.where(R.facility.not_in(list(exclude)))
+    return s.scalar(q)
