@@ -115,15 +115,15 @@ def test_dead_letters_are_ingested_after_a_fix(db, shared_data):
     def settings_for(stream, fmt):
         return IngestSettings(stream=stream, format=fmt)
 
-    still = retry_dead_letters(db.sessions, lambda fmt: broken, settings_for)
+    still = retry_dead_letters(db.sessions, lambda st: broken, settings_for)
     assert (still.retried, still.resolved, still.still_failing) == (4, 0, 4)
-    fixed = retry_dead_letters(db.sessions, lambda fmt: ztf_parser, settings_for)
+    fixed = retry_dead_letters(db.sessions, lambda st: ztf_parser, settings_for)
     assert (fixed.retried, fixed.resolved, fixed.still_failing) == (4, 4, 0)
     assert counts(db)["alerts"] == 4
     with db.sessions() as s:
         assert repo.dead_letters(s) == []
         assert all(d.retries == 2 for d in repo.dead_letters(s, unresolved_only=False))
-    assert retry_dead_letters(db.sessions, lambda fmt: ztf_parser, settings_for).retried == 0
+    assert retry_dead_letters(db.sessions, lambda st: ztf_parser, settings_for).retried == 0
 
 
 @pytest.mark.parametrize("known", [False, True])
@@ -273,3 +273,96 @@ def test_a_retraction_applies_even_when_issued_before_the_last_update(db, shared
     notice_ingestor(db).handle([retraction])
     (n,) = notices(db).values()
     assert n.retracted and n.ra == pytest.approx(336.26)
+
+
+# --- dead letters: one per message, however often it comes -----------------------------
+
+
+def dead_lettered_events(db) -> int:
+    with db.sessions() as s:
+        return s.scalar(select(func.count()).select_from(OutboxEvent).where(OutboxEvent.kind == "alert.dead_lettered"))
+
+
+def test_a_bad_message_delivered_again_is_one_dead_letter(db, shared_data):
+    """B3: replaying a bad file (under another name) or a Kafka redelivery adds no letter and no event."""
+    from tomd.alerts.consumer import RawMessage
+
+    bad = b"Obj\x01garbage that is not avro"
+    ing = ingestor(db)
+    assert ing.handle([FileMessage("/data/a.avro", 0, bad)]).dead_letters == 1
+    assert ing.handle([FileMessage("/elsewhere/copy.avro", 0, bad)]).dead_letters == 0
+    kafka = RawMessage("ztf_x", 3, 17, b"k", bad, None, (("origin", b"ztf"),))
+    assert ing.handle([kafka]).dead_letters == 1
+    assert ingestor(db).handle([kafka, FileMessage("again", 1, bad)]).dead_letters == 0  # a restarted daemon
+    assert counts(db)["dead_letters"] == 2 and dead_lettered_events(db) == 2
+    with db.sessions() as s:
+        file_dl, kafka_dl = repo.dead_letters(s)
+    import hashlib
+
+    assert file_dl.fingerprint == "sha256:" + hashlib.sha256(bad).hexdigest() and file_dl.topic == "/data/a.avro#0"
+    assert kafka_dl.fingerprint == "ztf_x[3]@17" and kafka_dl.headers == [["origin", "enRm"]]
+    # Another stream's letter of the same bytes is its own.
+    other = Ingestor(db.sessions, IngestSettings(stream="other", format="ztf-avro"), ztf_parser)
+    assert other.handle([FileMessage("/data/a.avro", 0, bad)]).dead_letters == 1
+
+
+def test_a_database_outage_partway_through_the_one_by_one_pass_doubles_nothing(db, shared_data):
+    """B3: the batch is applied again after a RetryableError; letters already written are not written twice."""
+    from sqlalchemy.exc import OperationalError
+
+    schema, (rec,) = read_ztf(ztf_files()[0])
+    nul = FileMessage("nul", 0, encode(schema, [dict(rec, candidate={**rec["candidate"], "ssnamenr": "bad\x00"})]),
+                      topic="ztf_x", partition=0, offset=7)
+    garbage = FileMessage("g", 0, b"not avro at all", topic="ztf_x", partition=0, offset=8)
+    good = messages(ztf_files()[1:3])
+    calls = {"n": 0}
+
+    def flaky_sink(s, stored):  # the database goes away while the third message is applied
+        calls["n"] += 1
+        if calls["n"] == 3 and db.kind == "postgresql":
+            raise OperationalError("INSERT", {}, Exception("server closed the connection unexpectedly"))
+
+    ing = Ingestor(db.sessions, IngestSettings(stream="ztf", format="ztf-avro"), ztf_parser, sinks=[flaky_sink])
+    batch = [garbage, nul, *good]
+    if db.kind == "postgresql":
+        with pytest.raises(RetryableError):
+            ing.handle(batch)  # batch refused (NUL) → one by one → outage on a good message
+        assert counts(db)["dead_letters"] == 2
+    result = ing.handle(batch)  # the consumer applies the batch again
+    again = ing.handle(batch)  # and once more (a redelivery)
+    assert again.dead_letters == 0 and again.alerts == 0
+    letters = 2 if db.kind == "postgresql" else 1  # SQLite stores the NUL
+    assert counts(db)["dead_letters"] == letters and dead_lettered_events(db) == letters
+    assert counts(db)["alerts"] == 4 - letters
+
+
+def test_retry_parses_a_letter_with_its_kafka_headers_and_the_streams_include_test(db, shared_data):
+    """B3: hop keeps the message id in Kafka headers; a retry must see them, and the stream's include_test."""
+    import uuid
+
+    from tomd.alerts.consumer import RawMessage
+    from tomd.alerts.ingest import retry_dead_letters
+    from tomd.alerts.parse import parse_message
+    from tomd.errors import ParseError
+
+    def broken(data):
+        raise ParseError("hop: unsupported")
+
+    content = (shared_data / GCN_JSON / "icecube/single_neutrino_alerts.gold_bronze_track_alerts.example.json")
+    mid = uuid.UUID("12345678-1234-5678-1234-567812345678")
+    real = RawMessage("hop.gcn", 0, 5, None, content.read_bytes(), None,
+                      (("_id", mid.bytes), ("_test", b"false"), ("_format", b"json")))
+    test = RawMessage("hop.gcn", 0, 6, None, content.read_bytes(), None,
+                      (("_id", uuid.uuid4().bytes), ("_test", b"true"), ("_format", b"json")))
+    Ingestor(db.sessions, IngestSettings(stream="hop", format="hop"), broken).handle([real, test])
+    with db.sessions() as s:
+        assert [d.headers[0][0] for d in repo.dead_letters(s)] == ["_id", "_id"]
+
+    def parser_for(st):
+        return lambda d: parse_message(st.format, d, include_test=st.include_test)
+
+    res = retry_dead_letters(db.sessions, parser_for, lambda stream, fmt: IngestSettings(stream, fmt, include_test=True))
+    assert (res.resolved, res.still_failing) == (2, 0)
+    with db.sessions() as s:
+        rows = {a.key: a for a in s.scalars(select(AlertRow))}
+    assert mid.hex in rows and len(rows) == 2  # the header's id, as on the stream; the test event kept

@@ -396,12 +396,21 @@ def cmd_alert_retry_dead_letters(app: App, args) -> int:
 
     from tomd.daemon import build_stages, parser_for
 
-    # Rubin letters are decoded with the schema registry their stream names.
-    registry = {st.format: st.schema_registry for st in app.config.streams if st.schema_registry}
+    # Each letter is parsed as its stream parses now: its format, its own
+    # include_test, and (Rubin) the schema registry it names. Letters of a
+    # stream no longer configured keep their format and drop test events.
+    registry = {st.name: st.schema_registry for st in app.config.streams if st.schema_registry}
+    parsers: dict[tuple[str, str, bool], Any] = {}
+
+    def parser_of(settings: IngestSettings):
+        key = (settings.stream, settings.format, settings.include_test)
+        if key not in parsers:
+            parsers[key] = parser_for(settings.format, include_test=settings.include_test,
+                                      schema_registry=registry.get(settings.stream))
+        return parsers[key]
+
     rules, storage = build_stages(app.config)
-    res = retry_dead_letters(app.sessions, lambda fmt: parser_for(fmt, include_test=False,
-                                                                  schema_registry=registry.get(fmt)),
-                             settings_for, stream=args.stream,
+    res = retry_dead_letters(app.sessions, parser_of, settings_for, stream=args.stream,
                              sinks=[rules], storage=storage)
     print(f"{res.retried} dead letters retried: {res.resolved} ingested, {res.still_failing} still failing")
     return 1 if res.still_failing else 0

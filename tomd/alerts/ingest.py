@@ -9,11 +9,18 @@ batch, and the replay changes nothing: each alert's ``(source, key)`` is
 unique and already-stored alerts are skipped, photometry has a dedupe key.
 
 Undecodable or unparseable messages go to the dead-letter table with their
-``topic[partition]@offset``, the error and the raw bytes; the stream goes on.
+``topic[partition]@offset``, the error, the raw bytes and the Kafka headers;
+the stream goes on. A letter has a fingerprint, unique per stream, so the same
+message delivered again (a replay, a redelivery after a crash) is one letter
+and one ``alert.dead_lettered`` event: ``topic[partition]@offset`` for a Kafka
+message, the poll result's stable coordinates for a broker poll, and
+``sha256:<hex>`` of the bytes for a file.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import logging
 import math
 import time
@@ -141,9 +148,7 @@ class Ingestor:
             try:
                 if m.value is None:
                     raise AlertError("empty message (no value)")
-                value = m.value
-                if self.settings.format == "hop" and getattr(m, "headers", None):
-                    value = hop_with_headers(value, m.headers)  # _id, _test, _format live in headers
+                value = message_value(self.settings.format, m.value, getattr(m, "headers", None))
                 parsed.append((m, self.parser(value), None))
             except AlertError as exc:
                 parsed.append((m, None, str(exc)))
@@ -176,15 +181,22 @@ class Ingestor:
             raise RetryableError(f"database: {_db_reason(exc)}") from exc
 
     def _one_by_one(self, parsed) -> BatchResult:
+        # Each message commits on its own. A RetryableError partway (the database
+        # went away) fails the call and the caller applies the whole batch again:
+        # what committed already is found stored (alerts by key, letters by
+        # fingerprint) and changes nothing.
         total = BatchResult()
         for item in parsed:
             try:
                 r = self._commit([item])
             except (DataError, ProgrammingError) as exc:
                 m = item[0]
-                with self.sessions.begin() as s:
-                    self._dead_letter(s, m, f"database refused it: {_db_reason(exc)}")
-                r = BatchResult(messages=1, dead_letters=1)
+                try:
+                    with self.sessions.begin() as s:
+                        new = self._dead_letter(s, m, f"database refused it: {_db_reason(exc)}")
+                except DBAPIError as exc2:
+                    raise RetryableError(f"database: {_db_reason(exc2)}") from exc2
+                r = BatchResult(messages=1, dead_letters=int(new))
             total.add(r)
         return total
 
@@ -200,8 +212,7 @@ class Ingestor:
         todo: list[tuple[Message, Alert]] = []
         for m, alerts, error in parsed:
             if error is not None:
-                self._dead_letter(s, m, error)
-                r.dead_letters += 1
+                r.dead_letters += self._dead_letter(s, m, error)
                 continue
             if not alerts:
                 r.skipped_test += 1  # the parser dropped a test/mock event
@@ -240,8 +251,7 @@ class Ingestor:
                     specs.append(validate(self._spec(a)))
                     spec_of.append(i)
                 except SpecError as exc:
-                    self._dead_letter(s, m, f"{a.source} alert {a.key}: {exc}")
-                    r.dead_letters += 1
+                    r.dead_letters += self._dead_letter(s, m, f"{a.source} alert {a.key}: {exc}")
                     targets[i] = -1  # not stored
         if specs:
             results = upsert_many(s, specs, radius_arcsec=self.settings.match_radius_arcsec,
@@ -334,16 +344,59 @@ class Ingestor:
                          label=a.notice_type, target_id=notice.target_id)
         return notice.id, notice.target_id
 
-    def _dead_letter(self, s: Session, m: Message, error: str) -> None:
+    def _dead_letter(self, s: Session, m: Message, error: str) -> bool:
+        """Record ``m`` as a dead letter; False when the stream already holds it (no event then)."""
         error = redact(error)[:4000]
         dl_id = repo.add_dead_letter(s, {
             # A file's path stands in for the topic, so every letter says where it came from.
             "stream": self.settings.stream, "format": self.settings.format,
             "topic": m.topic if m.topic is not None else m.coords,
             "partition": m.partition, "offset": m.offset, "key": m.key, "raw": m.value or b"", "error": error,
+            "fingerprint": fingerprint(m), "headers": encode_headers(getattr(m, "headers", None)),
         })
+        if dl_id is None:
+            log.info("dead letter %s already recorded", m.coords, extra={"coords": m.coords,
+                                                                        "stream": self.settings.stream})
+            return False
         repo.add_event(s, AlertDeadLettered(dl_id, self.settings.stream, m.coords, error))
         log.warning("dead letter %s: %s", m.coords, error, extra={"coords": m.coords, "stream": self.settings.stream})
+        return True
+
+
+def message_value(fmt: str, value: bytes, headers) -> bytes:
+    """The bytes the parser reads: hop keeps ``_id``, ``_test`` and ``_format`` in Kafka headers."""
+    if fmt == "hop" and headers:
+        return hop_with_headers(value, headers)
+    return value
+
+
+def fingerprint(m: Message) -> str:
+    """What makes two deliveries of a message the same dead letter (unique per stream)."""
+    own = getattr(m, "fingerprint", None)
+    if own:
+        return own  # a dead letter being retried
+    if m.topic is not None and m.partition is not None and m.offset is not None:
+        fp = f"{m.topic}[{m.partition}]@{m.offset}"
+    elif isinstance(m, FileMessage):
+        # A file's path or name may change between replays; its bytes do not.
+        return "sha256:" + hashlib.sha256(m.value or b"").hexdigest()
+    else:
+        fp = m.coords  # a broker poll's result: the same coordinates in every poll
+    return fp if len(fp) <= 300 else "sha256:" + hashlib.sha256(fp.encode()).hexdigest()
+
+
+def encode_headers(headers) -> list[list[str | None]] | None:
+    """Kafka headers as JSON: ``[[key, base64 value or null], ...]`` (keys repeat; values are bytes)."""
+    if not headers:
+        return None
+    return [[str(k), base64.b64encode(v).decode("ascii") if v is not None else None] for k, v in headers]
+
+
+def decode_headers(stored) -> tuple[tuple[str, bytes | None], ...]:
+    """The stored headers back as Kafka gives them."""
+    if not isinstance(stored, list):
+        return ()
+    return tuple((str(k), base64.b64decode(v) if v is not None else None) for k, v in stored)
 
 
 def _db_reason(exc: Exception) -> str:
@@ -406,12 +459,15 @@ class RetryResult:
     still_failing: int
 
 
-def retry_dead_letters(sessions: sessionmaker[Session], parser_for: Callable[[str], Parser],
+def retry_dead_letters(sessions: sessionmaker[Session], parser_for: Callable[[IngestSettings], Parser],
                        settings_for: Callable[[str, str], IngestSettings], *, stream: str | None = None,
                        limit: int | None = None, sinks: Sequence[AlertSink] = (), storage=None) -> RetryResult:
     """Parse unresolved dead letters again (after a fix) and ingest those that now parse.
 
-    A letter that parses is ingested and marked resolved in the same
+    ``parser_for`` builds the parser for a stream's current settings (its
+    format and ``include_test``). The letter's stored Kafka headers go with
+    its bytes, as they did on the stream (hop keeps its ``_id`` there). A
+    letter that parses is ingested and marked resolved in the same
     transaction; one that still fails keeps its row with the new error and
     one more retry counted.
     """
@@ -421,12 +477,14 @@ def retry_dead_letters(sessions: sessionmaker[Session], parser_for: Callable[[st
         letters = [d for d in repo.dead_letters(s, limit=limit) if stream is None or d.stream == stream]
     resolved = failing = 0
     for d in letters:
-        msg = _DeadLetterMessage(d.topic, d.partition, d.offset, d.key, d.raw, d.id)
+        headers = decode_headers(d.headers)
+        msg = _DeadLetterMessage(d.topic, d.partition, d.offset, d.key, d.raw, d.id, headers,
+                                 d.fingerprint or f"dead-letter#{d.id}")
         # The stream's current settings decide (the fix may have been a config change).
         settings = settings_for(d.stream, d.format)
-        parser = parser_for(settings.format)
+        parser = parser_for(settings)
         try:
-            alerts = parser(d.raw)
+            alerts = parser(message_value(settings.format, d.raw, headers))
             error = None
         except Exception as exc:  # noqa: BLE001 - recorded on the letter
             alerts, error = None, f"{exc.__class__.__name__}: {exc}" if not isinstance(exc, AlertError) else str(exc)
@@ -451,6 +509,8 @@ class _DeadLetterMessage:
     key: bytes | None
     value: bytes
     dead_letter_id: int
+    headers: tuple[tuple[str, bytes | None], ...] = ()
+    fingerprint: str | None = None  # the letter's own: a letter found again while retrying is the same one
 
     @property
     def coords(self) -> str:
