@@ -320,7 +320,28 @@ class Context:
         return v
 
     def feature(self, name: str) -> Any:
+        """A registered feature's value for this alert: computed once, and so is its error.
+
+        A failing feature raises the same exception to every rule that reads it
+        (and to the reason's second look at the clause), without calling it again.
+        """
         key = ("feature", name)
-        if key not in self._cache:
-            self._cache[key] = self.features[name](self)
-        return self._cache[key]
+        v = self._cache.get(key, _MISSING)
+        if v is _MISSING:
+            try:
+                v = self.features[name](self)
+            except Exception as exc:  # noqa: BLE001 - kept and raised again below
+                v = _Failed(exc)
+            self._cache[key] = v
+        if type(v) is _Failed:
+            raise v.exc
+        return v
+
+
+class _Failed:
+    """A feature's error, kept for the alert's other reads."""
+
+    __slots__ = ("exc",)
+
+    def __init__(self, exc: Exception):
+        self.exc = exc

@@ -24,9 +24,12 @@ with empty ``__builtins__``.
 
 Missing values: a field that is absent reads as ``None``. Comparisons with
 ``None`` are false and arithmetic with ``None`` gives ``None`` (so
-``alert.mag < 18.5`` is simply false for an alert without a magnitude). The
-plain, fast version of the function is tried first; only when it meets a
-``None`` (TypeError) does the ``None``-tolerant version run.
+``alert.mag < 18.5`` is simply false for an alert without a magnitude).
+Rules always run the ``None``-tolerant version: its guards are inline
+walrus tests, about as cheap as the plain comparisons, whereas trying the
+plain version (``Compiled.fast``, kept for comparison) first pays for a
+TypeError whenever a field is missing, which real alerts often are
+(bench/rules.py measured 0.57 against 0.32 µs per rule).
 """
 
 from __future__ import annotations
@@ -369,7 +372,10 @@ class Compiled:
         return None
 
     def first_false(self, alert, target, now, ctx) -> int:
-        """Index of the first false clause, or -1 when all are true. Raises on errors."""
+        """Index of the first false clause, or -1 when all are true. Raises on errors.
+
+        Always the None-tolerant function (see the module's docstring for why not the plain one).
+        """
         return self.safe(alert, target, now, ctx)
 
     def values(self, i: int, alert, target, now, ctx) -> dict[str, Any]:
