@@ -327,6 +327,28 @@ def cmd_target_export(app: App, args) -> int:
     return 0
 
 
+def _replay_formats() -> list[str]:
+    """The registered formats, without importing the parsers (tests check they agree)."""
+    import typing
+
+    from tomd.config import POLL_FORMATS, StreamFormat
+
+    return [*typing.get_args(StreamFormat), *POLL_FORMATS]
+
+
+REPLAY_FORMATS = _replay_formats()
+
+
+def _positive_degrees(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected degrees, got {text!r}") from None
+    if not 0.0 < value <= 180.0:
+        raise argparse.ArgumentTypeError(f"expected degrees in (0, 180], got {text!r}")
+    return value
+
+
 def cmd_alert_replay(app: App, args) -> int:
     from tomd.alerts.ingest import FileMessage, IngestSettings, Ingestor
 
@@ -336,11 +358,32 @@ def cmd_alert_replay(app: App, args) -> int:
         raise InputError("no such file", where=str(missing[0]))
     from tomd.daemon import build_stages, parser_for
 
-    settings = IngestSettings(stream="replay", format=args.format, include_test=args.include_test,
+    # Replayed files are read as the configured stream reads them: the one
+    # named by --stream, else the first of that format. Its localization
+    # threshold, schema registry and schema file apply unless overridden.
+    streams = app.config.streams
+    if args.stream:
+        st = next((s for s in streams if s.name == args.stream), None)
+        if st is None:
+            known = ", ".join(s.name for s in streams) or "none configured"
+            raise InputError(f"no stream named {args.stream!r} (streams: {known})", where="--stream")
+    else:
+        st = next((s for s in streams if s.format == (args.format or "auto")), None)
+    fmt = args.format or (st.format if st else "auto")
+    if args.stream and fmt != st.format:
+        raise InputError(f"stream {st.name!r} reads {st.format}, not {fmt}", where="--format")
+    loc_max = args.localization_max_deg if args.localization_max_deg is not None else (
+        st.localization_max_deg if st else 0.1)
+    schema_file = args.schema_file or (st.schema_file if st else None)
+    if args.schema_file and fmt not in ("fink-avro", "auto"):
+        raise InputError(f"only fink-avro and auto read schemaless Avro, not {fmt}", where="--schema-file")
+    settings = IngestSettings(stream="replay", format=fmt, include_test=args.include_test,
+                              localization_max_deg=loc_max,
                               match_radius_arcsec=app.config.targets.match_radius_arcsec)
+    parser = parser_for(fmt, include_test=args.include_test, schema_registry=st.schema_registry if st else None,
+                        schema_file=schema_file)
     rules, storage = build_stages(app.config)  # replayed alerts meet the rules, as live ones do
-    ing = Ingestor(app.sessions, settings, parser_for(args.format, include_test=args.include_test), sinks=[rules],
-                   storage=storage)
+    ing = Ingestor(app.sessions, settings, parser, sinks=[rules], storage=storage)
     bar = None
     if sys.stderr.isatty() and not args.no_progress:
         from tqdm import tqdm
@@ -508,7 +551,16 @@ def build_parser() -> argparse.ArgumentParser:
     alert = sub.add_parser("alert", help="alerts").add_subparsers(dest="sub", required=True, metavar="SUB")
     q = leaf(alert, "replay", cmd_alert_replay, "ingest saved alerts (Avro, JSON, XML, GCN binary) like the stream")
     q.add_argument("files", nargs="+")
-    q.add_argument("--format", default="auto", help="alert format (default: guess from the bytes)")
+    q.add_argument("--format", choices=REPLAY_FORMATS, metavar="FORMAT",
+                   help="alert format: " + ", ".join(REPLAY_FORMATS) + " (default: --stream's, else auto: "
+                        "guess from the bytes)")
+    q.add_argument("--stream", help="read the files as this configured stream does (its format, "
+                                    "localization_max_deg, schema_registry, schema_file)")
+    q.add_argument("--localization-max-deg", type=_positive_degrees, metavar="DEG",
+                   help="events localised better than this radius become targets (default: the "
+                        "stream's localization_max_deg, else 0.1)")
+    q.add_argument("--schema-file", metavar="AVSC", help="schema of schemaless Avro files (Fink livestream "
+                                                         "dumps; default: the stream's schema_file)")
     q.add_argument("--include-test", action="store_true", help="also ingest mock/test events")
     q.add_argument("--batch-size", type=int, default=200)
     q.add_argument("--no-progress", action="store_true")
