@@ -10,6 +10,7 @@ import io
 import json
 import math
 import re
+import sqlite3
 import struct
 from datetime import timezone
 from pathlib import Path
@@ -511,3 +512,86 @@ def test_lvk_placeholder_skymap_is_noted_not_fatal() -> None:
     (a,) = _parse(f"{LVK}MS181101ab-preliminary_displayexample.json", "lvk-json")
     assert a.localization is None and "base64" in a.fields["skymap_error"]
     assert a.fields["BNS"] == pytest.approx(0.95)
+
+
+# --- tomd alert replay ------------------------------------------------------------------
+
+KM3NET = "gcn/gcn-schema-v7.2.1/gcn/notices/km3net/alert.multiplet.example.json"  # error radius 0.41 deg
+
+
+def test_replay_formats_are_the_registered_ones() -> None:
+    import typing
+
+    from tomd.alerts.formats import FORMATS
+    from tomd.cli import REPLAY_FORMATS
+    from tomd.config import POLL_FORMATS, StreamFormat
+
+    assert sorted(REPLAY_FORMATS) == sorted(FORMATS) == sorted([*typing.get_args(StreamFormat), *POLL_FORMATS])
+
+
+def _replay(tmp_path: Path, name: str, streams: str, *argv: str, capsys) -> tuple[int, str, str]:
+    from tomd.cli import main
+
+    work = tmp_path / name
+    work.mkdir()
+    config = work / "tomd.toml"
+    config.write_text(f'[database]\nurl = "sqlite:///{work}/tomd.db"\n[storage]\nurl = "file://{work}/data"\n'
+                      f'[rules]\npaths = ["{work}/rules"]\n[hooks]\npaths = ["{work}/hooks"]\n'
+                      f'[metrics]\nlisten = "127.0.0.1:0"\n{streams}')
+    assert main(["--config", str(config), "db", "upgrade"]) == 0
+    capsys.readouterr()
+    code = main(["--config", str(config), "alert", "replay", "--no-progress", *argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_replay_rejects_an_unknown_format_before_reading_anything(tmp_path, capsys) -> None:
+    from tomd.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["alert", "replay", str(DATA / KM3NET), "--format", "gcn"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "invalid choice: 'gcn'" in err and "gcn-json" in err
+    with pytest.raises(SystemExit):
+        main(["alert", "replay", str(DATA / KM3NET), "--localization-max-deg", "-1"])
+    assert "expected degrees in (0, 180]" in capsys.readouterr().err
+
+
+def test_replay_localization_threshold_from_option_then_stream_then_default(tmp_path, capsys) -> None:
+    """A 0.41-degree error circle becomes a target only where the threshold allows it."""
+    stream = ('[[streams]]\nname = "gcn"\nkind = "file"\ntopics = ["/nowhere/*.json"]\nformat = "gcn-json"\n'
+              'localization_max_deg = 0.5\n')
+    f = str(DATA / KM3NET)
+    cases = [
+        ("default", "", ["--format", "gcn-json"], 0),  # 0.1
+        ("stream", stream, ["--format", "gcn-json"], 1),  # the gcn-json stream's 0.5
+        ("by-name", stream, ["--stream", "gcn"], 1),
+        ("option", stream, ["--format", "gcn-json", "--localization-max-deg", "0.2"], 0),
+        ("option-wide", "", ["--format", "gcn-json", "--localization-max-deg", "1"], 1),
+    ]
+    for name, streams, argv, targets in cases:
+        code, out, err = _replay(tmp_path, name, streams, f, *argv, capsys=capsys)
+        assert code == 0 and "1 notices" in out, (name, out, err)
+        with sqlite3.connect(tmp_path / name / "tomd.db") as con:
+            assert con.execute("select count(*) from targets").fetchone() == (targets,), name
+    code, out, err = _replay(tmp_path, "unknown-stream", stream, f, "--stream", "nope", capsys=capsys)
+    assert code != 0 and "no stream named 'nope' (streams: gcn)" in err
+
+
+def test_replay_schemaless_fink_dump_with_the_streams_schema_file(tmp_path, capsys) -> None:
+    avsc = DATA / "other/fink/schemas/distribution_schema_fink_ztf_2.7_3.10.1.avsc"
+    schema = decode.load_schema_file(str(avsc))
+    dump = tmp_path / "fink-1.avro"
+    rec = next(iter(fastavro.reader(io.BytesIO((DATA / FINK_ZTF[0]).read_bytes()))))
+    with open(dump, "wb") as fh:
+        fastavro.schemaless_writer(fh, schema.schema, rec)
+    stream = (f'[[streams]]\nname = "fink"\nbootstrap = "localhost:9092"\ntopics = ["fink_sn"]\n'
+              f'format = "fink-avro"\nschema_file = "{avsc}"\n')
+    code, out, _ = _replay(tmp_path, "with", stream, str(dump), "--stream", "fink", capsys=capsys)
+    assert code == 0 and "1 alerts stored" in out and "0 dead letters" in out
+    code, out, _ = _replay(tmp_path, "option", "", str(dump), "--format", "fink-avro", "--schema-file", str(avsc),
+                           capsys=capsys)
+    assert code == 0 and "1 alerts stored" in out
+    code, out, _ = _replay(tmp_path, "without", "", str(dump), "--format", "fink-avro", capsys=capsys)
+    assert code == 1 and "1 dead letters" in out
