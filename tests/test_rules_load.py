@@ -135,6 +135,9 @@ def test_example_rules_pass_check():
     assert {r.mode for r in rules} == {"active", "test"}
     assert any(r.observe and r.observe.mode == "RAPID_RESPONSE" for r in rules)
     assert any("gcn" in r.sources for r in rules)
+    (mon,) = [r for r in rules if r.name == "monitor-cadence"]
+    assert mon.observe.cadence["spec"] == {"every_s": 3 * 86400.0, "count": 10, "until_expr": "target.last_mag > 20"}
+    assert mon.observe.proposal == App.config.facilities["lco"].proposal
 
 
 def test_check_command_reports_and_exits_1(tmp_path, capsys):
