@@ -191,6 +191,9 @@ def test_antares_zlib_bson_locus() -> None:
     assert a.source == "antares" and a.key == "ztf_candidate:1234567890" and a.object_id == "ANT2020abcde"
     assert a.mag == 18.2 and a.band == "ztfg" and "ZTF23aaaaaaa" in a.aliases
     assert [p.kind for p in a.photometry] == ["upper_limit", "detection"]
+    # ZTF's measurements relayed by ANTARES: ZTF is their source, the candid their id, as ztf.parse gives them.
+    assert [(p.source, p.measurement_id) for p in a.photometry] == [("ztf", None), ("ztf", "1234567890")]
+    assert a.fields["broker"] == "antares"
     assert a.fields["tags"] == ["nuclear_transient"]
     assert parse_message("auto", data)[0].key == a.key
     broken = zlib.compress(bson.encode({"data": {"id": "x", "attributes": {"ra": 1.0, "dec": 2.0}}}))
@@ -270,6 +273,8 @@ def test_fink_livestream_schemaless_avro_with_its_published_schema() -> None:
         assert (b.source, b.key, b.photometry) == (a.source, a.key, a.photometry)
     with pytest.raises(DecodeError, match="needs the stream's schema_file"):
         parse_message("fink-avro", messages[0])
+    with pytest.raises(DecodeError, match="if the stream carries schemaless Avro.*set its schema_file"):
+        parse_message("auto", messages[0])
     with pytest.raises(DecodeError, match="left 2 of .* bytes unread"):
         parse_message("fink-avro", messages[0] + b"\x02\x04", schema_file=schema)
     with pytest.raises(DecodeError, match="does not match"):

@@ -422,6 +422,14 @@ def test_lasair_lsst_messages() -> None:
     assert kinds.count("forced") == len([r for r in lists.get("diaForcedSourcesList") or [] if r.get("psfFlux") is not None])
     neg = [p for p in full.photometry if p.flux is not None and p.flux < 0]
     assert neg and all(p.mag is None for p in neg), "negative difference flux kept, no magnitude"
+    # Rubin's measurements relayed by Lasair: the survey is their source (one point however it came).
+    assert {p.source for p in full.photometry} == {"rubin"} and full.source == "lasair"
+    assert full.fields["broker"] == "lasair"
+    # tns_name is an alias only when it is a designation.
+    named = json.dumps(msgs[0] | {"tns_name": "2025abc"}).encode()
+    assert parse_message("lasair-json", named)[0].aliases == ("2025abc",)
+    for junk in ("SN Ia", "", " "):
+        assert parse_message("lasair-json", json.dumps(msgs[0] | {"tns_name": junk}).encode())[0].aliases == ()
 
 
 # --- GCN ------------------------------------------------------------------------------

@@ -102,7 +102,11 @@ def _auto_decode(data: bytes, ctx: DecodeContext) -> list[Any]:
     if ctx.schema_file is not None:
         return decode.decode_avro_schemaless(data, ctx.schema_file)
     if kind == "confluent-avro":
-        return decode.decode_confluent(data, ctx.schema_source)
+        try:
+            return decode.decode_confluent(data, ctx.schema_source)
+        except DecodeError as exc:
+            raise DecodeError(f"{exc} (read as Confluent wire format; if the stream carries schemaless "
+                              "Avro, as the Fink livestream does, set its schema_file)") from None
     if kind == "gcn-binary":
         return decode.decode_gcn_binary(data)
     if kind == "zlib":
