@@ -297,6 +297,24 @@ def test_parser_for_loads_the_schema_file_once_and_names_a_bad_one(tmp_path) -> 
 
 
 @needs_data
+def test_fink_schema_in_the_message_key_as_fink_client_reads_it() -> None:
+    from tomd.daemon import parser_for
+
+    _, records, messages = _fink_livestream(2)
+    key = (DATA / FINK_AVSC).read_bytes()  # the schema's JSON text, as Fink sends it
+    parse = parser_for("fink-avro", include_test=False)  # no schema_file
+    for rec, data in zip(records, messages):
+        assert [a.key for a in parse(data, key=key)] == [str(rec["candid"])]
+    assert decode.schema_from_key(key) is decode.schema_from_key(bytes(key))  # parsed once per key
+    with pytest.raises(DecodeError, match="needs the stream's schema_file"):
+        parse(messages[0], key=b"ZTF26aaakzsi")  # a key that is not a schema changes nothing
+    with pytest.raises(DecodeError, match="message key is not an Avro schema"):
+        parse(messages[0], key=b'{"type": "nosuchtype"}')
+    ocf = (DATA / FINK_PART).read_bytes()  # containers keep their own schema
+    assert len(parse(ocf, key=key)) == len(parse(ocf))
+
+
+@needs_data
 @pytest.mark.kafka
 @pytest.mark.timeout(120)
 def test_fink_livestream_through_a_real_broker_into_targets(kafka_broker, make_topic, db) -> None:

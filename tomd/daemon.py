@@ -50,6 +50,8 @@ def parser_for(fmt: str, *, include_test: bool, schema_registry: str | None = No
 
     ``schema_file`` (an .avsc path) is the writer schema of a schemaless Avro
     stream (the Fink livestream); it is parsed once, here, not per message.
+    The parser also takes the message ``key``: a Fink message whose key is a
+    schema's JSON is read with that schema (parsed once per distinct key).
     """
     from tomd.alerts.parse import parse_message
 
@@ -75,8 +77,18 @@ def parser_for(fmt: str, *, include_test: bool, schema_registry: str | None = No
         except DecodeError as exc:
             raise ConfigError([str(exc)]) from None
 
-    def parse(data: bytes):
-        return parse_message(fmt, data, schema_source=schema_source, schema_file=schema,
+    schemaless = fmt in ("fink-avro", "auto")
+
+    def parse(data: bytes, key: bytes | None = None):
+        # The Fink livestream puts the writer schema's JSON in the message key
+        # (fink-client reads it from there first, then from a schema file).
+        use = schema
+        if schemaless and key and data[:4] != b"Obj\x01":
+            from tomd.alerts.decode import key_is_schema, schema_from_key
+
+            if key_is_schema(key):
+                use = schema_from_key(bytes(key))
+        return parse_message(fmt, data, schema_source=schema_source, schema_file=use,
                              include_test=include_test)
 
     return parse

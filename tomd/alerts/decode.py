@@ -387,6 +387,29 @@ def _load_schema_file(path: str, _mtime_ns: int) -> SchemaFile:
         raise DecodeError(f"schema file {path}: not an Avro schema: {type(first).__name__}: {first}") from first
 
 
+@lru_cache(maxsize=8)
+def schema_from_key(key: bytes) -> SchemaFile:
+    """The writer schema a Fink livestream message carries in its Kafka key.
+
+    fink-client reads the key as the JSON text of the schema first and only
+    then falls back to a schema file: the schema then follows Fink's
+    versions without a configuration change. Parsed once per distinct key.
+    """
+    try:
+        obj = json.loads(key)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise DecodeError(f"message key is not a JSON Avro schema: {exc}") from exc
+    try:
+        return SchemaFile("the message key", fastavro.parse_schema(obj))
+    except Exception as exc:  # noqa: BLE001 - fastavro's SchemaParseException and friends
+        raise DecodeError(f"message key is not an Avro schema: {type(exc).__name__}: {exc}") from exc
+
+
+def key_is_schema(key: bytes | None) -> bool:
+    """Whether a message key looks like an Avro schema's JSON (Fink), not an id or a name."""
+    return bool(key) and key.lstrip()[:1] == b"{"
+
+
 def decode_avro_schemaless(data: bytes, schema_file: SchemaFile) -> list[dict]:
     """One bare Avro record written with ``schema_file``'s schema.
 
