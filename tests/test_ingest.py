@@ -366,3 +366,52 @@ def test_retry_parses_a_letter_with_its_kafka_headers_and_the_streams_include_te
     with db.sessions() as s:
         rows = {a.key: a for a in s.scalars(select(AlertRow))}
     assert mid.hex in rows and len(rows) == 2  # the header's id, as on the stream; the test event kept
+
+
+# --- cutouts and position errors ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("store_cutouts", [True, False])
+def test_ztf_cutouts_are_stored_as_data_products_under_the_target(db, shared_data, tmp_path, store_cutouts):
+    """B4: the stamps ZTF sends with each alert are kept, once per (alert, cutout)."""
+    from tomd.db.models import DataProduct
+    from tomd.storage import LocalStore
+
+    storage = LocalStore(tmp_path / "store")
+    msgs = messages(ztf_files()[:5])
+    ing = Ingestor(db.sessions, IngestSettings(stream="ztf", format="ztf-avro", store_cutouts=store_cutouts),
+                   ztf_parser, storage=storage)
+    ing.handle(msgs)
+    ing.handle(msgs)  # a replay stores nothing again
+    alerts = [a for m in msgs for a in ztf_parser(m.value)]
+    with db.sessions() as s:
+        products = s.scalars(select(DataProduct).order_by(DataProduct.id)).all()
+        if not store_cutouts:
+            assert products == [] and list(storage.keys()) == []
+            return
+        assert len(products) == sum(len(a.cutouts) for a in alerts) == 3 * len(alerts)
+        assert ing.totals.cutouts == len(products)
+        for a in alerts:
+            target = store.resolve(s, a.object_id)
+            mine = {p.meta["cutout"]: p for p in products if p.meta["alert_key"] == a.key}
+            assert set(mine) == {"science", "template", "difference"}
+            for name, p in mine.items():
+                assert p.kind == "cutout" and p.state == "stored" and p.target_id == target.id
+                assert p.storage_key.startswith(f"{target.id}-{a.object_id}/ztf/cutouts/{a.key}-{name}.fits")
+                with storage.open(p.storage_key) as f:
+                    assert f.read() == a.cutouts[name]
+    assert sorted(storage.keys()) == sorted(p.storage_key for p in products)
+
+
+def test_position_errors_are_kept_in_the_alert_fields(db, shared_data):
+    from tomd.alerts.parse import parse_message
+
+    path = next((shared_data / "lsst/fink-broker-rubin_test_data_9_0").glob("*.avro"))
+    ing = Ingestor(db.sessions, IngestSettings(stream="rubin", format="auto"), lambda d: parse_message("auto", d))
+    ing.handle(messages([path]))
+    (alert,) = parse_message("auto", path.read_bytes())
+    assert alert.ra_err_arcsec is not None
+    with db.sessions() as s:
+        row = s.scalars(select(AlertRow)).one()
+    assert row.fields["ra_err_arcsec"] == pytest.approx(alert.ra_err_arcsec)
+    assert row.fields["dec_err_arcsec"] == pytest.approx(alert.dec_err_arcsec)

@@ -1381,7 +1381,7 @@ def notice_received_payloads(s: Session, notice_ids: Sequence[int]) -> dict[int,
     return out
 
 
-# ---- ingest: notice refinement order ----
+# ---- ingest: notices and cutouts ----
 
 
 def notice_issued_times(s: Session, notice_id: int) -> list[str]:
@@ -1393,6 +1393,17 @@ def notice_issued_times(s: Session, notice_id: int) -> list[str]:
     """
     q = select(_ALERTS.c.fields).where(_ALERTS.c.notice_id == notice_id)
     return [f["issued"] for f in s.scalars(q) if isinstance(f, dict) and isinstance(f.get("issued"), str)]
+
+
+def insert_cutout_products(s: Session, rows: list[dict[str, Any]]) -> None:
+    """Record alert cutouts (kind "cutout") in one statement.
+
+    Only new alerts have cutouts to record, so there is nothing to skip: a
+    clash (another daemon stored the same alert) fails the batch, which is
+    then retried and finds the alert stored.
+    """
+    if rows:
+        s.execute(DataProduct.__table__.insert(), rows)
 
 
 # ---- submit: one lane per facility ----
