@@ -69,6 +69,7 @@ def cmd_rule_check(app, args) -> int:
 
 def cmd_rule_explain(app, args) -> int:
     from tomd.db import repository as repo
+    from tomd.rules.engine import full_reason
 
     with app.sessions() as s:
         alert = repo.get_alert(s, args.alert_id)
@@ -77,7 +78,8 @@ def cmd_rule_explain(app, args) -> int:
         rows = []
         for d in repo.decisions_of_alert(s, args.alert_id):
             req = repo.request_of_decision(s, d.id) if d.outcome == "fired" else None
-            rows.append({"rule": d.rule, "outcome": d.outcome, "reason": d.reason, "decision_id": d.id,
+            rows.append({"rule": d.rule, "outcome": d.outcome, "reason": full_reason(d.reason, d.details),
+                         "decision_id": d.id,
                          "rule_version": d.rule_version, "at": d.created_at.isoformat(),
                          "request": {"id": req.id, "name": req.name, "state": req.state} if req else None,
                          "details": d.details})

@@ -191,7 +191,7 @@ class RuleSet:
 
 # --------------------------------------------------------------- verdict --
 
-@dataclass
+@dataclass(slots=True)
 class Verdict:
     rule: str
     outcome: str  # fired | not_fired | limited | deduplicated | error | test
@@ -213,6 +213,18 @@ def _jsonable(v: Any) -> Any:
     if isinstance(v, Mapping):
         return {str(k): _jsonable(x) for k, x in list(v.items())[:50]}
     return repr(v)[:200]
+
+
+def full_reason(reason: str, details: Mapping[str, Any] | None) -> str:
+    """A verdict's reason as people read it: a not-fired clause with the values it read.
+
+    ``"alert.mag < 18 is false"`` + details {"values": {"alert.mag": 19.2}} →
+    ``"alert.mag < 18 is false (alert.mag = 19.2)"``.
+    """
+    vals = (details or {}).get("values") if isinstance(details, Mapping) else None
+    if reason.endswith(" is false") and isinstance(vals, Mapping) and vals:
+        return f"{reason} ({describe_values(vals)})"
+    return reason
 
 
 def _utc(t: datetime) -> datetime:
@@ -327,6 +339,22 @@ class RuleEngine:
 
     def decide(self, s: Session, rule: Rule, st, ctx: Context, now: datetime, killed: str | None,
                buffered: list[dict[str, Any]]) -> Verdict:
+        w = rule.when
+        args = ctx.args()
+        try:
+            i = w.first_false(*args)
+        except Exception:  # noqa: BLE001 - a rule's error is its verdict, never the batch's
+            i = None
+        if i is not None and i >= 0:
+            # Most verdicts end here, once per rule and alert, so the row is compact: the reason is the
+            # clause ("<clause> is false", made once) and the values it read go in details, written
+            # out only when read (full_reason; tomd rule explain). bench/rules.py: engine_per_rule.
+            clause = w.clauses[i]
+            details = {"clause": i, "values": w.json_values(i, *args), "line": clause.line}
+            buffered.append({"alert_id": st.alert_id, "target_id": st.target_id, "rule": rule.name,
+                             "rule_version": rule.version, "created_at": now, "outcome": "not_fired",
+                             "reason": clause.false_text, "details": details})
+            return Verdict(rule.name, "not_fired", clause.false_text, details)
         base = {"alert_id": st.alert_id, "target_id": st.target_id, "rule": rule.name,
                 "rule_version": rule.version, "created_at": now}
 
@@ -335,10 +363,10 @@ class RuleEngine:
                              "details": _jsonable(v.details)})
             return v
 
-        w = rule.when
         try:
-            i = w.first_false(*ctx.args())
-        except Exception as exc:  # noqa: BLE001 - a rule's error is its verdict, never the batch's
+            if i is None:
+                w.first_false(*args)  # again, to hold its exception (rules are pure; features keep theirs)
+        except Exception as exc:  # noqa: BLE001
             log.warning("rule %s failed on alert %s (%s): %s", rule.name, st.alert_id, st.coords, exc,
                         extra={"rule": rule.name, "coords": st.coords})
             where = w.failing_clause(*ctx.args())
@@ -350,15 +378,9 @@ class RuleEngine:
                 details.update(clause=where, line=c.line, values=vals)
                 reason = f"{c.source} raised {reason}" + (f" ({describe_values(vals)})" if vals else "")
             return record_later(Verdict(rule.name, "error", reason[:2000], details))
-        if i >= 0:
-            clause = w.clauses[i]
-            vals = w.values(i, *ctx.args())
-            reason = f"{clause.source} is false" + (f" ({describe_values(vals)})" if vals else "")
-            return record_later(Verdict(rule.name, "not_fired", reason,
-                                        {"clause": i, "values": vals, "line": clause.line}))
         vals: dict[str, Any] = {}
         for k in range(len(w.clauses)):
-            vals.update(w.values(k, *ctx.args()))
+            vals.update(w.json_values(k, *args))
         details: dict[str, Any] = {"values": vals}
         why = f"all {len(w.clauses)} clause{'s' if len(w.clauses) > 1 else ''} true"
         if vals:

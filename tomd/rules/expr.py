@@ -349,6 +349,10 @@ class Clause:
     line: int  # 1-based, inside the expression
     col: int
     leaves: list[tuple[str, Callable]]  # (text, fn(alert, target, now, ctx)) values shown in reasons
+    false_text: str = ""  # "<source> is false", the start of a not-fired reason (made once)
+
+    def __post_init__(self) -> None:
+        self.false_text = f"{self.source} is false"
 
 
 @dataclass
@@ -378,6 +382,27 @@ class Compiled:
         """
         return self.safe(alert, target, now, ctx)
 
+    def json_values(self, i: int, alert, target, now, ctx) -> dict[str, Any]:
+        """:meth:`values`, JSON-safe as they are read (a not-fired verdict's row, in one pass).
+
+        Plain values stay, non-finite floats become None, anything else its short repr or list.
+        """
+        out = {}
+        for text, fn in self.clauses[i].leaves:
+            try:
+                v = fn(alert, target, now, ctx)
+            except Exception as exc:  # noqa: BLE001 - shown, never raised
+                out[text] = f"<{exc.__class__.__name__}: {exc}>"
+                continue
+            t = type(v)
+            if t is float:
+                out[text] = v if v - v == 0.0 else None  # inf - inf and nan - nan are nan
+            elif t is str or t is int or t is bool or v is None:
+                out[text] = v
+            else:
+                out[text] = _json_safe(v)
+        return out
+
     def values(self, i: int, alert, target, now, ctx) -> dict[str, Any]:
         """The values a clause read (for the reason), computed on demand."""
         out = {}
@@ -389,7 +414,25 @@ class Compiled:
         return out
 
 
+def _json_safe(v: Any) -> Any:
+    if v is None or isinstance(v, (bool, int, str)):
+        return v
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    if isinstance(v, (set, frozenset)):
+        return sorted((_json_safe(x) for x in v), key=repr)
+    if isinstance(v, (list, tuple)):
+        return [_json_safe(x) for x in v[:50]]
+    if isinstance(v, Mapping):
+        return {str(k): _json_safe(x) for k, x in list(v.items())[:50]}
+    return repr(v)[:200]
+
+
 def _show(v: Any) -> str:
+    t = type(v)
+    if t is str or t is int or t is bool or v is None:
+        r = repr(v)
+        return r if len(r) <= 80 else r[:77] + "..."
     if isinstance(v, float):
         return f"{v:.5f}" if 1e4 <= abs(v) < 1e9 else f"{v:.6g}"  # MJDs keep their fraction of a day
     if isinstance(v, (set, frozenset)):
