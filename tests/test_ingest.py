@@ -415,3 +415,62 @@ def test_position_errors_are_kept_in_the_alert_fields(db, shared_data):
         row = s.scalars(select(AlertRow)).one()
     assert row.fields["ra_err_arcsec"] == pytest.approx(alert.ra_err_arcsec)
     assert row.fields["dec_err_arcsec"] == pytest.approx(alert.dec_err_arcsec)
+
+
+# --- LVK skymaps: the 90% area ------------------------------------------------------------
+
+
+def direct_area_90(skymap: bytes) -> float:
+    """The 90% credible area by another route: the density threshold found by bisection."""
+    import io
+
+    import numpy as np
+    from astropy.table import Table
+
+    t = Table.read(io.BytesIO(skymap), format="fits")
+    uniq, rho = np.asarray(t["UNIQ"]), np.asarray(t["PROBDENSITY"])
+    order = np.array([(int(u).bit_length() - 3) // 2 for u in uniq])
+    area = 4 * np.pi / (12 * 4.0 ** order)
+    prob = rho * area
+    lo, hi = 0.0, float(rho.max())
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if prob[rho >= mid].sum() >= 0.9 * prob.sum() else (lo, mid)
+    return float(area[rho >= lo].sum()) * (180 / np.pi) ** 2
+
+
+@pytest.mark.parametrize("path, expected", [("lvk/userguide-examples/MS181101ab-preliminary.avro", 30.99),
+                                            ("lvk/skyportal/igwn_gwalert_preliminary.json", 7.75)])
+def test_lvk_notices_get_the_90_percent_area_of_their_skymap(db, shared_data, path, expected):
+    from tomd.alerts.parse import parse_message
+
+    fmt = "lvk-avro" if path.endswith(".avro") else "lvk-json"
+    data = (shared_data / path).read_bytes()
+    (alert,) = parse_message(fmt, data, include_test=True)
+    direct = direct_area_90(alert.localization.skymap)
+    assert direct == pytest.approx(expected, abs=0.01)
+    assert alert.localization.area_90_deg2 == pytest.approx(direct, rel=1e-9)
+    notice_ingestor(db, fmt, include_test=True).handle([FileMessage(path, 0, data)])  # mock events
+    (n,) = notices(db).values()
+    assert n.area_90_deg2 == pytest.approx(direct, rel=1e-9)
+    assert n.target_id is None  # tens of square degrees: an event, not a target
+
+
+@pytest.mark.parametrize("max_deg", [1.0, 2.0])
+def test_a_small_enough_skymap_becomes_a_target_at_its_most_probable_direction(db, shared_data, max_deg):
+    """MS260605l's 90% area is 7.75 deg²: smaller than a 2° circle's (12.6 deg²), larger than a 1° one's."""
+    import math
+
+    data = (shared_data / "lvk/skyportal/igwn_gwalert_preliminary.json").read_bytes()
+    notice_ingestor(db, "lvk-json", localization_max_deg=max_deg, include_test=True).handle([FileMessage("a", 0, data)])
+    n = notices(db)["MS260605l"]
+    assert n.error_deg is None and n.area_90_deg2 == pytest.approx(7.75, abs=0.01)
+    if max_deg == 1.0:
+        assert n.target_id is None
+        return
+    with db.sessions() as s:
+        t = s.get(Target, n.target_id)
+    assert t.name == "LVK MS260605l" and (t.ra, t.dec) == (pytest.approx(n.ra), pytest.approx(n.dec))
+    # The most probable pixel lies in the map's 90% region, whose pixels cluster within a few degrees.
+    assert (n.ra, n.dec) == (pytest.approx(307.86, abs=0.01), pytest.approx(8.76, abs=0.01))
+    assert math.isfinite(n.ra)

@@ -359,7 +359,12 @@ class Ingestor:
                 times.append(issued_in_batch[known.id])
             stale = bool(times) and issued < max(times)
         target_id = None
-        small = err is not None and err <= self.settings.localization_max_deg
+        # An error circle is small when its radius is at most localization_max_deg;
+        # a skymap when its 90% area is at most that circle's (its position is
+        # then the most probable direction).
+        max_deg = self.settings.localization_max_deg
+        area = loc.area_90_deg2 if loc else None
+        small = (err <= max_deg) if err is not None else (area is not None and area <= math.pi * max_deg ** 2)
         if ra is not None and dec is not None and small and not a.retraction and not stale:
             # Matched by the notice's own name ("GCN swift 1125809": its earlier
             # notices), else by position within the ordinary match radius only.
