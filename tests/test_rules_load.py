@@ -321,3 +321,9 @@ def test_every_unknown_name_and_source_is_reported():
         "t.toml:5:45: when: unknown function 'frob'; known: abs, airmass, color, galactic_latitude, in_circle, "
         "in_polygon, known, log10, max, min, moon_distance, separation, sqrt, visible",
     ]
+
+
+def test_sighup_reports_a_missing_path_again(tmp_path):
+    rs = RuleSet([tmp_path / "nope"], ENV, check_every_s=0)
+    assert rs.reload() == []
+    assert rs.reload_now() == [f"{tmp_path / 'nope'}: no such file or directory"]

@@ -184,8 +184,12 @@ class RuleSet:
         return problems
 
     def reload_now(self) -> list[str]:
-        """Look at the files now, whatever the interval (SIGHUP); waits for a reload in progress."""
+        """Look at the files now, whatever the interval (SIGHUP); waits for a reload in progress.
+
+        A missing path is reported again: someone asked.
+        """
         with self._lock:
+            self._missing = set()
             return self.reload()
 
 
