@@ -327,3 +327,10 @@ def test_sighup_reports_a_missing_path_again(tmp_path):
     rs = RuleSet([tmp_path / "nope"], ENV, check_every_s=0)
     assert rs.reload() == []
     assert rs.reload_now() == [f"{tmp_path / 'nope'}: no such file or directory"]
+
+
+def test_unknown_facility_in_visible_is_reported_beside_unknown_names():
+    r, problems = parse_rule('name = "x"\nwhen = "foo > 1 and visible(\'keck\')"\nadd_tags = ["a"]\n', "x.toml", ENV)
+    assert [p.split(": when: ")[1].split(";")[0].split(" (")[0] for p in problems] == \
+        ["unknown name 'foo'", "visible(): unknown facility 'keck'"]
+    assert [p.split(": when:")[0] for p in problems] == ["x.toml:2:9", "x.toml:2:29"]

@@ -271,12 +271,20 @@ def parse_rule(text: str, file: str, env: RuleEnv) -> tuple[Rule | None, list[st
     when_text = get(data, "when", (str,), "an expression (see docs/rules.md)", required=True)
     compiled = None
     if when_text is not None:
+        errors: list[ExprError] = []
         try:
             compiled = compile_expression(when_text, sorted(env.features))
-            _check_calls(compiled, when_text, env)
         except ExprError as exc:
+            errors.extend(exc.all)
+        if not any(e.message.startswith(("syntax error", "expression nested", "cannot parse", "expression too"))
+                   for e in errors):
+            try:
+                _check_calls(when_text, env)  # facilities named in visible()/airmass(), even beside other errors
+            except ExprError as exc:
+                errors.extend(exc.all)
+        if errors:
             compiled = None
-            for e in exc.all:  # every unknown name, field and function, each at its place
+            for e in sorted(errors, key=lambda e: (e.line, e.col)):  # each unknown name, field, function, facility
                 line, col = pos.in_string(("when",), e.line, e.col)
                 bad((), f"when: {e.message}", line, col)
 
@@ -421,7 +429,7 @@ def _has_sites(kind: str) -> bool:
     return kind in FACILITY_SITES
 
 
-def _check_calls(compiled: Compiled, text: str, env: RuleEnv) -> None:
+def _check_calls(text: str, env: RuleEnv) -> None:
     """Facility names given to visible()/airmass() as constants must be configured."""
     import ast
 
