@@ -292,6 +292,8 @@ def test_rubin_container_written_by_broker() -> None:
     assert a.source == "rubin" and f.source == "fink" and a.key == f.key
     assert "brokerIngestMjd" in f.fields and f.fields["survey"] == "rubin"
     assert set(a.cutouts) == {"science", "template", "difference"}
+    # Rubin's points relayed by Fink are Rubin's: the same points, the same source.
+    assert f.photometry == a.photometry and {p.source for p in f.photometry} == {"rubin"}
 
 
 # --- Fink ---------------------------------------------------------------------------
