@@ -228,6 +228,12 @@ def test_a_later_notice_of_the_same_event_joins_its_target_by_name(db, shared_da
     with db.sessions() as s:
         assert s.scalar(select(func.count()).select_from(Target)) == 1
         assert {a.notice_id for a in s.scalars(select(AlertRow))} == {n.id}
+        # The target moved to the better (XRT) position, and is found there by a cone search.
+        t = s.get(Target, n.target_id)
+        assert (t.ra, t.dec) == (pytest.approx(n.ra), pytest.approx(n.dec))
+        assert [tid for tid, _ in store.cone(s, n.ra, n.dec, 1.0)] == [t.id]
+        bat = notice_ingestor(db, "gcn-voevent").parser((base / "SWIFT_1125809-092.xml").read_bytes())[0]
+        assert store.cone(s, bat.ra, bat.dec, 5.0) == [] and store.cone(s, bat.ra, bat.dec, 300.0)
 
 
 def test_notices_of_different_missions_with_the_same_trigger_number_are_two_events(db, shared_data):

@@ -197,6 +197,8 @@ class Ingestor:
                 try:
                     with self.sessions.begin() as s:
                         new = self._dead_letter(s, m, f"database refused it: {_db_reason(exc)}")
+                except (DataError, ProgrammingError):
+                    raise  # the letter itself refused: a bug to see, not an outage to wait out
                 except DBAPIError as exc2:
                     raise RetryableError(f"database: {_db_reason(exc2)}") from exc2
                 r = BatchResult(messages=1, dead_letters=int(new))
@@ -374,6 +376,9 @@ class Ingestor:
                                        name_source=a.source),
                          radius_arcsec=self.settings.match_radius_arcsec, origin=f"notice:{a.source}")
             target_id = res.target_id
+            if (not res.created and known is not None and known.target_id == target_id
+                    and (known.error_deg is None or err < known.error_deg)):
+                self._refine_target(s, target_id, notice_target_name(a.source, event_id), ra, dec, a.source)
         notice = repo.save_notice(s, {
             "source": a.source, "event_id": event_id, "notice_type": a.notice_type, "time": a.time,
             "ra": ra, "dec": dec, "error_deg": err,
@@ -396,9 +401,29 @@ class Ingestor:
                          label=a.notice_type, target_id=notice.target_id)
         return notice.id, notice.target_id
 
+    def _refine_target(self, s: Session, target_id: int, name: str, ra: float, dec: float, source: str) -> None:
+        """Move a notice's own target to a better position (BAT 3' → XRT 5").
+
+        Targets never move when matched (store.upsert), but one the notice
+        created is only as good as its localisation: pointing at the first,
+        coarse position would miss with a small field of view. A target that
+        is something else (matched by position, the notice name an alias) stays.
+        """
+        from tomd.events import TargetUpdated
+        from tomd.targets.model import derived_columns
+
+        t = repo.get_target(s, target_id)
+        if t is None or t.name != name or (t.ra, t.dec) == (ra, dec):
+            return
+        spec = validate(TargetSpec(name=name, ra=ra, dec=dec))
+        cols = {k: v for k, v in derived_columns(spec).items() if k != "type"}
+        repo.update_target(s, target_id, {"ra": ra, "dec": dec, **cols})
+        repo.add_event(s, TargetUpdated(target_id, name, {"ra": ra, "dec": dec}, (), f"notice:{source}"),
+                       target_id=target_id)
+
     def _dead_letter(self, s: Session, m: Message, error: str) -> bool:
         """Record ``m`` as a dead letter; False when the stream already holds it (no event then)."""
-        error = redact(error)[:4000]
+        error = redact(error).replace("\x00", "\\0")[:4000]  # PostgreSQL text refuses NUL
         dl_id = repo.add_dead_letter(s, {
             # A file's path stands in for the topic, so every letter says where it came from.
             "stream": self.settings.stream, "format": self.settings.format,
