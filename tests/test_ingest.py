@@ -480,3 +480,30 @@ def test_a_small_enough_skymap_becomes_a_target_at_its_most_probable_direction(d
     # The most probable pixel lies in the map's 90% region, whose pixels cluster within a few degrees.
     assert (n.ra, n.dec) == (pytest.approx(307.86, abs=0.01), pytest.approx(8.76, abs=0.01))
     assert math.isfinite(n.ra)
+
+
+def test_cli_retry_dead_letters_parses_with_the_streams_include_test(db, shared_data, tmp_path, monkeypatch, capsys):
+    """B3: `tomd alert retry-dead-letters` builds each stream's parser with its own include_test."""
+    from tomd.cli import main
+    from tomd.errors import ParseError
+
+    cfg = tmp_path / "tomd.toml"
+    cfg.write_text(f'[database]\nurl = "{db.url}"\n[storage]\nurl = "file://{tmp_path}/data"\n'
+                   f'[rules]\npaths = ["{tmp_path}/rules"]\n[hooks]\npaths = ["{tmp_path}/hooks"]\n'
+                   '[metrics]\nlisten = "127.0.0.1:0"\n'
+                   '[[streams]]\nname = "gcn"\nbootstrap = "127.0.0.1:9"\ntopics = ["gcn.notices"]\n'
+                   'format = "gcn-json"\ninclude_test = true\n')
+    monkeypatch.setenv("TOMD_CONFIG", str(cfg))
+
+    def broken(data):
+        raise ParseError("not yet")
+
+    real = gcn_record(shared_data, "superk/sn_alert.real.example.json")
+    test = gcn_record(shared_data, "superk/sn_alert.test.example.json")
+    Ingestor(db.sessions, IngestSettings(stream="gcn", format="gcn-json"), broken).handle(
+        [FileMessage("real", 0, real), FileMessage("test", 0, test)])
+    assert main(["alert", "retry-dead-letters"]) == 0
+    assert "2 dead letters retried: 2 ingested" in capsys.readouterr().out
+    with db.sessions() as s:
+        tests = sorted(a.fields.get("alert_tense") for a in s.scalars(select(AlertRow)))
+    assert tests == ["current", "test"]  # the stream asks for test events: the test notice is kept
