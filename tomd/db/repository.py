@@ -1045,6 +1045,15 @@ def claim_hook_runs(s: Session, worker: str, hooks: Sequence[str], *, now, lease
              events[row.event_id].payload, events[row.event_id].target_id, lease[row.hook]) for row in rows]
 
 
+def claimed_hook_run(s: Session, run_id: int, worker: str) -> tuple | None:
+    """(run id, hook, attempts, event id, kind, target_id) of a run ``worker`` still holds, else None."""
+    r, o = _RUNS.c, _OUTBOX.c
+    q = (select(r.id, r.hook, r.attempts, r.event_id, o.kind, o.target_id).join(_OUTBOX, o.id == r.event_id)
+         .where(r.id == run_id, r.claimed_by == worker, r.state == "running"))
+    row = s.execute(q).first()
+    return tuple(row) if row is not None else None
+
+
 def extend_hook_leases(s: Session, worker: str, leases: dict[int, Any]) -> set[int]:
     """Push claimed runs' leases to {run id: claimed_until}; returns the ids still ours."""
     r = _RUNS.c

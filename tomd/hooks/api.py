@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import logging
 import os
@@ -134,7 +135,7 @@ def event_from_json(data: Mapping[str, Any], *, where: str = "event") -> Event:
     if unknown:
         raise ValueError(f"{where}: payload.{unknown[0]}: not a field of {kind} v{cls.version} "
                          f"(fields: {', '.join(fields)})")
-    hints = typing.get_type_hints(cls)
+    hints = _hints(cls)
     values = {}
     for name, value in payload.items():
         # JSON has no tuples: fields typed tuple[...] come back as lists.
@@ -146,6 +147,11 @@ def event_from_json(data: Mapping[str, Any], *, where: str = "event") -> Event:
     if missing:
         raise ValueError(f"{where}: payload.{missing[0]}: required by {kind} v{cls.version}")
     return cls(**values)
+
+
+@functools.lru_cache(maxsize=None)
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
 
 
 def event_to_json(event: Event) -> dict[str, Any]:

@@ -122,6 +122,8 @@ class HookRunner:
     created observation intents (the daemon wakes its submitter).
     """
 
+    name = "hooks"  # a daemon component
+
     def __init__(self, sessions, settings: RunnerSettings, *, database_url: str | None = None,
                  storage_config: Any = None, registry: Registry | None = None, observer: Any = None,
                  on_request: Callable[[], None] | None = None, worker_id: str | None = None):
@@ -366,20 +368,30 @@ class HookRunner:
         claim_id = f"{self.worker_id}/{slot.index}.{slot.turns}"  # fences this turn's claims, also against a killed worker
         counts: dict[str, int] = {}
 
-        def on_kill(start: tuple | None, error: str) -> None:
+        def on_kill(run_id: int, error: str) -> None:
+            from tomd.db import repository as repo
+
             d = Dispatcher(self.sessions, self.settings.limits, self.registry.user, claim_id)
-            if start is not None:
-                _, run_id, hook, timeout, attempts, event_id, kind, target_id = start
+            row = None
+            if run_id:
+                with self.sessions() as s:
+                    row = repo.claimed_hook_run(s, run_id, claim_id)
+            if row is not None:
+                run_id, hook, attempts, event_id, kind, target_id = row
                 spec = self.registry.user.get(hook)
                 if spec is not None:
-                    self._observe(hook, "timeout" if error.startswith("TimeoutError") else "failed", timeout)
+                    timeout = spec.timeout or self.settings.timeout
+                    if error.startswith("TimeoutError"):
+                        error = f"TimeoutError: hook {hook} ran longer than {timeout:g} s and was killed"
+                        self._observe(hook, "timeout", timeout)
+                    else:
+                        self._observe(hook, "failed", 0.0)
                     c = Claimed(run_id, hook, attempts, event_id, kind, 0, {}, target_id, None)
                     for o in d.record_failures([(spec, c, error)]):
                         counts[o] = counts.get(o, 0) + 1
             d.release()  # the rest of its batch: pending again, no attempt used
 
-        got = slot.worker.work(claim_id, names, stop=stop, on_end=self._on_end, on_kill=on_kill,
-                               finish_allowance=self.settings.lease_margin)
+        got = slot.worker.work(claim_id, names, stop=stop, on_end=self._on_end, on_kill=on_kill)
         for k, v in got.items():
             counts[k] = counts.get(k, 0) + v
         return counts

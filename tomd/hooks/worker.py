@@ -9,17 +9,21 @@ work and watches the clock::
       start ── python -m tomd.hooks.worker ────►  import hook files
             ◄── ("loaded", specs, problems) ─────
       work  ── ("work", claim_id, hook names) ──►  claim a batch, then per run:
-            ◄── ("start", run, hook, timeout, …)     hook(ctx)  (async: on the worker's loop)
+                                                     [run id, deadline] → shared page
+                                                     hook(ctx)  (async: on the worker's loop)
             ◄── ("log", level, name, line) …         ctx.log lines, as they happen
-            ◄── ("ran", run)                         record done + actions | failure
-            ◄── ("end", hook, outcome, s, requested)
-            ◄── ("batch", counts)                    after each claimed batch
+                                                     record done + actions | failures
+            ◄── ("batch", counts, metrics, req) ──  after each claimed batch
             ◄── ("idle", counts) ─────────────────  nothing more is due
       pause ── ("pause",) ──────────────────────►  (stopping) give back the rest of the batch
 
-A run that outlives its timeout gets the worker killed (SIGKILL); a worker
-that dies (``os._exit``, segfault, out of memory) is noticed as the pipe
-closing. Either way the daemon records the failed attempt under the dead
+The run in progress and its deadline sit in a small shared page
+(:class:`RunSlot`), so the daemon learns of runs without a message each (a
+hook failing fast on every event would otherwise cost the daemon more than
+the hook), and can read which run was going even when the worker is stuck in
+C code or dead. A run that outlives its deadline gets the worker killed
+(SIGKILL); a worker that dies (``os._exit``, segfault, out of memory) is
+noticed as the pipe closing. Either way the daemon records the failed attempt under the dead
 worker's claim, gives its other claimed runs back, and starts a fresh worker
 for the next run. The worker dies with the daemon (Linux PR_SET_PDEATHSIG,
 plus a watchdog thread), so a killed daemon never leaves a hook running on.
@@ -31,8 +35,10 @@ import asyncio
 import inspect
 import logging
 import os
+import mmap
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -76,6 +82,61 @@ async def _awaited(aw):
     return await aw
 
 
+class RunSlot:
+    """The worker's current run (id, absolute deadline) in a shared page, read by the daemon.
+
+    A seqlock: the writer makes the sequence odd, writes, makes it even; a
+    reader retries until it sees the same even sequence around its read.
+    Deadlines are ``time.monotonic()`` values: CLOCK_MONOTONIC is one clock
+    for every process on Linux.
+    """
+
+    _FMT = "<Qqd"  # sequence, run id (0: none), deadline
+    SIZE = struct.calcsize(_FMT)
+
+    def __init__(self, fd: int):
+        self.mm = mmap.mmap(fd, self.SIZE)
+        self.seq = 0
+
+    @classmethod
+    def create(cls) -> tuple[RunSlot, int]:
+        fd = os.memfd_create("tomd-hook-run", 0) if hasattr(os, "memfd_create") else _temp_fd()
+        os.ftruncate(fd, cls.SIZE)
+        return cls(fd), fd
+
+    def set(self, run_id: int, deadline: float) -> None:
+        self.seq += 1
+        struct.pack_into("<Q", self.mm, 0, self.seq)
+        struct.pack_into("<qd", self.mm, 8, run_id, deadline)
+        self.seq += 1
+        struct.pack_into("<Q", self.mm, 0, self.seq)
+
+    def clear(self) -> None:
+        self.set(0, 0.0)
+
+    def get(self) -> tuple[int, float]:
+        """(run id, deadline); (0, 0.0) when no run is going."""
+        for _ in range(1000):
+            s1, run_id, deadline = struct.unpack_from(self._FMT, self.mm, 0)
+            if s1 % 2 == 0 and struct.unpack_from("<Q", self.mm, 0)[0] == s1:
+                return run_id, deadline
+        return 0, 0.0
+
+    def close(self) -> None:
+        try:
+            self.mm.close()
+        except (BufferError, ValueError):
+            pass
+
+
+def _temp_fd() -> int:
+    import tempfile
+
+    fd, path = tempfile.mkstemp(prefix="tomd-hook-run-")
+    os.unlink(path)
+    return fd
+
+
 # ------------------------------------------------------------------ the worker
 
 
@@ -117,7 +178,7 @@ class _PipeLogHandler(logging.Handler):
             pass
 
 
-def worker_main(conn, boot: WorkerBoot) -> None:
+def worker_main(conn, boot: WorkerBoot, slot: RunSlot) -> None:
     """Entry point of the worker process."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the daemon, which stops us
     _die_with_parent(boot.parent_pid)
@@ -143,9 +204,12 @@ def worker_main(conn, boot: WorkerBoot) -> None:
         with lock:
             conn.send(msg)
 
+    ended: list[tuple[str, str, float]] = []  # (hook, outcome, seconds) since the last batch message
+    requested = [False]
+
     def execute(h, c: Claimed, timeout: float) -> Outcome:
-        send(("start", c.run_id, c.hook, timeout, c.attempts, c.event_id, c.kind, c.target_id))
         t0 = time.monotonic()
+        slot.set(c.run_id, t0 + timeout)
         try:
             event = event_from_json(c.event_json, where=f"outbox #{c.event_id}")
             ctx = HookContext(hook=c.hook, event=event, event_id=c.event_id, reader=reader, target_id=c.target_id,
@@ -155,11 +219,12 @@ def worker_main(conn, boot: WorkerBoot) -> None:
             outcome = Outcome("ok", actions=ctx.actions, seconds=time.monotonic() - t0)
         except BaseException:  # noqa: BLE001 - SystemExit and KeyboardInterrupt are a hook's failures too
             outcome = Outcome("error", error=traceback.format_exc(), seconds=time.monotonic() - t0)
-        send(("ran", c.run_id))
+        slot.clear()
         return outcome
 
-    def on_end(hook: str, outcome: str, seconds: float, requested: bool) -> None:
-        send(("end", hook, outcome, seconds, requested))
+    def on_end(hook: str, outcome: str, seconds: float, req: bool) -> None:
+        ended.append((hook, outcome, seconds))
+        requested[0] = requested[0] or req
 
     while True:
         try:
@@ -188,10 +253,11 @@ def worker_main(conn, boot: WorkerBoot) -> None:
                 outcomes = d.run_batch(should_stop)
                 batch: dict[str, int] = {}
                 for o in outcomes:
-                    if o != "done":  # the daemon counts those from the "end" messages, as they happen
-                        batch[o] = batch.get(o, 0) + 1
-                if batch:
-                    send(("batch", batch))
+                    batch[o] = batch.get(o, 0) + 1
+                if outcomes:  # one message per batch: what ran, for the counts and the metrics
+                    send(("batch", batch, list(ended), requested[0]))
+                    ended.clear()
+                    requested[0] = False
                 if not outcomes:
                     break
         except Exception:  # noqa: BLE001 - the database went away: the daemon retries later
@@ -271,6 +337,8 @@ class WorkerProcess:
         self.specs: list = []
         self.problems: list[str] = []
         self.starts = 0
+        self.slot: RunSlot | None = None
+        self._last_run = 0
 
     @property
     def alive(self) -> bool:
@@ -283,12 +351,16 @@ class WorkerProcess:
         # locks or connections inherited; not multiprocessing's spawn either, which would
         # re-run the daemon's __main__ script. The pipe is one end of a socket pair.
         ours, theirs = socket.socketpair()
+        if self.slot is not None:
+            self.slot.close()
+        self.slot, slot_fd = RunSlot.create()
         try:
-            self.proc = subprocess.Popen([sys.executable, "-m", "tomd.hooks.worker", str(theirs.fileno())],
-                                         pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
-                                         cwd=os.getcwd())
+            self.proc = subprocess.Popen([sys.executable, "-m", "tomd.hooks.worker", str(theirs.fileno()),
+                                          str(slot_fd)], pass_fds=(theirs.fileno(), slot_fd),
+                                         stdin=subprocess.DEVNULL, cwd=os.getcwd())
         finally:
             theirs.close()
+            os.close(slot_fd)
         self.conn = Connection(ours.detach())
         self.starts += 1
         boot = self.boot if self.boot.parent_pid else _with_parent(self.boot)
@@ -311,14 +383,14 @@ class WorkerProcess:
 
     def work(self, claim_id: str, hooks: list[str], *, stop=None,
              on_end: Callable[[str, str, float, bool], None] | None = None,
-             on_kill: Callable[[tuple | None, str], None] | None = None,
-             finish_allowance: float = 30.0) -> dict[str, int]:
+             on_kill: Callable[[int, str], None] | None = None) -> dict[str, int]:
         """Let the worker claim and run due runs of ``hooks`` until none is due; its outcome counts.
 
-        Enforces each run's timeout: a worker still in a hook at its deadline
-        is killed, and ``on_kill(start message or None, error)`` records the
-        run and gives the claim's other runs back (also when it dies). With
-        ``stop`` set the worker is asked to give back what it has not started.
+        Enforces each run's deadline (read from the shared :class:`RunSlot`):
+        a worker still in a run at its deadline is killed, and
+        ``on_kill(run id or 0, error)`` records that run and gives the
+        claim's other runs back (also when the worker dies). With ``stop``
+        set the worker is asked to give back what it has not started.
         """
         if not self.alive:
             try:
@@ -329,12 +401,11 @@ class WorkerProcess:
         try:
             self.conn.send(("work", claim_id, list(hooks)))
         except (OSError, ValueError) as exc:
+            run_id = self.slot.get()[0] if self.slot else 0
             self.kill()
             if on_kill:
-                on_kill(None, f"hook worker is gone: {exc}")
+                on_kill(run_id, f"hook worker is gone: {exc}")
             return {"error": 1}
-        current: tuple | None = None
-        deadline: float | None = None
         paused = False
         counts: dict[str, int] = {}
         while True:
@@ -344,37 +415,29 @@ class WorkerProcess:
                     self.conn.send(("pause",))
                 except (OSError, ValueError):
                     pass
+            run_id, deadline = self.slot.get()
             now = time.monotonic()
-            wait = 0.2 if deadline is None else max(0.0, min(0.2, deadline - now))
+            if run_id and now >= deadline:
+                self.kill()
+                if on_kill:
+                    on_kill(run_id, "TimeoutError: the hook ran past its timeout and was killed")
+                counts["killed"] = counts.get("killed", 0) + 1
+                return counts
+            wait = 0.1 if not run_id else max(0.001, min(0.1, deadline - now))
             msg = self._recv(time.monotonic() + wait)
             if msg is None:
-                if deadline is not None and time.monotonic() >= deadline:
-                    self.kill()
-                    hook, timeout = (current[2], current[3]) if current else ("?", 0)
-                    if on_kill:
-                        on_kill(current, f"TimeoutError: hook {hook} ran longer than {timeout:g} s and was killed")
-                    counts["killed"] = counts.get("killed", 0) + 1
-                    return counts
                 continue
             if msg[0] == "crash":
                 if on_kill:
-                    hook = current[2] if current else None
-                    on_kill(current, f"hook worker died{f' running {hook}' if hook else ''}: {msg[1]}")
+                    on_kill(self._last_run, f"hook worker died: {msg[1]}")
                 counts["killed"] = counts.get("killed", 0) + 1
                 return counts
-            if msg[0] == "start":
-                current, deadline = msg, time.monotonic() + msg[3]
-            elif msg[0] == "ran":
-                deadline = time.monotonic() + finish_allowance  # recording it: the database's time, not the hook's
-            elif msg[0] == "end":
-                current, deadline = None, None
-                if msg[2] == "ok":
-                    counts["done"] = counts.get("done", 0) + 1
-                if on_end:
-                    on_end(*msg[1:])
-            elif msg[0] == "batch":
+            if msg[0] == "batch":
                 for k, v in msg[1].items():
                     counts[k] = counts.get(k, 0) + v
+                if on_end:
+                    for i, (hook, outcome, seconds) in enumerate(msg[2]):
+                        on_end(hook, outcome, seconds, bool(msg[3]) and i == 0)
             elif msg[0] == "idle":
                 for k, v in msg[1].items():
                     counts[k] = counts.get(k, 0) + v
@@ -397,6 +460,7 @@ class WorkerProcess:
             return msg
 
     def _exit_reason(self) -> str:
+        self._last_run = self.slot.get()[0] if self.slot is not None else 0  # what it was running when it died
         if self.proc is None:
             return "not started"
         try:
@@ -450,5 +514,6 @@ def _with_parent(boot: WorkerBoot) -> WorkerBoot:
 
 if __name__ == "__main__":  # python -m tomd.hooks.worker FD (started by WorkerProcess.start)
     _conn = Connection(int(sys.argv[1]))
+    _slot = RunSlot(int(sys.argv[2]))
     _msg = _conn.recv()
-    worker_main(_conn, _msg[1])
+    worker_main(_conn, _msg[1], _slot)
