@@ -9,6 +9,11 @@ change (state, history row, outbox event, data_due_at) once. A second cycle
 with nothing new shows the steady state. Goal: ≤ 30 s and ≤ 1 HTTP request
 per 100 open requests.
 
+``--mix`` (the second scenario of ``--save``): half of the groups complete,
+a quarter are scheduled and a quarter in progress. The portal's groups say
+PENDING for those; only the observations API tells, so the cycle also lists
+the observations of pending requests (batched, 1000 per page).
+
 Prints JSON on stdout and one human line on stderr; ``--save`` writes
 bench/results/poll.json (both backends with ``--backend both``).
 
@@ -52,7 +57,7 @@ def group_doc(i: int, now: datetime) -> dict:
                                                                       "optical_elements": {"filter": "rp"}}]}]}]}
 
 
-def run(backend: str, n: int) -> dict:
+def run(backend: str, n: int, mix: bool = False) -> dict:
     url, drop = scratch_database(backend, "poll")
     try:
         engine = migrate.connect(url)
@@ -62,6 +67,10 @@ def run(backend: str, n: int) -> dict:
             now = datetime.now(timezone.utc)
             t0 = time.perf_counter()
             ids = sim.add_groups([group_doc(i, now) for i in range(n)], state="COMPLETED")
+            if mix:  # a quarter scheduled, a quarter observed now: their groups stay PENDING
+                for k, gid in enumerate(ids):
+                    if k % 4 in (1, 3):
+                        sim.set_state(gid, "SCHEDULED" if k % 4 == 1 else "IN_PROGRESS")
             with sessions.begin() as s:
                 tid = s.execute(insert(Target).returning(Target.id),
                                 [{"name": "bench", "ra": 150.0, "dec": -20.0, "created_at": now,
@@ -99,7 +108,8 @@ def run(backend: str, n: int) -> dict:
     finally:
         drop()
     return {
-        "backend": backend, "open_requests": n, "setup_s": round(setup_s, 2),
+        "backend": backend, "scenario": "half completed, a quarter scheduled, a quarter in progress" if mix
+        else "all completed", "open_requests": n, "setup_s": round(setup_s, 2),
         "first_cycle": {"seconds": round(first_s, 2), "http_requests": first_calls,
                         "http_requests_per_100_open": round(100.0 * first_calls / n, 3),
                         "changes_recorded": len(first.changes), "error": first.error},
@@ -115,16 +125,20 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--requests", type=int, default=10_000)
     ap.add_argument("--backend", choices=["sqlite", "postgresql", "both"], default="sqlite")
-    ap.add_argument("--save", action="store_true", help=f"write {RESULTS.relative_to(RESULTS.parents[2])}")
+    ap.add_argument("--mix", action="store_true", help="only the mixed scenario (scheduled, in progress, completed)")
+    ap.add_argument("--save", action="store_true",
+                    help=f"both scenarios, written to {RESULTS.relative_to(RESULTS.parents[2])}")
     args = ap.parse_args()
     backends = ["sqlite", "postgresql"] if args.backend == "both" else [args.backend]
-    results = [run(b, args.requests) for b in backends]
-    doc = {"command": f"python bench/poll.py --requests {args.requests} --backend {args.backend}",
+    mixes = [False, True] if args.save else [args.mix]
+    results = [run(b, args.requests, m) for m in mixes for b in backends]
+    doc = {"command": f"python bench/poll.py --requests {args.requests} --backend {args.backend}"
+                      + (" --save" if args.save else " --mix" if args.mix else ""),
            "results": results}
     print(json.dumps(doc, indent=2))
     for r in results:
         f = r["first_cycle"]
-        print(f"{r['backend']}: one poll cycle over {r['open_requests']:,} open requests (all changed): "
+        print(f"{r['backend']}, {r['scenario']}: one poll cycle over {r['open_requests']:,} open requests: "
               f"{f['seconds']} s, {f['http_requests']} HTTP requests ({f['http_requests_per_100_open']} per 100), "
               f"{f['changes_recorded']:,} changes recorded; steady cycle {r['steady_cycle']['seconds']} s, "
               f"{r['steady_cycle']['http_requests']} request(s); goal {'met' if r['goal']['met'] else 'NOT met'}",

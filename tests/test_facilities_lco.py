@@ -251,6 +251,73 @@ def test_states_progress_with_time():
         assert c.statuses([fid])[fid].state.word == "FAILURE_LIMIT_REACHED"
 
 
+def test_scheduled_and_in_progress_come_from_the_observations_api(sim):
+    """The portal's request group says PENDING until it ends; its observation says scheduled / in progress."""
+    c = client(sim)
+    ids = [c.submit(c.build_request("1m-gri", sidereal(name=n), Intent(name=f"tomd-{n}"))).facility_id
+           for n in ("a", "b", "c")]
+    since = datetime.now(timezone.utc) - timedelta(seconds=5)
+    sim.set_state(ids[0], "SCHEDULED")
+    sim.set_state(ids[1], "IN_PROGRESS")
+    group = {g["id"]: g for g in sim.groups()}
+    assert group[int(ids[0])]["state"] == group[int(ids[1])]["state"] == "PENDING"  # as at the portal
+    for st in (c.statuses(ids, since=since), c.statuses(ids)):  # the batched listing and the per-group reads
+        assert {k: (v.state.common, v.state.word) for k, v in st.items()} == {
+            ids[0]: ("scheduled", "PENDING (scheduled)"), ids[1]: ("in_progress", "IN_PROGRESS"),
+            ids[2]: ("pending", "PENDING")}
+    # A group unchanged since the cursor is reported from its observations (the cursor may follow those).
+    later = datetime.now(timezone.utc)
+    assert c.statuses(ids, since=later) == {}
+    sim.unschedule(ids[0])  # the scheduler dropped it: pending again
+    st = c.statuses(ids, since=later)
+    assert {k: (v.state.common, v.state.word) for k, v in st.items()} == {ids[0]: ("pending", "PENDING")}
+    assert st[ids[0]].modified and st[ids[0]].name == "tomd-a"
+    sim.set_state(ids[1], "COMPLETED")  # the group's own end wins
+    assert c.statuses([ids[1]], since=later)[ids[1]].state.word == "COMPLETED"
+
+
+def test_observation_listings_are_batched(sim):
+    c = client(sim)
+    docs = [c.build_request("1m-gri", sidereal(name=f"n{i}"), Intent(name=f"tomd-n{i}")) for i in range(1200)]
+    ids = [str(i) for i in sim.add_groups(docs)]
+    for gid in ids[:1100]:
+        sim.set_state(gid, "SCHEDULED")
+    before = len(sim.received)
+    st = c.statuses(ids, since=datetime.now(timezone.utc) - timedelta(minutes=5))
+    calls = [r.path for r in list(sim.received)[before:]]
+    assert sum(v.state.common == "scheduled" for v in st.values()) == 1100
+    # 1,200 groups: two pages of groups; two of observations changed since the cursor and, as some groups
+    # changed while PENDING, two of the active ones; never one call per request.
+    assert calls.count("/api/requestgroups/") == 2 and calls.count("/api/observations/") == 4 and len(calls) == 6
+
+
+def test_sim_running_s_is_seen_through_the_observations_api():
+    with SimObservatory(pending_s=0.3, running_s=0.6, scheduled_s=0.3) as s:
+        c = client(s)
+        fid = c.submit(c.build_request("1m-gri", sidereal(), Intent(name="tomd-r"))).facility_id
+        seen, deadline = [], time.monotonic() + 10
+        while not seen or seen[-1] != "completed":
+            assert time.monotonic() < deadline, seen
+            common = c.statuses([fid])[fid].state.common
+            if not seen or seen[-1] != common:
+                seen.append(common)
+            assert s.groups()[0]["state"] in ("PENDING", "COMPLETED")  # never IN_PROGRESS at group level
+            time.sleep(0.02)
+        assert seen == ["scheduled", "in_progress", "completed"]
+
+
+def test_an_unknown_portal_word_stays_pending_logged_once(caplog):
+    from tomd.facilities.lco import map_state
+
+    with caplog.at_level("WARNING", logger="tomd.facilities.lco"):
+        first, again = map_state("ON_HOLD_SOMEWHERE"), map_state("ON_HOLD_SOMEWHERE")
+    assert first == again and first.common == "pending"
+    assert first.word == "ON_HOLD_SOMEWHERE (unknown to tomd)"  # what the status history shows
+    assert [r.getMessage() for r in caplog.records].count(
+        "LCO portal state 'ON_HOLD_SOMEWHERE' is unknown to tomd: followed as pending") == 1
+    assert map_state("PENDING (scheduled)").common == "scheduled" and map_state("IN_PROGRESS").common == "in_progress"
+
+
 def test_cancel(sim):
     c = client(sim)
     fid = c.submit(c.build_request("1m-gri", sidereal(), Intent(name="tomd-c"))).facility_id

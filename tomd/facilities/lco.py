@@ -8,6 +8,10 @@ API shapes follow the public portal (observation-portal, developers.lco.global):
 - ``GET /api/requestgroups/?name=…&id=…&state=…&limit=&offset=`` → paginated
   ``{"count", "next", "previous", "results"}`` (``name`` matches *contains*,
   so the ambiguity check compares names exactly here)
+- ``GET /api/observations/?request_state=PENDING&state=PENDING&state=IN_PROGRESS``
+  (paginated): the scheduled observations. A request group says PENDING
+  until it ends; only its observation tells that it is scheduled (an
+  observation with a start time, state PENDING) or IN_PROGRESS
 - ``POST /api/requestgroups/{id}/cancel/``, ``GET /api/proposals/``,
   ``GET /api/instruments/``; archive ``GET /frames/?request_id=`` with
   ``url`` and ``version_set[].md5``
@@ -31,6 +35,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from typing import Any
 from urllib.parse import urlsplit
@@ -55,10 +60,14 @@ from tomd.facilities.base import (
 
 log = logging.getLogger(__name__)
 
-# Request (and request group) states of the portal → tomd's common states.
+# Request (and request group) states of the portal → tomd's common states. A request is
+# scheduled or in progress when its observation is (observations API, see LCOClient.statuses):
+# those two keep the observation's word.
+SCHEDULED_WORD = "PENDING (scheduled)"  # the request PENDING, an observation PENDING with a start time
 LCO_STATES: dict[str, str] = {
     "PENDING": "pending",
-    "SCHEDULED": "scheduled",  # observation-level word, kept for completeness
+    SCHEDULED_WORD.upper(): "scheduled",
+    "SCHEDULED": "scheduled",
     "IN_PROGRESS": "in_progress",
     "COMPLETED": "completed",
     "WINDOW_EXPIRED": "expired",
@@ -85,8 +94,23 @@ DEFAULT_ARCHIVE = "https://archive-api.lco.global"
 MAX_RETRY_AFTER_S = 60.0  # a longer Retry-After goes back to the caller as RetryableError
 
 
+_unknown_words: set[str] = set()
+_unknown_lock = threading.Lock()
+
+
 def map_state(word: str) -> FacilityState:
-    return FacilityState(LCO_STATES.get(word.upper(), "pending"), word)
+    """The portal's word → (common state, the word). A word tomd does not know (the portal
+    added a state) stays ``pending``, is logged once, and says so in the word kept, so the
+    status history shows it."""
+    common = LCO_STATES.get(str(word).upper())
+    if common is not None:
+        return FacilityState(common, word)
+    with _unknown_lock:
+        first = word not in _unknown_words
+        _unknown_words.add(word)
+    if first:
+        log.warning("LCO portal state %r is unknown to tomd: followed as pending", word)
+    return FacilityState("pending", f"{word} (unknown to tomd)"[:64])
 
 
 # -------------------------------------------------------- request building --
@@ -107,6 +131,14 @@ _TEMPLATE_KEYS = {
     "guiding", "acquisition", "window", "readout_mode", "optimization_type", "configuration_repeats",
     "operator", "extra_params", "archive_url",
 }
+
+
+ACTIVE = {"state": ["PENDING", "IN_PROGRESS"]}  # observations scheduled or being observed
+
+
+def _cursor(t: datetime) -> str:
+    """A ``modified_after`` value; microseconds kept: the cursor must not round away the change it stands for."""
+    return t.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def _iso(t: datetime) -> str:
@@ -352,7 +384,7 @@ def _retry_after(resp: httpx.Response) -> float | None:
 # ------------------------------------------------------------------ client --
 
 
-_OPERATIONS = frozenset({"frames", "proposals", "instruments"})
+_OPERATIONS = frozenset({"frames", "proposals", "instruments", "observations"})
 
 
 def api_operation(method: str, url: str) -> str:
@@ -387,6 +419,7 @@ class LCOClient:
         self.max_attempts = max(1, int(max_attempts))
         self.backoff_base, self.backoff_cap = backoff_base, backoff_cap
         self.page_size = page_size
+        self._no_observations_api = False  # the portal answered 404 there once: said once in the log
         self.limiter = RateLimiter(rate_limit)
         self._sites = tuple(sites) if sites is not None else (SOAR_SITES if kind == "soar" else LCO_SITES)
         headers = {"Accept": "application/json", "User-Agent": "tomd"}
@@ -458,10 +491,18 @@ class LCOClient:
         out: dict[str, RequestStatus] = {}
         if not wanted:
             return out
+        # Observations first: one that ends between the two reads then shows as the group's end,
+        # never as "pending again".
+        first = self._observations(wanted, {"modified_after": _cursor(since)} if since is not None else ACTIVE)
+        self._group_statuses(wanted, since, out)
+        self._with_observations(wanted, since, out, first)
+        return out
+
+    def _group_statuses(self, wanted: set[str], since: datetime | None, out: dict[str, RequestStatus]) -> None:
         if since is not None:
             url: str | None = self.base + "/api/requestgroups/"
             # Microseconds kept: the cursor must not round away the change it stands for.
-            after = since.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+            after = _cursor(since)
             # 1000 per page (the portal caps a page at its own maximum and says so in `next`).
             query: Mapping[str, Any] | None = {"modified_after": after, "limit": 1000}
             seen = 0
@@ -476,12 +517,92 @@ class LCOClient:
                 if not nxt or not results or seen > 10_000_000:
                     break
                 url, query = self._same_origin(nxt, self.base), None
-            return out
+            return
         for fid in sorted(wanted):
             try:
                 out[fid] = self._status(self._json("GET", f"/api/requestgroups/{int(fid)}/", safe=True))
             except NotFoundError:
                 continue
+
+    def _observations(self, wanted: set[str], query: Mapping[str, Any]) -> dict[str, list[Mapping[str, Any]]] | None:
+        """Observations of PENDING requests by followed group (None: the portal has no observations API)."""
+        if self._no_observations_api:
+            return None
+        try:
+            return self._by_group(self._pages("/api/observations/", {"request_state": "PENDING", **query},
+                                              limit=1000), wanted)
+        except NotFoundError:
+            log.warning("%s: the portal has no observations API (HTTP 404): scheduled and in-progress "
+                        "requests show as pending", self.name)
+            self._no_observations_api = True
+            return None
+
+    def _with_observations(self, wanted: set[str], since: datetime | None, out: dict[str, RequestStatus],
+                           first: dict[str, list[Mapping[str, Any]]] | None) -> None:
+        """Scheduled and in-progress requests, from the observations API, into ``out``.
+
+        A request group says PENDING from submission until it ends, and its
+        ``modified`` does not move when the scheduler places it; its observation
+        does: state PENDING with a start time (scheduled), IN_PROGRESS, then an
+        end. Paginated listings (1000 per page) answer for every followed group
+        at once, so the cost grows in pages, not in requests:
+
+        - with ``since``: the observations of PENDING requests modified since
+          then (one listing). A group among them is scheduled or in progress
+          when one of its observations is active (PENDING, IN_PROGRESS), else
+          pending again (the scheduler dropped it, it failed, it was not
+          attempted). Groups absent from it did not change.
+        - the active observations of PENDING requests (one listing), when
+          ``since`` is None, or when a group itself changed while PENDING (a
+          reopening, an inner request done) and its observations did not.
+
+        A group whose own word is not PENDING keeps it (it ended). A portal
+        without the observations API (404) is followed on group states only.
+        """
+        if first is None:
+            return  # no observations API
+        if since is None:
+            changed, active = {}, first
+        else:
+            changed, active = first, {}
+            if any(f not in changed and str(g.state.word).upper() == "PENDING" for f, g in out.items()):
+                active = self._observations(wanted, ACTIVE) or {}
+        for fid in wanted:
+            group = out.get(fid)
+            if group is not None and str(group.state.word).upper() != "PENDING":
+                continue  # the group's own word stands: it ended
+            listed = changed.get(fid) or active.get(fid)
+            if not listed:
+                continue  # not scheduled, nothing changed: the group's word (if reported) stands
+            live = [o for o in listed if o.get("state") in ("PENDING", "IN_PROGRESS")]
+            if any(o.get("state") == "IN_PROGRESS" for o in live):
+                state = map_state("IN_PROGRESS")
+            elif live:
+                state = map_state(SCHEDULED_WORD)
+            else:
+                state = map_state("PENDING")  # scheduled no longer
+            stamps = [str(o["modified"]) for o in listed if o.get("modified")]
+            modified = max(stamps + ([group.modified] if group is not None and group.modified else []), default=None)
+            if group is not None:
+                out[fid] = replace(group, state=state, modified=modified)
+            else:
+                rids = tuple(sorted({str(o["request"]["id"]) if isinstance(o.get("request"), Mapping)
+                                     else str(o["request"]) for o in listed if o.get("request") is not None}))
+                out[fid] = RequestStatus(facility_id=fid, name=str(listed[0].get("name") or ""), state=state,
+                                         modified=modified, request_ids=rids)
+
+    @staticmethod
+    def _by_group(observations: Any, wanted: set[str]) -> dict[str, list[Mapping[str, Any]]]:
+        """Observations of the followed groups, by group id (``request_group_id``, at the top or in ``request``)."""
+        out: dict[str, list[Mapping[str, Any]]] = {}
+        for o in observations:
+            if not isinstance(o, Mapping):
+                continue
+            gid = o.get("request_group_id")
+            if gid is None and isinstance(o.get("request"), Mapping):
+                gid = o["request"].get("request_group_id")
+            if gid is not None and str(gid) in wanted:
+                out.setdefault(str(gid), []).append(o)
         return out
 
     def cancel(self, facility_id: str) -> RequestStatus:
@@ -544,10 +665,10 @@ class LCOClient:
 
     # -- HTTP -----------------------------------------------------------------
 
-    def _pages(self, path: str, params: Mapping[str, Any], *, base: str | None = None):
+    def _pages(self, path: str, params: Mapping[str, Any], *, base: str | None = None, limit: int | None = None):
         """Every result of a paginated listing, following ``next``."""
         url: str | None = (base or self.base) + path
-        query: Mapping[str, Any] | None = {**params, "limit": self.page_size}
+        query: Mapping[str, Any] | None = {**params, "limit": limit or self.page_size}
         seen = 0
         while url:
             body = self._json("GET", url, params=query, safe=True, absolute=True)

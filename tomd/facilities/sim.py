@@ -8,18 +8,26 @@ it) is exercised end to end without a network:
 - ``POST /api/requestgroups/validate/``, ``POST /api/requestgroups/``
 - ``GET  /api/requestgroups/?name=&id=&state=&modified_after=&limit=&offset=`` (paginated)
 - ``GET  /api/requestgroups/{id}/``, ``POST /api/requestgroups/{id}/cancel/``
+- ``GET  /api/observations/?request_group_id=&request_id=&state=&request_state=&modified_after=``
+  (paginated) and ``GET /api/requestgroups/{id}/observations/``: the scheduled observations
 - ``GET  /frames/?request_id=`` (archive, paginated) and ``GET /download/{frame}/{file}``
   serving tiny valid FITS files made with astropy (never from the network)
 
 Validation errors come back as the portal's DRF documents (nested by field)
 with its wording; like the real portal, names are *not* unique, so a blind
 retry of a POST makes a duplicate (the tests rely on that). States progress
-with time: PENDING for ``pending_s / speed`` seconds, IN_PROGRESS for
-``running_s / speed`` (default 0), then COMPLETED (or WINDOW_EXPIRED /
-FAILURE_LIMIT_REACHED when the target name says "expire" / "fail"), and frames
-appear when COMPLETED. ``set_state`` forces a state (and its ``modified``
-time) at once, e.g. a COMPLETED group back to PENDING as the portal does when
-data was bad. Listings filter (``modified_after`` as a time) before rendering
+with time as the portal's do: a request group (and its requests) is PENDING
+for ``(pending_s + running_s) / speed`` seconds, then COMPLETED (or
+WINDOW_EXPIRED / FAILURE_LIMIT_REACHED when the target name says "expire" /
+"fail"), and frames appear when COMPLETED. Like the portal, the group never
+says when it is scheduled or observed: its *observation* does (the
+observations API). With ``scheduled_s`` an observation (state PENDING, a
+start time) appears that long before it starts; with ``running_s`` it is
+IN_PROGRESS from ``pending_s`` on, for that long; then it ends with its
+group. ``set_state`` forces a state (and its ``modified`` time) at once, e.g.
+a COMPLETED group back to PENDING as the portal does when data was bad;
+"SCHEDULED" and "IN_PROGRESS" there force the observation, the group staying
+PENDING. Listings filter (``modified_after`` as a time) before rendering
 and render only the page they answer, so 10,000 groups stay cheap to poll.
 
 Faults on demand (``inject``) or at random (``chaos``): an HTTP status (5xx),
@@ -45,7 +53,7 @@ import threading
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit
@@ -119,6 +127,8 @@ class _Group:
     # One inner request forced apart from its group (LCO: one of several requests COMPLETED
     # while the group is still PENDING): request id → (state, when).
     inner: dict[int, tuple[str, datetime]] = field(default_factory=dict)
+    # The observation's forced (state, when), by set_state("SCHEDULED" | "IN_PROGRESS").
+    obs: tuple[str, datetime] | None = None
 
 
 @dataclass
@@ -139,12 +149,14 @@ class SimObservatory:
 
     def __init__(self, *, token: str | None = "sim-token", proposals: tuple[str, ...] = ("SIM2026A-001",),
                  speed: float = 1.0, pending_s: float = 60.0, host: str = "127.0.0.1", port: int = 0,
-                 hang_s: float = 5.0, max_page: int = 1000, seed: int | None = None, running_s: float = 0.0):
+                 hang_s: float = 5.0, max_page: int = 1000, seed: int | None = None, running_s: float = 0.0,
+                 scheduled_s: float = 0.0):
         self.token = token
         self.proposals = tuple(proposals)
         self.speed = speed
         self.pending_s = pending_s
-        self.running_s = running_s  # seconds IN_PROGRESS after PENDING (0: straight to the outcome)
+        self.running_s = running_s  # seconds the observation is IN_PROGRESS, from pending_s on (0: none)
+        self.scheduled_s = scheduled_s  # seconds before it starts that the observation is scheduled (0: none)
         self.hang_s = hang_s
         self.max_page = max_page
         self._host, self._port = host, port
@@ -227,10 +239,29 @@ class SimObservatory:
             return [self._render(g) for g in self._groups.values()]
 
     def set_state(self, group_id: int, state: str) -> None:
-        """Force a group (and its requests) into a portal state, e.g. COMPLETED."""
+        """Force a group (and its requests) into a portal state, e.g. COMPLETED.
+
+        "SCHEDULED" and "IN_PROGRESS" are observation states, as at the portal: the
+        group's observation is scheduled (state PENDING with a start time) or
+        IN_PROGRESS, and the group stays PENDING (its ``modified`` unchanged)."""
         with self._lock:
             g = self._groups[int(group_id)]
-            g.forced, g.forced_at = state, datetime.now(timezone.utc)
+            now = datetime.now(timezone.utc)
+            if state in ("SCHEDULED", "IN_PROGRESS"):
+                g.obs = ("PENDING" if state == "SCHEDULED" else "IN_PROGRESS", now)
+                if self._state(g)[0] != "PENDING":
+                    g.forced, g.forced_at = "PENDING", now
+                return
+            if state == "PENDING":
+                g.obs = None  # back to PENDING (e.g. reopened): a new observation must be scheduled
+            g.forced, g.forced_at = state, now
+
+    def unschedule(self, group_id: int) -> None:
+        """The scheduler drops the group's observation (state CANCELED, modified now): the
+        request is PENDING and unscheduled again, as when a better-placed request took its slot."""
+        with self._lock:
+            g = self._groups[int(group_id)]
+            g.obs = ("CANCELED", datetime.now(timezone.utc))
 
     def set_request_state(self, request_id: int, state: str) -> None:
         """Force one inner request into a state (its group's ``modified`` moves with it)."""
@@ -265,18 +296,88 @@ class SimObservatory:
         return None
 
     def _state(self, g: _Group) -> tuple[str, datetime]:
-        """(state, when it was entered): PENDING, IN_PROGRESS (when ``running_s``), then the outcome."""
+        """(state, when it was entered): PENDING while scheduled and observed, then the outcome.
+
+        The portal's request groups say PENDING until they end: never IN_PROGRESS
+        (the observation says that, ``_observation``)."""
         if g.forced:
             return g.forced, g.forced_at or g.created_wall
-        after = self.pending_s / self.speed if self.speed > 0 else math.inf
-        age = time.monotonic() - g.created
-        if age < after:
+        if self.speed <= 0:
             return "PENDING", g.created_wall
-        running = self.running_s / self.speed if self.speed > 0 else math.inf
-        if running > 0 and age < after + running:
-            return "IN_PROGRESS", datetime.fromtimestamp(g.created_wall.timestamp() + after, timezone.utc)
-        when = datetime.fromtimestamp(g.created_wall.timestamp() + after + running, timezone.utc)
-        return g.outcome, when
+        age = time.monotonic() - g.created
+        done = (self.pending_s + self.running_s) / self.speed
+        if age < done:
+            return "PENDING", g.created_wall
+        return g.outcome, datetime.fromtimestamp(g.created_wall.timestamp() + done, timezone.utc)
+
+    def _observation(self, g: _Group) -> dict[str, Any] | None:
+        """The group's current observation as the observations API shows it, or None (not scheduled).
+
+        One observation per group (its first request), on the natural timeline
+        (``scheduled_s``, ``running_s``) or as ``set_state`` forced it; it ends
+        with its group (COMPLETED, or FAILED / NOT_ATTEMPTED / CANCELED)."""
+        group_state, group_when = self._state(g)
+        after = self.pending_s / self.speed if self.speed > 0 else math.inf
+        start = datetime.fromtimestamp(g.created_wall.timestamp() + min(after, 1e10), timezone.utc)
+        if g.obs is not None:
+            state, when = g.obs
+            if state == "PENDING":
+                start = max(start, when + timedelta(minutes=10))
+            else:
+                start = min(start, when)
+        elif g.forced or self.speed <= 0:
+            return None
+        else:
+            age = time.monotonic() - g.created
+            sched, running = self.scheduled_s / self.speed, self.running_s / self.speed
+            if age < after - sched or (sched <= 0 and running <= 0):
+                return None
+            if age < after:
+                state, when = "PENDING", datetime.fromtimestamp(g.created_wall.timestamp() + after - sched,
+                                                                timezone.utc)
+            else:
+                state, when = "IN_PROGRESS", start
+        if group_state != "PENDING":  # the group ended: so did its observation
+            state = {"COMPLETED": "COMPLETED", "CANCELED": "CANCELED", "FAILURE_LIMIT_REACHED": "FAILED"}.get(
+                group_state, "NOT_ATTEMPTED")
+            when = max(when, group_when)
+        r = g.doc["requests"][0]
+        duration = timedelta(seconds=max(60.0, self.running_s / self.speed if self.speed > 0 else 60.0))
+        iso = lambda t: t.strftime("%Y-%m-%dT%H:%M:%S.%fZ")  # noqa: E731
+        return {"id": r["id"] * 10 + 1, "site": "lsc", "enclosure": "doma", "telescope": "1m0a",
+                "start": iso(start), "end": iso(start + duration), "priority": 10, "state": state,
+                "modified": iso(when), "created": iso(when),
+                "request": {"id": r["id"], "state": group_state, "acceptability_threshold":
+                            r.get("acceptability_threshold", 90), "configurations": r.get("configurations", [])},
+                "request_group_id": g.doc["id"], "name": g.doc["name"], "proposal": g.doc.get("proposal"),
+                "ipp_value": g.doc.get("ipp_value"), "observation_type": g.doc.get("observation_type"),
+                "submitter": "sim", "configuration_statuses": []}
+
+    def observations(self, q: dict[str, list[str]]) -> list[dict[str, Any]]:
+        """The observations API's listing, filtered as the portal's ObservationFilter does, newest first."""
+        with self._lock:
+            groups = list(self._groups.values())
+            if "request_group_id" in q:
+                wanted = {int(v) for v in q["request_group_id"] if v.isdigit()}
+                groups = [g for g in groups if g.doc["id"] in wanted]
+            found = [o for o in (self._observation(g) for g in groups) if o is not None]
+        if "request_id" in q:
+            found = [o for o in found if str(o["request"]["id"]) in q["request_id"]]
+        if "state" in q:
+            found = [o for o in found if o["state"] in q["state"]]
+        if "request_state" in q:
+            found = [o for o in found if o["request"]["state"] in q["request_state"]]
+        if "proposal" in q:
+            found = [o for o in found if o["proposal"] == q["proposal"][-1]]
+        if "modified_after" in q:
+            try:
+                since = datetime.fromisoformat(q["modified_after"][-1].replace("Z", "+00:00"))
+            except ValueError:
+                return []
+            since = since if since.tzinfo else since.replace(tzinfo=timezone.utc)
+            found = [o for o in found
+                     if datetime.fromisoformat(o["modified"].replace("Z", "+00:00")) >= since]
+        return sorted(found, key=lambda o: -o["id"])
 
     def _modified(self, g: _Group, when: datetime) -> datetime:
         """A group changes when it, or one of its requests, does."""
@@ -863,6 +964,8 @@ class _Handler(BaseHTTPRequestHandler):
             if method == "GET" and len(segs) == 3:
                 with sim._lock:
                     return ok(200, sim._render(g))
+            if method == "GET" and segs[3:] == ["observations"]:
+                return ok(200, sim.observations({"request_group_id": [str(gid)]}))
             if method == "POST" and segs[3:] == ["cancel"]:
                 with sim._lock:
                     state, _ = sim._state(g)
@@ -870,6 +973,8 @@ class _Handler(BaseHTTPRequestHandler):
                         return ok(400, {"errors": [f"Cannot cancel a request group in state {state}"]})
                     g.forced, g.forced_at = "CANCELED", datetime.now(timezone.utc)
                     return ok(200, sim._render(g))
+        if method == "GET" and path == "/api/observations/":
+            return ok(200, self._page(sim.observations(q), q))
         if method == "GET" and path == "/frames/":
             rid = q.get("request_id", ["-1"])[-1]
             return ok(200, self._page(sim.frames(int(rid)) if rid.lstrip("-").isdigit() else [], q))
@@ -904,14 +1009,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--speed", type=float, default=1.0, help="time runs this many times faster (default 1)")
     p.add_argument("--pending", type=float, default=60.0, help="seconds a request stays PENDING at speed 1")
     p.add_argument("--running", type=float, default=0.0,
-                   help="then seconds IN_PROGRESS at speed 1 (default 0: straight to COMPLETED)")
+                   help="then seconds its observation is IN_PROGRESS at speed 1 (default 0: straight to COMPLETED)")
+    p.add_argument("--scheduled", type=float, default=0.0,
+                   help="seconds before it starts that the observation is scheduled, at speed 1 (default 0)")
     p.add_argument("--chaos", type=float, default=0.0, help="fraction of calls that misbehave at random")
 
 
 def serve(args: argparse.Namespace, *, out=sys.stdout) -> int:
     sim = SimObservatory(token=args.token or None, proposals=tuple(args.proposal or ("SIM2026A-001",)),
                          speed=args.speed, pending_s=args.pending, host=args.host, port=args.port,
-                         running_s=getattr(args, "running", 0.0))
+                         running_s=getattr(args, "running", 0.0), scheduled_s=getattr(args, "scheduled", 0.0))
     with sim:
         if args.chaos:
             sim.chaos(args.chaos)
