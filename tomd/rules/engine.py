@@ -345,11 +345,12 @@ class RuleEngine:
                buffered: list[dict[str, Any]]) -> Verdict:
         w = rule.when
         args = ctx.args()
+        err: Exception | None = None
         try:
             i = w.first_false(*args)
-        except Exception:  # noqa: BLE001 - a rule's error is its verdict, never the batch's
-            i = None
-        if i is not None and i >= 0:
+        except Exception as exc:  # noqa: BLE001 - a rule's error is its verdict, never the batch's
+            i, err = -2, exc
+        if i >= 0:
             # Most verdicts end here, once per rule and alert, so the row is compact: the reason is the
             # clause ("<clause> is false", made once) and the values it read go in details, written
             # out only when read (full_reason; tomd rule explain). bench/rules.py: engine_per_rule.
@@ -367,10 +368,8 @@ class RuleEngine:
                              "details": _jsonable(v.details)})
             return v
 
-        try:
-            if i is None:
-                w.first_false(*args)  # again, to hold its exception (rules are pure; features keep theirs)
-        except Exception as exc:  # noqa: BLE001
+        if err is not None:
+            exc = err
             log.warning("rule %s failed on alert %s (%s): %s", rule.name, st.alert_id, st.coords, exc,
                         extra={"rule": rule.name, "coords": st.coords})
             where = w.failing_clause(*ctx.args())
