@@ -206,7 +206,16 @@ class Verdict:
 
 
 def _jsonable(v: Any) -> Any:
-    if v is None or isinstance(v, (bool, int, str)):
+    t = type(v)  # exact types first: isinstance against the ABCs below costs most of a verdict's row
+    if t is str or t is int or t is bool or v is None:
+        return v
+    if t is float:
+        return v if v - v == 0.0 else None  # nan and inf give nan
+    if t is dict:
+        if len(v) > 50:
+            v = dict(list(v.items())[:50])
+        return {k if type(k) is str else str(k): _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (bool, int, str)):
         return v
     if isinstance(v, float):
         return v if math.isfinite(v) else None
