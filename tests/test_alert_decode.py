@@ -350,3 +350,22 @@ def test_fink_livestream_through_a_real_broker_into_targets(kafka_broker, make_t
         keys = set(s.scalars(select(AlertRow.key).where(AlertRow.source == "fink")))
         letters = s.scalars(select(DeadLetter.error)).all()
     assert letters == [] and keys == {str(r["candid"]) for r in records}
+
+
+@needs_data
+def test_the_ingestor_hands_the_message_key_to_the_parser(db) -> None:
+    """End to end below the consumer: a Fink livestream message whose schema rides in its key
+    is ingested (the Ingestor passes keys to parsers that take one)."""
+    from tomd.alerts.ingest import FileMessage, IngestSettings, Ingestor
+    from tomd.daemon import parser_for
+
+    _, records, messages = _fink_livestream(2)
+    key = (DATA / FINK_AVSC).read_bytes()
+    ing = Ingestor(db.sessions, IngestSettings(stream="fink", format="fink-avro"),
+                   parser_for("fink-avro", include_test=False))
+    res = ing.handle([FileMessage(f"m{i}", 0, data, key=key) for i, data in enumerate(messages)])
+    assert res.alerts == len(records) and res.dead_letters == 0
+    # A parser without a key parameter still works (keys are dropped for it).
+    ing2 = Ingestor(db.sessions, IngestSettings(stream="fink2", format="fink-avro"),
+                    lambda value: parser_for("fink-avro", include_test=False)(value, key=key))
+    assert ing2.handle([FileMessage("n0", 0, messages[0], key=b"ignored")]).dead_letters == 0

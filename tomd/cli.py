@@ -443,13 +443,15 @@ def cmd_alert_retry_dead_letters(app: App, args) -> int:
     # include_test, and (Rubin) the schema registry it names. Letters of a
     # stream no longer configured keep their format and drop test events.
     registry = {st.name: st.schema_registry for st in app.config.streams if st.schema_registry}
+    schema_files = {st.name: st.schema_file for st in app.config.streams if st.schema_file}
     parsers: dict[tuple[str, str, bool], Any] = {}
 
     def parser_of(settings: IngestSettings):
         key = (settings.stream, settings.format, settings.include_test)
         if key not in parsers:
             parsers[key] = parser_for(settings.format, include_test=settings.include_test,
-                                      schema_registry=registry.get(settings.stream))
+                                      schema_registry=registry.get(settings.stream),
+                                      schema_file=schema_files.get(settings.stream))
         return parsers[key]
 
     rules, storage = build_stages(app.config)
@@ -578,8 +580,11 @@ def build_parser() -> argparse.ArgumentParser:
     register_rules(sub)
     register_facilities(sub)
     register_data(sub)
-    from tomd.notify_cli import register as register_notify; register_notify(sub)  # noqa: E702
-    from tomd.hooks.cli import register as register_hooks; register_hooks(sub)  # noqa: E702
+    from tomd.hooks.cli import register as register_hooks
+    from tomd.notify_cli import register as register_notify
+
+    register_hooks(sub)
+    register_notify(sub)
 
     q = leaf(sub, "demo", cmd_demo, "run the whole pipeline on embedded defaults and summarise")
     q.add_argument("--workdir", default="demo-work", help="where the demo keeps its database and files")

@@ -303,8 +303,10 @@ class Daemon:
             self.sessions,
             IngestSettings(stream=st.name, format=st.format, include_test=st.include_test,
                            localization_max_deg=st.localization_max_deg,
-                           match_radius_arcsec=self.config.targets.match_radius_arcsec),
-            parser_for(st.format, include_test=st.include_test, schema_registry=st.schema_registry),
+                           match_radius_arcsec=self.config.targets.match_radius_arcsec,
+                           store_cutouts=st.store_cutouts),
+            parser_for(st.format, include_test=st.include_test, schema_registry=st.schema_registry,
+                       schema_file=st.schema_file),
             sinks=self.sinks,
             storage=self.storage,
         )
@@ -467,24 +469,51 @@ class Daemon:
 
 
 def add_components(daemon: Daemon) -> None:
-    """The background components of ``tomd run``, in start order (the integrator's one place).
+    """The background components of ``tomd run``, in start order (the integrator's one place)::
 
-    ``daemon.metrics`` exists already: hand its observer methods to the parts that report
-    (``observe_hook``, ``observe_notification``, ``observe_product``, ``observe_status_change``,
-    ``observe_database_error``; ``watch_scheduler``, ``watch_outbox`` are read at scrape time).
-    For example::
+        scheduler  ── poll:<facility> (status, at each facility's poll_interval) ── cadence sweep
+            │ a request completed
+            ▼
+        retriever  ── products → storage, data.stored events
+        notifier   ── sends queued notifications (rate limits, digests)
+        hooks      ── outbox events → user hooks (worker process) and the notification fan-out
 
-        config, m = daemon.config, daemon.metrics
-        jobs = Jobs(daemon.sessions, daemon.facilities, config)         # status poller + APScheduler
-        daemon.add(jobs)                                                 # start()/shutdown()
-        daemon.add_check("scheduler", scheduler_check(jobs))             # tomd.health: /readyz
-        m.watch_scheduler(jobs)
-        daemon.add(Retriever(daemon.sessions, daemon.facilities, daemon.storage))     # run(stop)
-        daemon.add(HookRunner(daemon.sessions, config.hooks), wake_on_ingest=True)   # reload() on SIGHUP
-        daemon.add(Notifier(daemon.sessions, config.notifications), wake_on_ingest=True)
-
-    Nothing is added yet: with no components the daemon ingests, decides and submits.
+    Stopped in reverse order. Every part is told the daemon's metrics.
     """
+    from tomd.health import scheduler_check
+    from tomd.hooks.registry import Registry
+    from tomd.hooks.runner import HookRunner
+    from tomd.notify import Notifier, notification_kinds, subscriber
+    from tomd.retrieve import RetrieveSettings, Retriever
+    from tomd.scheduler import status_jobs
+
+    config, m = daemon.config, daemon.metrics
+    retriever = Retriever(daemon.sessions, daemon.facilities, daemon.storage,
+                          RetrieveSettings.from_config(config.data),
+                          observer=m.observe_product if m is not None else None)
+
+    def on_change(_facility: str, state: str) -> None:
+        if state == "completed":
+            retriever.wake()  # fetch now, not at the retriever's next look
+
+    jobs = daemon.add(status_jobs(daemon.sessions, daemon.facilities, config, wake=daemon.submitter.wake,
+                                  metrics=m, on_change=on_change))
+    daemon.add_check("scheduler", scheduler_check(jobs))
+    if m is not None:
+        m.watch_scheduler(jobs)
+    daemon.add(retriever)
+    # The notifier before the hook runner: it is stopped after it, so queued messages still go out.
+    notifier = daemon.add(Notifier.from_config(config, daemon.sessions, daemon.storage, observer=m))
+    registry = Registry()
+    kinds = notification_kinds(config)  # rule.* and what the channels' `events` name; none without channels
+    if kinds:
+        registry.add_builtin("builtin:notify", kinds, subscriber(config, wake=notifier.wake))
+    hooks = HookRunner.from_config(config, daemon.sessions, daemon.storage, observer=m, registry=registry,
+                                   on_request=daemon.submitter.wake)
+    # Load and register the hooks now, before any stream starts: a hook's deliveries begin at its
+    # registration, so events ingested in the first seconds of the daemon's life are not missed.
+    hooks.start()
+    daemon.add(hooks, wake_on_ingest=True)
 
 
 def run(config: Config, *, idle_exit_s: float | None = None,

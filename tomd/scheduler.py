@@ -129,17 +129,24 @@ def _poll_one(poller: Any, facility: str) -> Callable[[], Any]:
 
 
 def status_jobs(sessions: Any, facilities: Mapping[str, Any], config: Any, *, wake: Callable[[], None] | None = None,
-                metrics: Any = None, cadence_sweep_s: float = 300.0, jobs: Jobs | None = None) -> Jobs:
+                metrics: Any = None, cadence_sweep_s: float = 300.0, jobs: Jobs | None = None,
+                on_change: Callable[[str, str], None] | None = None) -> Jobs:
     """The status stage's jobs for ``tomd run``: ``poll:<facility>`` at each facility's
     ``poll_interval``, and ``cadence`` (series whose request failed before reaching the
     facility). ``wake``: the submitter's (a cadence step made an intent); ``metrics``: a
-    ``tomd.metrics.Metrics`` (status changes, open requests)."""
+    ``tomd.metrics.Metrics`` (status changes, open requests); ``on_change(facility, state)``:
+    told of every change too (the daemon wakes the data retriever on completions)."""
     from tomd.cadence import sweep
     from tomd.status import Poller
 
+    observers = [f for f in (metrics.observe_status_change if metrics is not None else None, on_change) if f]
+
+    def changed(facility: str, state: str) -> None:
+        for f in observers:
+            f(facility, state)
+
     jobs = jobs or Jobs()
-    poller = Poller(sessions, facilities, wake=wake,
-                    on_change=metrics.observe_status_change if metrics is not None else None,
+    poller = Poller(sessions, facilities, wake=wake, on_change=changed if observers else None,
                     on_open=metrics.set_open_requests if metrics is not None else None)
     jobs.poller = poller  # type: ignore[attr-defined]  # for `run_now` callers and tests
     jobs.add_pollers(poller, {name: float(config.facilities[name].poll_interval) for name in facilities

@@ -142,6 +142,7 @@ class Ingestor:
         # Seconds spent per stage, for metrics and benchmarks ("cutouts" is part of "database").
         self.seconds = {"parse": 0.0, "database": 0.0, "cutouts": 0.0}
         self._writers: Any = None  # a thread pool for cutout writes, made on first use
+        self._parse = _keyed(parser)
 
     # The consumer calls this; it must commit durably or raise.
     def handle(self, messages: Sequence[Message]) -> BatchResult:
@@ -152,7 +153,7 @@ class Ingestor:
                 if m.value is None:
                     raise AlertError("empty message (no value)")
                 value = message_value(self.settings.format, m.value, getattr(m, "headers", None))
-                parsed.append((m, self.parser(value), None))
+                parsed.append((m, self._parse(value, getattr(m, "key", None)), None))
             except AlertError as exc:
                 parsed.append((m, None, str(exc)))
             except Exception as exc:  # a parser bug must not stop the stream
@@ -573,7 +574,7 @@ def retry_dead_letters(sessions: sessionmaker[Session], parser_for: Callable[[In
         settings = settings_for(d.stream, d.format)
         parser = parser_for(settings)
         try:
-            alerts = parser(message_value(settings.format, d.raw, headers))
+            alerts = _keyed(parser)(message_value(settings.format, d.raw, headers), d.key)
             error = None
         except Exception as exc:  # noqa: BLE001 - recorded on the letter
             alerts, error = None, f"{exc.__class__.__name__}: {exc}" if not isinstance(exc, AlertError) else str(exc)
@@ -606,3 +607,17 @@ class _DeadLetterMessage:
         if self.topic is not None:
             return f"{self.topic}[{self.partition}]@{self.offset}"
         return f"dead-letter#{self.dead_letter_id}"
+
+
+def _keyed(parser: Parser) -> Callable[[bytes, bytes | None], list[Alert]]:
+    """``parser(value, key)``: the message key goes to parsers that take one (the Fink
+    livestream carries its writer schema there); others get the value alone."""
+    import inspect
+
+    try:
+        takes_key = "key" in inspect.signature(parser).parameters
+    except (TypeError, ValueError):
+        takes_key = False
+    if takes_key:
+        return lambda value, key: parser(value, key=key)
+    return lambda value, _key: parser(value)
