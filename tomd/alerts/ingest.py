@@ -139,8 +139,10 @@ class Ingestor:
         self.sinks = list(sinks)
         self.storage = storage  # tomd.storage.Store for skymaps and cutouts; None: they are not kept
         self.totals = BatchResult()
-        # Seconds spent per stage, for metrics and benchmarks ("cutouts" is part of "database").
-        self.seconds = {"parse": 0.0, "database": 0.0, "cutouts": 0.0}
+        # Seconds spent per stage, for metrics and benchmarks. "database" is the whole
+        # transaction; "cutouts" (starting the writes, then waiting for what is
+        # left of them and recording the rows) and "sinks" (rules) are parts of it.
+        self.seconds = {"parse": 0.0, "database": 0.0, "cutouts": 0.0, "sinks": 0.0}
         self._writers: Any = None  # a thread pool for cutout writes, made on first use
         self._parse = _keyed(parser)
 
@@ -266,6 +268,14 @@ class Ingestor:
                 targets[i] = res.target_id
                 r.targets_created += res.created
         keep = [(i, m, a) for i, (m, a) in enumerate(todo) if targets.get(i) != -1]
+        # Cutout files start writing now (their keys need only the targets) and
+        # are waited for after the rows and the rules: the fsyncs overlap the
+        # database work instead of adding to it.
+        cutouts = None
+        if self.storage is not None and self.settings.store_cutouts:
+            with_cutouts = [(i, a, targets.get(i)) for i, m, a in keep if a.cutouts]
+            if with_cutouts:
+                cutouts = self._start_cutouts(s, with_cutouts)
         payload = self.settings.keep_payload
         ids = repo.insert_alerts(s, [{
             "source": a.source, "key": a.key, "stream": self.settings.stream,
@@ -288,28 +298,31 @@ class Ingestor:
             events.append((AlertIngested(alert_id, a.source, a.key, tid, a.object_id, a.time.isoformat(),
                                          a.ra, a.dec, a.mag, a.band, m.coords), tid))
         repo.insert_photometry(s, photometry)
-        if self.storage is not None and self.settings.store_cutouts:
-            with_cutouts = [(alert_id, a, targets.get(i)) for alert_id, (i, m, a) in zip(ids, keep) if a.cutouts]
-            if with_cutouts:
-                r.cutouts += self._store_cutouts(s, with_cutouts)
         repo.add_events(s, events)
+        t_sinks = time.perf_counter()
         for sink in self.sinks:  # after photometry: light-curve features include this alert
             sink(s, stored)
+        self.seconds["sinks"] += time.perf_counter() - t_sinks
+        if cutouts is not None:
+            alert_of = {i: alert_id for alert_id, (i, _, _) in zip(ids, keep)}
+            r.cutouts += self._finish_cutouts(s, cutouts, alert_of)
         r.alerts += len(ids)
         r.alert_ids.extend(ids)
         r.photometry_points += len(photometry)
 
-    def _store_cutouts(self, s: Session, items: list[tuple[int, Alert, int | None]]) -> int:
-        """Each alert's cutouts as data products (kind "cutout"), one per (alert, cutout name).
+    def _start_cutouts(self, s: Session, items: list[tuple[int, Alert, int | None]]) -> tuple[list, list]:
+        """Start writing each alert's cutouts; ``_finish_cutouts`` waits and records them.
 
-        The files go under the target, ``<id>-<name>/<source>/cutouts/<key>-<cutout>.fits.gz``,
-        written in parallel (each local write is fsynced; S3 puts wait on the
-        network) before the rows, which commit with the alert. Only new alerts
-        get here, so a replay writes nothing; a crash before the commit leaves
-        files the replay writes again under the same keys. Cutouts announce no
-        data.stored event of their own: alert.ingested already says the alert
-        arrived, and three events per alert would flood hooks.
-        A storage outage raises a RetryableError: the batch waits, nothing is lost.
+        Cutouts become data products (kind "cutout"), one per (alert, cutout
+        name). The files go under the target,
+        ``<id>-<name>/<source>/cutouts/<key>-<cutout>.fits.gz``, written in
+        parallel (each local write is fsynced; S3 puts wait on the network)
+        while the batch's rows are written; the product rows commit with the
+        alert. Only new alerts get here, so a replay writes nothing; a crash
+        before the commit leaves files the replay writes again under the same
+        keys. Cutouts announce no data.stored event of their own:
+        alert.ingested already says the alert arrived, and three events per
+        alert would flood hooks.
         """
         from concurrent.futures import ThreadPoolExecutor
 
@@ -319,23 +332,38 @@ class Ingestor:
         names = {tid: row["name"] for tid, row in
                  repo.target_rows(s, sorted({tid for _, _, tid in items if tid is not None})).items()}
         jobs = []
-        for alert_id, a, tid in items:
+        for i, a, tid in items:
             # As products.target_dir names a target's folder: "<id>-<name>".
             tdir = safe_component(f"{tid}-{names[tid]}") if tid in names else "untargeted"
             for name, data in a.cutouts.items():
                 suffix = ".fits.gz" if data[:2] == b"\x1f\x8b" else ".fits"
                 filename = f"{a.key}-{name}{suffix}"
-                jobs.append((alert_id, a, tid, name, filename, product_key(tdir, a.source, "cutouts", filename), data))
+                jobs.append((i, a, tid, name, filename, product_key(tdir, a.source, "cutouts", filename), data))
         if self._writers is None:
             self._writers = ThreadPoolExecutor(max_workers=8, thread_name_prefix="tomd-cutouts")
-        stored = list(self._writers.map(lambda j: put_bytes(self.storage, j[5], j[6]), jobs))
+        futures = [self._writers.submit(put_bytes, self.storage, j[5], j[6]) for j in jobs]
+        self.seconds["cutouts"] += time.perf_counter() - t0
+        return jobs, futures
+
+    def _finish_cutouts(self, s: Session, started: tuple[list, list], alert_of: dict[int, int]) -> int:
+        """Wait for the writes ``_start_cutouts`` began and record the products.
+
+        A storage outage raises a RetryableError here: the batch waits, nothing is lost.
+        """
+        t0 = time.perf_counter()
+        jobs, futures = started
+        try:
+            stored = [f.result() for f in futures]
+        finally:
+            for f in futures:  # after a failed write, the queued ones need not start
+                f.cancel()
         now = datetime.now(timezone.utc)
         repo.insert_cutout_products(s, [{
             "facility": a.source, "product_id": f"cutout:{a.key}:{name}", "kind": "cutout", "filename": filename,
             "storage_key": st.key, "size": st.size, "md5": st.md5, "state": "stored", "stored_at": now,
             "created_at": now, "target_id": tid,
-            "meta": {"alert_id": alert_id, "alert_key": a.key, "cutout": name, "object_id": a.object_id},
-        } for (alert_id, a, tid, name, filename, _, _), st in zip(jobs, stored)])
+            "meta": {"alert_id": alert_of[i], "alert_key": a.key, "cutout": name, "object_id": a.object_id},
+        } for (i, a, tid, name, filename, _, _), st in zip(jobs, stored)])
         self.seconds["cutouts"] += time.perf_counter() - t0
         return len(jobs)
 
