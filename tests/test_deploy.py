@@ -32,8 +32,53 @@ def load_yaml(path: Path):
 
 
 @pytest.fixture(scope="module")
-def exported() -> set[str]:
-    return Metrics().sample_names()
+def exported(tmp_path_factory) -> set[str]:
+    """What a running ``tomd run`` exports, every component wired (status polls, data, hooks,
+    notifications, outbox), read from its registry while it runs: a name the dashboard or the
+    alerts use must be one of these."""
+    from tomd.config import load_config
+    from tomd.daemon import run
+    from tomd.db import migrate
+    from tomd.facilities.sim import SimObservatory
+
+    tmp = tmp_path_factory.mktemp("exported")
+    engine = migrate.connect(f"sqlite:///{tmp}/tomd.db")
+    migrate.upgrade(engine)
+    engine.dispose()
+    for d in ("rules", "hooks"):
+        (tmp / d).mkdir()
+    names: set[str] = set()
+    with SimObservatory(token=None) as sim:
+        (tmp / "tomd.toml").write_text(f"""
+[database]
+url = "sqlite:///{tmp}/tomd.db"
+[metrics]
+listen = "127.0.0.1:0"
+[storage]
+url = "file://{tmp}/data"
+[rules]
+paths = ["{tmp}/rules"]
+[hooks]
+paths = ["{tmp}/hooks"]
+[facilities.sim]
+kind = "sim"
+url = "{sim.url}"
+[notify.channels.journal]
+kind = "log"
+[[streams]]
+name = "files"
+kind = "file"
+topics = ["{tmp}/none/*.avro"]
+format = "ztf-avro"
+""")
+
+        def collect(daemon) -> None:
+            names.update(daemon.metrics.sample_names())
+            daemon.stop.set()
+
+        assert run(load_config(tmp / "tomd.toml"), on_started=collect) == 0
+    assert names >= Metrics().sample_names()
+    return names
 
 
 def test_every_yaml_file_parses():
@@ -170,7 +215,8 @@ def test_dashboard_uses_only_exported_metrics(exported):
     # The dashboard covers what operators asked for.
     for name in ("tomd_alerts_ingested_total", "tomd_consumer_lag_messages", "tomd_rule_verdicts_total",
                  "tomd_alert_to_submission_seconds_bucket", "tomd_facility_requests_total",
-                 "tomd_observation_requests_open", "tomd_hook_runs_total"):
+                 "tomd_observation_requests_open", "tomd_hook_runs_total", "tomd_notifications_failed_total",
+                 "tomd_data_products_downloaded_total", "tomd_status_polls_total", "tomd_outbox_pending_events"):
         assert name in used, name
 
 
@@ -180,7 +226,12 @@ def test_alert_rules_use_only_exported_metrics(exported):
     assert used - exported == set()
     names = {r["alert"] for r in rules}
     assert {"TomdConsumerLagGrowing", "TomdNoAlertsDuringTheNight", "TomdFacilityErrors", "TomdHookFailures",
-            "TomdDeadLetters"} <= names
+            "TomdDeadLetters", "TomdNotificationsFailing", "TomdStatusPollsFailing", "TomdOutboxBacklogGrowing",
+            "TomdDataDownloadsFailing", "TomdSchedulerStopped"} <= names
+    # Each stage's failure signal has an alert on it.
+    for name in ("tomd_hook_runs_total", "tomd_notifications_failed_total", "tomd_status_polls_total",
+                 "tomd_outbox_pending_events", "tomd_data_product_failures_total"):
+        assert name in used, name
     for r in rules:
         assert r["labels"]["severity"] in ("critical", "warning", "info"), r["alert"]
         assert r["annotations"]["summary"], r["alert"]
@@ -214,7 +265,8 @@ def test_alert_rule_unit_tests_feed_only_exported_metrics(exported):
     fired = {t["alertname"] for t in cases if t.get("exp_alerts")}
     quiet = {t["alertname"] for t in cases if not t.get("exp_alerts")}
     required = {"TomdConsumerLagGrowing", "TomdNoAlertsDuringTheNight", "TomdFacilityErrors", "TomdHookFailures",
-                "TomdDeadLetters"}
+                "TomdDeadLetters", "TomdStatusPollsFailing", "TomdSchedulerStopped", "TomdDataDownloadsFailing",
+                "TomdOutboxBacklogGrowing"}
     assert required <= fired and required <= quiet
     assert fired | quiet <= {r["alert"] for r in alert_rules()}
 

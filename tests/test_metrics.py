@@ -307,7 +307,7 @@ def test_scheduler_and_outbox_are_read_at_scrape_time():
     scheduler = SimpleNamespace(running=False)
     backlog = [3]
     m.watch_scheduler(scheduler)
-    m.watch_outbox(lambda: backlog[0] if backlog else 1 // 0)
+    m.watch_outbox(lambda: backlog[0] if backlog else 1 // 0, cache_s=0)
     assert value(m, "tomd_scheduler_running") == 0 and value(m, "tomd_outbox_pending_events") == 3
     scheduler.running = True
     backlog.clear()  # the callback now raises: NaN, and the scrape still answers
@@ -315,6 +315,55 @@ def test_scheduler_and_outbox_are_read_at_scrape_time():
     assert m.registry.get_sample_value("tomd_outbox_pending_events") != m.registry.get_sample_value(
         "tomd_outbox_pending_events")  # NaN
     assert b"tomd_outbox_pending_events NaN" in m.exposition()
+
+
+def test_outbox_backlog_is_asked_once_per_cache_period():
+    m = Metrics(process=False)
+    asked = []
+    m.watch_outbox(lambda: asked.append(1) or len(asked), cache_s=3600)
+    assert [value(m, "tomd_outbox_pending_events") for _ in range(3)] == [1, 1, 1] and len(asked) == 1
+
+
+def test_poll_cycles_are_counted_by_outcome():
+    from tomd.status import FacilityPoll
+
+    class Poller:
+        def poll(self, only=None, *, full=False):
+            return [FacilityPoll("lco", seconds=0.5), FacilityPoll("soar", skipped="another poller"),
+                    FacilityPoll("gemini", error="503", seconds=1.0)]
+
+    m = Metrics(process=False)
+    poller = Poller()
+    m.watch_poller(poller)
+    assert len(poller.poll(["lco"])) == 3
+    assert value(m, "tomd_status_polls_total", facility="lco", outcome="ok") == 1
+    assert value(m, "tomd_status_polls_total", facility="soar", outcome="skipped") == 1
+    assert value(m, "tomd_status_polls_total", facility="gemini", outcome="failed") == 1
+    assert value(m, "tomd_status_poll_seconds_count", facility="lco") == 1
+    assert value(m, "tomd_status_poll_seconds_count", facility="soar") in (0, None)
+
+
+def test_submitter_sweep_failures_count_as_database_errors(tmp_path):
+    """A real Submitter whose database has no tables: every sweep fails, each is counted."""
+    from sqlalchemy import create_engine
+    from sqlalchemy.orm import sessionmaker
+
+    from tomd.submit import SubmitSettings, Submitter
+
+    engine = create_engine(f"sqlite:///{tmp_path}/empty.db")
+    submitter = Submitter(sessionmaker(engine), {}, SubmitSettings())
+    m = instrument(SimpleNamespace(runners=[], submitter=submitter), Metrics(process=False))
+    stop = threading.Event()
+    t = threading.Thread(target=submitter.run, args=(stop,), daemon=True)
+    t.start()
+    deadline = time.monotonic() + 30
+    while value(m, "tomd_database_errors_total", component="submitter") < 2 and time.monotonic() < deadline:
+        submitter.wake()
+        time.sleep(0.05)
+    stop.set()
+    t.join(30)
+    engine.dispose()
+    assert value(m, "tomd_database_errors_total", component="submitter") >= 2
 
 
 def test_names_follow_prometheus_conventions():

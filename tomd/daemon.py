@@ -501,6 +501,7 @@ def add_components(daemon: Daemon) -> None:
     daemon.add_check("scheduler", scheduler_check(jobs))
     if m is not None:
         m.watch_scheduler(jobs)
+        m.watch_poller(jobs.poller)  # tomd_status_polls_total{facility, outcome}: ok, skipped, failed
     daemon.add(retriever)
     # The notifier before the hook runner: it is stopped after it, so queued messages still go out.
     notifier = daemon.add(Notifier.from_config(config, daemon.sessions, daemon.storage, observer=m))
@@ -514,6 +515,16 @@ def add_components(daemon: Daemon) -> None:
     # registration, so events ingested in the first seconds of the daemon's life are not missed.
     hooks.start()
     daemon.add(hooks, wake_on_ingest=True)
+    if m is not None:
+        m.watch_outbox(lambda: _outbox_backlog(daemon.sessions))
+
+
+def _outbox_backlog(sessions: sessionmaker[Session]) -> int:
+    """Events not yet delivered to every hook that takes them (tomd_outbox_pending_events)."""
+    from tomd.db import repository as repo
+
+    with sessions() as s:
+        return repo.outbox_backlog(s)
 
 
 def run(config: Config, *, idle_exit_s: float | None = None,
@@ -538,7 +549,7 @@ def run(config: Config, *, idle_exit_s: float | None = None,
             daemon.facilities.close()
             daemon.engine.dispose()
             raise UserError(f"metrics.listen {config.metrics.listen}: cannot listen there: {exc.strerror}") from None
-        log.info("metrics and health on http://%s/metrics, /healthz, /readyz", config.metrics.listen)
+        # start_http logs the bound address (with port 0 the system picks one: scrape there).
     daemon.install_signal_handlers()
     daemon.start()
     if on_started:

@@ -11,12 +11,14 @@ Where values come from::
     Ingestor.handle ──► ObservedIngestor (per batch: counts, sizes, stage times)
     ConsumerStats   ──► ConsumerCollector (read at scrape time: lag, assignment)
     RuleEngine      ──► observe_verdicts (after the batch commits), observe_rules (each reload)
-    Submitter       ──► observe_submission (submitted with latency, rejected, failed, retry)
+    Submitter       ──► observe_submission (submitted with latency, rejected, failed, retry),
+                        on_sweep_error → observe_database_error("submitter")
     LCOClient       ──► observe_facility_call (every HTTP call, retries included)
     database        ──► DatabaseCollector (read at scrape time, cached: open requests, dead letters)
     later stages    ──► observe_product / observe_hook / observe_notification /
                         observe_status_change / observe_database_error,
-                        watch_scheduler / watch_outbox (read at scrape time)
+                        watch_scheduler / watch_outbox (read at scrape time),
+                        watch_poller (each poll cycle's outcome per facility)
 
 ``instrument(daemon)`` plugs all of these into a built daemon.
 
@@ -169,6 +171,12 @@ class Metrics:
                                       "Observation request state changes recorded", ["facility", "state"],
                                       registry=r)
         self.scheduler_up = Gauge("tomd_scheduler_running", "1 while the job scheduler runs", registry=r)
+        self.polls = Counter("tomd_status_polls_total",
+                             "Status poll cycles per facility by outcome (ok; skipped: another daemon was "
+                             "polling that facility; failed: the facility or the database failed the cycle)",
+                             ["facility", "outcome"], registry=r)
+        self.poll_seconds = Histogram("tomd_status_poll_seconds", "Duration of status poll cycles that ran",
+                                      ["facility"], buckets=CALL_SECONDS_BUCKETS, registry=r)
 
         # ------------------------------------------------------------ 6 data
         self.products = Counter("tomd_data_products_downloaded_total", "Data products downloaded and stored",
@@ -305,10 +313,33 @@ class Metrics:
         """``tomd_scheduler_running`` follows ``scheduler.running`` (an APScheduler scheduler), at scrape time."""
         self.scheduler_up.set_function(_safe(lambda: 1.0 if getattr(scheduler, "running", False) else 0.0))
 
-    def watch_outbox(self, pending: Callable[[], int]) -> None:
-        """``tomd_outbox_pending_events`` is ``pending()`` at scrape time (the hook runner knows what
-        "handled" means; a failing call leaves NaN, never a failed scrape)."""
-        self.outbox_pending.set_function(_safe(lambda: float(pending())))
+    def watch_outbox(self, pending: Callable[[], int], *, cache_s: float = 5.0) -> None:
+        """``tomd_outbox_pending_events`` is ``pending()`` at scrape time, asked at most every
+        ``cache_s`` (it is a database count; several scrapers must not multiply it). A failing
+        call leaves NaN, never a failed scrape."""
+        self.outbox_pending.set_function(_safe(_cached(lambda: float(pending()), cache_s)))
+
+    def watch_poller(self, poller: Any) -> None:
+        """Count each status poll cycle of ``poller`` (a ``tomd.status.Poller``) by facility and outcome.
+
+        The poller reports its cycles only as return values (``FacilityPoll``), which the job
+        scheduler drops; so ``poller.poll`` is replaced, on this instance, by one that reads them
+        on the way out."""
+        inner = poller.poll
+
+        def poll(only: Any = None, *, full: bool = False) -> Any:
+            results = inner(only, full=full)
+            for r in results or ():
+                self.observe_poll(r.facility, "skipped" if r.skipped else "failed" if r.error else "ok",
+                                  None if r.skipped else r.seconds)
+            return results
+
+        poller.poll = poll
+
+    def observe_poll(self, facility: str, outcome: str, seconds: float | None = None) -> None:
+        self.polls.labels(facility, outcome).inc()
+        if seconds is not None:
+            self.poll_seconds.labels(facility).observe(seconds)
 
     def watch_database(self, sessions: Callable[[], Any], *, cache_s: float = 5.0) -> None:
         """Count open requests and unresolved dead letters at scrape time (at most every ``cache_s``)."""
@@ -557,6 +588,12 @@ def instrument(daemon: Any, metrics: Metrics | None = None) -> Metrics:
     submitter = getattr(daemon, "submitter", None)
     if submitter is not None and hasattr(submitter, "observer"):
         submitter.observer = metrics.observe_submission
+    if submitter is not None and hasattr(submitter, "on_sweep_error"):
+        def sweep_failed(exc: BaseException) -> None:
+            if _is_database_error(exc):
+                metrics.observe_database_error("submitter")
+
+        submitter.on_sweep_error = sweep_failed
     facilities = getattr(daemon, "facilities", None)
     for client in (getattr(facilities, "clients", None) or {}).values():
         if hasattr(client, "observer"):
@@ -578,6 +615,22 @@ def sample_names(registry: CollectorRegistry) -> set[str]:
         names.update(fam.name + s for s in suffixes.get(fam.type, ("",)))
         names.update(s.name for s in fam.samples)
     return names
+
+
+def _cached(fn: Callable[[], float], ttl_s: float) -> Callable[[], float]:
+    """``fn()``, asked again only when the last answer is older than ``ttl_s`` (errors are not kept)."""
+    lock = threading.Lock()
+    last: list[float] = []  # [value, monotonic time]
+
+    def read() -> float:
+        with lock:
+            if last and time.monotonic() - last[1] < ttl_s:
+                return last[0]
+            value = fn()
+            last[:] = [value, time.monotonic()]
+            return value
+
+    return read
 
 
 def _safe(fn: Callable[[], float]) -> Callable[[], float]:

@@ -130,6 +130,9 @@ class Submitter:
         # Told of each recorded outcome: observer(facility, "submitted" | "rejected" | "failed" | "retry",
         # seconds from a rule's decision to acceptance, or None). Metrics plug in here.
         self.observer: Callable[[str, str, float | None], None] | None = None
+        # Told of each sweep that failed (the database went away, a bug): on_sweep_error(exc).
+        # Metrics count the database ones in tomd_database_errors_total{component="submitter"}.
+        self.on_sweep_error: Callable[[BaseException], None] | None = None
 
     # -- driving -----------------------------------------------------------------
 
@@ -175,8 +178,10 @@ class Submitter:
                 event.clear()  # before the sweep: a wake during it makes the next wait return at once
                 try:
                     outcomes = self._sweep_lane(facilities)
-                except Exception:  # noqa: BLE001 - a database hiccup must not end the lane
+                except Exception as exc:  # noqa: BLE001 - a database hiccup must not end the lane
                     log.exception("submission sweep failed; retrying")
+                    if self.on_sweep_error is not None:
+                        self.on_sweep_error(exc)
                     outcomes = []
                 if len(outcomes) >= self.settings.batch:
                     continue  # more may be due

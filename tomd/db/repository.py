@@ -1445,3 +1445,20 @@ def next_intent_attempt_of(s: Session, *, facilities: Sequence[str] | None = Non
     if exclude is not None:
         q = q.where(R.facility.not_in(list(exclude)))
     return s.scalar(q)
+
+
+# ---- operations: outbox backlog ----
+# tomd_outbox_pending_events, read at scrape time (cached by the caller).
+
+
+def outbox_backlog(s: Session) -> int:
+    """Outbox events some hook has not yet finished with: distinct events with a hook run still
+    pending or running (retries waiting out their back-off included; failed runs have ended).
+
+    Runs are written as soon as a hook runner sees an event, so this is the delivery backlog
+    up to the runner's wake-up. It reads the unfinished runs only; with very large hook_runs
+    tables a partial index on state IN ('pending', 'running') keeps it cheap."""
+    from tomd.db.models import HookRun as _HR
+
+    q = select(func.count(func.distinct(_HR.event_id))).where(_HR.state.in_(("pending", "running")))
+    return int(s.scalar(q) or 0)
