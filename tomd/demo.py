@@ -93,8 +93,8 @@ def run_demo(workdir: Path) -> int:
 
     _step(4, "the daemon: local Kafka broker, real packets, simulated observatory")
     daemon_lines: list[str] = []
-    ok, cfg_path, metrics_url = _demo_daemon(workdir, url, sessions, daemon_lines)
-    _show_results(workdir, cfg_path, sessions, summary)
+    ok, cfg_path, metrics_url, received = _demo_daemon(workdir, url, sessions, daemon_lines)
+    _show_results(workdir, cfg_path, sessions, received, summary)
     summary += daemon_lines
 
     _step(9, "summary")
@@ -121,7 +121,7 @@ def run_demo(workdir: Path) -> int:
     return 0 if ok else 1
 
 
-def _demo_daemon(workdir: Path, url: str, sessions, summary: list[str]) -> tuple[bool, Path, str]:
+def _demo_daemon(workdir: Path, url: str, sessions, summary: list[str]) -> tuple[bool, Path, str, list[dict]]:
     """Publish the shipped packets to a local broker and run the daemon until everything settled."""
     from tomd.alerts.broker import LOCAL_GROUP_SETTINGS, LocalBroker, create_topics, free_port, produce
     from tomd.config import load_config
@@ -241,20 +241,12 @@ format = "auto"
     for m in outcome.get("metrics", []):
         _say(f"  {m}")
 
-    _step(5, "webhook notifications received (signed JSON)")
-    if not received:
-        _say("  none")
-    for r in received:
-        mark = "signature verified ✓" if r["verified"] else "SIGNATURE INVALID ✗"
-        _say(f"  POST {r['path']} delivery {r['delivery']} event {r['event']}: {mark}")
-        for subject in r["subjects"]:
-            _say(f"    {subject}")
     verified = sum(1 for r in received if r["verified"])
     summary.append(f"webhook: {len(received)} signed POST(s) received by the loopback server, {verified} with a "
                    "valid HMAC signature")
     summary.append(f"the daemon ran {elapsed:.0f} s (tomd run's own run(), every component wired), "
                    f"stopped by the demo once {'everything settled' if settled else 'its timeout passed'}")
-    return settled and code == 0, cfg_path, f"http://127.0.0.1:{metrics_port}/metrics"
+    return settled and code == 0, cfg_path, f"http://127.0.0.1:{metrics_port}/metrics", received
 
 
 def _watch(daemon, sessions, published: int, webhook: "_WebhookReceiver", metrics_port: int, outcome: dict) -> None:
@@ -319,7 +311,7 @@ def _scrape(port: int) -> list[str]:
         [f"  {ln}" for ln in counters[:8]]
 
 
-def _show_results(workdir: Path, cfg_path: Path, sessions, summary: list[str]) -> None:
+def _show_results(workdir: Path, cfg_path: Path, sessions, received: list[dict], summary: list[str]) -> None:
     """What the daemon did, read back from the database and through the CLI."""
     from sqlalchemy import func, select
 
@@ -356,6 +348,7 @@ def _show_results(workdir: Path, cfg_path: Path, sessions, summary: list[str]) -
         notes = Counter((n.channel, n.state) for n in s.scalars(select(Notification)))
         n_events = s.scalar(select(func.count()).select_from(OutboxEvent))
 
+    _step(5, "alerts and rules")
     _say(f"alerts: {', '.join(f'{n} {src}' for src, n in sorted(by_source.items()))}; "
          f"{len(dead)} dead letter(s)")
     for d in dead:
@@ -394,6 +387,15 @@ def _show_results(workdir: Path, cfg_path: Path, sessions, summary: list[str]) -
     cli("hook", "runs", "--limit", "8")
     _say()
     cli("notify", "list", "--limit", "8")
+    _say()
+    _say("what the webhook receiver got (signed JSON, one POST per delivery):")
+    if not received:
+        _say("  nothing")
+    for r in received:
+        mark = "signature verified ✓" if r["verified"] else "SIGNATURE INVALID ✗"
+        _say(f"  POST {r['path']} delivery {r['delivery']} event {r['event']}: {mark}")
+        for subject in r["subjects"]:
+            _say(f"    {subject}")
 
     _step(8, f"light curve of {name}")
     png = workdir / f"lightcurve-{name}.png"
