@@ -466,6 +466,49 @@ def test_regex_subscription_and_lag(kafka_broker, kafka_topic, tmp_path):
     assert r.stats.assigned == frozenset()
 
 
+def test_lag_of_every_assigned_partition_from_the_watermarks_at_assignment(kafka_broker, make_topic, tmp_path):
+    """A partition nothing new arrives on still has its lag (from the assignment), so
+    /metrics shows every assigned partition, not only the busy ones."""
+    topic = make_topic(3)
+    # One record per produce call: Tansu's high watermark is right for single-record batches.
+    for i in range(5):
+        produce(kafka_broker.bootstrap, topic, [f"p0-{i}".encode()], partition=0)
+    for i in range(4):
+        produce(kafka_broker.bootstrap, topic, [f"p1-{i}".encode()], partition=1)
+    # p2 stays empty. The group read p1 up to offset 1 in an earlier life.
+    group = "g-lag-at-assignment"
+    probe = Consumer({"bootstrap.servers": kafka_broker.bootstrap, "group.id": group})
+    try:
+        probe.commit(offsets=[TopicPartition(topic, 1, 1)], asynchronous=False)
+    finally:
+        probe.close()
+    entered, release = threading.Event(), threading.Event()
+    seen: list[dict] = []
+
+    def hold(batch, call_no):
+        if call_no == 1:
+            seen.append(dict(consumer.stats.lag))
+            entered.set()
+            release.wait(20)
+
+    ledger = Ledger(tmp_path / "ledger.db", before=hold)
+    consumer = StreamConsumer(settings(kafka_broker, topic, group, batch_size=1), ledger)
+    with running(consumer) as r:
+        try:
+            assert entered.wait(20), "no batch"
+            first = ledger.calls[0][0]
+            lag = seen[0]
+        finally:
+            release.set()
+        # Every assigned partition had a lag while the first record was being handled.
+        assert set(lag) == {(topic, 0), (topic, 1), (topic, 2)}
+        expected = {(topic, 0): 5, (topic, 1): 3, (topic, 2): 0}
+        expected[(topic, first.partition)] -= 1  # its record was fetched
+        assert lag == expected
+        wait_for(lambda: ledger.count() == 8, 15, "the rest")
+        wait_for(lambda: r.stats.lag == {(topic, 0): 0, (topic, 1): 0, (topic, 2): 0}, 5, "lag 0 everywhere")
+
+
 # --------------------------------------------------- Tansu behaviour canaries
 # These assert what a Kafka broker answers. They fail on Tansu 0.6 (the
 # workarounds above and in the consumer exist because of that); if one starts

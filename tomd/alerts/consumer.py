@@ -168,6 +168,7 @@ class StreamConsumer:
         self._uncommitted: dict[Partition, int] = {}  # handled but not yet committed: next offset
         self._not_before: dict[Partition, int] = {}  # timestamp start: skip records older than this
         self._pending: list[RawMessage] = []  # the batch being handled or waiting for a retry
+        self._start_offsets: dict[Partition, int] = {}  # where reading began, per assigned partition (for lag)
         self._fatal: KafkaError | None = None
 
     # ------------------------------------------------------------------ loop
@@ -383,7 +384,42 @@ class StreamConsumer:
             # comes back would otherwise stay paused for good.
             consumer.resume(partitions)
         self.stats.assigned = frozenset(_key(tp) for tp in consumer.assignment())
+        self._lag_at_assignment(consumer, partitions)
         log.info("assigned %s", _partitions_text(partitions))
+
+    def _lag_at_assignment(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        """Lag of newly assigned partitions from the broker's watermarks.
+
+        Lag is otherwise refreshed from fetches, so a partition nothing new
+        arrives on would have no lag at all: /metrics would show only the
+        partitions that happen to be busy. Here each gets high watermark −
+        where reading starts (the committed offset, else where the start
+        position puts it). Round trips, but only at a rebalance; a broker
+        that does not answer leaves the partition to the fetch path.
+        """
+        starts: dict[Partition, int] = {_key(tp): tp.offset for tp in partitions if tp.offset >= 0}
+        try:
+            for tp in consumer.committed([TopicPartition(tp.topic, tp.partition) for tp in partitions], timeout=5):
+                if tp.error is None and tp.offset >= 0:
+                    starts[_key(tp)] = tp.offset
+        except KafkaException as exc:
+            log.warning("cannot read committed offsets for the lag of %s: %s", _partitions_text(partitions), exc)
+            return
+        lag = dict(self.stats.lag)
+        for tp in partitions:
+            try:
+                low, high = consumer.get_watermark_offsets(TopicPartition(tp.topic, tp.partition), timeout=5)
+            except KafkaException as exc:
+                log.debug("no watermarks for %s[%d]: %s", tp.topic, tp.partition, exc)
+                continue
+            if high is None or high < 0:
+                continue
+            start = starts.get(_key(tp))
+            if start is None:  # nothing committed: the start position decides
+                start = high if self.settings.start == "latest" else low
+            self._start_offsets[_key(tp)] = start
+            lag[_key(tp)] = max(0, high - start)
+        self.stats.lag = lag
 
     def _position_by_time(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         """Start partitions without a committed offset at the start timestamp."""
@@ -446,6 +482,7 @@ class StreamConsumer:
         for k in keys:
             self._uncommitted.pop(k, None)
             self._not_before.pop(k, None)
+            self._start_offsets.pop(k, None)
         self.stats.assigned = frozenset(self.stats.assigned - keys)
         self.stats.lag = {k: v for k, v in self.stats.lag.items() if k not in keys}
 
@@ -484,19 +521,24 @@ class StreamConsumer:
     def _update_lag(self) -> None:
         """Records behind the high watermark, per assigned partition.
 
-        Uses the watermark cached from fetch responses: no round trip.
+        Uses the watermark cached from fetch responses: no round trip. A
+        partition nothing was consumed from yet counts from where reading
+        starts, and one not fetched from yet keeps its lag from assignment.
         """
         assert self._consumer is not None
+        before = self.stats.lag
         lag = {}
         for tp in self._consumer.position(self._consumer.assignment()):
-            if tp.offset < 0:
-                continue  # nothing consumed yet from it
+            k = _key(tp)
+            position = tp.offset if tp.offset >= 0 else self._start_offsets.get(k)
             try:
                 _, high = self._consumer.get_watermark_offsets(tp, cached=True)
             except KafkaException:
-                continue
-            if high is not None and high >= 0:
-                lag[_key(tp)] = max(0, high - tp.offset)
+                high = None
+            if position is not None and high is not None and high >= 0:
+                lag[k] = max(0, high - position)
+            elif k in before:
+                lag[k] = before[k]
         self.stats.lag = lag
 
     def _close(self) -> None:
