@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import secrets
 import signal
 import sys
 import threading
@@ -91,7 +92,7 @@ def run_demo(workdir: Path) -> int:
              f"tags={','.join(r['tags']) or '-'}")
     summary.append(f"cone search around M101: {len(hits)} targets within 10'")
 
-    _step(4, "the daemon: local Kafka broker, real packets, simulated observatory")
+    _step(4, "the daemon: Kafka broker, real alerts, simulated observatory")
     daemon_lines: list[str] = []
     ok, cfg_path, metrics_url, received = _demo_daemon(workdir, url, sessions, daemon_lines)
     _show_results(workdir, cfg_path, sessions, received, summary)
@@ -132,7 +133,7 @@ def _demo_daemon(workdir: Path, url: str, sessions, summary: list[str]) -> tuple
     ztf = sorted((p.read_bytes() for p in alerts_dir.joinpath("ztf").iterdir() if p.name.endswith(".avro")))
     gcn = [p.read_bytes() for p in sorted(alerts_dir.joinpath("gcn").iterdir(), key=lambda p: p.name)
            if p.name.endswith((".xml", ".json"))]
-    secret = "demo-" + "".join(f"{b:02x}" for b in (time.time_ns() % 2**64).to_bytes(8, "big"))
+    secret = secrets.token_hex(16)  # the webhook's signing secret, in a file the config names
     hooks = _copy_hooks(workdir / "hooks")
     with LocalBroker(log_path=workdir / "broker.log") as broker, \
             SimObservatory(token="demo-token", pending_s=SIM_PENDING_S, running_s=SIM_RUNNING_S) as sim, \
@@ -236,8 +237,8 @@ format = "auto"
         received = list(webhook.received)
     _say()
     settled = bool(outcome.get("settled"))
-    _say(f"the daemon ran {elapsed:.1f} s and stopped by itself "
-         f"({'everything settled' if settled else 'timed out: ' + outcome.get('waiting', '?')}; exit code {code})")
+    why = "everything settled" if settled else f"not settled, still waiting for {outcome.get('waiting', '?')}"
+    _say(f"the daemon ran {elapsed:.1f} s and was stopped by the demo ({why}; exit code {code})")
     for m in outcome.get("metrics", []):
         _say(f"  {m}")
 
@@ -305,10 +306,16 @@ def _scrape(port: int) -> list[str]:
     except httpx.HTTPError as exc:
         return [f"/metrics not read: {exc}"]
     lines = [ln for ln in text.splitlines() if ln.startswith("tomd_")]
-    counters = [ln for ln in lines if ln.split("{")[0].split()[0].endswith("_total")
-                and ln.split()[-1] not in ("0", "0.0")]
-    return [f"http://127.0.0.1:{port}/metrics: {len(lines)} tomd series while running, among them"] + \
-        [f"  {ln}" for ln in counters[:8]]
+    # One counter per stage, summed over its labels.
+    stages = ("tomd_alerts_ingested_total", "tomd_rule_verdicts_total", "tomd_submissions_total",
+              "tomd_observation_status_changes_total", "tomd_data_products_downloaded_total",
+              "tomd_hook_runs_total", "tomd_notifications_sent_total")
+    shown = []
+    for name in stages:
+        values = [float(ln.rsplit(" ", 1)[1]) for ln in lines if ln.split("{")[0].split(" ")[0] == name]
+        if values:
+            shown.append(f"  {name} {sum(values):g}")
+    return [f"http://127.0.0.1:{port}/metrics: {len(lines)} tomd series while running, among them"] + shown
 
 
 def _show_results(workdir: Path, cfg_path: Path, sessions, received: list[dict], summary: list[str]) -> None:
@@ -365,7 +372,7 @@ def _show_results(workdir: Path, cfg_path: Path, sessions, received: list[dict],
         _say()
         cli("rule", "explain", str(fired.alert_id))
 
-    _step(6, "observations: submitted once, polled to completion, frames stored")
+    _step(6, "observations: submitted once, polled, frames stored")
     for r in requests:
         _say(f"  #{r.id} {r.name} → {r.facility} {r.template} {r.mode}: {r.state}"
              f" (facility id {r.facility_id or '-'}, {r.facility_state or r.last_error or ''})")
