@@ -621,7 +621,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.func is not cmd_config_check:
             _setup_logging(args, app)
-        return args.func(app, args)
+        code = args.func(app, args)
+        sys.stdout.flush()  # here, not at exit: a reader that went away is handled below
+        return code
+    except BrokenPipeError:
+        return _reader_gone()
     except ConfigError as exc:
         for line in exc.problems:
             print(line, file=sys.stderr)
@@ -631,6 +635,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+def _reader_gone() -> int:
+    """``tomd data list --json | head -1``: the reader closed the pipe. Quiet, as Unix tools are
+    (they die of SIGPIPE: the shell sees 128 + 13). stdout now points at /dev/null, so the
+    interpreter's flush at exit finds nowhere to fail (it would print a second traceback)."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
+    return 141
 
 
 if __name__ == "__main__":  # pragma: no cover
