@@ -114,6 +114,7 @@ class ConsumerStats:
     errors: int = 0  # non-fatal errors reported by the client
     rebalances: int = 0
     backing_off: bool = False
+    consume_seconds: float = 0.0  # in consume() calls that returned records, and building RawMessages
     assigned: frozenset[Partition] = frozenset()
     committed: Mapping[Partition, int] = field(default_factory=dict)  # next offset, as committed by us
     lag: Mapping[Partition, int] = field(default_factory=dict)  # high watermark - position
@@ -215,6 +216,7 @@ class StreamConsumer:
 
     def _next_batch(self) -> list[RawMessage]:
         assert self._consumer is not None
+        t0 = time.perf_counter()
         messages = self._consumer.consume(num_messages=self.settings.batch_size,
                                           timeout=self.settings.batch_timeout_s)
         self._raise_if_fatal()
@@ -231,6 +233,8 @@ class StreamConsumer:
                 self._uncommitted[_key(raw)] = max(self._uncommitted.get(_key(raw), 0), raw.offset + 1)
                 continue
             batch.append(raw)
+        if messages:  # idle waits for new records are not work
+            self.stats.consume_seconds += time.perf_counter() - t0
         self._update_lag()
         return batch
 
