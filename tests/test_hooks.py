@@ -441,7 +441,7 @@ def test_after_a_crash_each_hook_gets_each_event_once(db, tmp_path):
     worker_pid = int(lines(out)[-1].split()[2])
     _wait(lambda: not _alive(worker_pid), timeout=10)  # its worker does not run on without it
     claimed = {(r.hook, r.event_id) for r in runs(db) if r.state == "running"}  # one batch, one of them in flight
-    assert 1 <= len(claimed) <= 20
+    assert len(claimed) <= 20  # none if it died between two batches
     done_before = len(lines(out))
     assert done_before < 80
     second = subprocess.run([sys.executable, str(script), db.url, str(hooks), str(out), "until-done"],

@@ -598,6 +598,8 @@ class Hooks:
     poll: float = opt(2.0, parse=parse_duration)
     # PostgreSQL: how long after a later event an earlier one may still commit.
     commit_window: float = opt(120.0, parse=parse_duration)
+    # Scheduling priority of the hook workers (nice, 0..19): hooks yield the CPU to the pipeline.
+    nice: int = opt(10, check=_between(0, 19))
     # Per hook file: [hooks.settings.<file stem>] → ctx.settings.
     settings: dict[str, dict[str, Any]] = opt(factory=dict)
 

@@ -248,17 +248,24 @@ class Dispatcher:
                                 if final and c.run_id in mine and c.kind != HookFailed.kind])
         outcomes: list[str] = []
         retries: dict[str, list[tuple]] = {}
+        gave_up: dict[str, list[tuple]] = {}
         for final, h, c, n, limit, next_at, last_line in infos:
             if c.run_id not in mine:
                 outcomes.append("lost")
             elif final:
                 outcomes.append("failed")
-                log.error("hook %s (%s) failed on event #%d (%s) after %d attempt(s): %s", h.name, h.where,
-                          c.event_id, c.kind, n, last_line)
+                gave_up.setdefault(h.name, []).append((h, c, n, last_line))
             else:
                 outcomes.append("retried")
                 retries.setdefault(h.name, []).append((c, n, limit, next_at, last_line))
-        # One line per hook and batch: a hook failing on every event must not flood the log.
+        # One line per hook and batch: a hook failing on every event must not flood the log
+        # (``tomd hook runs --failed`` lists every run with its traceback).
+        for name, items in gave_up.items():
+            h, c, n, last_line = items[0]
+            more = (f" (and on {len(items) - 1} more: " + ", ".join(f"#{x[1].event_id}" for x in items[1:]) + ")"
+                    if len(items) > 1 else "")
+            log.error("hook %s (%s) failed on event #%d (%s) after %d attempt(s)%s: %s", name, h.where, c.event_id,
+                      c.kind, n, more, last_line)
         for name, items in retries.items():
             c, n, limit, next_at, last_line = items[0]
             more = f" (and {len(items) - 1} more event(s) in this batch)" if len(items) > 1 else ""

@@ -43,6 +43,7 @@ with jitter) before the next attempt; after ``max_attempts`` the run is
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import random
@@ -77,6 +78,7 @@ class RunnerSettings:
     commit_window: float = 120.0
     lease_margin: float = 30.0
     claim_batch: int = 20
+    nice: int = 10
     settings: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     @property
@@ -89,7 +91,7 @@ class RunnerSettings:
         return cls(paths=tuple(hooks.paths), timeout=hooks.timeout, max_attempts=hooks.max_attempts,
                    retry_backoff=getattr(hooks, "retry_backoff", 10.0), retry_max=getattr(hooks, "retry_max", 3600.0),
                    workers=getattr(hooks, "workers", 1), poll=getattr(hooks, "poll", 2.0),
-                   commit_window=getattr(hooks, "commit_window", 120.0),
+                   commit_window=getattr(hooks, "commit_window", 120.0), nice=getattr(hooks, "nice", 10),
                    settings=dict(getattr(hooks, "settings", {}) or {}))
 
 
@@ -120,7 +122,11 @@ class HookRunner:
     ``observer``: an object with ``observe_hook(hook, outcome, seconds)``
     (tomd.metrics.Metrics). ``on_request``: called after a commit that
     created observation intents (the daemon wakes its submitter).
+    A daemon component (tomd.daemon.Component): ``name``, ``run(stop)``,
+    ``wake()``, ``reload()``, ``ready()``.
     """
+
+    name = "hooks"
 
     name = "hooks"  # a daemon component
 
@@ -135,7 +141,7 @@ class HookRunner:
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{id(self) & 0xffff:x}"
         self._boot = WorkerBoot(paths=tuple(settings.paths), database_url=database_url, storage=storage_config,
                                 settings={k: dict(v) for k, v in settings.settings.items()}, parent_pid=os.getpid(),
-                                limits=settings.limits)
+                                limits=settings.limits, nice=settings.nice)
         self._generation = 0
         self._slots = [_Slot(self, i) for i in range(max(1, settings.workers))]
         self._lock = threading.Lock()
@@ -160,7 +166,10 @@ class HookRunner:
         its own store from ``[storage]``); accepted so every component is built alike."""
         bind = sessions.kw.get("bind")
         url = bind.url.render_as_string(hide_password=False) if bind is not None else None
-        return cls(sessions, RunnerSettings.from_config(config.hooks), database_url=url,
+        settings = RunnerSettings.from_config(config.hooks)
+        if not getattr(config.hooks, "enabled", True):
+            settings = dataclasses.replace(settings, paths=())  # no user hooks; builtins still run
+        return cls(sessions, settings, database_url=url,
                    storage_config=config.storage, registry=registry, observer=observer, on_request=on_request)
 
     # ---------------------------------------------------------------- control
@@ -179,6 +188,10 @@ class HookRunner:
         """Read the hook files again (SIGHUP). Safe from a signal handler: the run loop does it."""
         self._reload.set()
         self._wake.set()
+
+    def ready(self) -> bool | str:
+        """For /readyz: ready once the hooks are registered (a bad hook file does not make it unready)."""
+        return True if self._started else "hooks not loaded yet"
 
     def close(self) -> None:
         for slot in self._slots:
@@ -234,6 +247,10 @@ class HookRunner:
 
     def _load(self) -> None:
         """Load the hook files in a short-lived worker; a failure keeps the hooks we had."""
+        if not self.settings.paths:  # [hooks] enabled = false, or no paths: builtins only
+            self.registry.set_user([], [])
+            self._register()
+            return
         loader = WorkerProcess(self._boot, name="tomd-hooks-loader", load_timeout=self.settings.timeout)
         try:
             loader.start()

@@ -66,6 +66,7 @@ class WorkerBoot:
     settings: dict[str, dict[str, Any]] = field(default_factory=dict)
     parent_pid: int = 0
     limits: Any = None  # tomd.hooks.dispatch.Limits
+    nice: int = 0  # added to the worker's niceness: hooks yield the CPU to the pipeline
 
 
 def invoke(fn, ctx, loop: asyncio.AbstractEventLoop | None = None) -> None:
@@ -182,6 +183,11 @@ def worker_main(conn, boot: WorkerBoot, slot: RunSlot) -> None:
     """Entry point of the worker process."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the daemon, which stops us
     _die_with_parent(boot.parent_pid)
+    if boot.nice:
+        try:
+            os.nice(boot.nice)
+        except OSError:
+            pass
     lock = threading.Lock()
     root = logging.getLogger()
     root.handlers[:] = [_PipeLogHandler(conn, lock)]
