@@ -115,9 +115,10 @@ format = "ztf-avro"
         # Every completed request has its frames (the retriever looks once more an hour later).
         return bool(completed) and completed <= with_data and bool(runs) and bool(sent)
 
-    outcome: dict[str, bool] = {}
+    outcome: dict[str, object] = {}
 
     def watch(daemon) -> None:
+        outcome["daemon"] = daemon
         def loop() -> None:
             deadline = time.monotonic() + 120
             while time.monotonic() < deadline and not daemon.stop.is_set():
@@ -138,7 +139,8 @@ format = "ztf-avro"
         done = [r for r in reqs if r.state == "completed"]
         history = {r.id: [h.state for h in s.scalars(select(ObservationStatus).where(
             ObservationStatus.request_id == r.id).order_by(ObservationStatus.id))] for r in done}
-        products = list(s.scalars(select(DataProduct).where(DataProduct.state == "stored")))
+        products = list(s.scalars(select(DataProduct).where(DataProduct.state == "stored",
+                                                            DataProduct.request_id.is_not(None))))  # not cutouts
         sent = list(s.scalars(select(Notification).where(Notification.state == "sent")))
     # Each request was sent once; each completed one went pending → completed, recorded once each.
     assert sorted(sim.names().values()) == [1] * len(sim.names())
@@ -157,3 +159,19 @@ format = "ztf-avro"
     kinds = [ln.split()[0] for ln in lines]
     assert "observation.status_changed" in kinds and "data.stored" in kinds
     assert len(lines) == len(set(lines))
+
+    # Every stage fed its metrics through the daemon's own wiring (not through direct calls).
+    registry = outcome["daemon"].metrics.registry
+
+    def total(name: str) -> float:
+        return sum(s.value for m in registry.collect() for s in m.samples if s.name == name)
+
+    assert total("tomd_alerts_ingested_total") == len(files)
+    assert total("tomd_rule_verdicts_total") >= len(files)
+    assert total("tomd_submissions_total") == len(sim.names())
+    assert total("tomd_facility_requests_total") > 0
+    assert total("tomd_observation_status_changes_total") >= len(done)
+    assert total("tomd_data_products_downloaded_total") == len(products)
+    assert total("tomd_data_products_downloaded_bytes_total") == sum(p.size for p in products)
+    assert total("tomd_hook_runs_total") >= len(lines)
+    assert total("tomd_notifications_sent_total") == len(sent)
