@@ -126,8 +126,6 @@ class HookRunner:
     ``wake()``, ``reload()``, ``ready()``.
     """
 
-    name = "hooks"
-
     name = "hooks"  # a daemon component
 
     def __init__(self, sessions, settings: RunnerSettings, *, database_url: str | None = None,
