@@ -3,7 +3,8 @@
 ``command`` is a list of arguments; ``{path}`` becomes a local copy of the
 product (fetched from the store, local or S3, and removed afterwards),
 ``{filename}``, ``{target}``, ``{facility}``, ``{kind}``, ``{event_id}`` what
-they say. Without ``command`` in ``[hooks.settings.external_pipeline]`` the
+they say. Only these placeholders are replaced: any other text, braces included
+(``awk '{print $1}'``), reaches the program as written. Without ``command`` in ``[hooks.settings.external_pipeline]`` the
 environment variable ``TOMD_PIPELINE_CMD`` (split like a shell would) is used;
 with neither, the hook does nothing.
 
@@ -17,6 +18,7 @@ program's last lines of stderr. Only products of ``kinds`` (default
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import subprocess
 
@@ -35,8 +37,9 @@ def reduce(ctx):
         return
     target = ctx.target.name if ctx.target else ""
     with ctx.local_copy(ev.storage_key) as path:
-        args = [str(a).format(path=path, filename=ev.filename, target=target, facility=ev.facility,
-                              kind=ev.product_kind, event_id=ctx.event_id) for a in command]
+        values = {"path": path, "filename": ev.filename, "target": target, "facility": ev.facility,
+                  "kind": ev.product_kind, "event_id": ctx.event_id}
+        args = [expand(a, values) for a in command]
         try:
             proc = subprocess.run(args, capture_output=True, text=True, timeout=float(cfg.get("timeout", 600)),
                                   stdin=subprocess.DEVNULL)
@@ -49,3 +52,11 @@ def reduce(ctx):
         ctx.log.info("%s: %s", args[0], line)
     if cfg.get("tag") and ev.target_id is not None:
         ctx.tag(cfg["tag"])
+
+
+_PLACEHOLDER = re.compile(r"\{(path|filename|target|facility|kind|event_id)\}")
+
+
+def expand(arg, values: dict) -> str:
+    """``arg`` with the documented placeholders filled; other braces stay (not str.format)."""
+    return _PLACEHOLDER.sub(lambda m: str(values[m.group(1)]), str(arg))

@@ -165,7 +165,9 @@ def test_status_notifier_tells_final_states_and_failures(db, tmp_path):
 def test_external_pipeline_runs_the_command_on_a_local_copy(db, storage_config, tmp_path):
     out_dir = tmp_path / "reduced"
     out_dir.mkdir()
-    copy = "import shutil, sys; shutil.copy(sys.argv[1], sys.argv[2]); print('reduced', sys.argv[3])"
+    # literal braces (a dict here, awk '{print}' elsewhere) reach the program as written
+    copy = ("import shutil, sys; d = {'n': 1}; shutil.copy(sys.argv[1], sys.argv[2]); "
+            "print('reduced', sys.argv[3], d)")
     settings = {"external_pipeline": {"command": [sys.executable, "-c", copy, "{path}",
                                                   str(out_dir / "{event_id}-{filename}"), "{target}"],
                                       "timeout": 30, "tag": "reduced"}}
@@ -183,6 +185,16 @@ def test_external_pipeline_runs_the_command_on_a_local_copy(db, storage_config, 
             assert "reduced" in repo.tags_of(s, [tid])[tid]
     finally:
         runner.close()
+
+
+def test_external_pipeline_fills_only_its_placeholders():
+    import external_pipeline
+
+    values = {"path": "/tmp/x.fits", "filename": "x.fits", "target": "SN 1", "facility": "lco", "kind": "image",
+              "event_id": 7}
+    assert external_pipeline.expand("{print $1} {path}", values) == "{print $1} /tmp/x.fits"
+    assert external_pipeline.expand("{other}-{event_id}{kind}", values) == "{other}-7image"
+    assert external_pipeline.expand(3, values) == "3"
 
 
 def test_external_pipeline_failure_is_retried_then_recorded(db, tmp_path):

@@ -204,7 +204,9 @@ def enqueue(s: Session, *, channel: str, dedupe_key: str, message: Message | Map
 # key survives the same change being written to the outbox twice.
 _NATURAL_KEY: dict[str, tuple[str, ...]] = {
     "rule.fired": ("decision_id",),
-    "rule.tested": ("rule", "alert_id"),  # a test-mode verdict has no decision id when its event is written
+    # (rule, alert) names the same verdict as its decision_id does; kept as the key from before
+    # RuleTested carried decision_id, so messages already queued keep their dedupe keys
+    "rule.tested": ("rule", "alert_id"),
     "observation.submitted": ("request_id",),
     "observation.rejected": ("request_id",),
     "observation.failed": ("request_id",),
