@@ -844,6 +844,31 @@ url = "{endpoint.url()}"
     engine.dispose()
 
 
+def test_notify_list_fills_the_target_name(db, capsys):
+    """The queue keeps "{target}" (filled at send time); the list shows what is (or was) sent."""
+    import argparse
+    from types import SimpleNamespace
+
+    from tomd.notify_cli import cmd_notify_list
+
+    tid = add_target(db, "SN 2026abc", photometry=False)
+    with db.sessions.begin() as s:
+        enqueue(s, channel="ops", dedupe_key="a", message=Message("{target} brightened", target_id=tid),
+                target_id=tid)
+        enqueue(s, channel="ops", dedupe_key="b", message=Message("about {target}"))
+        enqueue(s, channel="ops", dedupe_key="c", message=Message("plain {braces} stay"))
+    app = SimpleNamespace(config=Config(), sessions=db.sessions)
+    args = argparse.Namespace(state=None, channel=None, limit=50, json=False)
+    assert cmd_notify_list(app, args) == 0
+    out = capsys.readouterr().out
+    assert "SN 2026abc brightened" in out and "about (no target)" in out and "plain {braces} stay" in out
+    assert "{target}" not in out
+    assert cmd_notify_list(app, argparse.Namespace(state=None, channel=None, limit=50, json=True)) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert sorted(r["subject"] for r in listed) == ["SN 2026abc brightened", "about (no target)",
+                                                   "plain {braces} stay"]
+
+
 def test_run_loop_sends_when_woken_and_stops(db, endpoint):
     config = config_with(ops=Channel(kind="webhook", url=endpoint.url()))
     n = Notifier.from_config(config, db.sessions, settings=NotifySettings(interval_s=30.0))

@@ -66,10 +66,11 @@ def cmd_notify_list(app, args) -> int:
 
     with app.sessions() as s:
         rows = repo.query_notifications(s, state=args.state, channel=args.channel, limit=args.limit)
+        subjects = _subjects(s, rows)
     if args.json:
         print(json.dumps([{
             "id": r.id, "channel": r.channel, "state": r.state, "dedupe_key": r.dedupe_key, "event_id": r.event_id,
-            "target_id": r.target_id, "attempts": r.attempts, "subject": (r.message or {}).get("subject"),
+            "target_id": r.target_id, "attempts": r.attempts, "subject": subjects[r.id],
             "error": r.error, "created_at": r.created_at.isoformat() if r.created_at else None,
             "sent_at": r.sent_at.isoformat() if r.sent_at else None,
             "next_attempt_at": r.next_attempt_at.isoformat() if r.next_attempt_at else None,
@@ -80,7 +81,7 @@ def cmd_notify_list(app, args) -> int:
         return 0
     for r in rows:
         when = (r.sent_at or r.created_at).strftime("%Y-%m-%d %H:%M:%S")
-        subject = (r.message or {}).get("subject", "")
+        subject = subjects[r.id]
         line = f"#{r.id:<6} {r.state:<8} {r.channel:<16} {when}  {subject}"
         if r.state == "pending" and r.attempts:
             line += f"  (attempt {r.attempts}, next {r.next_attempt_at:%H:%M:%S})" if r.next_attempt_at else ""
@@ -88,6 +89,28 @@ def cmd_notify_list(app, args) -> int:
         if r.error and r.state != "sent":
             print(f"         {r.error}")
     return 0
+
+
+def _subjects(s, rows) -> dict[int, str]:
+    """Each row's subject as it is (or was) sent: ``{target}`` becomes the target's name, which the
+    notifier fills in only when sending (the queue keeps the template)."""
+    from types import SimpleNamespace
+
+    from tomd.db import repository as repo
+    from tomd.notify import fill_target
+
+    def tid(r) -> int | None:
+        t = r.target_id if r.target_id is not None else (r.message or {}).get("target_id")
+        return t if isinstance(t, int) else None
+
+    wanted = {tid(r) for r in rows if "{target}" in str((r.message or {}).get("subject") or "")} - {None}
+    names = {i: row["name"] for i, row in repo.target_rows(s, sorted(wanted)).items()}
+    out = {}
+    for r in rows:
+        subject = str((r.message or {}).get("subject") or "")
+        name = names.get(tid(r))  # type: ignore[arg-type]
+        out[r.id] = fill_target(subject, SimpleNamespace(name=name) if name is not None else None)
+    return out
 
 
 def cmd_notify_retry(app, args) -> int:
