@@ -133,7 +133,9 @@ def main() -> None:
     args = ap.parse_args()
     copies = ztf_copies(2 * args.alerts)
     warm, packets = copies[:args.alerts], copies[args.alerts:]
-    results = {"alerts": args.alerts, "batch_size": args.batch_size, "repeat": args.repeat, "backends": {}}
+    results = {"alerts": args.alerts, "batch_size": args.batch_size, "repeat": args.repeat,
+               "cpus": os.cpu_count(), "load_average_before": [round(x, 2) for x in os.getloadavg()],
+               "backends": {}}
     lines = []
     for kind in args.backends.split(","):
         runs: dict[str, list[dict]] = {c: [] for c in CASES}
@@ -165,6 +167,7 @@ def main() -> None:
                      f"every 50 ms (goal < +10%); the runner then finished {fast['attempts']} attempts in "
                      f"{fast['drain_s']:.1f} s more; paired medians {paired['failing']:+.1%} / "
                      f"{paired['failing_fast_retries']:+.1%}")
+    results["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
     print(json.dumps(results, indent=2))
     for line in lines:
         print(line)
