@@ -8,6 +8,7 @@ dispatcher process with SIGKILL; both databases through the ``db`` fixture.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -243,6 +244,71 @@ def test_a_hanging_hook_is_killed_after_its_timeout_and_the_next_hooks_run(db, t
         assert runner._slots[0].worker.starts == 2
     finally:
         runner.close()
+
+
+LEAVES_A_CHILD = """
+    import subprocess, time
+    from tomd.hooks import on
+
+    @on("target.created", timeout="1s", max_attempts=1)
+    def spawns(ctx):
+        child = subprocess.Popen(["sleep", "300"])
+        with open(ctx.settings["out"], "a") as f:
+            f.write(f"{child.pid}\\n")
+        time.sleep(120)
+"""
+
+
+def test_a_killed_hook_leaves_no_child_process_behind(db, tmp_path):
+    out = tmp_path / "out.txt"
+    write(tmp_path / "hooks", "spawn.py", LEAVES_A_CHILD)
+    runner = make_runner(db, tmp_path / "hooks", settings={"spawn": {"out": str(out)}})
+    child = None
+    try:
+        runner.start()
+        new_targets(db, 1)
+        assert runner.run_once().failed == 1
+        (child,) = [int(x) for x in lines(out)]
+        _wait(lambda: not _alive(child), timeout=10)  # killed with the worker's process group
+    finally:
+        runner.close()
+        if child is not None and _alive(child):
+            os.kill(child, signal.SIGKILL)
+
+
+LOGGING = """
+    import logging
+    from tomd.hooks import on
+
+    @on("target.created")
+    def talks(ctx):
+        ctx.log.info("ctx line")
+        logging.getLogger(__name__).info("module line")
+        noisy = logging.getLogger("alembic.runtime.migration")
+        noisy.setLevel(logging.INFO)  # as a library's own logging setup does
+        noisy.info("Context impl SQLiteImpl.")
+        logging.getLogger("httpx").info("HTTP Request: GET http://x")
+        logging.getLogger("urllib3").warning("a library warning")
+"""
+
+
+def test_hook_output_is_forwarded_and_library_info_lines_are_not(db, tmp_path, caplog):
+    write(tmp_path / "hooks", "talk.py", LOGGING)
+    runner = make_runner(db, tmp_path / "hooks")
+    caplog.set_level(logging.DEBUG)
+    try:
+        runner.start()
+        new_targets(db, 1)
+        assert runner.run_once().done == 1
+    finally:
+        runner.close()
+    got = {(r.levelno, r.getMessage()) for r in caplog.records}
+    event = event_ids(db, "target.created")[0]
+    assert (logging.INFO, f"hook talk.talks event #{event}: ctx line") in got
+    assert (logging.INFO, "module line") in got
+    assert (logging.WARNING, "a library warning") in got
+    messages = " ".join(m for _, m in got)
+    assert "SQLiteImpl" not in messages and "HTTP Request" not in messages
 
 
 def test_builtin_subscribers_run_inside_the_transaction_that_marks_them_done(db, tmp_path):

@@ -169,6 +169,8 @@ class _PipeLogHandler(logging.Handler):
         self.conn, self.send_lock = conn, lock  # not self.lock: logging.Handler holds that one in emit()
 
     def emit(self, record: logging.LogRecord) -> None:
+        if record.levelno < logging.WARNING and not _hook_logger(record.name):
+            return  # a library's INFO (alembic, httpx, urllib3) is not the hook's output
         try:
             line = record.getMessage()
             if record.exc_info:
@@ -177,6 +179,15 @@ class _PipeLogHandler(logging.Handler):
                 self.conn.send(("log", record.levelno, record.name, line))
         except Exception:  # noqa: BLE001 - logging must never break a hook
             pass
+
+
+# Loggers whose INFO lines are the hooks' output: ctx.log (tomd.hooks.user), the worker's own
+# lines about what a run did (tomd.hooks), and logging.getLogger(__name__) in a hook file.
+HOOK_LOGGERS = ("tomd.hooks", "tomd_user_hooks")
+
+
+def _hook_logger(name: str) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in HOOK_LOGGERS)
 
 
 def worker_main(conn, boot: WorkerBoot, slot: RunSlot) -> None:
@@ -191,7 +202,9 @@ def worker_main(conn, boot: WorkerBoot, slot: RunSlot) -> None:
     lock = threading.Lock()
     root = logging.getLogger()
     root.handlers[:] = [_PipeLogHandler(conn, lock)]
-    root.setLevel(logging.INFO)
+    root.setLevel(logging.WARNING)  # libraries: warnings and errors only (the handler also drops their INFO)
+    for name in HOOK_LOGGERS:
+        logging.getLogger(name).setLevel(logging.INFO)
 
     from tomd.hooks.api import HookContext, Reader, event_from_json
     from tomd.hooks.registry import load_hooks
@@ -361,9 +374,10 @@ class WorkerProcess:
             self.slot.close()
         self.slot, slot_fd = RunSlot.create()
         try:
+            # Its own session (and process group): a kill takes the programs a hook started with it.
             self.proc = subprocess.Popen([sys.executable, "-m", "tomd.hooks.worker", str(theirs.fileno()),
                                           str(slot_fd)], pass_fds=(theirs.fileno(), slot_fd),
-                                         stdin=subprocess.DEVNULL, cwd=os.getcwd())
+                                         stdin=subprocess.DEVNULL, cwd=os.getcwd(), start_new_session=True)
         finally:
             theirs.close()
             os.close(slot_fd)
@@ -473,6 +487,7 @@ class WorkerProcess:
             code = self.proc.wait(5)
         except subprocess.TimeoutExpired:
             code = None
+        self._kill_group()  # what the dead worker's hook started must not run on
         self._forget()
         if code is None:
             return "the pipe closed"
@@ -492,7 +507,9 @@ class WorkerProcess:
         self.proc, self.conn = None, None
 
     def kill(self) -> None:
+        """Kill the worker and its process group: programs a hook started (and left hanging) too."""
         if self.proc is not None:
+            self._kill_group()
             if self.proc.poll() is None:
                 self.proc.kill()
             try:
@@ -500,6 +517,13 @@ class WorkerProcess:
             except subprocess.TimeoutExpired:
                 pass
         self._forget()
+
+    def _kill_group(self) -> None:
+        # The worker leads its group (start_new_session); the group outlives it while a child lives.
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
 
     def close(self) -> None:
         """Ask the worker to stop; kill it if it does not."""
