@@ -56,6 +56,10 @@ from tomd.facilities.base import (Facility, Intent, LookupUnsupported, TemplateE
 
 log = logging.getLogger(__name__)
 
+# Starts the reason of a request whose submission outcome is unknown and cannot be looked up
+# (rejected for a person): `tomd obs settle` recognises it by these words.
+UNKNOWN_OUTCOME = "outcome unknown"
+
 
 @dataclass(frozen=True)
 class SubmitSettings:
@@ -265,7 +269,8 @@ class Submitter:
                 # Resending could make a second request, and asking is impossible: final, for a person
                 # (rejected, not failed: a retry cadence must not send the trigger again).
                 return self._reject(w, LookupUnsupported(
-                    f"outcome unknown after an interrupted submission, not resent: {exc}"))
+                    f"{UNKNOWN_OUTCOME} after an interrupted submission, not resent (settle it with "
+                    f"`tomd obs settle {w.id} --facility-id ID | --absent`): {exc}"))
             except (RetryableError, PermanentError) as exc:
                 return self._retry(w, f"looking up {w.name} after an unknown outcome: {exc}", keep_state=True)
             if found:

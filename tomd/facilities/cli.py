@@ -20,8 +20,6 @@ FINAL_LOCAL = ("completed", "failed", "expired", "cancelled", "rejected")
 # Every state an observation request can be in, in its life's order (tomd.submit, tomd.status).
 REQUEST_STATES = ("intent", "submitting", "pending", "scheduled", "in_progress", "completed", "failed", "expired",
                   "cancelled", "rejected")
-# The reason tomd.submit records when a submission's outcome is unknown and cannot be looked up.
-UNKNOWN_OUTCOME = "outcome unknown"
 
 
 def _parse_time(value: str, field: str, *, after: datetime | None = None) -> datetime:
@@ -317,6 +315,7 @@ def cmd_obs_settle(app, args) -> int:
     from tomd.cadence import next_intent
     from tomd.db import repository as repo
     from tomd.events import ObservationFailed, ObservationSubmitted
+    from tomd.submit import UNKNOWN_OUTCOME
 
     if bool(args.facility_id) == bool(args.absent):
         raise InputError("say what the facility holds: --facility-id ID (it exists) or --absent (it does not)",
