@@ -50,7 +50,6 @@ import random
 import socket
 import threading
 import time
-import traceback
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -58,7 +57,7 @@ from datetime import timedelta
 from typing import Any
 
 from tomd.hooks.dispatch import Claimed, Dispatcher, Limits, backoff
-from tomd.hooks.registry import Builtin, HookSpec, Registry
+from tomd.hooks.registry import Registry
 from tomd.hooks.worker import WorkerBoot, WorkerProcess
 
 log = logging.getLogger("tomd.hooks")
