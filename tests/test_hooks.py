@@ -661,3 +661,12 @@ def test_hook_run_and_list_commands(db, tmp_path, capsys):
     assert f"rec.first  on target.created  ({d / 'rec.py'}:5)" in captured.out
     assert "rec.second  on target.created, target.updated" in captured.out
     assert f"{d / 'typo.py'}:4: ValueError: @on(...): unknown event kind 'target.creatd'" in captured.err
+
+
+def test_every_event_kind_is_documented_for_hook_writers():
+    from tomd.events import EVENT_TYPES
+
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("### Hooks"):readme.index("### Notifications")]
+    missing = [k for k in EVENT_TYPES if f"| `{k}` v{EVENT_TYPES[k].version} |" not in section]
+    assert not missing, f"README.md, ### Hooks: add {missing} to the table of events"
