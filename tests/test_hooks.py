@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
+from tests.test_facilities_cli import run, sim  # noqa: F401 - fixtures: tomd obs against the simulator
 from tomd.db import repository as repo
 from tomd.db.models import HookRun, Notification, OutboxEvent, Target
 from tomd.events import TargetCreated
@@ -661,6 +662,78 @@ def test_hook_run_and_list_commands(db, tmp_path, capsys):
     assert f"rec.first  on target.created  ({d / 'rec.py'}:5)" in captured.out
     assert "rec.second  on target.created, target.updated" in captured.out
     assert f"{d / 'typo.py'}:4: ValueError: @on(...): unknown event kind 'target.creatd'" in captured.err
+
+
+# ------------------------------------------------------ requests: proposal and hours
+
+FACILITIES = """
+    [facilities.lab]
+    kind = "sim"
+    proposal = "SIM2026A-001"
+    [facilities.lab.templates.1m-gri]
+    filters = ["gp", "rp", "ip"]
+    exposure_time = 300
+    [facilities.lab.templates.deep]
+    proposal = "DEEP-7"
+    hours = 2.5
+"""
+
+REQUESTER = """
+    from tomd.hooks import on
+
+    @on("target.created")
+    def ask(ctx):
+        for facility, template in ctx.settings["ask"]:
+            ctx.request_observation(facility, template, key=template)
+"""
+
+
+def _requests(db):
+    from tomd.db.models import ObservationRequest
+
+    with db.sessions() as s:
+        return {r.template: (r.facility, r.proposal, r.estimated_hours)
+                for r in s.scalars(select(ObservationRequest))}
+
+
+def test_hook_requests_record_proposal_and_hours_and_unknown_ones_are_refused(db, tmp_path, capsys):
+    from tomd.cli import main
+    from tomd.config import load_config
+    from tomd.hooks.api import apply_actions, facility_map
+    from tomd.rules.load import estimate_hours
+
+    d = tmp_path / "hooks"
+    write(d, "req.py", REQUESTER)
+    cfg = _config(tmp_path, db.url, d, FACILITIES + '[hooks.settings.req]\nask = [["lab", "1m-gri"], '
+                                                    '["lab", "deep"]]\n')
+    facilities = facility_map(load_config(cfg))
+    assert facilities["lab"]["templates"]["deep"] == {"proposal": "DEEP-7", "hours": 2.5}
+    (tid,) = new_targets(db, 1)
+    assert main(["-c", str(cfg), "hook", "run", "req.ask", "--event-id", "1", "--apply"]) == 0
+    hours = estimate_hours({"filters": ["gp", "rp", "ip"], "exposure_time": 300})
+    assert _requests(db) == {"1m-gri": ("lab", "SIM2026A-001", pytest.approx(hours)),
+                             "deep": ("lab", "DEEP-7", 2.5)}
+    # an unknown facility or template: nothing applied, the reason names them
+    for ask, says in (([["nowhere", "1m-gri"]], "no facility 'nowhere' in the config's [facilities] (known: lab)"),
+                      ([["lab", "2m-deep"]], "facility lab has no template '2m-deep' (known: 1m-gri, deep)")):
+        action = {"action": "request", "target_id": tid, "facility": ask[0][0], "template": ask[0][1],
+                  "name": f"x-{ask[0][1]}"}
+        with pytest.raises(ValueError, match=says.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")
+                           .replace("]", r"\]")):
+            with db.sessions.begin() as s:
+                apply_actions(s, [action], hook="req.ask", event_id=1, facilities=facilities)
+    assert len(_requests(db)) == 2
+
+
+def test_obs_submit_records_proposal_and_hours(db, run):  # noqa: F811 - tests.test_facilities_cli's fixture
+    from tomd.rules.load import estimate_hours
+
+    code, _, err = run("obs", "submit", "SN 2026abc", "--facility", "lab", "--template", "1m-gri")
+    assert code == 0, err
+    hours = estimate_hours({"instrument_type": "1M0-SCICAM-SINISTRO", "filters": ["gp", "rp", "ip"],
+                            "exposure_time": 300})
+    # (the facility's own estimate may replace tomd's once submitted)
+    assert _requests(db) == {"1m-gri": ("lab", "SIM2026A-001", pytest.approx(hours, rel=0.1))}
 
 
 def test_every_event_kind_is_documented_for_hook_writers():

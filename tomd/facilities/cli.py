@@ -122,7 +122,7 @@ def cmd_obs_submit(app, args) -> int:
         if target is None:
             raise NotFoundError(f"no target named {args.target!r}")
         rid = create_intent(s, target_id=target.id, facility=args.facility, template=args.template, mode=mode,
-                            priority=args.priority, window_start=start, window_end=end)
+                            priority=args.priority, window_start=start, window_end=end, config=app.config)
         if cadence is not None:
             from tomd.db import repository as repo
 

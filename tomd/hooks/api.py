@@ -45,7 +45,7 @@ from typing import Any, BinaryIO
 from tomd.events import EVENT_TYPES, Event
 
 __all__ = ["HookContext", "ObservationInfo", "Point", "ProductInfo", "TargetSnapshot", "apply_actions",
-           "event_from_json", "event_to_json"]
+           "event_from_json", "event_to_json", "facility_map"]
 
 
 # ----------------------------------------------------------------- snapshots
@@ -373,11 +373,63 @@ def request_name(hook: str, event_id: int, key: str = "") -> str:
 # ------------------------------------------------------------------ applying
 
 
-def apply_actions(s, actions: Sequence[Mapping[str, Any]], *, hook: str, event_id: int | None) -> list[str]:
+def facility_map(config: Any) -> dict[str, dict[str, Any]]:
+    """What applying a hook's request needs of the config's ``[facilities]``, as plain dicts.
+
+    ``{facility: {"proposal": str | None, "templates": {name: {"proposal": str | None,
+    "hours": float | None}}}}``: the hook worker has no Config (it crosses the process
+    boundary, and holds tokens), so it gets this instead: names, proposals and estimated
+    hours, no secrets. A sim facility without templates knows the simulator's built-in
+    ones (as ``tomd obs submit`` does), with no estimate.
+    """
+    from tomd.rules.load import estimate_hours
+
+    out: dict[str, dict[str, Any]] = {}
+    for name, fc in (getattr(config, "facilities", None) or {}).items():
+        templates: dict[str, dict[str, Any]] = {}
+        for t, fields in (fc.templates or {}).items():
+            if isinstance(fields, Mapping):
+                p = fields.get("proposal")
+                templates[str(t)] = {"proposal": p if isinstance(p, str) else None, "hours": estimate_hours(fields)}
+        if not fc.templates and fc.kind == "sim":
+            from tomd.facilities import SIM_TEMPLATES
+
+            templates = {str(t): {"proposal": None, "hours": None} for t in SIM_TEMPLATES}
+        out[str(name)] = {"proposal": fc.proposal, "templates": templates}
+    return out
+
+
+def _facility_view(facilities: Mapping[str, Mapping[str, Any]], facility: str, template: str) -> Any:
+    """The one facility of :func:`facility_map` as the ``config`` tomd.submit.create_intent reads
+    (``config.facilities[f].proposal`` and ``.templates[t]``; ``hours`` is the estimate it takes);
+    ValueError naming an unknown facility or template."""
+    from types import SimpleNamespace
+
+    fc = facilities.get(facility)
+    if fc is None:
+        raise ValueError(f"request_observation: no facility {facility!r} in the config's [facilities] "
+                         f"(known: {', '.join(sorted(facilities)) or 'none configured'})")
+    templates = fc.get("templates") or {}
+    if template not in templates:
+        raise ValueError(f"request_observation: facility {facility} has no template {template!r} "
+                         f"(known: {', '.join(sorted(templates)) or 'none configured'})")
+    t = templates[template]
+    fields = {k: v for k, v in (("proposal", t.get("proposal")), ("hours", t.get("hours"))) if v is not None}
+    view = SimpleNamespace(proposal=fc.get("proposal"), templates={template: fields} if "hours" in fields else {})
+    return SimpleNamespace(facilities={facility: view})
+
+
+def apply_actions(s, actions: Sequence[Mapping[str, Any]], *, hook: str, event_id: int | None,
+                  facilities: Mapping[str, Mapping[str, Any]] | None = None) -> list[str]:
     """Apply recorded actions in the caller's transaction; returns one line per change made.
 
     Idempotent: tags and list memberships are sets, notifications are
-    unique per (channel, dedupe key), requests per name.
+    unique per (channel, dedupe key), requests per name. With ``facilities``
+    (:func:`facility_map`) a request records its proposal and estimated hours
+    (so the rules' hours_per_night counts it), and one for a facility or
+    template the config does not know is refused (ValueError naming them):
+    the run fails with that reason rather than leaving an intent no submitter
+    can send. None (older callers) checks nothing.
     """
     from tomd import notify
     from tomd import submit
@@ -399,12 +451,13 @@ def apply_actions(s, actions: Sequence[Mapping[str, Any]], *, hook: str, event_i
                 done.append(f"target {a['target_id']}: joined {', '.join(joined)}")
         elif kind == "request":
             if repo.observation_by_name(s, a["name"]) is None:
+                config = _facility_view(facilities, a["facility"], a["template"]) if facilities is not None else None
                 start = datetime.now(timezone.utc)
                 end = start + timedelta(seconds=a["window_s"]) if a.get("window_s") else None
                 rid = submit.create_intent(s, target_id=a["target_id"], facility=a["facility"],
                                            template=a["template"], name=a["name"], mode=a.get("mode"),
                                            priority=a.get("priority"), window_start=start if end else None,
-                                           window_end=end)
+                                           window_end=end, config=config)
                 done.append(f"request #{rid} {a['name']} at {a['facility']} ({a['template']})")
         elif kind == "notify":
             if notify.enqueue(s, channel=a["channel"], dedupe_key=a["dedupe_key"], message=a["message"],

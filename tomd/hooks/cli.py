@@ -158,7 +158,7 @@ def _read_event(args, app):
 
 
 def cmd_hook_run(app, args) -> int:
-    from tomd.hooks.api import HookContext, Reader, apply_actions
+    from tomd.hooks.api import HookContext, Reader, apply_actions, facility_map
     from tomd.hooks.registry import load_hooks
     from tomd.hooks.worker import invoke
 
@@ -199,8 +199,12 @@ def cmd_hook_run(app, args) -> int:
     for a in ctx.actions:
         print("  " + json.dumps(a, default=str))
     if args.apply and ctx.actions:
-        with sessions.begin() as s:
-            changes = apply_actions(s, ctx.actions, hook=args.hook, event_id=event_id or None)
+        try:  # the daemon's checks: requests name a configured facility and template, get its proposal
+            with sessions.begin() as s:
+                changes = apply_actions(s, ctx.actions, hook=args.hook, event_id=event_id or None,
+                                        facilities=facility_map(config))
+        except ValueError as exc:
+            raise UserError(f"{args.hook}: nothing applied: {exc}") from None
         for line in changes or ["nothing new (already applied)"]:
             print(f"  applied: {line}")
     elif ctx.actions:

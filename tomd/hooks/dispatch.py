@@ -84,14 +84,16 @@ class Dispatcher:
     ``execute`` runs a user hook (the worker's in-process call); builtins run
     here, inside their done transaction. ``on_end(hook, outcome, seconds,
     requested)`` hears about every finished attempt (metrics, waking the
-    submitter after a hook requested an observation).
+    submitter after a hook requested an observation). ``facilities``
+    (tomd.hooks.api.facility_map) fills and checks the requests hooks make.
     """
 
     def __init__(self, sessions, limits: Limits, hooks: Mapping[str, HookSpec | Builtin], claim_id: str, *,
                  execute: Executor | None = None,
                  on_end: Callable[[str, str, float, bool], None] | None = None,
-                 rng: random.Random | None = None):
+                 rng: random.Random | None = None, facilities: Mapping[str, Any] | None = None):
         self.sessions = sessions
+        self.facilities = facilities
         self.limits = limits
         self.hooks = dict(hooks)
         self.claim_id = claim_id
@@ -214,7 +216,7 @@ class Dispatcher:
                 log.warning("hook %s event #%d: the claim was lost (lease over); its actions are not applied",
                             c.hook, c.event_id)
                 return False, False
-            changes = apply_actions(s, actions, hook=c.hook, event_id=c.event_id)
+            changes = apply_actions(s, actions, hook=c.hook, event_id=c.event_id, facilities=self.facilities)
         for line in changes:
             log.info("hook %s event #%d: %s", c.hook, c.event_id, line)
         return True, any(a.get("action") == "request" for a in actions)

@@ -67,6 +67,9 @@ class WorkerBoot:
     parent_pid: int = 0
     limits: Any = None  # tomd.hooks.dispatch.Limits
     nice: int = 0  # added to the worker's niceness: hooks yield the CPU to the pipeline
+    # tomd.hooks.api.facility_map(config): fills and checks the observations hooks request (no secrets);
+    # None checks nothing
+    facilities: dict[str, dict[str, Any]] | None = None
 
 
 def invoke(fn, ctx, loop: asyncio.AbstractEventLoop | None = None) -> None:
@@ -265,7 +268,7 @@ def worker_main(conn, boot: WorkerBoot, slot: RunSlot) -> None:
             return paused
 
         d = Dispatcher(sessions, boot.limits or Limits(), {n: specs[n] for n in names if n in specs}, claim_id,
-                       execute=execute, on_end=on_end)
+                       execute=execute, on_end=on_end, facilities=boot.facilities)
         counts: dict[str, int] = {}
         try:
             while not should_stop():
