@@ -78,6 +78,61 @@ def test_overlapping_histories_store_each_point_once(db, shared_data):
     assert detections[-1].mag == pytest.approx(rec["candidate"]["magpsf"] - 0.6, abs=1e-4)
 
 
+def test_the_bulk_ingest_writes_store_what_the_plain_inserts_store(db):
+    """On PostgreSQL alerts, photometry and outbox events of the ingest path go by COPY:
+    the rows read back exactly as through the plain inserts, a point already stored is
+    skipped (also within one transaction), and the points keep their order."""
+    from datetime import datetime, timedelta, timezone
+
+    from tomd.events import AlertIngested
+    from tomd.targets.model import TargetSpec, validate
+
+    when = datetime(2026, 5, 1, 3, 4, 5, 123456, tzinfo=timezone(timedelta(hours=2)))
+    with db.sessions.begin() as s:
+        tid = store.upsert(s, validate(TargetSpec(name="bulk", ra=10.0, dec=20.0)), radius_arcsec=1.5,
+                           origin="test").target_id
+
+        def alert(key, payload):
+            return {"source": "ztf", "key": key, "stream": "s", "topic": "t", "partition": 1, "offset": 2**40,
+                    "kind": "transient", "object_id": "ZTF26x", "target_id": tid, "notice_id": None, "time": when,
+                    "ra": 10.0, "dec": 20.0, "band": "ztfg", "mag": 18.5, "mag_err": None, "flux": 1.5e3,
+                    "flux_err": 2.0, "fields": {"rb": 0.9, "tab\there": "quote \" back\\slash é"},
+                    "payload": payload}
+
+        plain = repo.insert_alerts(s, [alert("a1", {"x": [1, None, "y"]}), alert("a2", None)])
+        bulk = repo.ingest_alerts(s, [alert("b1", {"x": [1, None, "y"]}), alert("b2", None)])
+        assert len(set(plain + bulk)) == 4
+
+        def point(mjd, dedupe=None):
+            return {"target_id": tid, "alert_id": bulk[0], "source": "ztf", "mjd": mjd, "band": "ztfg",
+                    "kind": "detection", "mag": 19.0, "mag_err": 0.1, "flux": None, "flux_err": None,
+                    "limit": None, "dedupe": dedupe or f"ztf|ztfg|detection|{mjd:.6f}"}
+
+        repo.ingest_photometry(s, [point(60001.5), point(60000.5), point(60001.5)])
+        repo.ingest_photometry(s, [point(60000.5), point(60002.5)])  # same transaction: emptied in between
+        repo.ingest_events(s, [(AlertIngested(bulk[0], "ztf", "b1", tid, "ZTF26x", when.isoformat(), 10.0, 20.0,
+                                              18.5, "ztfg", "t[1]@2"), tid)])
+        repo.add_events(s, [(AlertIngested(plain[0], "ztf", "a1", tid, "ZTF26x", when.isoformat(), 10.0, 20.0,
+                                           18.5, "ztfg", "t[1]@2"), tid)])
+    with db.sessions.begin() as s:
+        repo.ingest_photometry(s, [point(60002.5), point(60003.5)])  # a later transaction
+    with db.sessions() as s:
+        rows = {r.key: r for r in s.scalars(select(AlertRow))}
+        skip = ("id", "key", "ingested_at", "_sa_instance_state")
+        for a, b in (("a1", "b1"), ("a2", "b2")):
+            pa = {k: v for k, v in vars(rows[a]).items() if k not in skip}
+            pb = {k: v for k, v in vars(rows[b]).items() if k not in skip}
+            assert pa == pb
+        assert rows["b1"].time == when and rows["b1"].fields["tab\there"] == "quote \" back\\slash é"
+        assert rows["b2"].payload is None
+        points = s.scalars(select(Photometry).order_by(Photometry.id)).all()
+        assert [p.mjd for p in points] == [60001.5, 60000.5, 60002.5, 60003.5]
+        events = s.scalars(select(OutboxEvent).where(OutboxEvent.kind == "alert.ingested")
+                           .order_by(OutboxEvent.id)).all()
+        assert events[0].payload == events[1].payload | {"alert_id": bulk[0], "key": "b1"}
+        assert events[0].created_at.tzinfo is not None and events[0].target_id == tid
+
+
 def test_corrupt_message_goes_to_dead_letters_and_the_stream_goes_on(db, shared_data):
     good = messages(ztf_files()[:3])
     bad = FileMessage("topic-x[0]", 7, b"Obj\x01garbage that is not avro", key=b"k1", topic="ztf_test",

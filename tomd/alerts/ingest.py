@@ -277,7 +277,7 @@ class Ingestor:
             if with_cutouts:
                 cutouts = self._start_cutouts(s, with_cutouts)
         payload = self.settings.keep_payload
-        ids = repo.insert_alerts(s, [{
+        ids = repo.ingest_alerts(s, [{
             "source": a.source, "key": a.key, "stream": self.settings.stream,
             "topic": m.topic, "partition": m.partition, "offset": m.offset,
             "kind": a.kind, "object_id": a.object_id, "target_id": targets.get(i), "notice_id": notices.get(i),
@@ -297,8 +297,8 @@ class Ingestor:
                 photometry.extend(_phot_row(tid, alert_id, a.source, p) for p in a.photometry)
             events.append((AlertIngested(alert_id, a.source, a.key, tid, a.object_id, a.time.isoformat(),
                                          a.ra, a.dec, a.mag, a.band, m.coords), tid))
-        repo.insert_photometry(s, photometry)
-        repo.add_events(s, events)
+        repo.ingest_photometry(s, photometry)
+        repo.ingest_events(s, events)
         t_sinks = time.perf_counter()
         for sink in self.sinks:  # after photometry: light-curve features include this alert
             sink(s, stored)
