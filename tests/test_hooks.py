@@ -743,3 +743,26 @@ def test_every_event_kind_is_documented_for_hook_writers():
     section = readme[readme.index("### Hooks"):readme.index("### Notifications")]
     missing = [k for k in EVENT_TYPES if f"| `{k}` v{EVENT_TYPES[k].version} |" not in section]
     assert not missing, f"README.md, ### Hooks: add {missing} to the table of events"
+
+
+def test_the_daemon_hook_worker_fills_and_checks_requests(db, tmp_path):
+    from tomd.config import load_config
+
+    d = tmp_path / "hooks"
+    write(d, "req.py", REQUESTER)
+    cfg = load_config(_config(tmp_path, db.url, d, FACILITIES + '[hooks.settings.req]\nask = [["lab", "deep"]]\n'
+                              '[hooks.settings.wrong]\nask = [["lab", "deep"], ["lab", "2m-deep"]]\n'))
+    write(d, "wrong.py", REQUESTER.replace('@on("target.created")', '@on("target.created", max_attempts=1)'))
+    runner = HookRunner.from_config(cfg, db.sessions)
+    try:
+        runner.start()
+        new_targets(db, 1)
+        drain(runner, db)
+    finally:
+        runner.close()
+    assert _requests(db) == {"deep": ("lab", "DEEP-7", 2.5)}  # the wrong hook's first request is not applied
+    (event,) = event_ids(db, "target.created")
+    (wrong,) = [r for r in runs(db, "wrong.ask") if r.event_id == event]
+    assert wrong.state == "failed"
+    assert "facility lab has no template '2m-deep' (known: 1m-gri, deep)" in wrong.error
+    assert [r.state for r in runs(db, "req.ask") if r.event_id == event] == ["done"]

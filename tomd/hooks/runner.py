@@ -129,7 +129,8 @@ class HookRunner:
 
     def __init__(self, sessions, settings: RunnerSettings, *, database_url: str | None = None,
                  storage_config: Any = None, registry: Registry | None = None, observer: Any = None,
-                 on_request: Callable[[], None] | None = None, worker_id: str | None = None):
+                 on_request: Callable[[], None] | None = None, worker_id: str | None = None,
+                 facilities: Mapping[str, Any] | None = None):
         self.sessions = sessions
         self.settings = settings
         self.registry = registry or Registry()
@@ -138,7 +139,8 @@ class HookRunner:
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{id(self) & 0xffff:x}"
         self._boot = WorkerBoot(paths=tuple(settings.paths), database_url=database_url, storage=storage_config,
                                 settings={k: dict(v) for k, v in settings.settings.items()}, parent_pid=os.getpid(),
-                                limits=settings.limits, nice=settings.nice)
+                                limits=settings.limits, nice=settings.nice,
+                                facilities=dict(facilities) if facilities is not None else None)
         self._generation = 0
         self._slots = [_Slot(self, i) for i in range(max(1, settings.workers))]
         self._lock = threading.Lock()
@@ -166,8 +168,10 @@ class HookRunner:
         settings = RunnerSettings.from_config(config.hooks)
         if not getattr(config.hooks, "enabled", True):
             settings = dataclasses.replace(settings, paths=())  # no user hooks; builtins still run
-        return cls(sessions, settings, database_url=url,
-                   storage_config=config.storage, registry=registry, observer=observer, on_request=on_request)
+        from tomd.hooks.api import facility_map  # hooks' requests: checked, with proposal and hours
+
+        return cls(sessions, settings, database_url=url, storage_config=config.storage, registry=registry,
+                   observer=observer, on_request=on_request, facilities=facility_map(config))
 
     # ---------------------------------------------------------------- control
 
