@@ -414,8 +414,11 @@ class StreamConsumer:
             try:
                 low, high = consumer.get_watermark_offsets(TopicPartition(tp.topic, tp.partition), timeout=5)
             except KafkaException as exc:
-                log.debug("no watermarks for %s[%d]: %s", tp.topic, tp.partition, exc)
-                continue
+                # The broker does not answer: the rest would each wait the full
+                # timeout inside this callback; the fetch path fills them in.
+                log.info("no watermarks for %s[%d] (%s); their lag comes with the first fetch",
+                         tp.topic, tp.partition, exc)
+                break
             if high is None or high < 0:
                 continue
             start = starts.get(_key(tp))
