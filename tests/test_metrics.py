@@ -324,6 +324,24 @@ def test_outbox_backlog_is_asked_once_per_cache_period():
     assert [value(m, "tomd_outbox_pending_events") for _ in range(3)] == [1, 1, 1] and len(asked) == 1
 
 
+def test_outbox_backlog_counts_events_some_hook_has_not_finished(db):
+    """tomd_outbox_pending_events in the daemon: distinct events with a run pending or running."""
+    from tomd.daemon import _outbox_backlog
+    from tomd.db import repository as repo
+    from tomd.events import HookRegistered
+
+    with db.sessions.begin() as s:
+        e = [repo.add_event_id(s, HookRegistered(f"h{i}", ("*",))) for i in range(4)]
+        for hook, event, state in [("h1", e[0], "done"), ("h2", e[0], "pending"),  # e0: one hook waits
+                                   ("h1", e[1], "running"), ("h2", e[1], "running"),  # e1: counted once
+                                   ("h1", e[2], "failed"),  # ended: not a backlog
+                                   ("h1", e[3], "done"), ("h2", e[3], "done")]:
+            repo.add_hook_run(s, {"hook": hook, "event_id": event, "state": state, "attempts": 0})
+    m = Metrics(process=False)
+    m.watch_outbox(lambda: _outbox_backlog(db.sessions), cache_s=0)
+    assert value(m, "tomd_outbox_pending_events") == 2
+
+
 def test_poll_cycles_are_counted_by_outcome():
     from tomd.status import FacilityPoll
 
