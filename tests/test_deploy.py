@@ -140,6 +140,20 @@ def test_the_shipped_tomd_configs_are_valid_and_listen_where_probed(tmp_path):
         assert cfg.database.url.startswith("postgresql+psycopg://")
         groups = {s.group for s in cfg.streams}
         assert groups, path
+    # Rule and hook files come from mounted directories, read-only.
+    compose_cfg = load_config(DEPLOY / "compose/tomd.toml", env=ENV)
+    mounts = {v.split(":")[1]: v.split(":")[0] for v in compose()["x-tomd"]["volumes"]}
+    for p in (*compose_cfg.rules.paths, *compose_cfg.hooks.paths):
+        assert (DEPLOY / mounts[p]).is_dir() and f"{mounts[p]}:{p}:ro" in compose()["x-tomd"]["volumes"], p
+    k = DEPLOY / "kubernetes"
+    docs = [d for f in yaml.safe_load((k / "kustomization.yaml").read_text())["resources"] for d in load_yaml(k / f)]
+    pod = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    maps = {d["metadata"]["name"] for d in docs if d["kind"] == "ConfigMap"}
+    k8s_cfg = load_config(k8s, env=ENV)
+    for p in (*k8s_cfg.rules.paths, *k8s_cfg.hooks.paths):
+        (mount,) = [m for m in pod["containers"][0]["volumeMounts"] if m["mountPath"] == p]
+        assert mount["readOnly"] and volumes[mount["name"]]["configMap"]["name"] in maps, p
 
 
 # ------------------------------------------------------- Dockerfile
