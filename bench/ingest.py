@@ -60,8 +60,11 @@ def ceiling(bootstrap: str, topic: str, n: int, batch_size: int) -> dict:
     schema of every message (``fastavro.reader``) would be no ceiling: it
     costs several times the decode itself.
     """
+    # The prefetch queue tomd's consumer sets (StreamConsumer._kafka_config): without
+    # it this loop waits for fetches as long as it decodes.
     c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"ceiling-{secrets.token_hex(3)}",
-                  "auto.offset.reset": "earliest", "enable.auto.commit": False, **LOCAL_GROUP_SETTINGS})
+                  "auto.offset.reset": "earliest", "enable.auto.commit": False,
+                  "queued.max.messages.kbytes": 256 * 1024, **LOCAL_GROUP_SETTINGS})
     c.subscribe([topic])
     schemas: dict[bytes, object] = {}
     done = 0

@@ -192,6 +192,14 @@ class StreamConsumer:
 
     def _kafka_config(self) -> dict[str, object]:
         return {
+            # Defaults a stream's kafka table may override. The prefetch queue
+            # holds up to 64 MB by default: about 1,000 ZTF alerts with their
+            # cutouts. Against the local broker, a consumer that decodes
+            # between polls then waits for fetches about 0.5 ms per alert
+            # (plain consume + decode: 1,400 alerts/s); with 256 MB it keeps up
+            # (4,800/s; bench/ingest.py's ceiling uses the same). An upper
+            # bound, filled only while behind.
+            "queued.max.messages.kbytes": 256 * 1024,
             **self.settings.kafka,
             "bootstrap.servers": self.settings.bootstrap,
             "group.id": self.settings.group,
