@@ -87,6 +87,14 @@ def produce_spread(bootstrap: str, topic: str, values: list[bytes]) -> dict[int,
 # ------------------------------------------------------------ witnesses
 
 
+class QuietServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address) -> None:
+        if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):  # a killed daemon's sockets
+            super().handle_error(request, client_address)
+
+
 @dataclass(frozen=True)
 class Call:
     start: float
@@ -146,8 +154,7 @@ class Proxy:
 
             do_GET = do_POST = _forward
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
+        self.server = QuietServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
@@ -186,8 +193,7 @@ class Webhook:
                 self.send_header("Content-Length", "0")
                 self.end_headers()
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
+        self.server = QuietServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/tomd"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
