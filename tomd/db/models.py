@@ -28,6 +28,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
 )
+from sqlalchemy import text
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
@@ -367,7 +368,14 @@ class HookRun(Base):
     """One (hook, event) delivery: a hook that succeeded never runs again for that event."""
 
     __tablename__ = "hook_runs"
-    __table_args__ = (UniqueConstraint("hook", "event_id"),)
+    __table_args__ = (
+        UniqueConstraint("hook", "event_id"),
+        # Claims and the backlog gauge read only unfinished runs: a partial index keeps them cheap
+        # however many finished runs the table holds.
+        Index("ix_hook_runs_due", "state", "hook", "next_attempt_at",
+              postgresql_where=text("state IN ('pending', 'running')"),
+              sqlite_where=text("state IN ('pending', 'running')")),
+    )
 
     id: Mapped[int] = mapped_column(Id, primary_key=True)
     hook: Mapped[str] = mapped_column(String(200))
