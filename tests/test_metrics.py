@@ -154,6 +154,75 @@ def test_daemon_checks_on_a_real_daemon(serve, db):
     assert get(h.url + "/readyz")[0] == 200
 
 
+def test_a_file_stream_that_finished_reading_stays_ready_and_one_that_failed_is_not(serve, db, shared_data,
+                                                                                    tmp_path):
+    """A file stream's thread returns once its files are read: done, not down. A stream
+    thread that ended on an error is not ready."""
+    from tomd.config import load_config
+    from tomd.daemon import Daemon
+
+    cfg = tmp_path / "tomd.toml"
+    cfg.write_text(f"""
+[database]
+url = "{db.url}"
+[metrics]
+listen = "127.0.0.1:0"
+[storage]
+url = "file://{tmp_path}/data"
+[rules]
+paths = ["{tmp_path}/rules"]
+[hooks]
+paths = ["{tmp_path}/hooks"]
+[[streams]]
+name = "archive"
+kind = "file"
+topics = ["{shared_data / 'ztf/ztf-avro-alert'}/*.avro"]
+format = "ztf-avro"
+""")
+    daemon = Daemon(load_config(cfg), engine=db.engine)
+    h = serve("127.0.0.1:0", checks=daemon_checks(daemon))
+    assert json.loads(get(h.url + "/readyz")[2])["checks"]["streams"]["ok"] is False  # not started yet
+    daemon.start()
+    try:
+        runner = daemon.runners[0]
+        runner.thread.join(120)
+        assert not runner.thread.is_alive() and runner.ingestor.totals.alerts > 0
+        code, _, body = get(h.url + "/readyz")
+        assert code == 200, body
+        runner.error = RuntimeError("the stream failed")  # what Daemon._run_stream records
+        code, _, body = get(h.url + "/readyz")
+        assert code == 503 and json.loads(body)["checks"]["streams"] == {"ok": False,
+                                                                       "error": "not running: archive"}
+    finally:
+        daemon.stop.set()
+        daemon.shutdown()
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_jobs_are_not_ready_when_the_scheduler_thread_died():
+    """APScheduler's ``running`` flag stays set when its thread dies; readiness looks at the thread."""
+    from tomd.health import scheduler_check
+    from tomd.scheduler import Jobs
+
+    jobs = Jobs(first_delay_s=0.0, jitter_s=0.0)
+    jobs.add_interval("tick", lambda: None, 0.05)
+    jobs.start()
+    try:
+        assert jobs.ready() is True and scheduler_check(jobs)() is True
+
+        def broken() -> float:
+            raise RuntimeError("the scheduler loop broke")
+
+        jobs._scheduler._process_jobs = broken  # APScheduler's own loop step, not tomd's
+        jobs._scheduler.wakeup()
+        jobs._scheduler._thread.join(10)
+        assert jobs.running  # the flag alone would say ready
+        assert jobs.ready() == "scheduler thread not alive"
+        assert scheduler_check(jobs)() == "scheduler thread not alive"
+    finally:
+        jobs._scheduler.state = 0  # STATE_STOPPED: the dead thread cannot be joined twice
+
+
 # --------------------------------------------------------------- metrics
 
 

@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 Check = Callable[[], Any]
 
 __all__ = ["Check", "HttpHandle", "Readiness", "consumers_check", "daemon_checks", "database_check",
-           "parse_listen", "scheduler_check", "start_http", "thread_check"]
+           "parse_listen", "scheduler_check", "start_http", "stream_check", "thread_check"]
 
 
 # ------------------------------------------------------------------ checks
@@ -122,14 +122,30 @@ def thread_check(threads: Callable[[], Mapping[str, threading.Thread | None]]) -
     return check
 
 
+def stream_check(runners: Callable[[], Mapping[str, tuple[threading.Thread | None, BaseException | None]]]) -> Check:
+    """Every stream thread was started and is alive or ended without an error: a file stream
+    returns once its files are read and is done, not down (``runners``: name → (thread, error))."""
+
+    def check() -> bool | str:
+        down = [name for name, (t, error) in runners().items()
+                if t is None or error is not None or (not t.is_alive() and t.ident is None)]
+        return f"not running: {', '.join(sorted(down))}" if down else True
+
+    return check
+
+
 def scheduler_check(scheduler: Any) -> Check:
-    """``scheduler.running`` (an APScheduler scheduler, or anything with that attribute)."""
+    """``scheduler.ready()`` when it has one (``tomd.scheduler.Jobs``: running and its thread
+    alive), else ``scheduler.running`` (an APScheduler scheduler, or anything with that attribute)."""
+    ready = getattr(scheduler, "ready", None)
+    if callable(ready):
+        return ready
     return lambda: bool(getattr(scheduler, "running", False)) or "scheduler not running"
 
 
 def daemon_checks(daemon: Any, *, scheduler: Any = None) -> dict[str, Check]:
     """The readiness checks of a ``tomd.daemon.Daemon``: the database answers, every
-    consumer has its assignment, the stream threads live, every component's thread
+    consumer has its assignment, the stream threads live (or ended without an error), every component's thread
     lives and its own check passes, the checks added with ``Daemon.add_check`` (the
     scheduler's), and ``scheduler.running`` when a scheduler is given here.
 
@@ -152,7 +168,7 @@ def daemon_checks(daemon: Any, *, scheduler: Any = None) -> dict[str, Check]:
     if kafka:
         checks["consumers"] = consumers_check(kafka)
     if daemon.runners:
-        checks["streams"] = thread_check(lambda: {r.stream.name: r.thread for r in daemon.runners})
+        checks["streams"] = stream_check(lambda: {r.stream.name: (r.thread, r.error) for r in daemon.runners})
     components = list(getattr(daemon, "components", ()))
     threaded = [c for c in components if c.threaded]
     if threaded:

@@ -102,7 +102,14 @@ class Jobs:
         return bool(self._scheduler.running)
 
     def ready(self) -> bool | str:
-        return True if self.running else "scheduler not running"
+        # ``running`` is only a state flag: the scheduler's own thread can have died (an error
+        # escaping its loop) with the flag still set, and then no job ever runs again.
+        if not self.running:
+            return "scheduler not running"
+        thread = getattr(self._scheduler, "_thread", None)
+        if thread is None or not thread.is_alive():
+            return "scheduler thread not alive"
+        return True
 
     # -- one run -------------------------------------------------------------------
 
