@@ -156,6 +156,43 @@ def test_the_shipped_tomd_configs_are_valid_and_listen_where_probed(tmp_path):
         assert mount["readOnly"] and volumes[mount["name"]]["configMap"]["name"] in maps, p
 
 
+def test_replicas_share_one_simulated_observatory():
+    """A ``kind = "sim"`` facility without ``url`` is an in-process observatory per daemon:
+    with more than one replica, one would poll and download the other's requests from an
+    observatory that never saw them. Every sim facility of a replicated deployment names a
+    url, and in compose that url is a service running ``tomd sim`` on that port."""
+    from urllib.parse import urlsplit
+
+    c = compose()
+    cfg = load_config(DEPLOY / "compose/tomd.toml", env=ENV)
+    assert c["services"]["tomd"]["deploy"]["replicas"] > 1
+    sims = {name: f for name, f in cfg.facilities.items() if f.kind == "sim"}
+    for name, f in sims.items():
+        assert f.url, f"facility {name}: an in-process sim per replica"
+        u = urlsplit(f.url)
+        svc = c["services"][u.hostname]
+        cmd = svc["command"]
+        assert cmd[0] == "sim" and cmd[cmd.index("--host") + 1] == "0.0.0.0", cmd
+        assert str(u.port) == cmd[cmd.index("--port") + 1], cmd
+        assert u.hostname in c["services"]["tomd"]["depends_on"]
+    configmap = yaml.safe_load((DEPLOY / "kubernetes/configmap.yaml").read_text())
+    k = DEPLOY / "kubernetes"
+    docs = [d for f in yaml.safe_load((k / "kustomization.yaml").read_text())["resources"] for d in load_yaml(k / f)]
+    replicas = next(d for d in docs if d["kind"] == "Deployment")["spec"]["replicas"]
+    k8s = load_config_text(configmap["data"]["tomd.toml"])
+    if replicas > 1:
+        assert all(f.url for f in k8s.facilities.values() if f.kind == "sim")
+
+
+def load_config_text(text: str):
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        p = Path(d) / "tomd.toml"
+        p.write_text(text)
+        return load_config(p, env=ENV)
+
+
 # ------------------------------------------------------- Dockerfile
 
 
@@ -302,6 +339,24 @@ def test_systemd_unit_is_sandboxed():
                  "ReadWritePaths=/var/lib/tomd", "EnvironmentFile=-/etc/tomd/tomd.env", "DynamicUser=yes",
                  "ExecReload=/bin/kill -HUP $MAINPID"):
         assert re.search(rf"^{re.escape(line)}$", text, re.M), line
+
+
+def test_systemd_config_is_readable_by_the_dynamic_user():
+    """DynamicUser=yes runs tomd as a user owning nothing in /etc: the install steps must
+    leave /etc/tomd and tomd.toml readable by others; the secrets file stays 0600 (systemd
+    reads EnvironmentFile= as root) or the credentials come through LoadCredential=."""
+    text = (DEPLOY / "systemd/tomd.service").read_text()
+    assert re.search(r"^DynamicUser=yes$", text, re.M)
+    dirs = re.findall(r"install -d -m (0?[0-7]{3,4}) ([^&#\n]*)", text)
+    assert dirs, "no install -d line for /etc/tomd"
+    for mode, paths in dirs:
+        if "/etc/tomd" in paths.split():
+            assert int(mode, 8) & 0o005 == 0o005, f"/etc/tomd mode {mode}: the dynamic user cannot enter it"
+    files = dict((path, mode) for mode, path in re.findall(r"install -m (0?[0-7]{3,4}) \S+ (/etc/tomd/\S+)", text))
+    assert int(files["/etc/tomd/tomd.toml"], 8) & 0o004, "tomd.toml unreadable to the dynamic user"
+    if "/etc/tomd/tomd.env" in files:
+        assert int(files["/etc/tomd/tomd.env"], 8) & 0o077 == 0, "the secrets file is readable by others"
+        assert "EnvironmentFile=-/etc/tomd/tomd.env" in text
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
