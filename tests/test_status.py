@@ -112,7 +112,7 @@ def test_one_listing_answers_for_many_and_the_cursor_follows_the_facility(db, si
         sim.set_state(gid, "COMPLETED")
     before = len(sim.received)
     (p,) = poller.poll()
-    assert len(sim.received) - before == 1  # one listing, no per-request reads
+    assert len(sim.received) - before == 2  # one group listing, one observations listing; no per-request reads
     assert sorted(c.request_id for c in p.changes) == sorted(r for r, _ in reqs[:10])
     with db.sessions() as s:
         _, cursor = repo.status_poll_state(s, "sim")
