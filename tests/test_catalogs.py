@@ -46,6 +46,7 @@ class Req:
     query: dict[str, list[str]]
     body: bytes
     headers: dict[str, str]
+    at: float = field(default_factory=time.monotonic)  # when the server saw it
 
     def form(self) -> dict[str, str]:
         return {k: v[0] for k, v in parse_qs(self.body.decode()).items()}
@@ -289,12 +290,22 @@ TNS_OBJECTS = {
                 "hostname": "M101", "object_type": {"name": "SN II", "id": 10},
                 "internal_names": "ZTF23aaklqou, ATLAS23npq, PS23dsb", "discoverydate": "2023-05-19 17:27:35.000",
                 "discoverymag": 14.9},
+    # A second object 20" from SN 2023ixf (illustrative values, not a real TNS entry), for cone searches.
+    "2026zzz": {"objname": "2026zzz", "name_prefix": "AT", "objid": 999001, "radeg": 210.912, "decdeg": 54.317,
+                "ra": "14:03:38.880", "dec": "+54:19:01.20", "redshift": None, "hostname": "",
+                "object_type": {"name": None, "id": 0}, "internal_names": "ZTF26aaaaaaa",
+                "discoverydate": "2026-11-01 05:00:00.000", "discoverymag": 19.2},
 }
 
 
 @dataclass
 class TnsState:
     rate_limited: bool = False
+    # x-rate-limit-remaining to send, one per request (then "89"), and the reset in seconds.
+    remaining: list[int] = field(default_factory=list)
+    reset: str = "17"
+    cone_remaining: list[int] = field(default_factory=list)
+    cone_reset: str = "42"
 
 
 def tns_answer_for(state: TnsState):
@@ -306,11 +317,13 @@ def tns_answer_for(state: TnsState):
                 or form.get("api_key") != TNS_BOT["key"]):
             return 401, {"Content-Type": "application/json"}, json.dumps({"id_code": 401, "id_message": "Unauthorized"})
         cone = req.path.endswith("/search")
-        limits = {"x-rate-limit-limit": "90", "x-rate-limit-remaining": "0" if state.rate_limited else "89",
-                  "x-rate-limit-reset": "17"}
+        remaining = state.remaining.pop(0) if state.remaining else 89
+        limits = {"x-rate-limit-limit": "90", "x-rate-limit-remaining": "0" if state.rate_limited else str(remaining),
+                  "x-rate-limit-reset": state.reset}
         if cone:
-            limits.update({"x-cone-rate-limit-limit": "10", "x-cone-rate-limit-remaining": "9",
-                           "x-cone-rate-limit-reset": "42"})
+            cone_remaining = state.cone_remaining.pop(0) if state.cone_remaining else 9
+            limits.update({"x-cone-rate-limit-limit": "10", "x-cone-rate-limit-remaining": str(cone_remaining),
+                           "x-cone-rate-limit-reset": state.cone_reset})
         if state.rate_limited:
             return 429, limits, json.dumps({"id_code": 429, "id_message": "Too Many Requests"})
         data = json.loads(form["data"])
@@ -331,6 +344,9 @@ def tns_answer_for(state: TnsState):
 
 @pytest.fixture
 def services():
+    from tomd.catalogs.tns import LIMITS
+
+    LIMITS.clear()  # a port reused from an earlier test must not inherit its spent rate limit
     tns_state = TnsState()
     s = {"simbad": Loopback(simbad_answer), "ned": Loopback(ned_answer), "horizons": Loopback(horizons_answer),
          "mpc": Loopback(mpc_answer), "tns": Loopback(tns_answer_for(tns_state))}
@@ -534,15 +550,27 @@ def test_tns_object_and_cone_search_with_bot_credentials(services):
 
 
 def test_tns_rate_limit_and_bad_credentials(services):
+    from tomd.catalogs.tns import Credentials, RateLimits, Tns
+
     services["tns_state"].rate_limited = True
     cats = Catalogs(catalogs_config(services))
     with pytest.raises(CatalogUnavailable, match="TNS is unavailable: rate limit reached; try again in 17 s") as exc:
         cats.lookup("tns", "2023ixf")
     assert exc.value.retry_after == 17.0
-    with pytest.raises(CatalogUnavailable) as exc:
+    # The 429 said the window is spent for 17 s (> the 5 s timeout): the next call is refused without asking.
+    with pytest.raises(CatalogUnavailable, match="rate limit reached; try again in 1[67] s") as exc:
         cats.tns_near(1.0, 2.0)
-    assert exc.value.retry_after == 42.0  # the cone search's own limit
+    assert 16.0 < exc.value.retry_after <= 17.0 and len(services["tns"].requests) == 1
+    # A process that had not heard of it asks, and a refused cone search carries the cone search's own reset.
+    fresh = Tns(catalogs_config(services).tns_url, 5.0, Credentials(TNS_BOT["id"], TNS_BOT["name"], TNS_BOT["key"]),
+                limits=RateLimits())
+    with pytest.raises(CatalogUnavailable) as exc:
+        fresh.near(1.0, 2.0)
+    assert exc.value.retry_after == 42.0 and len(services["tns"].requests) == 2
     services["tns_state"].rate_limited = False
+    from tomd.catalogs.tns import LIMITS
+
+    LIMITS.clear()  # the credential checks below must reach the server
     wrong = Catalogs(catalogs_config(services, tns_api_key=Secret("wrong-key")))
     with pytest.raises(CatalogError, match="TNS: HTTP 401 Unauthorized: check the bot id") as exc:
         wrong.lookup("tns", "2023ixf")
@@ -550,6 +578,63 @@ def test_tns_rate_limit_and_bad_credentials(services):
     no_bot = Catalogs(catalogs_config(services, tns_bot_id=None, tns_api_key=None))
     with pytest.raises(CatalogError, match="needs a bot"):
         no_bot.lookup("tns", "2023ixf")
+
+
+def test_tns_waits_for_a_spent_window_that_resets_within_the_timeout(services):
+    """remaining 0 with reset 1 s: the next call (even from another client of the same bot) waits, then asks."""
+    state = services["tns_state"]
+    state.remaining, state.reset = [0], "1"
+    Catalogs(catalogs_config(services)).lookup("tns", "2023ixf")
+    other = Catalogs(catalogs_config(services))  # no cache: it must ask TNS again
+    assert other.lookup("tns", "2023ixf").name == "SN 2023ixf"
+    first, second = services["tns"].requests
+    assert second.at - first.at >= 0.9  # not before TNS's reset
+
+
+def test_tns_refuses_without_asking_when_the_reset_is_beyond_the_timeout(services):
+    state = services["tns_state"]
+    state.remaining, state.reset = [0], "600"
+    cats = Catalogs(catalogs_config(services, timeout=2.0))
+    cats.lookup("tns", "2023ixf")
+    with pytest.raises(CatalogUnavailable, match="TNS is unavailable: rate limit reached; try again in 600 s") as exc:
+        cats.lookup("tns", "2023ixf")
+    assert 590 < exc.value.retry_after <= 600 and len(services["tns"].requests) == 1
+
+
+def test_tns_cone_search_window_is_separate(services):
+    """A spent cone-search window stops position searches only; object look-ups go on."""
+    state = services["tns_state"]
+    state.cone_remaining, state.cone_reset = [0], "300"
+    cats = Catalogs(catalogs_config(services))
+    assert cats.tns_near(210.9107, 54.3117, 5.0) == ("SN 2023ixf",)
+    assert cats.lookup("tns", "2023ixf").name == "SN 2023ixf"
+    with pytest.raises(CatalogUnavailable, match="try again in (300|299) s"):
+        cats.tns_near(10.0, 10.0, 5.0)
+    assert [r.path for r in services["tns"].requests] == ["/api/get/search", "/api/get/object"]
+
+
+def test_cached_only_never_touches_the_network(services, db):
+    from tomd.catalogs import CatalogNotCached
+    from tomd.config import Config
+
+    config = catalogs_config(services)
+    cats = Catalogs(config, db.sessions)
+    with pytest.raises(CatalogNotCached, match="SIMBAD: 'object:m31' is not in the catalog cache"):
+        cats.lookup("simbad", "M31", cached_only=True)
+    with pytest.raises(CatalogNotCached):
+        cats.tns_near(210.9107, 54.3117, cached_only=True)
+    assert services["simbad"].requests == [] and services["tns"].requests == []
+    warm = cats.lookup("simbad", "M31")
+    # The service goes down: the cached answer is still there, without a connection attempt.
+    down = Catalogs(replace(config, simbad_url=closed_port_url("/simbad/sim-tap")), db.sessions)
+    assert down.lookup("simbad", "m 31", cached_only=True) == warm
+    with pytest.raises(CatalogNotCached):
+        down.lookup("simbad", "Vega", cached_only=True)  # not "unavailable": nothing was tried
+    full = replace(Config(), catalogs=config)
+    assert lookup("simbad", "M31", config=full, sessions=db.sessions, cached_only=True) == warm
+    with pytest.raises(CatalogNotCached):
+        Catalogs(config).lookup("simbad", "M31", cached_only=True)  # no database, no cache
+    assert len(services["simbad"].requests) == 1
 
 
 @pytest.mark.parametrize("service,path", [("simbad", "/simbad/sim-tap"), ("ned", "/cgi-bin/objsearch"),
@@ -716,6 +801,43 @@ def test_cli_target_add_from_horizons_tns_and_errors(services, db, tmp_path, mon
     Path(down).write_text(text_)
     code, _, err = run(capsys, "-c", down, "target", "add", "Vega", "--from", "simbad")
     assert code == 1 and err.strip() == "tomd: SIMBAD is unavailable: connection failed" and "Traceback" not in err
+
+
+def test_cli_target_add_from_tns_near_a_position(services, db, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TNS_KEY", TNS_BOT["key"])
+    cfg = str(write_config(tmp_path, db, services))
+    run(capsys, "-c", cfg, "target", "add", "ZTF23aaklqou", "--ra", "210.91067", "--dec", "54.31165")
+    code, out, err = run(capsys, "-c", cfg, "target", "add", "--from", "tns", "--near", "14:03:38.6", "54.3117",
+                         "--radius", "60", "--tag", "tns")
+    assert code == 0, err
+    assert 'TNS: 2 objects within 60": SN 2023ixf, AT 2026zzz' in out
+    assert "matched existing target" in out and "ZTF23aaklqou by" in out  # SN 2023ixf joined the survey's target
+    assert "created target" in out and "AT 2026zzz" in out
+    search = json.loads(services["tns"].requests[0].form()["data"])
+    assert (search["ra"], search["dec"], search["radius"], search["units"]) == ("210.910833", "54.311700", "60",
+                                                                               "arcsec")
+    code, out, _ = run(capsys, "-c", cfg, "target", "show", "SN 2023ixf", "--json")
+    shown = json.loads(out)
+    assert shown["name"] == "ZTF23aaklqou" and "tns" in shown["tags"] and "SN 2023ixf" in shown["aliases"]
+    code, out, _ = run(capsys, "-c", cfg, "target", "show", "ZTF26aaaaaaa", "--json")
+    assert json.loads(out)["name"] == "AT 2026zzz"
+    # Nothing there, and mistakes: one line, exit 1.
+    code, _, err = run(capsys, "-c", cfg, "target", "add", "--from", "tns", "--near", "10", "10")
+    assert code == 1 and err.strip() == 'tomd: TNS: no object reported within 5" of ra 10.000000 dec +10.000000'
+    code, _, err = run(capsys, "-c", cfg, "target", "add", "--from", "simbad", "--near", "10", "10")
+    assert code == 1 and "add --from tns" in err
+    code, _, err = run(capsys, "-c", cfg, "target", "add", "X", "--from", "tns", "--near", "10", "10")
+    assert code == 1 and "do not also give NAME ('X')" in err
+    code, _, err = run(capsys, "-c", cfg, "target", "add", "--from", "tns", "--near", "10", "nonsense")
+    assert code == 1 and "--near" in err and "Traceback" not in err
+    code, _, err = run(capsys, "-c", cfg, "target", "add", "--from", "tns", "--near", "10", "10", "--radius", "0")
+    assert code == 1 and "--radius" in err
+    code, _, err = run(capsys, "-c", cfg, "target", "add", "--from", "tns")
+    assert code == 1 and "give a NAME" in err
+    services["tns_state"].cone_remaining, services["tns_state"].cone_reset = [0], "300"
+    run(capsys, "-c", cfg, "target", "add", "--from", "tns", "--near", "1", "1")
+    code, _, err = run(capsys, "-c", cfg, "target", "add", "--from", "tns", "--near", "2", "2")
+    assert code == 1 and "TNS is unavailable: rate limit reached; try again in" in err
 
 
 def test_rubin_solar_system_alert_joins_the_target_made_from_the_mpc(services, db, tmp_path, capsys, shared_data,

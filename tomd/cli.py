@@ -173,9 +173,13 @@ def _refresh_elements(s, target_id: int, spec) -> tuple[dict[str, Any], float | 
 
 def cmd_target_add(app: App, args) -> int:
     from tomd.errors import PermanentError, RetryableError
-    from tomd.targets.model import SpecError
-    from tomd.targets.store import upsert
 
+    if getattr(args, "near", None) is not None:
+        return _target_add_near(app, args)
+    if getattr(args, "radius", None) is not None:
+        raise InputError("--radius goes with --near RA DEC", field="--radius")
+    if args.name is None:
+        raise InputError("give a NAME (or --from tns --near RA DEC)", field="NAME")
     if getattr(args, "catalog", None):
         try:
             spec = _spec_from_catalog(app, args)
@@ -183,6 +187,52 @@ def cmd_target_add(app: App, args) -> int:
             raise UserError(str(exc)) from None
     else:
         spec = _spec_from_args(args)
+    _add_target(app, args, spec)
+    return 0
+
+
+def _target_add_near(app: App, args) -> int:
+    """``--from tns --near RA DEC``: every object TNS reports there becomes (or joins) a target."""
+    from tomd import sky
+    from tomd.catalogs import Catalogs
+    from tomd.errors import PermanentError, RetryableError
+
+    if args.catalog != "tns":
+        raise InputError("--near asks TNS for the objects reported near a position: add --from tns",
+                         field="--near")
+    if args.name is not None:
+        raise InputError(f"--near finds the names itself; do not also give NAME ({args.name!r})", field="--near")
+    try:
+        ra, dec = sky.parse_ra(args.near[0]), sky.parse_dec(args.near[1])
+    except ValueError as exc:
+        raise InputError(str(exc), field="--near") from None
+    radius = 5.0 if args.radius is None else args.radius
+    if not 0.0 < radius <= 3600.0:
+        raise InputError(f"expected a radius in arcseconds above 0 and at most 3600, got {radius:g}",
+                         field="--radius")
+    try:
+        names = Catalogs(app.config.catalogs, app.sessions).tns_near(ra, dec, radius)
+    except (RetryableError, PermanentError) as exc:
+        raise UserError(str(exc)) from None
+    if not names:
+        raise NotFoundError(f'TNS: no object reported within {radius:g}" of ra {ra:.6f} dec {dec:+.6f}')
+    print(f'TNS: {len(names)} object{"s" if len(names) > 1 else ""} within {radius:g}": {", ".join(names)}')
+    for name in names:
+        one = argparse.Namespace(**{**vars(args), "name": name, "near": None})
+        try:
+            spec = _spec_from_catalog(app, one)
+        except (RetryableError, PermanentError) as exc:
+            # Targets already added stay; the message says which object stopped the run.
+            raise UserError(f"{exc} (while adding {name}; the ones before it were added)") from None
+        _add_target(app, one, spec)
+    return 0
+
+
+def _add_target(app: App, args, spec) -> None:
+    """Create or merge ``spec`` and say what happened."""
+    from tomd.targets.model import SpecError
+    from tomd.targets.store import upsert
+
     try:
         with app.sessions.begin() as s:
             res = upsert(s, spec, radius_arcsec=app.config.targets.match_radius_arcsec, origin="cli")
@@ -212,7 +262,6 @@ def cmd_target_add(app: App, args) -> int:
             print(f"  orbital elements replaced by the catalog's, epoch MJD {spec.epochofel:.1f}{was}")
     for n in res.conflicts:
         print(f"  warning: name {n!r} already belongs to another target; not added", file=sys.stderr)
-    return 0
 
 
 def _parse_cone(values: Sequence[str]) -> tuple[float, float, float]:
@@ -501,9 +550,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     target = sub.add_parser("target", help="targets").add_subparsers(dest="sub", required=True, metavar="SUB")
     q = leaf(target, "add", cmd_target_add, "add a target, or merge into the one it matches")
-    q.add_argument("name")
+    q.add_argument("name", nargs="?", metavar="NAME", help="the target's name (not with --near)")
     q.add_argument("--from", dest="catalog", choices=["simbad", "ned", "horizons", "mpc", "tns"],
                    help="look NAME up in this catalog (position or orbital elements, aliases, type, redshift)")
+    q.add_argument("--near", nargs=2, metavar=("RA", "DEC"),
+                   help="with --from tns: add every object TNS reports near this position "
+                        "(a negative sexagesimal DEC needs degrees instead, e.g. -12.5)")
+    q.add_argument("--radius", type=float, metavar="ARCSEC", help="--near's search radius (default 5)")
     q.add_argument("--ra", help="degrees or sexagesimal hours (10:00:24.1)")
     q.add_argument("--dec", help="degrees or sexagesimal degrees (-12:30:00)")
     q.add_argument("--epoch", type=float, help="Julian year of ra/dec (default J2000)")

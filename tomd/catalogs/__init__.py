@@ -13,6 +13,11 @@ Look-ups happen only when asked (Invariant 8: no hidden network). Every
 call is bounded by ``catalogs.timeout``; failures are CatalogNotFound,
 CatalogAmbiguous (user errors), CatalogUnavailable (retryable: timeout,
 connection, 5xx, 429 with the reset delay) or CatalogError (permanent).
+
+``cached_only=True`` answers from the cache or raises CatalogNotCached,
+never touching the network: the form for rule features, which run inside
+the ingest transaction (an uncached call would hold it for up to the
+timeout). Warm the cache from a hook or ``tomd target add --from``.
 """
 
 from __future__ import annotations
@@ -21,8 +26,8 @@ import logging
 import threading
 from typing import TYPE_CHECKING, Any
 
-from tomd.catalogs.base import (TITLES, Catalog, CatalogAmbiguous, CatalogEntry, CatalogError, CatalogNotFound,
-                                CatalogUnavailable)
+from tomd.catalogs.base import (TITLES, Catalog, CatalogAmbiguous, CatalogEntry, CatalogError, CatalogNotCached,
+                                CatalogNotFound, CatalogUnavailable)
 from tomd.targets.names import normalize
 
 if TYPE_CHECKING:
@@ -30,7 +35,7 @@ if TYPE_CHECKING:
 
     from tomd.config import Catalogs as CatalogsConfig, Config
 
-__all__ = ["SERVICES", "Catalog", "CatalogAmbiguous", "CatalogEntry", "CatalogError", "CatalogNotFound",
+__all__ = ["SERVICES", "Catalog", "CatalogAmbiguous", "CatalogEntry", "CatalogError", "CatalogNotCached", "CatalogNotFound",
            "CatalogUnavailable", "Catalogs", "ephemeris", "lookup", "tns_near"]
 
 log = logging.getLogger("tomd.catalogs")
@@ -56,7 +61,7 @@ class Catalogs:
             c = self._clients[service] = _build(service, self.config)
         return c
 
-    def _cached(self, service: str, key: str, fetch):
+    def _cached(self, service: str, key: str, fetch, cached_only: bool = False):
         from tomd.catalogs.cache import cache_key
 
         k = cache_key(key)
@@ -65,32 +70,40 @@ class Catalogs:
             if hit is not None:
                 log.debug("catalog cache hit %s %s", service, k)
                 return hit
+        if cached_only:
+            raise CatalogNotCached(service, key)
         payload = fetch()
         if self.cache is not None:
             self.cache.put(service, k, payload)
         return payload
 
-    def lookup(self, service: str, name: str) -> CatalogEntry:
-        """The object ``name`` as ``service`` describes it (from the cache when fresh)."""
+    def lookup(self, service: str, name: str, *, cached_only: bool = False) -> CatalogEntry:
+        """The object ``name`` as ``service`` describes it (from the cache when fresh).
+
+        ``cached_only``: the cache or CatalogNotCached, no network.
+        """
         service = service.lower()
         client = self.client(service)
-        payload = self._cached(service, f"object:{normalize(name)}", lambda: client.lookup(name).to_json())
+        payload = self._cached(service, f"object:{normalize(name)}", lambda: client.lookup(name).to_json(),
+                               cached_only)
         return CatalogEntry.from_json(payload)
 
     def ephemeris(self, name: str, start_mjd: float, stop_mjd: float, step: str = "10m",
-                  location: str = "500") -> list[tuple[float, float, float]]:
+                  location: str = "500", *, cached_only: bool = False) -> list[tuple[float, float, float]]:
         """Horizons (MJD UTC, RA, Dec) rows; cached per object, time range, step and place."""
         client = self.client("horizons")
         key = f"ephemeris:{normalize(name)}:{start_mjd:.5f}:{stop_mjd:.5f}:{step}:{location}"
         payload = self._cached("horizons", key, lambda: {
-            "rows": [list(r) for r in client.ephemeris(name, start_mjd, stop_mjd, step, location)]})
+            "rows": [list(r) for r in client.ephemeris(name, start_mjd, stop_mjd, step, location)]}, cached_only)
         return [tuple(r) for r in payload["rows"]]
 
-    def tns_near(self, ra: float, dec: float, radius_arcsec: float = 5.0) -> tuple[str, ...]:
+    def tns_near(self, ra: float, dec: float, radius_arcsec: float = 5.0, *,
+                 cached_only: bool = False) -> tuple[str, ...]:
         """Names of TNS objects reported within ``radius_arcsec`` of (ra, dec)."""
         client = self.client("tns")
         key = f"near:{ra:.6f}:{dec:.6f}:{radius_arcsec:g}"
-        return tuple(self._cached("tns", key, lambda: {"names": list(client.near(ra, dec, radius_arcsec))})["names"])
+        return tuple(self._cached("tns", key, lambda: {"names": list(client.near(ra, dec, radius_arcsec))},
+                                  cached_only)["names"])
 
 
 def _build(service: str, c: "CatalogsConfig") -> Any:
@@ -165,26 +178,30 @@ def _database(config: "Config") -> "sessionmaker[Session] | None":
 
 
 def lookup(service: str, name: str, *, config: "Config | None" = None,
-           sessions: "sessionmaker[Session] | None" = None) -> CatalogEntry:
+           sessions: "sessionmaker[Session] | None" = None, cached_only: bool = False) -> CatalogEntry:
     """Look ``name`` up in ``service`` ("simbad", "ned", "horizons", "mpc", "tns").
 
     ``config`` gives URLs, timeout, cache TTL and the TNS bot (default: the
     config file the daemon reads, $TOMD_CONFIG or ./tomd.toml); ``sessions``
     the database for the cache (default: the config's database).
+    ``cached_only=True``: answer from the cache or raise CatalogNotCached,
+    without any network (use it in rule features). Without a database
+    there is no cache, so it always raises.
     """
-    return _shared(config, sessions).lookup(service, name)
+    return _shared(config, sessions).lookup(service, name, cached_only=cached_only)
 
 
 def ephemeris(name: str, start_mjd: float, stop_mjd: float, step: str = "10m", *, location: str = "500",
-              config: "Config | None" = None, sessions: "sessionmaker[Session] | None" = None):
+              config: "Config | None" = None, sessions: "sessionmaker[Session] | None" = None,
+              cached_only: bool = False):
     """JPL Horizons (MJD UTC, RA, Dec) rows for ``name``, geocentric by default."""
-    return _shared(config, sessions).ephemeris(name, start_mjd, stop_mjd, step, location)
+    return _shared(config, sessions).ephemeris(name, start_mjd, stop_mjd, step, location, cached_only=cached_only)
 
 
 def tns_near(ra: float, dec: float, radius_arcsec: float = 5.0, *, config: "Config | None" = None,
-             sessions: "sessionmaker[Session] | None" = None) -> tuple[str, ...]:
+             sessions: "sessionmaker[Session] | None" = None, cached_only: bool = False) -> tuple[str, ...]:
     """Names of TNS objects reported near (ra, dec)."""
-    return _shared(config, sessions).tns_near(ra, dec, radius_arcsec)
+    return _shared(config, sessions).tns_near(ra, dec, radius_arcsec, cached_only=cached_only)
 
 
 def title(service: str) -> str:

@@ -13,7 +13,9 @@ Errors name the service and what was asked, never a credential:
 - :class:`CatalogUnavailable` (a :class:`~tomd.errors.RetryableError`): no
   answer (timeout, refused connection, 5xx, 429) — try later;
 - :class:`CatalogError` (a :class:`~tomd.errors.PermanentError`): the service
-  refused the question (bad credentials, a malformed answer).
+  refused the question (bad credentials, a malformed answer);
+- :class:`CatalogNotCached` (a :class:`~tomd.errors.TomdError`): a
+  ``cached_only`` look-up whose answer is not in the cache (nothing was sent).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from tomd.errors import NotFoundError, PermanentError, RetryableError, UserError, redact
+from tomd.errors import NotFoundError, PermanentError, RetryableError, TomdError, UserError, redact
 from tomd.targets.model import ELEMENT_FIELDS, TargetSpec
 from tomd.targets.names import check_name
 
@@ -54,6 +56,14 @@ class CatalogError(PermanentError):
     def __init__(self, service: str, detail: str):
         self.service = service
         super().__init__(f"{TITLES.get(service, service)}: {redact(detail)}")
+
+
+class CatalogNotCached(TomdError):
+    """``cached_only=True`` and no fresh answer in the cache: nothing was asked of the service."""
+
+    def __init__(self, service: str, key: str):
+        self.service, self.key = service, key
+        super().__init__(f"{TITLES.get(service, service)}: {key!r} is not in the catalog cache")
 
 
 @dataclass(frozen=True)
