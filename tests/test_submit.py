@@ -445,3 +445,25 @@ def test_rule_decision_to_facility_end_to_end(db, sim, tmp_path):
     assert len(final) == 2 and all(r.decision_id for r in final)
     assert sorted(sim.names().values()) == [1, 1] and len(sim.submissions()) == 2
     assert {g["observation_type"] for g in sim.groups()} == {"RAPID_RESPONSE"}
+
+
+def test_stop_finishes_the_intent_in_hand_and_releases_the_rest(db, sim):
+    """SIGTERM must not wait for a whole claimed batch at a slow facility (nor strand it for a lease)."""
+    n = 8
+    make_intents(db, n)
+    sim.inject("slow", count=100, method="POST", path="/api/requestgroups/", delay=0.5)
+    sub = Submitter(db.sessions, {"sim": client(sim, timeout=5.0)}, FAST)
+    stop = threading.Event()
+    th = threading.Thread(target=sub.run, args=(stop,), daemon=True)
+    th.start()
+    deadline = time.monotonic() + 20
+    while not any(r.method == "POST" and r.path == "/api/requestgroups/" for r in sim.received):
+        assert time.monotonic() < deadline, "no submission started"
+        time.sleep(0.02)
+    stop.set()
+    th.join(timeout=30)
+    assert not th.is_alive()
+    posted = sum(r.method == "POST" and r.path == "/api/requestgroups/" for r in sim.received)
+    left = [r for r in rows(db) if r.state == "intent"]
+    assert posted < n and len(left) == n - posted
+    assert all(r.claimed_by is None for r in left)  # released now, not after the lease

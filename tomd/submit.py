@@ -181,7 +181,7 @@ class Submitter:
             while not stop.is_set():
                 event.clear()  # before the sweep: a wake during it makes the next wait return at once
                 try:
-                    outcomes = self._sweep_lane(facilities)
+                    outcomes = self._sweep_lane(facilities, stop)
                 except Exception as exc:  # noqa: BLE001 - a database hiccup must not end the lane
                     log.exception("submission sweep failed; retrying")
                     if self.on_sweep_error is not None:
@@ -203,13 +203,29 @@ class Submitter:
             with self._lanes_lock:
                 self._lane_events.remove(event)
 
-    def _sweep_lane(self, facilities: tuple[str, ...] | None) -> list[Outcome]:
+    def _sweep_lane(self, facilities: tuple[str, ...] | None, stop: threading.Event | None = None) -> list[Outcome]:
         if facilities is not None:
-            return [self._process(w) for w in self._claim(None, facilities)]
-        with self.sessions() as s:
-            ids = repo.due_intent_ids_elsewhere(s, sorted(self.facilities), now=self.clock(),
-                                                limit=self.settings.batch)
-        return [self._process(w) for w in self._claim(ids)] if ids else []
+            claimed = self._claim(None, facilities)
+        else:
+            with self.sessions() as s:
+                ids = repo.due_intent_ids_elsewhere(s, sorted(self.facilities), now=self.clock(),
+                                                    limit=self.settings.batch)
+            claimed = self._claim(ids) if ids else []
+        out: list[Outcome] = []
+        for i, w in enumerate(claimed):
+            if stop is not None and stop.is_set():
+                # Stopping: finish the intent in hand only; the rest go back at once (not after
+                # their lease), so another daemon, or this one restarted, takes them now.
+                self._release(claimed[i:])
+                break
+            out.append(self._process(w))
+        return out
+
+    def _release(self, works: Sequence[_Work]) -> None:
+        with self.sessions.begin() as s:
+            for w in works:
+                repo.update_observation(s, w.id, {"claimed_by": None, "claimed_until": None}, worker=self.worker)
+        log.info("submitter %s: released %d claimed intent(s) at stop", self.worker, len(works))
 
     def run_once(self, ids: Sequence[int] | None = None) -> list[Outcome]:
         """Claim the due intents (or just ``ids``) and try each once."""
