@@ -494,6 +494,10 @@ def test_full_cycle_submitted_in_progress_completed_data_stored(db, sim, store: 
     assert {x.state for x in rows} == {"stored"} and all(store.exists(x.storage_key) for x in rows)
     assert all(x.md5 == sim_md5s(sim, [x])[x.product_id] for x in rows)
     assert all(x.storage_key.startswith(f"{request(db, rid).target_id}-SN_2026xyz/sim/{gid}/") for x in rows)
+    # Header metadata read from the frames as they streamed by (what processors and hooks use).
+    for x in rows:
+        assert x.meta["OBJECT"] == "SN 2026xyz" and x.meta["EXPTIME"] > 0 and x.meta["FILTER"]
+        assert datetime.fromisoformat(x.meta["DATE-OBS"]) and x.meta["MJD-OBS"] > 60000
     assert request(db, rid).data_due_at > datetime.now(timezone.utc)  # one look again, later
     poller.poll()  # a later poll changes nothing, and nothing is fetched again
     assert r.run_once() == [] and len(events(db, "data.stored")) == 3

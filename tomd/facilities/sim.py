@@ -691,14 +691,17 @@ class SimObservatory:
                     n += 1
                     fid = request_id * 1000 + n
                     filt = (ic.get("optical_elements") or {}).get("filter", "")
-                    data = self._fits(fid, c["target"].get("name", ""), filt, request_id)
+                    when = g.created_wall + timedelta(minutes=2 * n)
+                    data = self._fits(fid, c["target"].get("name", ""), filt, request_id, date_obs=when,
+                                      exptime=float(ic.get("exposure_time", 0.0) or 0.0),
+                                      instrument=str(c.get("instrument_type", "")))
                     fname = f"sim-{request_id}-{n:03d}-e91.fits"
                     url = self._download_url(arch, fid, fname)
                     md5 = hashlib.md5(data).hexdigest()
                     out.append({"id": fid, "basename": fname[:-5], "filename": fname, "url": url,
                                 "filesize": len(data), "request_id": request_id, "OBJECT": c["target"].get("name"),
                                 "FILTER": filt, "SITEID": "lsc", "INSTRUME": c.get("instrument_type"),
-                                "DATE_OBS": g.created_wall.strftime("%Y-%m-%dT%H:%M:%S.000Z"),
+                                "DATE_OBS": when.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z",
                                 "configuration_type": c.get("type", "EXPOSE"), "reduction_level": 91,
                                 "version_set": [{"id": fid, "key": md5[:8], "md5": md5, "extension": ".fits",
                                                  "url": url, "created": g.doc["created"]}]})
@@ -753,7 +756,8 @@ class SimObservatory:
         rng = np.random.default_rng(seed)
         return (rng.normal(1000.0, 10.0, (16, 16))).astype("int16")
 
-    def _fits(self, frame_id: int, obj: str, filt: str, request_id: int) -> bytes:
+    def _fits(self, frame_id: int, obj: str, filt: str, request_id: int, *, date_obs: datetime | None = None,
+              exptime: float = 0.0, instrument: str = "") -> bytes:
         with self._lock:
             if frame_id in self._fits_cache:
                 return self._fits_cache[frame_id]
@@ -769,6 +773,13 @@ class SimObservatory:
         hdu.header["REQNUM"] = request_id
         hdu.header["SITEID"] = "lsc"
         hdu.header["ORIGIN"] = "tomd simulated observatory"
+        if instrument:
+            hdu.header["INSTRUME"] = instrument[:68]
+        # What real LCO frames carry and processors read (data-quality hooks, photometry).
+        when = date_obs or datetime.now(timezone.utc)
+        hdu.header["DATE-OBS"] = when.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3]
+        hdu.header["MJD-OBS"] = round(when.timestamp() / 86400.0 + 40587.0, 8)
+        hdu.header["EXPTIME"] = exptime
         buf = io.BytesIO()
         hdu.writeto(buf)
         data = buf.getvalue()
