@@ -5,8 +5,9 @@ pyvo send it. NED: the object search (GET objsearch → VOTable main table;
 an error VOTable for unknown names). JPL Horizons: the API's text answers
 (recorded Ceres answers in tests/data/catalogs). MPC: the Orbits API (GET
 with a JSON body → mpc_orb JSON). TNS: the bot API (form-encoded api_key +
-data JSON, the tns_marker User-Agent, 401 on bad credentials, 429 with the
-reset headers). Shapes follow the services' public documentation.
+data JSON, the tns_marker User-Agent, 401 on bad credentials, the
+x-rate-limit-* and x-cone-rate-limit-* headers on every answer, 429 when
+spent). Shapes follow the services' public documentation.
 """
 
 from __future__ import annotations
