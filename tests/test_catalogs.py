@@ -638,6 +638,46 @@ def test_cached_only_never_touches_the_network(services, db):
     assert len(services["simbad"].requests) == 1
 
 
+def test_rule_feature_with_cached_only_reads_the_cache_and_never_waits_for_a_service(services, db):
+    """The README's feature recipe, through the rules' expression engine: a cold cache gives a missing value
+    (the clause is false, no request is made even though the service would hang), a warm one the redshift."""
+    from tomd.alerts.model import Alert
+    from tomd.catalogs import CatalogNotCached
+    from tomd.config import Config
+    from tomd.rules.context import AlertView, Context, TargetView, mjd_of
+    from tomd.rules.expr import compile_expression
+
+    hanging = Loopback(lambda req: (200, {}, ""), delay=30.0)
+    try:
+        path = urlsplit(catalogs_config(services).simbad_url).path
+        config = replace(Config(), catalogs=catalogs_config(services, simbad_url=hanging.base + path))
+
+        def host_redshift(ctx):
+            if ctx.target.name is None:
+                return None
+            try:
+                return lookup("simbad", ctx.target.name, config=config, sessions=db.sessions,
+                              cached_only=True).redshift
+            except CatalogNotCached:
+                return None
+
+        now = datetime(2026, 11, 28, 12, tzinfo=timezone.utc)
+        alert = Alert(source="ztf", key="1", time=now, ra=10.6847, dec=41.2688, mag=17.5, band="ztfg")
+        target = TargetView({"id": 1, "name": "M31", "ra": 10.6847, "dec": 41.2688}, names=["M31"],
+                            now_mjd=mjd_of(now))
+        ctx = Context(AlertView(alert, 1), target, mjd_of(now), features={"host_z": host_redshift})
+        comp = compile_expression("feature.host_z < 0", ["host_z"])
+        assert comp.first_false(*ctx.args()) == 0  # missing: false, and no error
+        assert hanging.requests == []
+        # Warmed outside ingest (a hook, `tomd target add --from simbad`), with the service up.
+        Catalogs(catalogs_config(services), db.sessions).lookup("simbad", "M31")
+        ctx = Context(AlertView(alert, 1), target, mjd_of(now), features={"host_z": host_redshift})
+        assert comp.first_false(*ctx.args()) == -1  # z = -0.001001 < 0
+        assert hanging.requests == []
+    finally:
+        hanging.close()
+
+
 @pytest.mark.parametrize("service,path", [("simbad", "/simbad/sim-tap"), ("ned", "/cgi-bin/objsearch"),
                                           ("horizons", "/api/horizons.api"), ("mpc", "/api/get-orb"),
                                           ("tns", "/api")])
