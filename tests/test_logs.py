@@ -120,3 +120,28 @@ def test_redaction_cannot_break_json(capture):
 def test_redact_keeps_ordinary_text():
     text = "ztf_20250101_programid1[3]@1234: magpsf=18.2 band=r, tokens of appreciation"
     assert redact(text) == text
+
+
+def test_a_repeating_failure_logs_once_with_traceback_then_counted_lines_then_recovery(capture):
+    from tomd.logs import FailureLog
+
+    log, lines = capture(JsonFormatter())
+    now = [0.0]
+    seen = []
+    f = FailureLog(log, "sweep", every_s=30.0, on_error=seen.append, clock=lambda: now[0])
+    for i in range(100):  # one failure a second for 100 s
+        now[0] = float(i)
+        try:
+            raise ConnectionError(f"database gone token=s3cr3t-pa55 try {i}")
+        except ConnectionError as exc:
+            f.failed(exc)
+    now[0] = 100.0
+    f.ok()
+    f.ok()  # no news
+    docs = json_lines(lines())
+    assert len(seen) == 100  # every failure reaches the observer (the metrics)
+    assert [d["level"] for d in docs] == ["ERROR", "WARNING", "WARNING", "WARNING", "INFO"]
+    assert "exception" in docs[0] and not any("exception" in d for d in docs[1:])
+    assert "30 more failure(s)" in docs[1]["message"] and "\n" not in docs[1]["message"]
+    assert "works again after 100 failure(s)" in docs[-1]["message"]
+    assert not any("s3cr3t-pa55" in line for line in lines())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import socket
 import threading
 import time
@@ -602,3 +603,107 @@ def test_a_database_that_fails_at_scrape_time_is_counted_and_leaves_the_series_o
     assert "tomd_observation_requests_open{" not in body
     assert value(m, "tomd_database_errors_total", component="metrics") == 1
     engine.dispose()
+
+
+# ------------------------------------------------------- database outage
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def test_a_database_outage_is_counted_per_component_and_logged_without_flooding(db, tmp_path):
+    """The line between a running daemon (every component wired, every loop at 1 s) and
+    PostgreSQL is cut for 10 s: each component counts its database errors in
+    tomd_database_errors_total{component}, and the log holds a few lines per loop (the first
+    failure with its traceback, repeats as one-line warnings), not a traceback a second."""
+    if db.kind != "postgresql":
+        pytest.skip("a network outage needs a database behind a network")
+    from sqlalchemy.engine import make_url
+
+    from tests.netfault import TcpProxy
+    from tomd.config import load_config
+    from tomd.daemon import run
+    from tomd.facilities.sim import SimObservatory
+
+    url = make_url(db.url)
+    proxy = TcpProxy(url.host or "127.0.0.1", url.port or 5432)
+    proxied = url.set(port=proxy.port).render_as_string(hide_password=False)
+    for d in ("rules", "hooks"):
+        (tmp_path / d).mkdir()
+    handler = _Records()
+    root = logging.getLogger()
+    old_level, aps_level = root.level, logging.getLogger("apscheduler").level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)  # as tomd.logs.configure does
+    seen: dict[str, float] = {}
+    window: list[int] = []
+    try:
+        with SimObservatory(token=None) as sim:
+            (tmp_path / "tomd.toml").write_text(f"""
+[database]
+url = "{proxied}"
+[metrics]
+listen = "127.0.0.1:0"
+[storage]
+url = "file://{tmp_path}/data"
+[rules]
+paths = ["{tmp_path}/rules"]
+[hooks]
+paths = ["{tmp_path}/hooks"]
+poll = "1s"
+[data]
+interval = "1s"
+[notify]
+interval = "1s"
+[notify.channels.journal]
+kind = "log"
+[facilities.sim]
+kind = "sim"
+url = "{sim.url}"
+poll_interval = "1s"
+""")
+            config = load_config(tmp_path / "tomd.toml")
+
+            def outage(daemon) -> None:
+                def go() -> None:
+                    try:
+                        time.sleep(3)  # every loop has run once against a working database
+                        window.append(len(handler.records))
+                        proxy.cut()
+                        time.sleep(10)
+                        window.append(len(handler.records))
+                        proxy.restore()
+                        time.sleep(5)
+                        for c in ("scheduler", "status", "retriever", "notifier", "hooks"):
+                            seen[c] = value(daemon.metrics, "tomd_database_errors_total", component=c)
+                    finally:
+                        daemon.stop.set()
+
+                threading.Thread(target=go, daemon=True).start()
+
+            assert run(config, on_started=outage) == 0
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(old_level)
+        logging.getLogger("apscheduler").setLevel(aps_level)
+        proxy.close()
+    # The scheduler's own jobs (the cadence sweep) count only if one ran during the outage.
+    assert all(seen[c] > 0 for c in ("status", "retriever", "notifier", "hooks")), seen
+    during = handler.records[window[0]:window[1]]
+    lines = [f"{r.levelname} {r.name}: {r.getMessage()}"[:160] for r in during]
+    tracebacks = [line for r, line in zip(during, lines) if r.exc_info]
+    # Six loops meet the database (status poll, open-request read, retriever, notifier, the
+    # hooks' outbox read and their runs; the submitter's sweep too): one traceback each at
+    # most, and a repeat line at most every 30 s, so a 10 s outage stays far below a line a second.
+    assert len(tracebacks) <= 8, "\n".join(tracebacks)
+    assert len(during) <= 30, "\n".join(lines)
+    assert not any("maximum number of running instances" in line for line in lines)
+    after = [f"{r.levelname} {r.name}: {r.getMessage()}" for r in handler.records[window[1]:]]
+    assert any("works again" in line for line in after), "\n".join(after)

@@ -517,6 +517,15 @@ def add_components(daemon: Daemon) -> None:
     daemon.add(hooks, wake_on_ingest=True)
     if m is not None:
         m.watch_outbox(lambda: _outbox_backlog(daemon.sessions))
+        # Every loop that meets the database counts its database errors in
+        # tomd_database_errors_total{component}: scheduler (jobs), status (the poller),
+        # retriever, notifier, hooks.
+        from tomd.metrics import DATABASE_ERROR_COMPONENTS, instrument_component
+
+        for c in daemon.components:
+            label = DATABASE_ERROR_COMPONENTS.get(c.name)
+            if label is not None:
+                instrument_component(m, c.component, label)
 
 
 def _outbox_backlog(sessions: sessionmaker[Session]) -> int:

@@ -11,8 +11,9 @@ import json
 import logging
 import re
 import sys
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from tomd.errors import redact as _redact_errors
@@ -98,6 +99,77 @@ class AlertLog(logging.LoggerAdapter):
     def process(self, msg, kwargs):
         kwargs["extra"] = {**self.extra, **(kwargs.get("extra") or {})}
         return msg, kwargs
+
+
+class FailureLog:
+    """Logs a failure that repeats without flooding the log: a loop that retries every second
+    through a database outage logs the first failure at ERROR with its traceback, then one
+    WARNING line (no traceback) at most every ``every_s`` seconds counting the failures since,
+    then one INFO line when it works again. ``on_error(exc)`` is told of every failure (for
+    ``tomd_database_errors_total``); an error in it is never the loop's problem. Thread-safe.
+
+    ::
+
+        failures = FailureLog(log, "data retrieval run")
+        try: run_once(); failures.ok()
+        except Exception as exc: failures.failed(exc)
+    """
+
+    def __init__(self, logger: logging.Logger | logging.LoggerAdapter, what: str, *, every_s: float = 30.0,
+                 on_error: Callable[[BaseException], None] | None = None,
+                 clock: Callable[[], float] = time.monotonic):
+        self.logger = logger
+        self.what = what
+        self.every_s = every_s
+        self.on_error = on_error
+        self.clock = clock
+        self.failures = 0  # in the current run of failures (0: working)
+        self._since_line = 0
+        self._first = 0.0
+        self._last_line = 0.0
+        self._lock = threading.Lock()
+
+    @property
+    def failing(self) -> bool:
+        return self.failures > 0
+
+    def failed(self, exc: BaseException, *, extra: Mapping[str, Any] | None = None) -> None:
+        if self.on_error is not None:
+            try:
+                self.on_error(exc)
+            except Exception:  # noqa: BLE001 - metrics never break the loop
+                self.logger.debug("error observer failed", exc_info=True)
+        now = self.clock()
+        with self._lock:
+            self.failures += 1
+            self._since_line += 1
+            first = self.failures == 1
+            if first:
+                self._first = now
+            elif now - self._last_line < self.every_s:
+                return
+            count, self._since_line, self._last_line = self._since_line, 0, now
+            total, since = self.failures, now - self._first
+        if first:
+            self.logger.error("%s failed; retrying (repeats are logged at most every %.0f s): %s", self.what,
+                              self.every_s, _one_line(exc), exc_info=exc, extra=dict(extra or {}))
+        else:
+            self.logger.warning("%s still failing: %d more failure(s), %d in %.0f s: %s", self.what, count,
+                                total, since, _one_line(exc), extra=dict(extra or {}))
+
+    def ok(self) -> None:
+        if not self.failures:  # the common case: no lock, nothing to say
+            return
+        now = self.clock()
+        with self._lock:
+            total, since, self.failures, self._since_line = self.failures, now - self._first, 0, 0
+        if total:
+            self.logger.info("%s works again after %d failure(s) in %.0f s", self.what, total, since)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(f"{type(exc).__name__}: {exc}".split())
+    return redact(text[:300])
 
 
 def configure(*, fmt: str = "text", level: int = logging.INFO) -> None:

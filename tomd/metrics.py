@@ -12,7 +12,9 @@ Where values come from::
     ConsumerStats   ──► ConsumerCollector (read at scrape time: lag, assignment)
     RuleEngine      ──► observe_verdicts (after the batch commits), observe_rules (each reload)
     Submitter       ──► observe_submission (submitted with latency, rejected, failed, retry),
-                        on_sweep_error → observe_database_error("submitter")
+                        on_sweep_error → database_errors_of("submitter")
+    scheduler jobs, status poller, retriever, notifier, hook runner
+                    ──► on_error → database_errors_of(component) (instrument_component)
     LCOClient       ──► observe_facility_call (every HTTP call, retries included)
     database        ──► DatabaseCollector (read at scrape time, cached: open requests, dead letters)
     later stages    ──► observe_product / observe_hook / observe_notification /
@@ -367,6 +369,17 @@ class Metrics:
     def observe_database_error(self, component: str) -> None:
         self.database_errors.labels(component).inc()
 
+    def database_errors_of(self, component: str) -> Callable[[BaseException], None]:
+        """An ``on_error(exc)`` for a component's loop: counts the failures that are database
+        errors (SQLAlchemy's, anywhere in the ``__cause__`` chain) under ``component``."""
+        self.database_errors.labels(component)  # 0 from the start: increase() sees the first error
+
+        def on_error(exc: BaseException) -> None:
+            if _is_database_error(exc):
+                self.database_errors.labels(component).inc()
+
+        return on_error
+
     # ------------------------------------------------------- exposition
 
     def exposition(self) -> bytes:
@@ -563,6 +576,21 @@ class DatabaseCollector(Collector):
         return [open_, unresolved]
 
 
+# Component name in the daemon → the label of its database errors.
+DATABASE_ERROR_COMPONENTS = {"scheduler": "scheduler", "retriever": "retriever", "notifier": "notifier",
+                             "hooks": "hooks"}
+
+
+def instrument_component(metrics: Metrics, component: Any, label: str) -> None:
+    """Point a component's ``on_error`` slot (and its poller's, for the scheduler) at
+    ``tomd_database_errors_total{component=label}``."""
+    if hasattr(component, "on_error"):
+        component.on_error = metrics.database_errors_of(label)
+    poller = getattr(component, "poller", None)
+    if poller is not None and hasattr(poller, "on_error"):
+        poller.on_error = metrics.database_errors_of("status")
+
+
 def instrument(daemon: Any, metrics: Metrics | None = None) -> Metrics:
     """Attach metrics to a built, not yet started ``tomd.daemon.Daemon``.
 
@@ -589,15 +617,15 @@ def instrument(daemon: Any, metrics: Metrics | None = None) -> Metrics:
     if submitter is not None and hasattr(submitter, "observer"):
         submitter.observer = metrics.observe_submission
     if submitter is not None and hasattr(submitter, "on_sweep_error"):
-        def sweep_failed(exc: BaseException) -> None:
-            if _is_database_error(exc):
-                metrics.observe_database_error("submitter")
-
-        submitter.on_sweep_error = sweep_failed
+        submitter.on_sweep_error = metrics.database_errors_of("submitter")
     facilities = getattr(daemon, "facilities", None)
     for client in (getattr(facilities, "clients", None) or {}).values():
         if hasattr(client, "observer"):
             client.observer = metrics.observe_facility_call
+    for c in getattr(daemon, "components", ()):  # those added before instrument(); add_components does the rest
+        label = DATABASE_ERROR_COMPONENTS.get(c.name)
+        if label is not None:
+            instrument_component(metrics, c.component, label)
     sessions = getattr(daemon, "sessions", None)
     if sessions is not None:
         metrics.watch_database(sessions)

@@ -70,6 +70,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from tomd.db import repository as repo
 from tomd.errors import NotFoundError, PermanentError, RetryableError
+from tomd.logs import FailureLog
 
 log = logging.getLogger(__name__)
 
@@ -1042,6 +1043,12 @@ class Notifier:
         self.clock = clock
         self.rng = rng or random.Random()
         self.wake_event = threading.Event()
+        # ``on_error(exc)``: told of every failed sweep (the daemon counts database errors in
+        # tomd_database_errors_total{component="notifier"}); the log gets the first failure with
+        # its traceback and repeats in one line now and then, not one traceback a second.
+        self.on_error: Any = None
+        self._failures = FailureLog(log, "notification sweep",
+                                    on_error=lambda exc: self.on_error(exc) if self.on_error else None)
 
     name = "notifier"
 
@@ -1084,8 +1091,9 @@ class Notifier:
             results: list[SendResult] = []
             try:
                 results = self.run_once()
-            except Exception:  # noqa: BLE001 - a database hiccup must not end the thread
-                log.exception("notification sweep failed; retrying")
+                self._failures.ok()
+            except Exception as exc:  # noqa: BLE001 - a database hiccup must not end the thread
+                self._failures.failed(exc)
             if stop.is_set():
                 break
             if any(r.state == "sent" for r in results) and len(results) >= self.settings.batch:

@@ -67,6 +67,7 @@ from tomd.db import repository as repo
 from tomd.errors import NotFoundError, PermanentError, RetryableError, TomdError, redact
 from tomd.events import DataRetrievalFailed
 from tomd.facilities.base import DataProduct, Facility
+from tomd.logs import FailureLog
 from tomd.storage import CHUNK, Store, product_key
 from tomd.submit import default_worker_id
 
@@ -254,6 +255,15 @@ class Retriever:
         self.wake_event = threading.Event()
         self.stop_event = threading.Event()  # set: finish the product in hand, release the rest
         self.last_error: str | None = None
+        # ``on_error(exc)``: told of every failed run (the daemon counts database errors in
+        # tomd_database_errors_total{component="retriever"}); the log gets the first failure
+        # with its traceback and repeats in one line now and then, not one traceback a second.
+        self.on_error: Callable[[BaseException], None] | None = None
+        self._failures = FailureLog(log, "data retrieval run", on_error=self._on_error)
+
+    def _on_error(self, exc: BaseException) -> None:
+        if self.on_error is not None:
+            self.on_error(exc)
 
     def close(self) -> None:
         if self._own_http:
@@ -288,8 +298,9 @@ class Retriever:
             try:
                 outcomes = self.run_once()
                 self.last_error = None
+                self._failures.ok()
             except Exception as exc:  # noqa: BLE001 - a database hiccup must not end the thread
-                log.exception("data retrieval run failed; retrying")
+                self._failures.failed(exc)
                 self.last_error = redact(f"{type(exc).__name__}: {exc}")[:300]
                 outcomes = []
             if len(outcomes) >= self.settings.batch and not stop.is_set():

@@ -21,16 +21,34 @@ from __future__ import annotations
 import logging
 import random
 import threading
-import time
 from collections.abc import Callable, Mapping
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
+from apscheduler.events import EVENT_JOB_MAX_INSTANCES
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers.background import BackgroundScheduler
 
+from tomd.logs import FailureLog
+
 log = logging.getLogger(__name__)
+
+
+class _QuietSkips(logging.Filter):
+    """Drops APScheduler's "skipped: maximum number of running instances reached" WARNING: with
+    ``max_instances=1`` a run still busy at the next tick (a 1 s ``poll_interval`` against a slow
+    facility, or a database outage) is the design, not news, and it came once a second per job.
+    ``Jobs.skipped`` counts them instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "maximum number of running instances reached" not in record.getMessage()
+
+
+def _quiet_apscheduler() -> None:
+    logger = logging.getLogger("apscheduler.scheduler")
+    if not any(isinstance(f, _QuietSkips) for f in logger.filters):
+        logger.addFilter(_QuietSkips())
 
 
 class Jobs:
@@ -54,7 +72,13 @@ class Jobs:
         self.runs: dict[str, int] = {}  # name → finished runs (ok or not), for health and tests
         self.failures: dict[str, int] = {}
         self.last_error: dict[str, str] = {}
+        self.skipped: dict[str, int] = {}  # name → ticks skipped because its last run was still busy
+        # ``on_error(exc)``: told of every failed run (tomd.metrics counts database errors).
+        self.on_error: Callable[[BaseException], None] | None = None
+        self._failures: dict[str, FailureLog] = {}
         self._lock = threading.Lock()
+        _quiet_apscheduler()
+        self._scheduler.add_listener(self._skipped, EVENT_JOB_MAX_INSTANCES)
 
     # -- jobs ----------------------------------------------------------------------
 
@@ -113,15 +137,31 @@ class Jobs:
 
     # -- one run -------------------------------------------------------------------
 
+    def _skipped(self, event: Any) -> None:
+        with self._lock:
+            self.skipped[event.job_id] = self.skipped.get(event.job_id, 0) + 1
+
+    def _failure_log(self, name: str) -> FailureLog:
+        with self._lock:
+            f = self._failures.get(name)
+            if f is None:
+                f = self._failures[name] = FailureLog(log, f"job {name}", on_error=self._on_error)
+            return f
+
+    def _on_error(self, exc: BaseException) -> None:
+        if self.on_error is not None:
+            self.on_error(exc)
+
     def _guarded(self, name: str, fn: Callable[[], Any]) -> None:
-        t0 = time.monotonic()
         try:
             fn()
+            self._failure_log(name).ok()
         except Exception as exc:  # noqa: BLE001 - logged; the job runs again at its next time
             with self._lock:
                 self.failures[name] = self.failures.get(name, 0) + 1
                 self.last_error[name] = f"{type(exc).__name__}: {exc}"
-            log.exception("job %s failed after %.1f s; it runs again at its next time", name, time.monotonic() - t0)
+            # First failure with its traceback, repeats as one line now and then (an outage).
+            self._failure_log(name).failed(exc)
         finally:
             with self._lock:
                 self.runs[name] = self.runs.get(name, 0) + 1

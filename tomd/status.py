@@ -47,6 +47,7 @@ from tomd.db import repository as repo
 from tomd.errors import PermanentError, RetryableError
 from tomd.events import ObservationStatusChanged
 from tomd.facilities.base import FINAL_STATES, Facility, RequestStatus
+from tomd.logs import FailureLog
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +146,11 @@ class Poller:
         self._postgres = engine is not None and engine.dialect.name == "postgresql"
         self._local: dict[str, threading.Lock] = {}
         self._local_guard = threading.Lock()
+        # ``on_error(exc)``: told of every failed cycle or open-request read (the daemon counts
+        # database errors in tomd_database_errors_total{component="status"}). The log says the
+        # first failure with its traceback and repeats in one line now and then (an outage).
+        self.on_error: Callable[[BaseException], None] | None = None
+        self._failure_logs: dict[str, FailureLog] = {}
 
     # -- driving -------------------------------------------------------------------
 
@@ -188,10 +194,24 @@ class Poller:
             log.warning("polling %s: %s; the next cycle catches up", name, exc)
         except Exception as exc:  # noqa: BLE001 - the database or a bug: logged, the cycle ends, jobs go on
             result.error = f"{type(exc).__name__}: {exc}"
-            log.exception("polling %s failed", name)
+            self._failures(f"polling {name}").failed(exc)
+        else:
+            if not result.skipped:
+                self._failures(f"polling {name}").ok()
         finally:
             result.seconds = (self.clock() - started).total_seconds()
         return result
+
+    def _failures(self, what: str) -> FailureLog:
+        with self._local_guard:
+            f = self._failure_logs.get(what)
+            if f is None:
+                f = self._failure_logs[what] = FailureLog(log, what, on_error=self._on_error)
+            return f
+
+    def _on_error(self, exc: BaseException) -> None:
+        if self.on_error is not None:
+            self.on_error(exc)
 
     # -- one facility ------------------------------------------------------------------
 
@@ -309,8 +329,10 @@ class Poller:
             with self.sessions() as s:
                 counts = repo.unfinished_request_counts(s)
             self.on_open(counts)
-        except Exception:  # noqa: BLE001
-            log.exception("open-request observer failed")
+        except Exception as exc:  # noqa: BLE001 - the database, mostly: the next cycle reads again
+            self._failures("reading open requests").failed(exc)
+        else:
+            self._failures("reading open requests").ok()
 
     # -- one poller per facility at a time ---------------------------------------------
 

@@ -59,6 +59,7 @@ from typing import Any
 from tomd.hooks.dispatch import Claimed, Dispatcher, Limits, backoff
 from tomd.hooks.registry import Registry
 from tomd.hooks.worker import WorkerBoot, WorkerProcess
+from tomd.logs import FailureLog
 
 log = logging.getLogger("tomd.hooks")
 
@@ -157,6 +158,14 @@ class HookRunner:
         self._ordered_commits: bool | None = None
         self.rng = random.Random()
         self._builtin_thread: threading.Thread | None = None
+        # ``on_error(exc)``: told of every failed outbox read or hook step (the daemon counts
+        # database errors); the log gets the first with its traceback, repeats in one line.
+        self.on_error: Callable[[BaseException], None] | None = None
+        self._outbox_failures = FailureLog(log, "hooks: reading the outbox", on_error=self._on_error)
+
+    def _on_error(self, exc: BaseException) -> None:
+        if self.on_error is not None:
+            self.on_error(exc)
 
     @classmethod
     def from_config(cls, config, sessions, storage: Any = None, *, observer: Any = None,
@@ -216,8 +225,9 @@ class HookRunner:
                 try:
                     if self.expand():
                         self._notify_slots()
-                except Exception:  # noqa: BLE001 - a database hiccup: try again at the next poll
-                    log.exception("hooks: reading the outbox failed; retrying in %.0f s", self.settings.poll)
+                    self._outbox_failures.ok()
+                except Exception as exc:  # noqa: BLE001 - a database hiccup: try again at the next poll
+                    self._outbox_failures.failed(exc)
                 self._notify_slots()
                 self._wake.wait(self.settings.poll)
                 self._wake.clear()
@@ -360,13 +370,17 @@ class HookRunner:
             self._loop(stop, lambda: self._builtin_batch(stop))
 
     def _loop(self, stop: threading.Event, step: Callable[[], dict[str, int]]) -> None:
+        # One per loop: a slot whose worker still answers must not reset another loop's count.
+        failures = FailureLog(log, f"hooks: running hooks ({threading.current_thread().name})",
+                              on_error=self._on_error)
         while not stop.is_set():
             with self._cv:
                 gen = self._work_gen
             try:
                 counts = step()
-            except Exception:  # noqa: BLE001 - the database went away: wait, then try again
-                log.exception("hooks: running hooks failed; retrying in %.0f s", self.settings.poll)
+                failures.ok()
+            except Exception as exc:  # noqa: BLE001 - the database went away: wait, then try again
+                failures.failed(exc)
                 stop.wait(self.settings.poll)
                 continue
             busy = any(counts.get(k) for k in ("done", "retried", "failed", "lost", "killed"))
