@@ -707,3 +707,37 @@ poll_interval = "1s"
     assert not any("maximum number of running instances" in line for line in lines)
     after = [f"{r.levelname} {r.name}: {r.getMessage()}" for r in handler.records[window[1]:]]
     assert any("works again" in line for line in after), "\n".join(after)
+
+
+def test_gemini_and_swift_calls_are_counted_by_operation_and_code():
+    """The Gemini and Swift clients against their loopback servers (the real API shapes):
+    every HTTP call, retries included, reaches tomd_facility_requests_total once instrumented."""
+    from tests import test_facilities_gemini as g
+    from tests import test_facilities_swift as sw
+    from tomd.facilities.base import Intent
+
+    m = Metrics(process=False)
+    daemon = SimpleNamespace(runners=[], facilities=SimpleNamespace(clients={}))
+    with g.GeminiODB() as odb, sw.SwiftTOOServer() as api:
+        gem, swift = g.client(odb), sw.client(api)
+        daemon.facilities.clients.update(gemini=gem, swift=swift)
+        instrument(daemon, m)
+        odb.faults = ["429"]
+        gem.submit(gem.build_request("gmos-r", g.target(), Intent(name="tomd-g1")))
+        assert value(m, "tomd_facility_requests_total", facility="gemini", operation="submit", code="429") == 1
+        assert value(m, "tomd_facility_requests_total", facility="gemini", operation="submit", code="200") == 1
+        assert value(m, "tomd_facility_request_seconds_count", facility="gemini", operation="submit") == 2
+        assert swift.validate(swift.build_request("xrt", sw.target(), Intent(name="v1"))).ok
+        swift.submit(swift.build_request("xrt", sw.target(), Intent(name="tomd-s1")))
+        api.faults = ["500"]
+        assert swift.find_by_name("nobody") == []
+        calls = {(op, code): value(m, "tomd_facility_requests_total", facility="swift", operation=op, code=code)
+                 for op in ("validate", "submit", "job_status", "list") for code in ("200", "500")}
+        assert calls[("validate", "200")] >= 1 and calls[("submit", "200")] == 1
+        assert calls[("job_status", "200")] >= 1
+        assert calls[("list", "500")] == 1 and calls[("list", "200")] >= 1
+        total = sum(value(m, "tomd_facility_request_seconds_count", facility="swift", operation=op)
+                    for op in ("validate", "submit", "job_status", "list"))
+        assert total == len(api.calls)  # every call the server saw (the one it failed with 500 too)
+        gem.close()
+        swift.close()

@@ -50,7 +50,7 @@ import logging
 import math
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timedelta, timezone
 from typing import Any
 from urllib.parse import urlsplit
@@ -355,6 +355,9 @@ class GeminiClient:
         self._site = site
         self._http = httpx.Client(timeout=httpx.Timeout(self.timeout), transport=transport, verify=tls_verify,
                                   headers={"User-Agent": "tomd", "Accept": "text/plain"}, follow_redirects=False)
+        # Told of every HTTP call, as LCOClient's: observer(facility, operation, code, seconds), code
+        # the HTTP status or "timeout" / "error" (tomd.metrics.Metrics.observe_facility_call).
+        self.observer: Callable[[str, str, int | str, float], None] | None = None
 
     @classmethod
     def from_config(cls, name: str, cfg: Any, **kw: Any) -> "GeminiClient":
@@ -452,6 +455,21 @@ class GeminiClient:
         return (f"{self.name}: outcome unknown ({what}); the ToO interface cannot be asked, so it is not resent. "
                 f"Check program {self.program or '?'} in the OT for a note titled {key_note(name)!r}")
 
+    def _observed(self, url: str, form: Mapping[str, str]) -> httpx.Response:
+        """One HTTP call (the trigger: operation "submit"), reported to ``self.observer``."""
+        if self.observer is None:
+            return self._http.post(url, data=form)
+        t0, code = time.monotonic(), "error"
+        try:
+            resp = self._http.post(url, data=form)
+            code = resp.status_code
+            return resp
+        except httpx.TimeoutException:
+            code = "timeout"
+            raise
+        finally:
+            self.observer(self.name, "submit", code, time.monotonic() - t0)
+
     def _post(self, form: Mapping[str, str], name: str) -> httpx.Response:
         url = self.base + "/too"
         what = f"{self.name}: POST {urlsplit(url).path}"
@@ -460,7 +478,7 @@ class GeminiClient:
         for attempt in range(self.max_attempts):
             self.limiter.acquire(deadline)
             try:
-                resp = self._http.post(url, data=form)
+                resp = self._observed(url, form)
             except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
                 last = RetryableError(f"{what}: cannot connect ({type(exc).__name__})")
             except (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError) as exc:

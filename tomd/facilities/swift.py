@@ -312,6 +312,9 @@ class SwiftClient:
         self._http = httpx.Client(timeout=httpx.Timeout(self.timeout), transport=transport, verify=tls_verify,
                                   headers={"User-Agent": "tomd", "Accept": "application/json"},
                                   follow_redirects=False)
+        # Told of every HTTP call, as LCOClient's: observer(facility, operation, code, seconds), code
+        # the HTTP status or "timeout" / "error" (tomd.metrics.Metrics.observe_facility_call).
+        self.observer: Callable[[str, str, int | str, float], None] | None = None
 
     @classmethod
     def from_config(cls, name: str, cfg: Any, **kw: Any) -> "SwiftClient":
@@ -466,18 +469,34 @@ class SwiftClient:
             raise TokenRefused(f"{self.name} refused the credentials ({redact(errors)[:200]}): check "
                                f"facilities.{self.name}.username and token")
 
+    def _observed(self, operation: str, form: Mapping[str, str]) -> httpx.Response:
+        """One HTTP call, reported to ``self.observer`` (each retry is a call of its own)."""
+        if self.observer is None:
+            return self._http.post(self.url, data=form)
+        t0, code = time.monotonic(), "error"
+        try:
+            resp = self._http.post(self.url, data=form)
+            code = resp.status_code
+            return resp
+        except httpx.TimeoutException:
+            code = "timeout"
+            raise
+        finally:
+            self.observer(self.name, operation, code, time.monotonic() - t0)
+
     def _call(self, api_name: str, data: Mapping[str, Any], *, safe: bool) -> Any:
         if not self.username or not self._secret:
             raise TokenRefused(f"{self.name}: no credentials: set facilities.{self.name}.username and token")
         token = encode_jwt({"api_name": api_name, "api_version": API_VERSION,
                             "api_data": {**data, "username": self.username}}, self._secret)
         what = f"{self.name}: {api_name} via POST {redact(urlsplit(self.url).path)}"
+        operation = "validate" if data.get("validate_only") else API_OPERATIONS.get(api_name, "other")
         deadline = time.monotonic() + self.max_attempts * (self.timeout + self.backoff_cap) + MAX_RETRY_AFTER_S
         last: RetryableError | None = None
         for attempt in range(self.max_attempts):
             self.limiter.acquire(deadline)
             try:
-                resp = self._http.post(self.url, data={"jwt": token})
+                resp = self._observed(operation, {"jwt": token})
             except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
                 last = RetryableError(f"{what}: cannot connect ({type(exc).__name__})")
             except (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError) as exc:
@@ -523,6 +542,10 @@ class SwiftClient:
                 self._sleep(delay)
         assert last is not None
         raise last
+
+
+# The API calls as bounded metric labels (tomd_facility_requests_total{operation}).
+API_OPERATIONS = {"Swift_TOO_Request": "submit", "Swift_TOO_Status": "job_status", "Swift_TOO_Requests": "list"}
 
 
 def _issues(st: Mapping[str, Any]) -> list[ValidationIssue]:
