@@ -227,6 +227,8 @@ def main() -> None:
                     ceil = ceiling(broker.bootstrap, topic, args.alerts, args.batch_size)
                     run = tomd_rate(k, broker.bootstrap, topic, args.alerts, args.batch_size, int(r), cut == "on")
                     run["ceiling"] = ceil
+                    # The machine is shared: the load says how much of it this run had.
+                    run["load_average_1min"] = round(os.getloadavg()[0], 2)
                     run["of_ceiling"] = round(run["alerts_per_s"] / ceil["alerts_per_s"], 3)
                     runs.append(run)
                     print(f"{k}, {r} rules, cutouts {cut}: {run['alerts_per_s']} alerts/s end to end, "
