@@ -145,3 +145,78 @@ def test_a_repeating_failure_logs_once_with_traceback_then_counted_lines_then_re
     assert "30 more failure(s)" in docs[1]["message"] and "\n" not in docs[1]["message"]
     assert "works again after 100 failure(s)" in docs[-1]["message"]
     assert not any("s3cr3t-pa55" in line for line in lines())
+
+
+def test_a_daemon_logs_alert_lines_with_their_coordinates_and_ids(db, shared_data, tmp_path):
+    """Real ZTF packets (and one undecodable file) through ``tomd --log-format json run``
+    with a rule that fires and submits to the simulated observatory: every line about an
+    alert carries its stream coordinates and ids as JSON fields, every line about a
+    submission its request, decision and target."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from sqlalchemy import func, select
+
+    from tomd.db.models import Decision
+
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    (rules / "bright.toml").write_text("""
+name = "bright"
+sources = ["ztf"]
+when = "alert.mag < 30"
+
+[observe]
+facility = "sim"
+template = "1m-gri"
+window = "24h"
+""")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "broken.avro").write_bytes(b"Obj\x01 not really avro")
+    cfg = tmp_path / "tomd.toml"
+    cfg.write_text(f"""
+[database]
+url = "{db.url}"
+[metrics]
+listen = "127.0.0.1:0"
+[storage]
+url = "file://{tmp_path}/data"
+[rules]
+paths = ["{rules}"]
+[hooks]
+paths = ["{tmp_path}/hooks"]
+[facilities.sim]
+kind = "sim"
+[[streams]]
+name = "archive"
+kind = "file"
+topics = ["{shared_data / 'ztf/ztf-avro-alert'}/*.avro", "{bad}/*.avro"]
+format = "ztf-avro"
+""")
+    repo_root = Path(__file__).resolve().parents[1]
+    p = subprocess.run([sys.executable, "-m", "tomd.cli", "--log-format", "json", "run", "--exit-when-idle", "4"],
+                       env={**os.environ, "TOMD_CONFIG": str(cfg)}, cwd=repo_root, capture_output=True, text=True,
+                       timeout=180)
+    assert p.returncode == 0, p.stderr[-3000:]
+    docs = [json.loads(line) for line in p.stderr.splitlines() if line.startswith("{")]
+    with db.sessions() as s:
+        fired = s.scalar(select(func.count()).select_from(Decision).where(Decision.outcome == "fired"))
+    assert fired > 0
+    fired_lines = [d for d in docs if d["logger"] == "tomd.rules.engine" and " fired on alert " in d["message"]]
+    assert len(fired_lines) == fired  # one line per committed firing
+    for d in fired_lines:
+        assert {"alert_id", "object_id", "coords", "target_id", "rule", "decision_id", "request_id"} <= d.keys(), d
+        assert ".avro" in d["coords"] and d["object_id"].startswith("ZTF")
+    about_alerts = [d for d in docs if "alert_id" in d or " alert " in d["message"]]
+    assert about_alerts and all({"alert_id", "coords"} <= d.keys() for d in about_alerts), about_alerts
+    dead = [d for d in docs if d["message"].startswith("dead letter ")]
+    assert dead and all("broken.avro" in d["coords"] and d.get("stream") == "archive" for d in dead), dead
+    submitted = [d for d in docs if " submitted to sim as " in d["message"]]
+    assert len(submitted) == fired
+    for d in submitted:
+        assert {"request", "request_id", "facility", "decision_id", "target_id"} <= d.keys(), d
+    decisions = {d["decision_id"] for d in fired_lines}
+    assert {d["decision_id"] for d in submitted} == decisions

@@ -89,6 +89,33 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(doc, ensure_ascii=False)
 
 
+def alert_fields(stored: Any = None, **more: Any) -> dict[str, Any]:
+    """The structured fields of a log line about an alert: ``alert_id``, ``object_id``,
+    ``coords`` (stream coordinates, ``topic[partition]@offset`` or the file) and ``target_id``
+    from a stored alert (``tomd.alerts.ingest.Ingested``), plus ``more`` (rule, decision_id,
+    request, ...). Fields that are None are left out: ``extra=alert_fields(st, rule=r)``."""
+    out: dict[str, Any] = {}
+    if stored is not None:
+        alert = getattr(stored, "alert", None)
+        out = {"alert_id": getattr(stored, "alert_id", None),
+               "object_id": getattr(alert, "object_id", None),
+               "alert_key": getattr(alert, "key", None),
+               "coords": getattr(stored, "coords", None),
+               "target_id": getattr(stored, "target_id", None)}
+    out.update(more)
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def request_fields(work: Any, **more: Any) -> dict[str, Any]:
+    """The structured fields of a log line about an observation request (a submitter's claimed
+    intent): ``request`` (its name), ``request_id``, ``facility``, ``decision_id`` (the rule
+    decision, which names the alert) and ``target_id``; None fields left out."""
+    out = {"request": getattr(work, "name", None), "request_id": getattr(work, "id", None),
+           "facility": getattr(work, "facility", None), "decision_id": getattr(work, "decision_id", None),
+           "target_id": getattr(work, "target_id", None), **more}
+    return {k: v for k, v in out.items() if v is not None}
+
+
 class AlertLog(logging.LoggerAdapter):
     """A logger whose every line carries an alert's coordinates:
     ``AlertLog(log, "ztf_20250101[3]@1234").warning("...")`` → ``coords`` field."""

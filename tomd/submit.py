@@ -53,6 +53,7 @@ from tomd.errors import AmbiguousError, NotFoundError, PermanentError, Retryable
 from tomd.events import ObservationFailed, ObservationRejected, ObservationSubmitted
 from tomd.facilities.base import (Facility, Intent, LookupUnsupported, TemplateError, TokenRefused,
                                   ValidationRejected)
+from tomd.logs import request_fields
 
 log = logging.getLogger(__name__)
 
@@ -264,7 +265,7 @@ class Submitter:
         try:
             return self._attempt(w)
         except Exception as exc:  # noqa: BLE001 - a bug must not keep the claim forever
-            log.exception("submitting %s failed unexpectedly", w.name)
+            log.exception("submitting %s failed unexpectedly", w.name, extra=request_fields(w))
             return self._retry(w, f"internal error: {type(exc).__name__}: {exc}", keep_state=True)
 
     def _attempt(self, w: _Work) -> Outcome:
@@ -292,7 +293,7 @@ class Submitter:
             if found:
                 if len(found) > 1:
                     log.error("%s holds %d request groups named %s: %s", w.facility, len(found), w.name,
-                              ", ".join(f.facility_id for f in found))
+                              ", ".join(f.facility_id for f in found), extra=request_fields(w))
                 first = min(found, key=lambda f: int(f.facility_id) if f.facility_id.isdigit() else 0)
                 return self._submitted(w, first.facility_id, first.state.common, first.state.word, recovered=True)
             if window_over:  # looked first: the facility does not hold it, and it is too late to send
@@ -394,13 +395,13 @@ class Submitter:
                 "claimed_by": None, "claimed_until": None, "next_attempt_at": None, "last_error": None,
             }, worker=self.worker):
                 log.error("claim on %s lost after submission as %s; its next owner will find it by name",
-                          w.name, facility_id)
+                          w.name, facility_id, extra=request_fields(w, facility_id=facility_id))
                 return Outcome(w.id, w.name, "lost", facility_id, "claim lost after submission")
             repo.add_observation_status(s, w.id, state, word, msg)
             repo.add_event(s, ObservationSubmitted(w.id, w.name, w.facility, facility_id, w.target_id, w.decision_id,
                                                    word, recovered), target_id=w.target_id)
         log.info("observation %s submitted to %s as %s%s", w.name, w.facility, facility_id,
-                 " (recovered)" if recovered else "")
+                 " (recovered)" if recovered else "", extra=request_fields(w, facility_id=facility_id))
         if self.observer is not None:
             age = (self.clock() - w.created_at).total_seconds() if w.created_at is not None else None
             self.observer(w.facility, "submitted", age)
@@ -417,7 +418,7 @@ class Submitter:
             repo.add_observation_status(s, w.id, "rejected", None, reason)
             repo.add_event(s, ObservationRejected(w.id, w.name, w.facility, reason, w.target_id, w.decision_id),
                            target_id=w.target_id)
-        log.warning("observation %s rejected: %s", w.name, reason)
+        log.warning("observation %s rejected: %s", w.name, reason, extra=request_fields(w))
         if self.observer is not None:
             self.observer(w.facility, "rejected", None)
         return Outcome(w.id, w.name, "rejected", message=reason)
@@ -431,7 +432,7 @@ class Submitter:
             repo.add_observation_status(s, w.id, "failed", None, reason)
             repo.add_event(s, ObservationFailed(w.id, w.name, w.facility, reason, w.attempts, w.target_id,
                                                 w.decision_id), target_id=w.target_id)
-        log.warning("observation %s failed: %s", w.name, reason)
+        log.warning("observation %s failed: %s", w.name, reason, extra=request_fields(w))
         if self.observer is not None:
             self.observer(w.facility, "failed", None)
         return Outcome(w.id, w.name, "failed", message=reason)
@@ -447,7 +448,7 @@ class Submitter:
         with self.sessions.begin() as s:
             if not repo.update_observation(s, w.id, values, worker=self.worker):
                 return Outcome(w.id, w.name, "lost", message="claim lost")
-        log.info("observation %s: %s; next try in %.1fs", w.name, reason, wait)
+        log.info("observation %s: %s; next try in %.1fs", w.name, reason, wait, extra=request_fields(w))
         if self.observer is not None:
             self.observer(w.facility, "retry", None)
         return Outcome(w.id, w.name, state, message=reason)

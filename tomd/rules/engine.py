@@ -42,6 +42,7 @@ from sqlalchemy.orm import Session
 
 from tomd.db import repository as repo
 from tomd.events import RequestPriorityRaised, RuleFired, RuleTested, SubmissionIntent
+from tomd.logs import alert_fields
 from tomd.rules.context import AlertView, Context, FeatureFn, Point, TargetView, mjd_of
 from tomd.rules.expr import describe_values
 from tomd.rules.load import Rule, RuleEnv, load_file, rule_files
@@ -313,6 +314,7 @@ class RuleEngine:
         buffered: list[dict[str, Any]] = []
         observer = self.observer
         seconds: list[float] = []
+        fired: list[tuple[Verdict, Any]] = []
         for st in stored:
             t0 = time.perf_counter()
             now = _utc(self.clock(st))
@@ -322,13 +324,19 @@ class RuleEngine:
             for rule in rules:
                 if not rule.listens_to(st.alert.source, st.alert.kind):
                     continue
-                verdicts.append(self.decide(s, rule, st, ctx, now, killed, buffered))
+                v = self.decide(s, rule, st, ctx, now, killed, buffered)
+                verdicts.append(v)
+                if v.outcome == "fired":
+                    fired.append((v, st))
             seconds.append(time.perf_counter() - t0)
         repo.insert_decisions(s, buffered)
-        if observer is not None:
+        if observer is not None or fired:
             from sqlalchemy import event
 
-            event.listen(s, "after_commit", lambda _s: observer(verdicts, seconds), once=True)
+            if observer is not None:
+                event.listen(s, "after_commit", lambda _s: observer(verdicts, seconds), once=True)
+            if fired:  # said once the decisions are committed (a batch retried would say it twice)
+                event.listen(s, "after_commit", lambda _s: _log_fired(fired), once=True)
         with self._lock:  # several stream threads may share one engine
             for v in verdicts:
                 self.counts[v.outcome] = self.counts.get(v.outcome, 0) + 1
@@ -380,7 +388,7 @@ class RuleEngine:
         if err is not None:
             exc = err
             log.warning("rule %s failed on alert %s (%s): %s", rule.name, st.alert_id, st.coords, exc,
-                        extra={"rule": rule.name, "coords": st.coords})
+                        extra=alert_fields(st, rule=rule.name))
             where = w.failing_clause(*ctx.args())
             details = {"error": exc.__class__.__name__}
             reason = f"{exc.__class__.__name__}: {exc}"
@@ -437,7 +445,7 @@ class RuleEngine:
             raise  # the database failed: the whole batch is retried
         except Exception as exc:  # noqa: BLE001
             log.warning("rule %s failed on alert %s (%s): %s", rule.name, st.alert_id, st.coords, exc,
-                        extra={"rule": rule.name, "coords": st.coords})
+                        extra=alert_fields(st, rule=rule.name))
             return record_later(Verdict(rule.name, "error", f"{exc.__class__.__name__}: {exc}"[:2000], details))
 
     def night(self, rule: Rule, now: datetime) -> tuple[datetime, str]:
@@ -542,6 +550,14 @@ class RuleEngine:
                                         rule.notify_message, request_id, tuple(tags), tuple(lists)),
                            target_id=st.target_id)
         return Verdict(rule.name, "fired", why, details, decision_id, request_id)
+
+
+def _log_fired(fired: Sequence[tuple[Verdict, Any]]) -> None:
+    """One INFO line per committed firing, with the alert's ids and stream coordinates as fields."""
+    for v, st in fired:
+        log.info("rule %s fired on alert %s (%s)%s", v.rule, st.alert_id, st.coords,
+                 f": request #{v.request_id} to submit" if v.request_id is not None else "",
+                 extra=alert_fields(st, rule=v.rule, decision_id=v.decision_id, request_id=v.request_id))
 
 
 def load_features(spec: Mapping[str, str]) -> dict[str, FeatureFn]:
