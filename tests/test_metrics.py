@@ -268,12 +268,15 @@ def test_metrics_follow_a_real_ingest(db, shared_data):
     assert value(m, "tomd_alerts_ingested_total", stream="ztf", topic="ztf_20250102_programid1") == 0
     assert value(m, "tomd_messages_handled_total", stream="ztf", topic="ztf_20250101_programid1") == len(msgs) + 1
     assert value(m, "tomd_messages_handled_total", stream="ztf", topic="ztf_20250102_programid1") == 1
-    assert value(m, "tomd_alerts_dead_lettered_total", stream="ztf") == 1
+    assert value(m, "tomd_alerts_dead_lettered_total", stream="ztf", topic="ztf_20250101_programid1") == 1
+    # Another topic of the same batch: its series exists from its first batch, at 0.
+    assert m.registry.get_sample_value("tomd_alerts_dead_lettered_total",
+                                       {"stream": "ztf", "topic": "ztf_20250102_programid1"}) == 0
     assert value(m, "tomd_alerts_duplicate_total", stream="ztf") == 1
     assert value(m, "tomd_targets_created_total", stream="ztf") == t.targets_created > 0
     assert value(m, "tomd_photometry_points_total", stream="ztf") == t.photometry_points > 0
-    assert value(m, "tomd_ingest_batch_size_count", stream="ztf") == 3
-    assert value(m, "tomd_ingest_batch_size_sum", stream="ztf") == len(msgs) + 2
+    assert value(m, "tomd_ingest_batch_messages_count", stream="ztf") == 3
+    assert value(m, "tomd_ingest_batch_messages_sum", stream="ztf") == len(msgs) + 2
     for stage in ("parse", "database", "total"):
         assert value(m, "tomd_ingest_stage_seconds_count", stream="ztf", stage=stage) == 3
     assert value(m, "tomd_ingest_stage_seconds_sum", stream="ztf", stage="database") == pytest.approx(
@@ -286,6 +289,27 @@ def test_metrics_follow_a_real_ingest(db, shared_data):
     assert value(m, "tomd_alerts_ingested_total", stream="ztf", topic="ztf_20250101_programid1") == len(msgs)
     assert value(m, "tomd_alerts_duplicate_total", stream="ztf") == 1 + len(msgs)
     assert handler.totals is ing.totals
+
+
+def test_a_streams_series_start_at_zero_so_increase_sees_the_first_event(db):
+    """Prometheus' increase() over a series that first appears at 1 reads 0: the counters that
+    alert (dead letters, failed batches) exist at 0 once the stream is instrumented."""
+    from tomd.config import Config, Stream
+
+    m = Metrics(process=False)
+    daemon = SimpleNamespace(runners=[SimpleNamespace(
+        stream=Stream(name="ztf", kind="kafka", topics=["ztf_20250101_programid1", "^ztf_.*"], bootstrap="k:9092",
+                      format="ztf-avro", group="g"),
+        ingestor=Ingestor(db.sessions, IngestSettings(stream="ztf", format="ztf-avro"), lambda data: []),
+        consumer=SimpleNamespace(handler=None, stats=SimpleNamespace()))])
+    assert Config  # the Stream above is the config's own dataclass
+    instrument(daemon, m)
+    got = m.registry.get_sample_value
+    assert got("tomd_alerts_dead_lettered_total", {"stream": "ztf", "topic": "ztf_20250101_programid1"}) == 0
+    assert got("tomd_messages_handled_total", {"stream": "ztf", "topic": "ztf_20250101_programid1"}) == 0
+    assert got("tomd_ingest_batch_failures_total", {"stream": "ztf", "kind": "error"}) == 0
+    assert got("tomd_alerts_duplicate_total", {"stream": "ztf"}) == 0
+    assert got("tomd_alerts_dead_lettered_total", {"stream": "ztf", "topic": "^ztf_.*"}) is None  # a pattern
 
 
 def test_a_database_failure_is_counted_and_still_raised():
@@ -302,7 +326,7 @@ def test_a_database_failure_is_counted_and_still_raised():
         handler.handle([RawMessage("t", 0, 0, None, b"x", None)])
     assert value(m, "tomd_database_errors_total", component="ingest") == 1
     assert value(m, "tomd_ingest_batch_failures_total", stream="ztf", kind="retryable") == 1
-    assert value(m, "tomd_ingest_batch_size_count", stream="ztf") == 0
+    assert value(m, "tomd_ingest_batch_messages_count", stream="ztf") == 0
     down.dispose()
 
 
@@ -465,7 +489,8 @@ def test_names_follow_prometheus_conventions():
         if fam.type == "counter":
             assert not fam.name.endswith("_total")  # the client adds _total to the sample
         if fam.type == "histogram":
-            assert fam.name.endswith(("_seconds", "_size", "_bytes")), fam.name
+            # A unit in the name: seconds, bytes, or what is counted ("_size" says none).
+            assert fam.name.endswith(("_seconds", "_bytes", "_messages")), fam.name
         assert fam.documentation, fam.name
 
 

@@ -110,14 +110,14 @@ class Metrics:
                                     ["stream"], registry=r)
         self.dead_letters = Counter("tomd_alerts_dead_lettered_total",
                                     "Messages sent to the dead-letter table (undecodable or invalid)",
-                                    ["stream"], registry=r)
+                                    ["stream", "topic"], registry=r)
         self.targets_created = Counter("tomd_targets_created_total", "Targets created by ingest",
                                        ["stream"], registry=r)
         self.photometry = Counter("tomd_photometry_points_total", "Photometry points stored by ingest",
                                   ["stream"], registry=r)
         self.notices = Counter("tomd_notices_total", "Localisation notices (GRB, GW, neutrino) stored",
                                ["stream"], registry=r)
-        self.batch_size = Histogram("tomd_ingest_batch_size", "Messages per ingested batch",
+        self.batch_size = Histogram("tomd_ingest_batch_messages", "Messages per ingested batch",
                                     ["stream"], buckets=BATCH_SIZE_BUCKETS, registry=r)
         self.stage_seconds = Histogram("tomd_ingest_stage_seconds",
                                        "Seconds per batch spent in each ingest stage (parse, database, total)",
@@ -207,18 +207,34 @@ class Metrics:
 
     # ------------------------------------------------------------ ingest
 
+    def init_stream(self, stream: str, topics: Iterable[str] = ()) -> None:
+        """Create a stream's series at 0 (and its topics', for the literal topic names given):
+        ``increase()`` over a series that appears at 1 misses its first event, so the first
+        dead letter or failed batch of a stream would never alert."""
+        for counter in (self.duplicates, self.skipped_test, self.targets_created, self.photometry, self.notices):
+            counter.labels(stream)
+        for kind in ("retryable", "error"):
+            self.ingest_failures.labels(stream, kind)
+        for topic in topics:
+            self._init_topic(stream, topic)
+
+    def _init_topic(self, stream: str, topic: str) -> None:
+        for counter in (self.messages, self.alerts_ingested, self.dead_letters):
+            counter.labels(stream, topic)
+
     def observe_batch(self, stream: str, result: BatchResult, seconds: Mapping[str, float] | float,
                       topics: Mapping[str, int] | None = None, alerts_by_topic: Mapping[str, int] | None = None,
-                      ) -> None:
+                      dead_letters_by_topic: Mapping[str, int] | None = None) -> None:
         """Record one finished ingest batch.
 
         ``seconds``: per stage (``{"parse": s, "database": s}``; "total" is
         their sum unless given) or the batch's total. ``topics``: messages
-        per topic; ``alerts_by_topic``: new alerts per topic (else all
-        alerts count under the batch's only topic, or topic "").
+        per topic; ``alerts_by_topic`` / ``dead_letters_by_topic``: new alerts /
+        dead letters per topic (else all count under the batch's only topic, or topic "").
         """
         if topics:
             for topic, n in topics.items():
+                self._init_topic(stream, topic)  # the topic's other series at 0 from its first batch
                 self.messages.labels(stream, topic).inc(n)
         else:
             self.messages.labels(stream, "").inc(result.messages)
@@ -229,8 +245,14 @@ class Metrics:
                 self.alerts_ingested.labels(stream, topic).inc(n)
         if result.alerts:
             self.last_ingest.labels(stream).set(time.time())
+        if result.dead_letters:
+            if dead_letters_by_topic is None:
+                only = next(iter(topics)) if topics and len(topics) == 1 else ""
+                dead_letters_by_topic = {only: result.dead_letters}
+            for topic, n in dead_letters_by_topic.items():
+                if n:
+                    self.dead_letters.labels(stream, topic).inc(n)
         for counter, n in ((self.duplicates, result.duplicates), (self.skipped_test, result.skipped_test),
-                           (self.dead_letters, result.dead_letters),
                            (self.targets_created, result.targets_created),
                            (self.photometry, result.photometry_points), (self.notices, result.notices)):
             if n:
@@ -250,8 +272,10 @@ class Metrics:
         if _is_database_error(exc):
             self.database_errors.labels("ingest").inc()
 
-    def observe_ingestor(self, stream: str, ingestor: Any) -> ObservedIngestor:
-        """A BatchHandler that forwards to ``ingestor`` and records each batch."""
+    def observe_ingestor(self, stream: str, ingestor: Any, topics: Iterable[str] = ()) -> ObservedIngestor:
+        """A BatchHandler that forwards to ``ingestor`` and records each batch; the stream's
+        series (and those of ``topics``, literal topic names) start at 0."""
+        self.init_stream(stream, topics)
         return ObservedIngestor(self, stream, ingestor)
 
     def watch_consumer(self, stream: str, consumer: Any) -> None:
@@ -419,6 +443,9 @@ class ObservedIngestor:
     def handle(self, messages: Sequence[Any]) -> BatchResult:
         before = dict(getattr(self.ingestor, "seconds", {}))
         self._by_topic = {}
+        dead = getattr(self.ingestor, "dead_letter_topics", None)
+        if isinstance(dead, list):
+            dead.clear()
         t0 = time.perf_counter()
         try:
             result = self.ingestor.handle(messages)
@@ -433,8 +460,15 @@ class ObservedIngestor:
         for m in messages:
             t = m.topic or ""
             topics[t] = topics.get(t, 0) + 1
+        dead_by_topic = None
+        if isinstance(dead, list) and result.dead_letters:
+            # The last ones are the pass that committed (a batch the database refused is
+            # applied again message by message, and dead-letters again).
+            dead_by_topic = {}
+            for t in dead[-result.dead_letters:]:
+                dead_by_topic[t] = dead_by_topic.get(t, 0) + 1
         self.metrics.observe_batch(self.stream, result, seconds, topics,
-                                   self._by_topic if self._counts_topics else None)
+                                   self._by_topic if self._counts_topics else None, dead_by_topic)
         return result
 
     def __getattr__(self, name: str) -> Any:  # totals, seconds, settings ... of the wrapped ingestor
@@ -603,7 +637,9 @@ def instrument(daemon: Any, metrics: Metrics | None = None) -> Metrics:
     metrics = metrics or Metrics()
     for runner in daemon.runners:
         name = runner.stream.name
-        runner.consumer.handler = metrics.observe_ingestor(name, runner.ingestor)
+        kafka = getattr(runner.stream, "kind", "kafka") == "kafka"  # file globs and poll streams name no topics
+        literal = [t for t in getattr(runner.stream, "topics", ()) if not t.startswith("^")] if kafka else []
+        runner.consumer.handler = metrics.observe_ingestor(name, runner.ingestor, literal)
         if hasattr(runner.consumer.stats, "lag"):  # file streams have no group, lag or offsets
             metrics.watch_consumer(name, runner.consumer)
     rules = getattr(daemon, "rules", None)

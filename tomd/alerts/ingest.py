@@ -145,6 +145,7 @@ class Ingestor:
         self.seconds = {"parse": 0.0, "database": 0.0, "cutouts": 0.0, "sinks": 0.0}
         self._writers: Any = None  # a thread pool for cutout writes, made on first use
         self._parse = _keyed(parser)
+        self.dead_letter_topics: list[str] = []  # topic of each dead letter recorded, in order (metrics)
 
     # The consumer calls this; it must commit durably or raise.
     def handle(self, messages: Sequence[Message]) -> BatchResult:
@@ -465,6 +466,7 @@ class Ingestor:
                                                                         "stream": self.settings.stream})
             return False
         repo.add_event(s, AlertDeadLettered(dl_id, self.settings.stream, m.coords, error))
+        self.dead_letter_topics.append(m.topic or "")
         log.warning("dead letter %s: %s", m.coords, error, extra={"coords": m.coords, "stream": self.settings.stream})
         return True
 
