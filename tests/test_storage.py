@@ -24,6 +24,7 @@ from tomd.storage import (
     check_key,
     product_key,
     put_bytes,
+    put_many,
     safe_component,
     seekable,
     storage_from_config,
@@ -260,6 +261,62 @@ def test_small_file_is_a_single_put_on_s3(s3_endpoint) -> None:
     data = os.urandom(4 * MiB)
     store.put("one.bin", io.BytesIO(data))
     assert store.etag("one.bin") == hashlib.md5(data).hexdigest()  # plain PUT: the ETag is the MD5
+
+
+# ---------------------------------------------------------------- batches --
+
+
+@pytest.mark.parametrize("count", [2, 30])  # below and above the one-sync threshold (local)
+def test_put_many_stores_a_batch(store: Store, count: int) -> None:
+    put_bytes(store, "t1/cutouts/1.fits", b"old")  # replaced by the batch
+    items = [(f"t{i % 4}/cutouts/{i}.fits", os.urandom(100 + i)) for i in range(count)]
+    stored = put_many(store, items)
+    assert [s.key for s in stored] == [k for k, _ in items]
+    for (key, data), st in zip(items, stored):
+        assert (st.size, st.md5) == (len(data), hashlib.md5(data).hexdigest())
+        assert read_all(store, key) == data
+    assert sorted(store.keys()) == sorted(k for k, _ in items)
+    no_leftovers(store)
+
+
+def test_put_many_refuses_a_bad_key_before_writing(store: Store) -> None:
+    with pytest.raises(InputError):
+        put_many(store, [("a/ok.fits", b"x"), ("a/../../evil", b"y")])
+    assert list(store.keys()) == []
+    assert put_many(store, []) == []
+
+
+def test_put_many_failure_leaves_no_temp_files(tmp_path) -> None:
+    store = LocalStore(tmp_path / "store")
+    (tmp_path / "store" / "a" / "taken").mkdir(parents=True)  # a directory where a file should go
+    items = [(f"a/{i}.fits", b"x" * i) for i in range(10)] + [("a/taken", b"z")]
+    with pytest.raises(StorageError, match="taken"):
+        put_many(store, items)
+    no_leftovers(store)
+
+
+def test_put_many_refuses_symlink_escape(tmp_path) -> None:
+    root = tmp_path / "store"
+    (root / "t").mkdir(parents=True)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (root / "t" / "link").symlink_to(outside)
+    with pytest.raises(InputError, match="outside"):
+        LocalStore(root).put_many([("t/ok", b"x"), ("t/link/evil", b"x")])
+    assert list(outside.iterdir()) == [] and not (root / "t" / "ok").exists()
+
+
+def test_put_many_on_s3_sends_md5_checked_puts_and_multipart_for_large(s3_endpoint) -> None:
+    store = S3Store(new_bucket(s3_endpoint), "p", endpoint_url=s3_endpoint, multipart_threshold=5 * MiB)
+    big = os.urandom(6 * MiB)
+    items = [(f"c/{i}.fits", os.urandom(1000)) for i in range(12)] + [("c/big.fits", big)]
+    stored = put_many(store, items)
+    assert stored[-1] == put_many(store, [("c/big.fits", big)])[0]
+    for key, data in items[:-1]:
+        assert store.etag(key) == hashlib.md5(data).hexdigest()
+    assert store.etag("c/big.fits").endswith("-2")  # two parts
+    assert read_all(store, "c/big.fits") == big
+    no_leftovers(store)
 
 
 # -------------------------------------------------------------------- keys --

@@ -316,10 +316,12 @@ class Ingestor:
 
         Cutouts become data products (kind "cutout"), one per (alert, cutout
         name). The files go under the target,
-        ``<id>-<name>/<source>/cutouts/<key>-<cutout>.fits.gz``, written in
-        parallel (each local write is fsynced; S3 puts wait on the network)
-        while the batch's rows are written; the product rows commit with the
-        alert. Only new alerts get here, so a replay writes nothing; a crash
+        ``<id>-<name>/<source>/cutouts/<key>-<cutout>.fits.gz``, written as
+        one ``put_many`` in a background thread while the batch's rows are
+        written (a local store syncs the whole batch once instead of
+        fsyncing each file; S3 sends the PUTs concurrently); the product rows
+        commit with the alert, and only after put_many returned, so no
+        committed row points at a file a crash could lose. Only new alerts get here, so a replay writes nothing; a crash
         before the commit leaves files the replay writes again under the same
         keys. Cutouts announce no data.stored event of their own:
         alert.ingested already says the alert arrived, and three events per
@@ -327,7 +329,7 @@ class Ingestor:
         """
         from concurrent.futures import ThreadPoolExecutor
 
-        from tomd.storage import product_key, put_bytes, safe_component
+        from tomd.storage import product_key, put_many, safe_component
 
         t0 = time.perf_counter()
         names = {tid: row["name"] for tid, row in
@@ -341,8 +343,8 @@ class Ingestor:
                 filename = f"{a.key}-{name}{suffix}"
                 jobs.append((i, a, tid, name, filename, product_key(tdir, a.source, "cutouts", filename), data))
         if self._writers is None:
-            self._writers = ThreadPoolExecutor(max_workers=8, thread_name_prefix="tomd-cutouts")
-        futures = [self._writers.submit(put_bytes, self.storage, j[5], j[6]) for j in jobs]
+            self._writers = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tomd-cutouts")
+        futures = [self._writers.submit(put_many, self.storage, [(j[5], j[6]) for j in jobs])]
         self.seconds["cutouts"] += time.perf_counter() - t0
         return jobs, futures
 
@@ -354,7 +356,7 @@ class Ingestor:
         t0 = time.perf_counter()
         jobs, futures = started
         try:
-            stored = [f.result() for f in futures]
+            stored = [st for f in futures for st in f.result()]
         finally:
             for f in futures:  # after a failed write, the queued ones need not start
                 f.cancel()
