@@ -748,3 +748,31 @@ def test_a_download_slower_than_the_minimum_rate_is_cut(db, sim, tmp_path):
     assert rows and all(x.state == "failed" and "too slow" in x.error for x in rows), [x.error for x in rows]
     assert list(LocalStore(tmp_path / "s").keys()) == []
     r.close()
+
+
+def test_failed_runs_reach_on_error_and_the_log_says_it_once_then_in_one_line(tmp_path, caplog):
+    """A database without tables: every run fails. Each failure reaches ``on_error`` (the
+    daemon's tomd_database_errors_total{component="retriever"}), the log holds one traceback,
+    then one-line repeats at most every 30 s, and readiness says why."""
+    from sqlalchemy import create_engine
+    from sqlalchemy.exc import OperationalError
+    from sqlalchemy.orm import sessionmaker
+
+    engine = create_engine(f"sqlite:///{tmp_path}/empty.db")
+    r = Retriever(sessionmaker(engine), {}, LocalStore(str(tmp_path / "data")), RetrieveSettings(interval_s=0.02))
+    seen: list[BaseException] = []
+    r.on_error = seen.append
+    stop = threading.Event()
+    caplog.set_level(logging.INFO, logger="tomd.retrieve")
+    t = threading.Thread(target=r.run, args=(stop,))
+    t.start()
+    deadline = time.monotonic() + 30
+    while len(seen) < 20 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    stop.set()
+    t.join(10)
+    engine.dispose()
+    assert len(seen) >= 20 and all(isinstance(e, OperationalError) for e in seen)
+    failures = [rec for rec in caplog.records if "data retrieval run" in rec.getMessage()]
+    assert len(failures) == 1 and failures[0].levelno == logging.ERROR and failures[0].exc_info
+    assert "no such table" in r.ready()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 
@@ -482,3 +483,29 @@ def test_partial_completion_makes_the_data_due(db, sim):
     sim.set_request_state(group["requests"][0]["id"], "COMPLETED")
     (p,) = poller.poll()
     assert p.changes == [] and row(db, rid).state == "pending" and row(db, rid).data_due_at is not None
+
+
+def test_failed_cycles_reach_on_error_and_the_log_says_it_once_then_in_one_line(tmp_path, caplog):
+    """A database without tables: every cycle and every open-request read fails. Each failure
+    reaches ``on_error`` (tomd_database_errors_total{component="status"} in the daemon); the
+    log holds one traceback per kind of failure, not one per cycle."""
+    from sqlalchemy import create_engine
+    from sqlalchemy.exc import OperationalError
+    from sqlalchemy.orm import sessionmaker
+
+    engine = create_engine(f"sqlite:///{tmp_path}/empty.db")
+    with SimObservatory(token=None) as sim:
+        fac = LCOClient("sim", url=sim.url, proposal="SIM2026A-001")
+        poller = Poller(sessionmaker(engine), {"sim": fac}, on_open=lambda counts: None)
+        seen: list[BaseException] = []
+        poller.on_error = seen.append
+        caplog.set_level(logging.INFO, logger="tomd.status")
+        for _ in range(10):
+            (result,) = poller.poll()
+            assert result.error and "no such table" in result.error
+        fac.close()
+    engine.dispose()
+    assert len(seen) == 20 and all(isinstance(e, OperationalError) for e in seen)  # 10 cycles, 10 reads
+    lines = [rec for rec in caplog.records if rec.name == "tomd.status"]
+    assert len(lines) == 2 and all(rec.levelno == logging.ERROR and rec.exc_info for rec in lines), [
+        rec.getMessage() for rec in lines]
