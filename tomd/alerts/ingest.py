@@ -149,6 +149,7 @@ class Ingestor:
 
     # The consumer calls this; it must commit durably or raise.
     def handle(self, messages: Sequence[Message]) -> BatchResult:
+        self.dead_letter_topics.clear()  # this batch's only (read by the metrics after it)
         parsed: list[tuple[Message, list[Alert] | None, str | None]] = []
         t0 = time.perf_counter()
         for m in messages:
