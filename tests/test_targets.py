@@ -286,3 +286,52 @@ def test_concurrent_upgrades_of_a_new_database_are_serialised(tmp_path):
         with admin.connect() as c:
             c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
+
+
+def test_batch_upsert_matches_as_brute_force_across_poles_and_wrap(db):
+    """upsert_many of a batch larger than one statement's worth of sky ranges (PostgreSQL sends them
+    as one array): every probe joins the nearest stored target within the radius, or is created."""
+    rng = np.random.default_rng(3)
+    centres = [(0.0, 89.999), (359.9995, 12.0), (0.0, -89.9995), (120.0, -30.0)]
+    stored_pos, probes = [], []
+    for ra0, dec0 in centres:
+        c = SkyCoord(ra0 * u.deg, dec0 * u.deg)
+        pts = c.directional_offset_by(rng.uniform(0, 360, 120) * u.deg, rng.uniform(0, 30, 120) * u.arcsec)
+        stored_pos += [(float(a), float(b)) for a, b in zip(pts.ra.deg, pts.dec.deg)]
+        near = c.directional_offset_by(rng.uniform(0, 360, 150) * u.deg, rng.uniform(0, 30, 150) * u.arcsec)
+        probes += [(float(a), float(b)) for a, b in zip(near.ra.deg, near.dec.deg)]
+    with db.sessions.begin() as s:
+        made = store.upsert_many(s, [TargetSpec(f"s{i}", ra=a, dec=b) for i, (a, b) in enumerate(stored_pos)],
+                                 radius_arcsec=0.0)  # all new, even when close together
+    ids = np.array([r.target_id for r in made])
+    assert all(r.created for r in made) and len(set(ids)) == len(stored_pos)
+    with db.sessions.begin() as s:
+        got = store.upsert_many(s, [TargetSpec(f"p{i}", ra=a, dec=b) for i, (a, b) in enumerate(probes)],
+                                radius_arcsec=1.5)
+    # Brute force, in batch order: a probe joins the nearest target within 1.5", stored before or
+    # created by an earlier probe of the same batch; else it is created.
+    known_pos, known_ids = list(stored_pos), list(ids.tolist())
+    matched = 0
+    for (ra, dec), res in zip(probes, got):
+        kra, kdec = np.array(known_pos).T
+        sep = SkyCoord(kra * u.deg, kdec * u.deg).separation(SkyCoord(ra * u.deg, dec * u.deg)).arcsec
+        if sep.min() <= 1.5:
+            matched += 1
+            assert not res.created and res.match.by == "position"
+            assert res.target_id == known_ids[int(np.argmin(sep))]
+            assert res.match.separation_arcsec == pytest.approx(sep.min(), abs=1e-6)
+        else:
+            assert res.created
+            known_pos.append((ra, dec))
+            known_ids.append(res.target_id)
+    assert 50 < matched < len(probes) - 50  # the case has both kinds
+    # The same probes again, by name now: every one is its own or its match's target.
+    with db.sessions.begin() as s:
+        again = store.upsert_many(s, [TargetSpec(f"P {i}", ra=a, dec=b) for i, (a, b) in enumerate(probes)])
+    assert [r.target_id for r in again] == [r.target_id for r in got]
+    assert all(r.match.by == "name" for r in again)
+
+
+def test_merge_ranges_joins_overlapping_and_touching():
+    assert repo.merge_ranges([(5, 9), (0, 2), (2, 4), (8, 12), (20, 21)]) == [(0, 4), (5, 12), (20, 21)]
+    assert repo.merge_ranges([]) == []

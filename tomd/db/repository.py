@@ -1574,3 +1574,82 @@ def ingest_events(s: Session, events: Sequence[tuple[Event, int | None]]) -> Non
     now = _copy_time(utcnow())
     _copy(s, OutboxEvent.__table__, ("kind", "version", "payload", "target_id", "created_at"),
           ((e.kind, e.version, _copy_json(e.payload()), tid, now) for e, tid in events))
+
+
+# ---- targets: batch match and create on PostgreSQL ----
+# tomd.targets.store.upsert_many's statements for a batch of alerts: fixed
+# statement texts with array parameters (psycopg prepares each once per
+# connection; one round trip whatever the batch size) instead of IN lists
+# and OR'ed ranges whose text, and so whose parsing and planning, changes
+# with the batch; new targets and names go by COPY. SQLite keeps the
+# functions above.
+
+_NORMS_ANY = text("SELECT norm, target_id FROM target_names WHERE norm = ANY(CAST(:norms AS text[]))")
+_RANGES_ANY = text(
+    "SELECT t.id, t.ra, t.dec FROM unnest(CAST(:lo AS bigint[]), CAST(:hi AS bigint[])) AS r(lo, hi)"
+    " JOIN targets t ON t.hpx >= r.lo AND t.hpx < r.hi")
+
+
+def match_target_names(s: Session, norms: Sequence[str]) -> dict[str, int]:
+    """``target_id_by_norm`` in one fixed statement on PostgreSQL."""
+    if not norms or not _is_postgresql(s):
+        return target_id_by_norm(s, norms)
+    return {norm: tid for norm, tid in s.execute(_NORMS_ANY, {"norms": list(norms)})}
+
+
+def merge_ranges(ranges: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Half-open ranges sorted, with overlapping and touching ones joined (each row found once)."""
+    out: list[list[int]] = []
+    for lo, hi in sorted(ranges):
+        if out and lo <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], hi)
+        else:
+            out.append([lo, hi])
+    return [(lo, hi) for lo, hi in out]
+
+
+def targets_near(s: Session, ranges: Sequence[tuple[int, int]]) -> dict[int, tuple[float, float]]:
+    """``targets_in_range_set`` ({id: (ra, dec)} in any of the ranges): one statement on PostgreSQL."""
+    if not ranges:
+        return {}
+    if not _is_postgresql(s):
+        return targets_in_range_set(s, ranges)
+    merged = merge_ranges(ranges)
+    rows = s.execute(_RANGES_ANY, {"lo": [a for a, _ in merged], "hi": [b for _, b in merged]})
+    return {tid: (ra, dec) for tid, ra, dec in rows}
+
+
+def target_rows_any(s: Session, ids: Sequence[int]) -> dict[int, Any]:
+    """``target_rows`` in one fixed statement on PostgreSQL."""
+    if not ids or not _is_postgresql(s):
+        return target_rows(s, ids)
+    from sqlalchemy import BigInteger, any_
+    from sqlalchemy.dialects.postgresql import ARRAY
+
+    q = select(_TARGETS).where(_TARGETS.c.id == any_(bindparam("ids", type_=ARRAY(BigInteger))))
+    return {r["id"]: r for r in s.execute(q, {"ids": list(ids)}).mappings()}
+
+
+def create_targets(s: Session, rows: list[dict[str, Any]]) -> list[int]:
+    """``insert_targets`` (same keys in each row; ids returned in order): by COPY on PostgreSQL."""
+    if not rows or not _is_postgresql(s):
+        return insert_targets(s, rows)
+    ids = list(s.scalars(
+        text("SELECT nextval(pg_get_serial_sequence('targets', 'id')) FROM generate_series(1, :n)"),
+        {"n": len(rows)}))
+    now = _copy_time(utcnow())
+    columns = [c for c in rows[0] if c not in ("id", "created_at", "modified_at")]
+    _copy(s, _TARGETS, ("id", *columns, "created_at", "modified_at"), (
+        (i, *(_copy_json(r[c] or {}) if c == "extras" else r[c] for c in columns), now, now)
+        for i, r in zip(ids, rows)))
+    return ids
+
+
+_NAME_COPY_COLUMNS = ("target_id", "name", "norm", "primary", "source")
+
+
+def create_target_names(s: Session, rows: list[dict[str, Any]]) -> None:
+    """``add_names`` by COPY on PostgreSQL (a name another writer took meanwhile is an IntegrityError, as before)."""
+    if not rows or not _is_postgresql(s):
+        return add_names(s, rows)
+    _copy(s, TargetName.__table__, _NAME_COPY_COLUMNS, (tuple(r[c] for c in _NAME_COPY_COLUMNS) for r in rows))

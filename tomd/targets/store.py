@@ -109,7 +109,12 @@ class _Step:
 
 
 class _Plan:
-    """Decides every spec's target with three queries, then writes in bulk."""
+    """Decides every spec's target with three queries, then writes in bulk.
+
+    On PostgreSQL each query is one fixed statement with array parameters
+    (names, sky ranges), whatever the batch size, and new targets, names and
+    events go by COPY (tomd.db.repository, "targets: batch match and create").
+    """
 
     def __init__(self, s: Session, specs: list[TargetSpec], radius_arcsec: float):
         self.s = s
@@ -121,9 +126,9 @@ class _Plan:
                 ranges[k] = sky.cone_ranges(st.spec.ra, st.spec.dec, max(self.radius_deg, 1e-7))
         # Two daemons must not both create the same new object (PostgreSQL).
         repo.lock_sky_cells(s, sky.cells_of_ranges([r for rs in ranges.values() for r in rs], _LOCK_DEPTH))
-        self.known = repo.target_id_by_norm(s, sorted({n for st in self.steps for n in st.norms}))
+        self.known = repo.match_target_names(s, sorted({n for st in self.steps for n in st.norms}))
         need = [r for k, rs in ranges.items() if self.steps[k].norms[0] not in self.known for r in rs]
-        nearby = repo.targets_in_range_set(s, need) if need and self.radius_deg > 0 else {}
+        nearby = repo.targets_near(s, need) if need and self.radius_deg > 0 else {}
         # Candidates bucketed by coarse sky cell, so each spec compares with
         # its neighbours only, not with the whole batch.
         self.ranges = ranges
@@ -176,7 +181,7 @@ class _Plan:
     def match_of(self, st: _Step, rows: dict[int, Any] | None = None) -> Match:
         sep = st.separation_arcsec
         if st.by == "name" and st.spec.ra is not None and st.spec.dec is not None:
-            row = (rows or repo.target_rows(self.s, [st.target])).get(st.target)
+            row = (rows or repo.target_rows_any(self.s, [st.target])).get(st.target)
             if row is not None and row["ra"] is not None and row["dec"] is not None:
                 sep = sky.separation_deg(row["ra"], row["dec"], st.spec.ra, st.spec.dec) * 3600.0
         return Match(st.target, st.by, sep)
@@ -191,7 +196,7 @@ class _Plan:
             cols.update(derived_columns(st.spec))
             new_columns[prov] = {"name": st.spec.name, "extras": dict(st.spec.extras), **cols}
         existing = sorted({st.target for st in self.steps if st.target > 0})
-        rows = repo.target_rows(s, existing)
+        rows = repo.target_rows_any(s, existing)
         changes_of: list[dict[str, Any]] = []
         updates: dict[int, dict[str, Any]] = {}
         for st in self.steps:
@@ -205,7 +210,7 @@ class _Plan:
             else:
                 current = base
             changes_of.append(_fill(current, st.spec, base))
-        real = repo.insert_targets(s, [new_columns[prov] for prov, _ in self.created])
+        real = repo.create_targets(s, [new_columns[prov] for prov, _ in self.created])
         ids = {prov: rid for (prov, _), rid in zip(self.created, real)}
 
         def tid(t: int) -> int:
@@ -238,8 +243,8 @@ class _Plan:
             m = self.match_of(st, rows) if st.target > 0 else Match(t, st.by, st.separation_arcsec)
             results.append(UpsertResult(t, False, Match(t, m.by, m.separation_arcsec), tuple(st.new_names),
                                         changes, tuple(st.conflicts)))
-        repo.add_names(s, name_rows)
-        repo.add_events(s, events)
+        repo.create_target_names(s, name_rows)
+        repo.ingest_events(s, events)
         return results
 
 
