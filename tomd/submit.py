@@ -53,7 +53,7 @@ from tomd.errors import AmbiguousError, NotFoundError, PermanentError, Retryable
 from tomd.events import ObservationFailed, ObservationRejected, ObservationSubmitted
 from tomd.facilities.base import (Facility, Intent, LookupUnsupported, TemplateError, TokenRefused,
                                   ValidationRejected)
-from tomd.logs import request_fields
+from tomd.logs import FailureLog, request_fields
 
 log = logging.getLogger(__name__)
 
@@ -178,15 +178,17 @@ class Submitter:
         with self._lanes_lock:
             self._lane_events.append(event)
         others = sorted(self.facilities)
+        # A database outage: one traceback, then a counted line every 30 s, then "works again".
+        failures = FailureLog(log, f"submission sweep ({', '.join(facilities) if facilities else 'other'})",
+                              on_error=lambda exc: self.on_sweep_error(exc) if self.on_sweep_error else None)
         try:
             while not stop.is_set():
                 event.clear()  # before the sweep: a wake during it makes the next wait return at once
                 try:
                     outcomes = self._sweep_lane(facilities, stop)
+                    failures.ok()
                 except Exception as exc:  # noqa: BLE001 - a database hiccup must not end the lane
-                    log.exception("submission sweep failed; retrying")
-                    if self.on_sweep_error is not None:
-                        self.on_sweep_error(exc)
+                    failures.failed(exc)
                     outcomes = []
                 if len(outcomes) >= self.settings.batch:
                     continue  # more may be due
