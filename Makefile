@@ -25,8 +25,12 @@ demo: $(VENV)/.installed-demo
 postgres:
 	@scripts/ensure-postgres
 
-test: $(VENV)/.installed-test postgres
-	$(BIN)/pytest -q $(PYTEST_ARGS)
+# promtool (Debian's prometheus package) checks the alerting rules; optional.
+$(BIN)/promtool: | $(BIN)/python
+	@scripts/fetch-promtool $@
+
+test: $(VENV)/.installed-test postgres $(BIN)/promtool
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/pytest -q $(PYTEST_ARGS)
 
 bench: $(VENV)/.installed-test postgres
 	$(BIN)/python bench/crossmatch.py
