@@ -137,6 +137,8 @@ class TargetTag(Base):
 
     target_id: Mapped[int] = mapped_column(ForeignKey("targets.id", ondelete="CASCADE"), primary_key=True)
     tag: Mapped[str] = mapped_column(String(100), primary_key=True, index=True)
+    # When the tag was put on (backtests replay tags as they stood); NULL: before tomd kept it.
+    added_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=utcnow)
 
 
 class TargetList(Base):
@@ -155,6 +157,7 @@ class TargetListMember(Base):
     target_id: Mapped[int] = mapped_column(
         ForeignKey("targets.id", ondelete="CASCADE"), primary_key=True, index=True
     )
+    added_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=utcnow)  # NULL: before tomd kept it
 
 
 # ------------------------------------------------------------------ alerts --
