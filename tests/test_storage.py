@@ -413,3 +413,11 @@ def test_unreachable_endpoint_is_retryable() -> None:
     with pytest.raises(StorageError) as exc:
         store.size("x")
     assert isinstance(exc.value, RetryableError)
+
+
+def test_put_many_follows_a_symlink_that_stays_in_the_store(tmp_path) -> None:
+    root = tmp_path / "store"
+    (root / "real").mkdir(parents=True)
+    (root / "alias").symlink_to(root / "real")
+    LocalStore(root).put_many([(f"alias/x/{i}", b"%d" % i) for i in range(10)])
+    assert (root / "real" / "x" / "7").read_bytes() == b"7"

@@ -44,6 +44,7 @@ import os
 import re
 import secrets
 import shutil
+import stat
 import sys
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -293,14 +294,17 @@ class LocalStore:
         """
         if not items:
             return []
+        for key, _ in items:  # refuse a bad key before anything is written
+            check_key(key)
         dirs: dict[str, Path] = {}
         planned: list[tuple[Path, Path, Stored]] = []
-        for key, data in items:  # refuse a bad key before anything is written
-            parent, _, name = check_key(key).rpartition("/")
+        token = secrets.token_hex(4)
+        for n, (key, data) in enumerate(items):
+            parent, _, name = key.rpartition("/")
             d = dirs.get(parent)
             if d is None:
                 d = dirs[parent] = self._directory(key, parent)
-            planned.append((d / f".{name}.part-{secrets.token_hex(4)}", d / name,
+            planned.append((d / f".{name}.part-{token}-{n}", d / name,
                             Stored(key, len(data), hashlib.md5(data, usedforsecurity=False).hexdigest())))
         whole = len(items) >= _SYNCFS_MIN and _syncfs is not None
         renamed = 0
@@ -339,8 +343,36 @@ class LocalStore:
         return [st for _, _, st in planned]
 
     def _directory(self, key: str, parent: str) -> Path:
-        """The resolved directory of ``parent`` (created), refused if a symlink leads out of the store."""
-        d = self.root / parent if parent else self.root
+        """The directory of ``parent`` (created), refused if a symlink leads out of the store.
+
+        Walked from the root, one ``mkdir`` per component (and an ``lstat``
+        where it exists): a path of plain directories cannot leave the store,
+        and a new target's folder costs three system calls instead of a
+        ``resolve()`` of the whole path. A symlink on the way is followed and
+        checked as ``put`` does.
+        """
+        if not parent:
+            return self.root
+        d = str(self.root)
+        for part in parent.split("/"):
+            d = f"{d}/{part}"
+            try:
+                os.mkdir(d)
+                continue  # made here: a plain directory
+            except FileExistsError:
+                pass
+            except OSError:
+                return self._resolved_directory(key, parent)  # no root yet, or a real error: reported there
+            try:
+                if stat.S_ISDIR(os.lstat(d).st_mode):
+                    continue
+            except OSError:
+                pass
+            return self._resolved_directory(key, parent)  # a symlink (or not a directory)
+        return Path(d)
+
+    def _resolved_directory(self, key: str, parent: str) -> Path:
+        d = self.root / parent
         try:
             d.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
