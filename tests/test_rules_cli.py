@@ -147,7 +147,7 @@ def test_backtest_from_the_database_sees_each_notice_as_it_was(db, shared_data, 
     x = report["rules"]["xrt"]
     assert x["target_names"] == ["GCN swift 1227767"]
     assert x["nights"] == {"2024-05-11": {"firings": 1, "targets": ["GCN swift 1227767"], "estimated_hours": 0.0}}
-    assert any("target.tags, target.lists" in n for n in report["notes"])
+    assert any("target.extras are not replayed" in n for n in report["notes"])
     assert not any("without an error circle" in n for n in report["notes"])
 
 
@@ -208,3 +208,89 @@ def test_backtest_report_names_targets_per_night_with_hours(shared_data, tmp_pat
     assert cmd_rule_backtest(app, args) == 0
     out = capsys.readouterr()
     assert f"night of {expect[0]}: 1, 0.31 h: {name}" in out.out and "note: targets start empty" in out.err
+
+
+def _stored_series_with_tags(db, tmp_path):
+    """Three packets of one object a day apart, stored; tag "hot" and list "watch" put on between the 1st and
+    2nd, tag "old" and list "legacy" with no time (from before tomd kept it)."""
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
+    from tomd.db import repository as repo
+    from tomd.db.models import TargetListMember, TargetTag
+
+    schema, recs = series(3)
+    files = []
+    for i, r in enumerate(recs):
+        p = tmp_path / f"s{i}.avro"
+        p.write_bytes(encode(schema, [r]))
+        files.append(p)
+    ing = Ingestor(db.sessions, IngestSettings(stream="ztf", format="ztf-avro"),
+                   lambda d: [a for r in decode_avro_ocf(d) for a in ztf.parse(r)])
+    res = ing.handle([FileMessage(str(f), 0, f.read_bytes()) for f in files])
+    with db.sessions.begin() as s:
+        alerts = sorted((repo.get_alert(s, i) for i in res.alert_ids), key=lambda a: a.time)
+        tid = alerts[0].target_id
+        assert {a.target_id for a in alerts} == {tid}
+        between = alerts[0].time + (alerts[1].time - alerts[0].time) / 2
+        repo.add_tags_at(s, tid, ["hot"], between)
+        repo.add_to_lists_at(s, tid, ["watch"], between)
+        repo.add_tags(s, tid, ["old"])
+        repo.add_to_lists(s, tid, ["legacy"])
+        s.execute(update(TargetTag).where(TargetTag.tag == "old").values(added_at=None))
+        s.execute(update(TargetListMember).where(TargetListMember.target_id == tid,
+                                                 TargetListMember.added_at > between).values(added_at=None))
+        # Today, every tag is on: a replay that read them as they are now would fire on all three.
+        assert sorted(repo.tags_of(s, [tid])[tid]) == ["hot", "old"]
+    return files, alerts, between
+
+
+@pytest.mark.parametrize("source", ["database", "files"])
+def test_backtest_sees_tags_and_lists_only_from_when_they_were_added(db, shared_data, tmp_path, capsys, source):
+    files, _, _ = _stored_series_with_tags(db, tmp_path)
+    rules_dir = tmp_path / "rules"
+    rules_dir.mkdir()
+    (rules_dir / "hot.toml").write_text('name = "hot"\nwhen = "\'hot\' in target.tags"\nadd_tags = ["h"]\n')
+    (rules_dir / "watch.toml").write_text('name = "watch"\nwhen = "\'watch\' in target.lists"\nadd_tags = ["w"]\n')
+    (rules_dir / "old.toml").write_text('name = "old"\nwhen = "\'old\' in target.tags or \'legacy\' in target.lists"\nadd_tags = ["o"]\n')
+    app = App(db, rules_dir)
+
+    def run(assume_old):
+        args = argparse.Namespace(rules=None, alerts=[str(f) for f in files] if source == "files" else None,
+                                  since=None if source == "files" else "2000-01-01", until=None, format="auto",
+                                  json=True, assume_old_tags=assume_old)
+        assert cmd_rule_backtest(app, args) == 0
+        return json.loads(capsys.readouterr().out)
+
+    report = run(False)
+    assert report["alerts"] == 3
+    # The tag and the list were added after the first alert: not there for it, there for the later two.
+    for name in ("hot", "watch"):
+        assert report["rules"][name]["outcomes"] == {"not_fired": 1, "fired": 2}, name
+    # Unknown time: left out unless asked, and the report says which way.
+    assert report["rules"]["old"]["outcomes"] == {"not_fired": 3}
+    assert any("2 tag(s)/list membership(s)" in n and "left out" in n for n in report["notes"])
+    report = run(True)
+    assert report["rules"]["old"]["outcomes"] == {"fired": 3}
+    assert report["rules"]["hot"]["outcomes"] == {"not_fired": 1, "fired": 2}
+    assert any("counted as present" in n for n in report["notes"])
+    assert any("target.extras are not replayed" in n for n in report["notes"])
+
+
+def test_a_tag_added_by_a_replayed_rule_counts_from_that_alert_on(shared_data, tmp_path):
+    """The replay stamps a rule's own tags with the alert's time, so the next alert sees them (not the wall clock)."""
+    schema, recs = series(3)
+    from tomd.rules.cli import _alerts_from_files
+
+    files = []
+    for i, r in enumerate(recs):
+        p = tmp_path / f"t{i}.avro"
+        p.write_bytes(encode(schema, [r]))
+        files.append(str(p))
+    alerts, _ = _alerts_from_files(files, "auto")
+    first = rule('name = "first"\nwhen = "not (\'seen\' in target.tags)"\nadd_tags = ["seen"]')
+    again = rule('name = "again"\nwhen = "\'seen\' in target.tags"\nadd_tags = ["a"]')
+    report = backtest(alerts, [first, again])
+    assert report["rules"]["first"]["outcomes"] == {"fired": 1, "not_fired": 2}
+    assert report["rules"]["again"]["outcomes"] == {"not_fired": 1, "fired": 2}

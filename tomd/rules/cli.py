@@ -41,6 +41,9 @@ def register(subparsers) -> None:
     q.add_argument("--until", metavar="DATE", help="with --since: up to this date/time")
     q.add_argument("--rules", nargs="+", metavar="PATH", help="rule files or directories (default: rules.paths)")
     q.add_argument("--format", default="auto", help="with --alerts: alert format (default: guess)")
+    q.add_argument("--assume-old-tags", action="store_true",
+                   help="count tags and list memberships of unknown time (added before tomd kept the time) as "
+                        "present from the start (default: absent)")
     q.add_argument("--json", action="store_true")
 
 
@@ -126,7 +129,8 @@ def _alerts_from_files(paths: list[str], fmt: str):
     return out, bad
 
 
-def _alerts_from_db(app, since: datetime, until: datetime | None, notes: list[str] | None = None):
+def _alerts_from_db(app, since: datetime, until: datetime | None, notes: list[str] | None = None,
+                    target_ids: set[int] | None = None):
     """Stored alerts rebuilt as Alerts, each with the photometry it brought (so the replay sees no future).
 
     A notice alert (GRB, GW) is rebuilt with its OWN localisation, notice type
@@ -152,6 +156,8 @@ def _alerts_from_db(app, since: datetime, until: datetime | None, notes: list[st
         order = repo.notice_alert_ids(s, notice_ids)
         received = repo.notice_received_payloads(s, notice_ids)
         for row in rows:
+            if target_ids is not None and row.target_id is not None:
+                target_ids.add(row.target_id)
             pts = tuple(PhotPoint(mjd=p.mjd, band=p.band, kind=p.kind, mag=p.mag, mag_err=p.mag_err, flux=p.flux,
                                   flux_err=p.flux_err, limit=p.limit, source=p.source)
                         for p in repo.photometry_of_alert(s, row.id))
@@ -186,17 +192,51 @@ def _alerts_from_db(app, since: datetime, until: datetime | None, notes: list[st
 
 
 #: What a replay cannot know: said with every report.
-HISTORY_NOTE = ("targets start empty in the replay: target.tags, target.lists and target.extras hold only what the "
-                "replayed rules themselves added (tags and lists carry no timestamps, so today's cannot be replayed "
-                "as they stood), and no earlier requests or decisions exist for limits and duplicates")
+HISTORY_NOTE = ("each alert saw the stored targets' tags and list memberships added at or before its time "
+                "(added_at), plus what the replayed rules themselves added by then; target.extras are not "
+                "replayed (they carry no times, so today's values would leak the future: they read as empty); "
+                "no earlier requests or decisions exist for limits and duplicates")
+UNKNOWN_TIME_NOTE = ("{n} tag(s)/list membership(s) of these targets have no time (added before tomd kept it): "
+                     "{how}")
 
 
-def backtest(alerts, rules, *, facility_kinds=None, features=None, match_radius_arcsec: float = 1.5) -> dict[str, Any]:
+def _history_from_db(app, alerts, target_ids: set[int], match_radius_arcsec: float) -> dict[str, list]:
+    """The stored targets the replayed alerts belong to, with names, tags and lists (their times), to seed a replay.
+
+    Stored alerts name their target; alerts from files are matched to stored
+    targets by object name, then by position (``targets.match_radius_arcsec``).
+    """
+    from tomd.db import repository as repo
+    from tomd.sky import cone_ranges, separation_deg
+    from tomd.targets.names import normalize
+
+    ids = set(target_ids)
+    with app.sessions() as s:
+        norms = sorted({normalize(a.object_id) for a in alerts if a.object_id} - {""})
+        ids.update(repo.target_id_by_norm(s, norms).values())
+        r_deg = match_radius_arcsec / 3600.0
+        for a in alerts:
+            if a.ra is None or a.dec is None or (a.localization is not None and a.localization.error_deg):
+                continue  # a notice's error circle is not a target's position
+            for tid, (ra, dec) in repo.targets_in_range_set(s, cone_ranges(a.ra, a.dec, r_deg)).items():
+                if separation_deg(a.ra, a.dec, ra, dec) <= r_deg:
+                    ids.add(tid)
+        seed = repo.target_history_rows(s, sorted(ids))
+    for t in seed["targets"]:
+        t["extras"] = {}  # no times: today's values would leak the future
+    return seed
+
+
+def backtest(alerts, rules, *, facility_kinds=None, features=None, match_radius_arcsec: float = 1.5,
+             history: dict[str, list] | None = None, assume_old_tags: bool = False) -> dict[str, Any]:
     """Replay ``alerts`` in time order through ``rules`` in a scratch SQLite database; the report as a dict.
 
     Each alert is ingested on its own, then judged with "now" = its time, so
     a rule sees the target's history as it stood at that alert and never
     later (the limits and duplicates likewise see only earlier decisions).
+    ``history`` (from :func:`_history_from_db`) seeds the scratch database
+    with stored targets; their tags and list memberships count from their
+    ``added_at`` on, those without one only with ``assume_old_tags``.
     """
     from sqlalchemy import select
 
@@ -210,8 +250,16 @@ def backtest(alerts, rules, *, facility_kinds=None, features=None, match_radius_
         engine = migrate.connect(f"sqlite:///{tmp}/backtest.db")
         migrate.upgrade(engine)
         sessions = migrate.sessions(engine)
+        unknown_time = 0
+        if history:
+            from tomd.db import repository as repo
+
+            with sessions.begin() as s:
+                repo.seed_target_history(s, history)
+            unknown_time = sum(1 for r in history.get("tags", []) + history.get("members", [])
+                               if r.get("added_at") is None)
         eng = RuleEngine(RuleSet.of(rules), facility_kinds=facility_kinds, features=features,
-                         clock=lambda st: st.alert.time)
+                         clock=lambda st: st.alert.time, as_of=True, assume_old_tags=assume_old_tags)
         by_index = {str(i).encode(): a for i, a in enumerate(alerts)}
         ing = Ingestor(sessions, IngestSettings(stream="backtest", format="backtest", include_test=False,
                                                 match_radius_arcsec=match_radius_arcsec, keep_payload=False),
@@ -230,6 +278,10 @@ def backtest(alerts, rules, *, facility_kinds=None, features=None, match_radius_
                               "first": alerts[0].time.isoformat() if alerts else None,
                               "last": alerts[-1].time.isoformat() if alerts else None, "rules": {}, "warnings": [],
                               "notes": [HISTORY_NOTE]}
+    if unknown_time:
+        report["notes"].append(UNKNOWN_TIME_NOTE.format(
+            n=unknown_time, how="counted as present from the start (--assume-old-tags)" if assume_old_tags
+            else "left out of every replayed alert (--assume-old-tags counts them as present)"))
     per: dict[str, dict[str, Any]] = {}
     lon: dict[str, float] = {}
     for r in rules:
@@ -290,15 +342,35 @@ def cmd_rule_backtest(app, args) -> int:
         raise InputError("no rules to test", field="--rules")
     bad: list[str] = []
     notes: list[str] = []
+    tids: set[int] = set()
     if args.alerts:
         alerts, bad = _alerts_from_files(args.alerts, args.format)
     else:
         alerts = _alerts_from_db(app, _parse_date(args.since, "--since"),
-                                 _parse_date(args.until, "--until") if args.until else None, notes)
+                                 _parse_date(args.until, "--until") if args.until else None, notes, tids)
     for b in bad:
         print(f"skipped: {b}", file=sys.stderr)
+    radius = config.targets.match_radius_arcsec
+    history = None
+    if args.alerts:
+        # Alerts from files: stored targets they match bring their tags and lists; no database, none.
+        from sqlalchemy.exc import DBAPIError
+
+        from tomd.errors import UserError
+
+        why = "no database"
+        try:
+            history = _history_from_db(app, alerts, tids, radius) if app.sessions is not None else None
+        except (DBAPIError, UserError) as exc:
+            why = f"{exc.__class__.__name__}: {str(exc).splitlines()[0][:200]}"
+        if history is None:
+            notes.append(f"targets start empty: no stored targets were read ({why}), so target.tags and "
+                         "target.lists hold only what the replayed rules added")
+    else:
+        history = _history_from_db(app, alerts, tids, radius)
     report = backtest(alerts, rules, facility_kinds=env.facility_kinds, features=features,
-                      match_radius_arcsec=config.targets.match_radius_arcsec)
+                      match_radius_arcsec=radius, history=history,
+                      assume_old_tags=getattr(args, "assume_old_tags", False))
     report["notes"] = notes + report["notes"]
     if args.json:
         print(json.dumps(report, indent=2))

@@ -265,13 +265,18 @@ class RuleEngine:
     def __init__(self, rules: RuleSet | Sequence[Rule], *, facility_kinds: Mapping[str, str] | None = None,
                  features: Mapping[str, FeatureFn] | None = None,
                  clock: Callable[[Any], datetime] | None = None, kill_switch: str | Path | None = None,
-                 enabled: bool = True):
+                 enabled: bool = True, as_of: bool = False, assume_old_tags: bool = False):
         self.ruleset = rules if isinstance(rules, RuleSet) else RuleSet.of(rules)
         self.facility_kinds = dict(facility_kinds or {})
         self.features = dict(features or {})
         self.clock = clock or (lambda stored: datetime.now(timezone.utc))
         self.kill_switch = Path(kill_switch) if kill_switch else None
         self.enabled = enabled
+        # Back-tests: each alert sees only the tags and list memberships added at or before its "now"
+        # (added_at); those of unknown time (NULL, from before tomd kept it) only with assume_old_tags.
+        # The daemon's "now" is the wall clock, after every row it can read, so it skips the filter.
+        self.as_of = as_of
+        self.assume_old_tags = assume_old_tags
         self.counts: dict[str, int] = {}  # verdicts by outcome since start (metrics)
         self.last_verdicts: list[Verdict] = []
         self._lock = threading.Lock()
@@ -308,8 +313,10 @@ class RuleEngine:
         tids = sorted({st.target_id for st in stored if st.target_id is not None})
         rows = repo.target_rows(s, tids)
         names = repo.names_for_rules(s, tids)
-        tags = repo.tags_of(s, tids)
-        lists = repo.lists_of(s, tids)
+        if self.as_of:
+            tags, lists = repo.tag_times(s, tids), repo.list_times(s, tids)
+        else:
+            tags, lists = repo.tags_of(s, tids), repo.lists_of(s, tids)
         phot = repo.photometry_for_rules(s, tids)
         buffered: list[dict[str, Any]] = []
         observer = self.observer
@@ -318,8 +325,10 @@ class RuleEngine:
         for st in stored:
             t0 = time.perf_counter()
             now = _utc(self.clock(st))
-            ctx = self.context(st, rows.get(st.target_id), names.get(st.target_id, ()),
-                               tags.get(st.target_id, ()), lists.get(st.target_id, ()),
+            t_tags, t_lists = tags.get(st.target_id, ()), lists.get(st.target_id, ())
+            if self.as_of:
+                t_tags, t_lists = self.as_of_now(t_tags, now), self.as_of_now(t_lists, now)
+            ctx = self.context(st, rows.get(st.target_id), names.get(st.target_id, ()), t_tags, t_lists,
                                phot.get(st.target_id, ()), now)
             for rule in rules:
                 if not rule.listens_to(st.alert.source, st.alert.kind):
@@ -341,6 +350,10 @@ class RuleEngine:
             for v in verdicts:
                 self.counts[v.outcome] = self.counts.get(v.outcome, 0) + 1
         self.last_verdicts = verdicts  # the latest batch's, for tests and tools
+
+    def as_of_now(self, timed: Sequence[tuple[str, datetime | None]], now: datetime) -> list[str]:
+        """The names of ``(name, added_at)`` pairs that stood at ``now``."""
+        return [n for n, at in timed if (self.assume_old_tags if at is None else _utc(at) <= now)]
 
     def killed(self) -> str | None:
         if not self.enabled:
@@ -544,8 +557,9 @@ class RuleEngine:
                 repo.add_event(s, SubmissionIntent(request_id, decision_id, name, rule.name, st.target_id, ob.facility,
                                                    ob.template_key, ob.mode, ob.priority, now.isoformat(),
                                                    end.isoformat(), ob.estimated_hours), target_id=st.target_id)
-            tags = repo.add_tags(s, st.target_id, rule.add_tags) if rule.add_tags else []
-            lists = repo.add_to_lists(s, st.target_id, rule.add_to_lists) if rule.add_to_lists else []
+            # Stamped with the rule's "now" (the wall clock in the daemon, the alert's time in a back-test).
+            tags = repo.add_tags_at(s, st.target_id, rule.add_tags, now) if rule.add_tags else []
+            lists = repo.add_to_lists_at(s, st.target_id, rule.add_to_lists, now) if rule.add_to_lists else []
             repo.add_event(s, RuleFired(decision_id, rule.name, st.alert_id, st.target_id, why, rule.notify,
                                         rule.notify_message, request_id, tuple(tags), tuple(lists)),
                            target_id=st.target_id)
