@@ -156,6 +156,31 @@ def test_duplicate_request_is_not_submitted_and_higher_priority_escalates(db, sa
     assert count(db, ObservationRequest) == 2
 
 
+def test_a_submitted_duplicate_keeps_its_priority_and_says_why(db, sample):
+    """LCO's portal cannot change a submitted request group's priority: tomd neither pretends (the row and the
+    events stay) nor cancels and resubmits; the verdict says so."""
+    schema, rec = sample
+    low = rule('name = "low"\nwhen = "alert.mag > 0"\n' + OBSERVE.format(priority=1.0))
+    ingest(db, engine(low), [rec], schema)
+    with db.sessions.begin() as s:
+        req = s.scalars(select(ObservationRequest)).one()
+        req.state = "pending"  # as the submitter leaves it once the facility took it
+    high = rule('name = "high"\nwhen = "alert.mag > 0"\n' + OBSERVE.format(priority=3.0))
+    probe = rule('name = "probe"\nmode = "test"\nwhen = "alert.mag > 0"\n' + OBSERVE.format(priority=3.0))
+    second = next_alert(schema, rec, new_candid=rec["candid"] + 1)
+    ingest(db, engine(high, probe), [second], schema)
+    got = {r: (o, why) for r, o, why, _ in decisions(db)}
+    assert got["high"][0] == "deduplicated"
+    assert "wanted priority 3.0 > 1.0" in got["high"][1] and "already submitted" in got["high"][1]
+    assert "Cancel and resubmit by hand" in got["high"][1]
+    assert got["probe"][0] == "test" and "already submitted" in got["probe"][1]
+    with db.sessions() as s:
+        assert s.scalars(select(ObservationRequest)).one().priority == 1.0
+        assert s.scalar(select(func.count()).select_from(OutboxEvent)
+                        .where(OutboxEvent.kind == "submission.priority_raised")) == 0
+    assert count(db, ObservationRequest) == 1
+
+
 def test_test_mode_records_notifies_and_submits_nothing(db, sample):
     """A test rule records and notifies what it would have done (rule.tested → its channels), and submits nothing."""
     from tomd.config import Channel, Config, Notify

@@ -1754,3 +1754,13 @@ def seed_target_history(s: Session, seed: dict[str, list[dict[str, Any]]]) -> No
                        (TargetTag.__table__, "tags"), (TargetListMember.__table__, "members")):
         if seed.get(key):
             s.execute(table.insert(), seed[key])
+
+
+def raise_intent_priority(s: Session, request_id: int, priority: float) -> bool:
+    """Raise a request's priority only while it is still an intent (not yet claimed for submission).
+
+    False when the submitter claimed it first: the facility then holds the old priority.
+    """
+    res = s.execute(_REQUESTS.update().where(_REQUESTS.c.id == request_id, _REQUESTS.c.state == "intent")
+                    .values(priority=priority, updated_at=utcnow()))
+    return res.rowcount == 1

@@ -523,19 +523,35 @@ class RuleEngine:
         same = (f"request #{pending.id} ({pending.name}) for the same target, facility {ob.facility} and template "
                 f"{ob.template_key} is still {pending.state}")
         higher = pending.priority is None or ob.priority > pending.priority
+        # Only an intent's priority can still rise: once submitted, the facility holds the request, and the
+        # LCO portal's request groups take create and cancel only (no PATCH of ipp_value), nor do the other
+        # facilities tomd speaks offer a priority change. Cancel-and-resubmit is left to a human: the new
+        # request could land later than the old one, and a cancel that fails leaves two (a doubled night).
+        submitted = pending.state != "intent"
         if test:
-            what = f"would raise its priority {pending.priority} → {ob.priority}" if higher else "would submit nothing"
+            if not higher:
+                what = "would submit nothing"
+            elif submitted:
+                what = f"would want priority {ob.priority} > {pending.priority}, {_CANNOT_RAISE}"
+            else:
+                what = f"would raise its priority {pending.priority} → {ob.priority}"
             return record_later(Verdict(rule.name, "test", f"would be deduplicated: {same}; {what}", details))
         if not higher:
             return record_later(Verdict(rule.name, "deduplicated", f"{same} with priority {pending.priority} "
                                         f">= {ob.priority}: nothing submitted", details))
-        reason = f"{same}: its priority raised {pending.priority} → {ob.priority}"
+        if submitted or not repo.raise_intent_priority(s, pending.id, ob.priority):
+            state = pending.state if submitted else "claimed for submission"
+            details["priority_not_raised"] = {"wanted": ob.priority, "state": state}
+            log.warning("rule %s wants request #%s (%s) at priority %s > %s, but it is already %s: %s",
+                        rule.name, pending.id, pending.name, ob.priority, pending.priority, state, _CANNOT_RAISE,
+                        extra=alert_fields(st, rule=rule.name, request_id=pending.id))
+            return record_later(Verdict(rule.name, "deduplicated", f"{same}: wanted priority {ob.priority} > "
+                                        f"{pending.priority}, {_CANNOT_RAISE}", details))
+        reason = f"{same}: its priority raised {pending.priority} → {ob.priority} (before submission)"
         decision_id = repo.insert_decision(s, {**base, "outcome": "deduplicated", "reason": reason,
                                                "details": _jsonable(details)})
-        old = pending.priority
-        repo.set_request_priority(s, pending.id, ob.priority)
-        repo.add_event(s, RequestPriorityRaised(pending.id, decision_id, rule.name, old, ob.priority, pending.state),
-                       target_id=st.target_id)
+        repo.add_event(s, RequestPriorityRaised(pending.id, decision_id, rule.name, pending.priority, ob.priority,
+                                                pending.state), target_id=st.target_id)
         return Verdict(rule.name, "deduplicated", reason, details, decision_id, pending.id)
 
     def _fire(self, s: Session, rule: Rule, st, now: datetime, why: str, details, base) -> Verdict:
@@ -564,6 +580,12 @@ class RuleEngine:
                                         rule.notify_message, request_id, tuple(tags), tuple(lists)),
                            target_id=st.target_id)
         return Verdict(rule.name, "fired", why, details, decision_id, request_id)
+
+
+#: Said (reason, log) when a submitted request cannot take a higher priority.
+_CANNOT_RAISE = ("but it is already submitted and the facility offers no way to change a submitted request's "
+                 "priority (LCO: request groups can only be created or cancelled); nothing submitted and the "
+                 "request keeps its priority. Cancel and resubmit by hand if it matters")
 
 
 def _log_fired(fired: Sequence[tuple[Verdict, Any]]) -> None:
