@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import pytest
 from sqlalchemy import func, select
 
@@ -461,6 +463,9 @@ def test_ztf_cutouts_are_stored_as_data_products_under_the_target(db, shared_dat
                 assert p.storage_key.startswith(f"{target.id}-{a.object_id}/ztf/cutouts/{a.key}-{name}.fits")
                 with storage.open(p.storage_key) as f:
                     assert f.read() == a.cutouts[name]
+                assert (p.size, p.md5) == (len(a.cutouts[name]), hashlib.md5(a.cutouts[name]).hexdigest())
+                assert p.attempts == 0 and p.error is None and p.stored_at is not None
+                assert p.meta["object_id"] == a.object_id and p.filename == p.storage_key.rsplit("/", 1)[1]
     assert sorted(storage.keys()) == sorted(p.storage_key for p in products)
 
 

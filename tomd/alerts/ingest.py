@@ -334,7 +334,7 @@ class Ingestor:
 
         t0 = time.perf_counter()
         names = {tid: row["name"] for tid, row in
-                 repo.target_rows(s, sorted({tid for _, _, tid in items if tid is not None})).items()}
+                 repo.target_rows_any(s, sorted({tid for _, _, tid in items if tid is not None})).items()}
         jobs = []
         for i, a, tid in items:
             # As products.target_dir names a target's folder: "<id>-<name>".
@@ -362,7 +362,7 @@ class Ingestor:
             for f in futures:  # after a failed write, the queued ones need not start
                 f.cancel()
         now = datetime.now(timezone.utc)
-        repo.insert_cutout_products(s, [{
+        repo.ingest_cutout_products(s, [{
             "facility": a.source, "product_id": f"cutout:{a.key}:{name}", "kind": "cutout", "filename": filename,
             "storage_key": st.key, "size": st.size, "md5": st.md5, "state": "stored", "stored_at": now,
             "created_at": now, "target_id": tid,
