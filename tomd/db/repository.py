@@ -1666,6 +1666,106 @@ def create_target_names(s: Session, rows: list[dict[str, Any]]) -> None:
     _copy(s, TargetName.__table__, _NAME_COPY_COLUMNS, (tuple(r[c] for c in _NAME_COPY_COLUMNS) for r in rows))
 
 
+# ---- rules: tag and list history (backtests replay them as they stood) ----
+
+def tag_times(s: Session, target_ids: Iterable[int]) -> dict[int, list[tuple[str, Any]]]:
+    """{target: [(tag, added_at or None)]}: like ``tags_of``, with when each was put on."""
+    ids = list(target_ids)
+    out: dict[int, list[tuple[str, Any]]] = {i: [] for i in ids}
+    if ids:
+        q = (select(TargetTag.target_id, TargetTag.tag, TargetTag.added_at)
+             .where(TargetTag.target_id.in_(ids)).order_by(TargetTag.tag))
+        for tid, tag, at in s.execute(q):
+            out[tid].append((tag, at))
+    return out
+
+
+def list_times(s: Session, target_ids: Iterable[int]) -> dict[int, list[tuple[str, Any]]]:
+    """{target: [(list name, added_at or None)]}: like ``lists_of``, with when each membership began."""
+    ids = list(target_ids)
+    out: dict[int, list[tuple[str, Any]]] = {i: [] for i in ids}
+    if ids:
+        q = (select(TargetListMember.target_id, TargetList.name, TargetListMember.added_at)
+             .join(TargetList, TargetList.id == TargetListMember.list_id)
+             .where(TargetListMember.target_id.in_(ids)).order_by(TargetList.name))
+        for tid, name, at in s.execute(q):
+            out[tid].append((name, at))
+    return out
+
+
+def add_tags_at(s: Session, target_id: int, tags: Iterable[str], at) -> list[str]:
+    """``add_tags`` stamped ``at`` (the rule's "now"); a tag already there but stamped later (a replay
+    meeting today's copy) is moved back to ``at``. Returns the tags newly added."""
+    tags = list(dict.fromkeys(tags))
+    if not tags:
+        return []
+    have = dict(s.execute(select(TargetTag.tag, TargetTag.added_at)
+                          .where(TargetTag.target_id == target_id, TargetTag.tag.in_(tags))).all())
+    new = [t for t in tags if t not in have]
+    if new:
+        s.execute(insert(TargetTag), [{"target_id": target_id, "tag": t, "added_at": at} for t in new])
+    later = [t for t, when in have.items() if when is not None and when > at]
+    if later:
+        s.execute(TargetTag.__table__.update().where(TargetTag.target_id == target_id, TargetTag.tag.in_(later))
+                  .values(added_at=at))
+    return new
+
+
+def add_to_lists_at(s: Session, target_id: int, list_names: Iterable[str], at) -> list[str]:
+    """``add_to_lists`` stamped ``at``, as :func:`add_tags_at`. Returns the lists newly joined."""
+    added: list[str] = []
+    for name in dict.fromkeys(list_names):
+        lst = s.scalar(select(TargetList).where(TargetList.name == name))
+        if lst is None:
+            lst = TargetList(name=name, description="")
+            s.add(lst)
+            s.flush()
+        member = s.get(TargetListMember, (lst.id, target_id))
+        if member is None:
+            s.add(TargetListMember(list_id=lst.id, target_id=target_id, added_at=at))
+            added.append(name)
+        elif member.added_at is not None and member.added_at > at:
+            member.added_at = at
+    s.flush()
+    return added
+
+
+def target_history_rows(s: Session, target_ids: Sequence[int]) -> dict[str, list[dict[str, Any]]]:
+    """The targets, names, tags, lists and memberships of ``target_ids`` as plain rows (to seed a replay)."""
+    ids = sorted(set(target_ids))
+    if not ids:
+        return {"targets": [], "names": [], "tags": [], "lists": [], "members": []}
+
+    def rows(table, cond):
+        return [dict(r) for r in s.execute(select(table).where(cond)).mappings()]
+
+    members = rows(TargetListMember.__table__, TargetListMember.target_id.in_(ids))
+    list_ids = sorted({m["list_id"] for m in members})
+    return {"targets": rows(_TARGETS, _TARGETS.c.id.in_(ids)),
+            "names": rows(TargetName.__table__, TargetName.target_id.in_(ids)),
+            "tags": rows(TargetTag.__table__, TargetTag.target_id.in_(ids)),
+            "lists": rows(TargetList.__table__, TargetList.id.in_(list_ids)) if list_ids else [],
+            "members": members}
+
+
+def seed_target_history(s: Session, seed: dict[str, list[dict[str, Any]]]) -> None:
+    """Insert rows from :func:`target_history_rows` as they are (ids kept): an empty scratch database only."""
+    for table, key in ((_TARGETS, "targets"), (TargetName.__table__, "names"), (TargetList.__table__, "lists"),
+                       (TargetTag.__table__, "tags"), (TargetListMember.__table__, "members")):
+        if seed.get(key):
+            s.execute(table.insert(), seed[key])
+
+
+def raise_intent_priority(s: Session, request_id: int, priority: float) -> bool:
+    """Raise a request's priority only while it is still an intent (not yet claimed for submission).
+
+    False when the submitter claimed it first: the facility then holds the old priority.
+    """
+    res = s.execute(_REQUESTS.update().where(_REQUESTS.c.id == request_id, _REQUESTS.c.state == "intent")
+                    .values(priority=priority, updated_at=utcnow()))
+    return res.rowcount == 1
+
+
 _CUTOUT_COPY_COLUMNS = ("facility", "product_id", "kind", "filename", "storage_key", "size", "md5", "state",
                         "stored_at", "created_at", "target_id", "meta", "attempts")
 
