@@ -431,16 +431,72 @@ def test_reload_reads_changed_hook_files(db, tmp_path):
         new_targets(db, 1, "A")
         runner.wake()
         _wait(lambda: lines(out) == ["v1"])
-        write(d, "mod.py", src.replace("VERSION", "v2"))
+        # A different size: an edit of the same size within the second of the last import would
+        # match the old .pyc's recorded mtime and size, and Python would run the stale bytecode.
+        write(d, "mod.py", src.replace("VERSION", "version 2"))
         runner.reload()
         _wait(lambda: runner._generation == 2)
         new_targets(db, 1, "B")
         runner.wake()
-        _wait(lambda: lines(out) == ["v1", "v2"])
+        _wait(lambda: lines(out) == ["v1", "version 2"])
     finally:
         stop.set()
         runner.wake()
         t.join(30)
+
+
+def test_paced_worker_still_delivers_every_run_and_retry(db, tmp_path):
+    """While the ingest keeps committing (a wake every 20 ms), the worker yields (busy_share):
+    runs are delayed, never dropped; retries and final failures are recorded as usual."""
+    out = tmp_path / "out.txt"
+    d = tmp_path / "hooks"
+    write(d, "paced.py", """
+        from tomd.hooks import on
+
+        @on("target.created", max_attempts=2)
+        def ok(ctx):
+            with open(ctx.settings["out"], "a") as f:
+                f.write(f"{ctx.event_id}\\n")
+
+        @on("target.created", max_attempts=2)
+        def bad(ctx):
+            raise RuntimeError("always")
+    """)
+    runner = make_runner(db, d, settings={"paced": {"out": str(out)}}, busy_share=0.05, busy_hold=0.5,
+                         claim_batch=3)
+    stop, busy = threading.Event(), threading.Event()
+    t = threading.Thread(target=runner.run, args=(stop,), daemon=True)
+
+    def ingest_busy() -> None:
+        while not busy.is_set():
+            runner.wake()
+            time.sleep(0.02)
+
+    waker = threading.Thread(target=ingest_busy, daemon=True)
+    try:
+        t.start()
+        _wait(lambda: runner._started)
+        waker.start()
+        new_targets(db, 12, "P")
+        _wait(lambda: len(lines(out)) >= 12, timeout=60)
+        busy.set()
+        # its registration is a done record; every event's run failed after its 2 attempts
+        _wait(lambda: hook_states(db).get("paced.bad") == {"done": 1, "failed": 12}, timeout=60)
+        assert len(lines(out)) == len(set(lines(out))) == 12  # each event once
+        with db.sessions() as s:
+            attempts = s.scalars(select(HookRun.attempts).where(HookRun.hook == "paced.bad",
+                                                                HookRun.state == "failed")).all()
+        assert attempts == [2] * 12
+    finally:
+        busy.set()
+        stop.set()
+        runner.wake()
+        t.join(30)
+
+
+def hook_states(db) -> dict[str, dict[str, int]]:
+    with db.sessions() as s:
+        return repo.hook_run_counts(s)
 
 
 def _wait(cond, timeout: float = 30.0) -> None:

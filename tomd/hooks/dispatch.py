@@ -41,6 +41,9 @@ class Limits:
     retry_max: float = 3600.0
     lease_margin: float = 30.0
     claim_batch: int = 20
+    # While the ingest is busy, the share of the wall clock a worker may spend on runs (its
+    # claims and records load the database the ingest writes to): tomd.hooks.worker.
+    busy_share: float = 0.2
 
 
 @dataclass(frozen=True)

@@ -79,12 +79,17 @@ class RunnerSettings:
     lease_margin: float = 30.0
     claim_batch: int = 20
     nice: int = 10
+    # While events keep coming (a wake after each ingest commit, within ``busy_hold`` s), a worker
+    # spends at most ``busy_share`` of the time on runs: the pipeline first (1.0: no pacing).
+    busy_share: float = 0.2
+    busy_hold: float = 1.0
     settings: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     @property
     def limits(self) -> Limits:
         return Limits(timeout=self.timeout, max_attempts=self.max_attempts, retry_backoff=self.retry_backoff,
-                      retry_max=self.retry_max, lease_margin=self.lease_margin, claim_batch=self.claim_batch)
+                      retry_max=self.retry_max, lease_margin=self.lease_margin, claim_batch=self.claim_batch,
+                      busy_share=self.busy_share)
 
     @classmethod
     def from_config(cls, hooks) -> RunnerSettings:
@@ -114,6 +119,13 @@ class _Slot:
         self.generation = runner._generation
         self.thread: threading.Thread | None = None
         self.turns = 0
+
+
+class _TurnOver:
+    """A ``stop`` for WorkerProcess.work: ``is_set()`` asks ``check``."""
+
+    def __init__(self, check: Callable[[], bool]):
+        self.is_set = check
 
 
 class HookRunner:
@@ -191,7 +203,13 @@ class HookRunner:
             self._started = True
 
     def wake(self) -> None:
-        """New events were committed: look now rather than at the next poll."""
+        """New events were committed: look now rather than at the next poll.
+
+        Also tells the workers that the ingest is busy (for ``busy_hold`` s):
+        they pace themselves (``busy_share``), through their shared page."""
+        until = time.monotonic() + self.settings.busy_hold
+        for slot in self._slots:
+            slot.worker.ingest_busy(until)
         self._wake.set()
 
     def reload(self) -> None:
@@ -423,7 +441,10 @@ class HookRunner:
                         counts[o] = counts.get(o, 0) + 1
             d.release()  # the rest of its batch: pending again, no attempt used
 
-        got = slot.worker.work(claim_id, names, stop=stop, on_end=self._on_end, on_kill=on_kill)
+        # The turn ends (the worker gives back what it has not started) at stop, and when the
+        # files are reloaded: a busy turn must not go on running the old code on new events.
+        turn_over = _TurnOver(lambda: (stop is not None and stop.is_set()) or slot.generation != self._generation)
+        got = slot.worker.work(claim_id, names, stop=turn_over, on_end=self._on_end, on_kill=on_kill)
         for k, v in got.items():
             counts[k] = counts.get(k, 0) + v
         return counts

@@ -96,7 +96,10 @@ class RunSlot:
     """
 
     _FMT = "<Qqd"  # sequence, run id (0: none), deadline
-    SIZE = struct.calcsize(_FMT)
+    # After it, written by the daemon only: until when the ingest counts as busy (monotonic; 0:
+    # not busy). A pacing hint, not part of the seqlock: a torn read costs at most one pause.
+    _BUSY = struct.calcsize(_FMT)
+    SIZE = _BUSY + struct.calcsize("<d")
 
     def __init__(self, fd: int):
         self.mm = mmap.mmap(fd, self.SIZE)
@@ -117,6 +120,13 @@ class RunSlot:
 
     def clear(self) -> None:
         self.set(0, 0.0)
+
+    def set_busy(self, until: float) -> None:
+        """The daemon: the ingest committed; it counts as busy until ``until`` (monotonic)."""
+        struct.pack_into("<d", self.mm, self._BUSY, until)
+
+    def busy_until(self) -> float:
+        return struct.unpack_from("<d", self.mm, self._BUSY)[0]
 
     def get(self) -> tuple[int, float]:
         """(run id, deadline); (0, 0.0) when no run is going."""
@@ -267,12 +277,15 @@ def worker_main(conn, boot: WorkerBoot, slot: RunSlot) -> None:
                     paused = True
             return paused
 
-        d = Dispatcher(sessions, boot.limits or Limits(), {n: specs[n] for n in names if n in specs}, claim_id,
+        limits = boot.limits or Limits()
+        d = Dispatcher(sessions, limits, {n: specs[n] for n in names if n in specs}, claim_id,
                        execute=execute, on_end=on_end, facilities=boot.facilities)
         counts: dict[str, int] = {}
         try:
             while not should_stop():
+                t0 = time.monotonic()
                 outcomes = d.run_batch(should_stop)
+                _yield_to_ingest(slot, conn, limits.busy_share, time.monotonic() - t0)
                 batch: dict[str, int] = {}
                 for o in outcomes:
                     batch[o] = batch.get(o, 0) + 1
@@ -291,6 +304,25 @@ def worker_main(conn, boot: WorkerBoot, slot: RunSlot) -> None:
                 pass
         send(("idle", counts))
     os._exit(0)
+
+
+def _yield_to_ingest(slot: RunSlot, conn, share: float, spent: float) -> None:
+    """While the daemon's ingest is busy, keep this worker to ``share`` of the wall clock.
+
+    ``nice`` yields the worker's CPU, but not what its runs cost elsewhere: its
+    database connection's server process (PostgreSQL) and the write lock
+    (SQLite) serve it at full priority, and a hook failing on every event
+    keeps them busy with claims and failure records. So after a batch the
+    worker pauses ``spent × (1 − share) / share`` (no longer than the ingest
+    stays busy). Nothing is claimed while it pauses; runs are delayed, never
+    dropped: attempts, backoff and timeouts are as before.
+    """
+    if not 0 < share < 1:
+        return
+    left = slot.busy_until() - time.monotonic()
+    if left <= 0:
+        return
+    conn.poll(min(left, spent * (1 - share) / share))  # a pause or stop message ends it early
 
 
 class _Lazy:
@@ -465,6 +497,15 @@ class WorkerProcess:
                 for k, v in msg[1].items():
                     counts[k] = counts.get(k, 0) + v
                 return counts
+
+    def ingest_busy(self, until: float) -> None:
+        """Pace the worker until ``until`` (monotonic): the daemon's ingest is committing."""
+        slot = self.slot
+        if slot is not None:
+            try:
+                slot.set_busy(until)
+            except ValueError:  # closed by a restart in another thread: the next wake reaches the new one
+                pass
 
     def _recv(self, deadline: float):
         """The next non-log message; None at the deadline; ("crash", why) if the process died."""
