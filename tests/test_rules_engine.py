@@ -470,3 +470,21 @@ def test_manual_intents_record_proposal_and_hours_and_validation_duration_replac
 
         assert repo.requested_hours_from(s, "sim", "SIM2026A-002", datetime(2000, 1, 1, tzinfo=timezone.utc)) == \
             pytest.approx(rows["m-2"].estimated_hours)
+
+
+def test_compact_all_true_reasons_are_spelled_out_when_read():
+    """Verdicts that stop after every clause held keep "all N clauses true" and the values in details; people
+    read them with the values (full_reason: tomd rule explain), a firing's already spelled-out reason stays."""
+    from tomd.rules.engine import full_reason
+
+    d = {"values": {"alert.mag": 17.2, "target.n_detections": 3}}
+    assert full_reason("all 2 clauses true, but the alert has no target (localisation too large?) to act on", d) == (
+        "all 2 clauses true (alert.mag = 17.2, target.n_detections = 3), but the alert has no target "
+        "(localisation too large?) to act on")
+    assert full_reason("per_night: fired 3 times in the night of 2026-03-01 (limit 3); all 1 clause true",
+                       {"values": {"alert.mag": 17.2}}).endswith("; all 1 clause true (alert.mag = 17.2)")
+    fired = "all 2 clauses true (alert.mag = 17.2, target.n_detections = 3)"
+    assert full_reason(fired, d) == fired
+    assert full_reason("all 2 clauses true", {}) == "all 2 clauses true"
+    many = {"values": {f"v{i}": i for i in range(12)}}
+    assert full_reason("all 12 clauses true", many).count(" = ") == 8

@@ -258,9 +258,11 @@ class Context:
         self.facility_kinds = facility_kinds or {}
         self.features = features or {}
         self._cache: dict[Any, Any] = {}
+        # What every compiled expression takes, made once per alert (read once per rule).
+        self.argv = (alert, target, now_mjd, self)
 
     def args(self) -> tuple:
-        return self.alert, self.target, self.now, self
+        return self.argv
 
     def sites(self, facility: str) -> tuple[str, ...]:
         kind = self.facility_kinds.get(facility, facility)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import secrets
 import threading
 import time
@@ -44,7 +45,7 @@ from tomd.db import repository as repo
 from tomd.events import RequestPriorityRaised, RuleFired, RuleTested, SubmissionIntent
 from tomd.logs import alert_fields
 from tomd.rules.context import AlertView, Context, FeatureFn, Point, TargetView, mjd_of
-from tomd.rules.expr import describe_values
+from tomd.rules.expr import json_leaves, describe_values
 from tomd.rules.load import Rule, RuleEnv, load_file, rule_files
 
 log = logging.getLogger(__name__)
@@ -229,15 +230,25 @@ def _jsonable(v: Any) -> Any:
     return repr(v)[:200]
 
 
+_ALL_TRUE = re.compile(r"all \d+ clauses? true")
+
+
 def full_reason(reason: str, details: Mapping[str, Any] | None) -> str:
-    """A verdict's reason as people read it: a not-fired clause with the values it read.
+    """A verdict's reason as people read it: the clause(s) with the values they read.
 
     ``"alert.mag < 18 is false"`` + details {"values": {"alert.mag": 19.2}} →
-    ``"alert.mag < 18 is false (alert.mag = 19.2)"``.
+    ``"alert.mag < 18 is false (alert.mag = 19.2)"``; ``"all 2 clauses true, but …"`` →
+    ``"all 2 clauses true (alert.mag = 17.1, …), but …"`` (at most 8 values there).
     """
     vals = (details or {}).get("values") if isinstance(details, Mapping) else None
-    if reason.endswith(" is false") and isinstance(vals, Mapping) and vals:
+    if not isinstance(vals, Mapping) or not vals:
+        return reason
+    if reason.endswith(" is false"):
         return f"{reason} ({describe_values(vals)})"
+    m = _ALL_TRUE.search(reason)
+    if m is not None and not reason.startswith(" (", m.end()):
+        shown = vals if len(vals) <= 8 else dict(list(vals.items())[:8])
+        return f"{reason[:m.end()]} ({describe_values(shown)}){reason[m.end():]}"
     return reason
 
 
@@ -374,62 +385,74 @@ class RuleEngine:
     def decide(self, s: Session, rule: Rule, st, ctx: Context, now: datetime, killed: str | None,
                buffered: list[dict[str, Any]]) -> Verdict:
         w = rule.when
-        args = ctx.args()
-        err: Exception | None = None
+        args = ctx.argv
         try:
-            i = w.first_false(*args)
+            i = w.safe(*args)  # Compiled.first_false, without its frame: this runs once per rule and alert
         except Exception as exc:  # noqa: BLE001 - a rule's error is its verdict, never the batch's
-            i, err = -2, exc
+            return self._error(rule, st, ctx, now, exc, buffered)
         if i >= 0:
             # Most verdicts end here, once per rule and alert, so the row is compact: the reason is the
             # clause ("<clause> is false", made once) and the values it read go in details, written
             # out only when read (full_reason; tomd rule explain). bench/rules.py: engine_per_rule.
             clause = w.clauses[i]
-            details = {"clause": i, "values": w.json_values(i, *args), "line": clause.line}
+            details = {"clause": i, "values": json_leaves(clause.leaves, *args), "line": clause.line}
+            reason = clause.false_text
             buffered.append({"alert_id": st.alert_id, "target_id": st.target_id, "rule": rule.name,
                              "rule_version": rule.version, "created_at": now, "outcome": "not_fired",
-                             "reason": clause.false_text, "details": details})
-            return Verdict(rule.name, "not_fired", clause.false_text, details)
-        base = {"alert_id": st.alert_id, "target_id": st.target_id, "rule": rule.name,
-                "rule_version": rule.version, "created_at": now}
+                             "reason": reason, "details": details})
+            return Verdict(rule.name, "not_fired", reason, details)
+        return self._all_true(s, rule, st, ctx, args, now, killed, buffered)
 
-        def record_later(v: Verdict) -> Verdict:
-            buffered.append({**base, "outcome": v.outcome, "reason": v.reason[:4000],
-                             "details": _jsonable(v.details)})
-            return v
+    @staticmethod
+    def _record(rule: Rule, st, now: datetime, v: Verdict, buffered: list[dict[str, Any]]) -> Verdict:
+        """Buffer a verdict's row (written with the batch's others); details' values are JSON-safe already."""
+        d = v.details
+        buffered.append({"alert_id": st.alert_id, "target_id": st.target_id, "rule": rule.name,
+                         "rule_version": rule.version, "created_at": now, "outcome": v.outcome,
+                         "reason": v.reason[:4000],
+                         "details": {k: x if k == "values" else _jsonable(x) for k, x in d.items()}})
+        return v
 
-        if err is not None:
-            exc = err
-            log.warning("rule %s failed on alert %s (%s): %s", rule.name, st.alert_id, st.coords, exc,
-                        extra=alert_fields(st, rule=rule.name))
-            where = w.failing_clause(*ctx.args())
-            details = {"error": exc.__class__.__name__}
-            reason = f"{exc.__class__.__name__}: {exc}"
-            if where is not None:
-                c = w.clauses[where]
-                vals = w.values(where, *ctx.args())
-                details.update(clause=where, line=c.line, values=vals)
-                reason = f"{c.source} raised {reason}" + (f" ({describe_values(vals)})" if vals else "")
-            return record_later(Verdict(rule.name, "error", reason[:2000], details))
-        vals: dict[str, Any] = {}
-        for k in range(len(w.clauses)):
-            vals.update(w.json_values(k, *args))
-        details: dict[str, Any] = {"values": vals}
-        why = f"all {len(w.clauses)} clause{'s' if len(w.clauses) > 1 else ''} true"
-        if vals:
-            why += f" ({describe_values(dict(list(vals.items())[:8]))})"
+    def _error(self, rule: Rule, st, ctx: Context, now: datetime, exc: Exception,
+               buffered: list[dict[str, Any]]) -> Verdict:
+        w = rule.when
+        log.warning("rule %s failed on alert %s (%s): %s", rule.name, st.alert_id, st.coords, exc,
+                    extra=alert_fields(st, rule=rule.name))
+        where = w.failing_clause(*ctx.args())
+        details: dict[str, Any] = {"error": exc.__class__.__name__}
+        reason = f"{exc.__class__.__name__}: {exc}"
+        if where is not None:
+            c = w.clauses[where]
+            vals = w.values(where, *ctx.args())
+            details.update(clause=where, line=c.line, values=_jsonable(vals))
+            reason = f"{c.source} raised {reason}" + (f" ({describe_values(vals)})" if vals else "")
+        return self._record(rule, st, now, Verdict(rule.name, "error", reason[:2000], details), buffered)
+
+    def _all_true(self, s: Session, rule: Rule, st, ctx: Context, args, now: datetime, killed: str | None,
+                  buffered: list[dict[str, Any]]) -> Verdict:
+        """Every clause holds: visibility, target, limits, duplicates, hours, then fire (or test).
+
+        The reason kept for the verdicts that stop on the way is the compact "all N clauses true"
+        (made once per rule) with the values in details, spelled out when read (full_reason); only a
+        firing or a test rule's "would fire", which go to people as they are, spell them out here.
+        """
+        w = rule.when
+        details: dict[str, Any] = {"values": w.all_json_values(*args)}
+        why = w.all_true_text
         ob = rule.observe
         try:
             if ob is not None and ob.visible is not None:
                 vis = ctx.visibility(ob.facility, ob.window_hours, **ob.visible)
                 details["visibility"] = vis.as_dict()
                 if not vis.visible:
-                    return record_later(Verdict(rule.name, "not_fired", f"not visible from {ob.facility} within "
-                                                f"{ob.window_hours:g}h: {vis.reason}", details))
+                    return self._record(rule, st, now, Verdict(
+                        rule.name, "not_fired", f"not visible from {ob.facility} within {ob.window_hours:g}h: "
+                        f"{vis.reason}", details), buffered)
             needs_target = ob is not None or rule.add_tags or rule.add_to_lists
             if needs_target and st.target_id is None:
-                return record_later(Verdict(rule.name, "not_fired", f"{why}, but the alert has no target "
-                                            "(localisation too large?) to act on", details))
+                return self._record(rule, st, now, Verdict(
+                    rule.name, "not_fired", f"{why}, but the alert has no target (localisation too large?) to "
+                    "act on", details), buffered)
             test = rule.mode == "test"
             if ob is not None:
                 repo.lock_target_requests(s, st.target_id)  # two daemons: one request, not two
@@ -438,6 +461,12 @@ class RuleEngine:
             pending = None
             if not limit and ob is not None:
                 pending = repo.pending_request_like(s, st.target_id, ob.facility, ob.template_key)
+            base = {"alert_id": st.alert_id, "target_id": st.target_id, "rule": rule.name,
+                    "rule_version": rule.version, "created_at": now}
+
+            def record_later(v: Verdict) -> Verdict:
+                return self._record(rule, st, now, v, buffered)
+
             if pending is not None:  # before the hours: raising a priority asks for no more time
                 return self._duplicate(s, rule, st, pending, details, base, why, test, record_later)
             limit = limit or self.hours_limit(s, rule, now)
@@ -445,6 +474,7 @@ class RuleEngine:
                 if test:
                     return record_later(Verdict(rule.name, "test", f"would be limited: {limit}; {why}", details))
                 return record_later(Verdict(rule.name, "limited", f"{limit}; {why}", details))
+            why = full_reason(why, details)  # said to people as it is: the values spelled out
             if test:
                 return self._test(s, rule, st, why, details, base)
             if ob is not None:
@@ -459,7 +489,8 @@ class RuleEngine:
         except Exception as exc:  # noqa: BLE001
             log.warning("rule %s failed on alert %s (%s): %s", rule.name, st.alert_id, st.coords, exc,
                         extra=alert_fields(st, rule=rule.name))
-            return record_later(Verdict(rule.name, "error", f"{exc.__class__.__name__}: {exc}"[:2000], details))
+            return self._record(rule, st, now, Verdict(rule.name, "error", f"{exc.__class__.__name__}: {exc}"[:2000],
+                                                       details), buffered)
 
     def night(self, rule: Rule, now: datetime) -> tuple[datetime, str]:
         """The night a decision counts in (:func:`night_of` at the rule's facility, UTC without one)."""

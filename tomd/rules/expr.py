@@ -382,26 +382,27 @@ class Compiled:
         """
         return self.safe(alert, target, now, ctx)
 
+    def __post_init__(self) -> None:
+        # For verdicts whose clauses all hold: every clause's leaves in one list (a text read by two
+        # clauses once) and the reason's start, both made once here rather than per verdict.
+        seen: dict[str, Callable] = {}
+        for c in self.clauses:
+            for text, fn in c.leaves:
+                seen.setdefault(text, fn)
+        self.all_leaves: list[tuple[str, Callable]] = list(seen.items())
+        n = len(self.clauses)
+        self.all_true_text = f"all {n} clause{'s' if n != 1 else ''} true"
+
     def json_values(self, i: int, alert, target, now, ctx) -> dict[str, Any]:
         """:meth:`values`, JSON-safe as they are read (a not-fired verdict's row, in one pass).
 
         Plain values stay, non-finite floats become None, anything else its short repr or list.
         """
-        out = {}
-        for text, fn in self.clauses[i].leaves:
-            try:
-                v = fn(alert, target, now, ctx)
-            except Exception as exc:  # noqa: BLE001 - shown, never raised
-                out[text] = f"<{exc.__class__.__name__}: {exc}>"
-                continue
-            t = type(v)
-            if t is float:
-                out[text] = v if v - v == 0.0 else None  # inf - inf and nan - nan are nan
-            elif t is str or t is int or t is bool or v is None:
-                out[text] = v
-            else:
-                out[text] = _json_safe(v)
-        return out
+        return json_leaves(self.clauses[i].leaves, alert, target, now, ctx)
+
+    def all_json_values(self, alert, target, now, ctx) -> dict[str, Any]:
+        """Every clause's values, JSON-safe, in one pass (a verdict whose clauses all hold)."""
+        return json_leaves(self.all_leaves, alert, target, now, ctx)
 
     def values(self, i: int, alert, target, now, ctx) -> dict[str, Any]:
         """The values a clause read (for the reason), computed on demand."""
@@ -412,6 +413,24 @@ class Compiled:
             except Exception as exc:  # noqa: BLE001 - shown, never raised
                 out[text] = f"<{exc.__class__.__name__}: {exc}>"
         return out
+
+
+def json_leaves(leaves, alert, target, now, ctx) -> dict[str, Any]:
+    out = {}
+    for text, fn in leaves:
+        try:
+            v = fn(alert, target, now, ctx)
+        except Exception as exc:  # noqa: BLE001 - shown, never raised
+            out[text] = f"<{exc.__class__.__name__}: {exc}>"
+            continue
+        t = type(v)
+        if t is float:
+            out[text] = v if v - v == 0.0 else None  # inf - inf and nan - nan are nan
+        elif t is str or t is int or t is bool or v is None:
+            out[text] = v
+        else:
+            out[text] = _json_safe(v)
+    return out
 
 
 def _json_safe(v: Any) -> Any:
