@@ -488,3 +488,43 @@ def test_compact_all_true_reasons_are_spelled_out_when_read():
     assert full_reason("all 2 clauses true", {}) == "all 2 clauses true"
     many = {"values": {f"v{i}": i for i in range(12)}}
     assert full_reason("all 12 clauses true", many).count(" = ") == 8
+
+
+def test_priority_rises_at_the_observatory_only_before_submission(db, sample):
+    """Against the simulated LCO portal: a raise while the request is an intent is what gets submitted
+    (ipp_value); once the portal holds it, a higher priority changes nothing there and nothing is resubmitted."""
+    from tomd.facilities.lco import LCOClient
+    from tomd.facilities.sim import SimObservatory
+    from tomd.submit import SubmitSettings, Submitter
+
+    schema, rec = sample
+    recs = [rec]
+    for i in (1, 2):
+        recs.append(next_alert(schema, recs[-1], new_candid=rec["candid"] + i))
+    low = rule('name = "low"\nwhen = "alert.mag > 0"\n' + OBSERVE.format(priority=1.0))
+    mid = rule('name = "mid"\nwhen = "alert.mag > 0"\n' + OBSERVE.format(priority=1.5))
+    high = rule('name = "high"\nwhen = "alert.mag > 0"\n' + OBSERVE.format(priority=1.8))
+    with SimObservatory(pending_s=3600, proposals=("LCO2030A-001",)) as sim:
+        lco = LCOClient("lco", url=sim.url, token=sim.token, proposal="LCO2030A-001", timeout=2.0,
+                        templates={"1m-gri": {"instrument_type": "1M0-SCICAM-SINISTRO", "filters": ["gp", "rp", "ip"],
+                                              "exposure_time": 120}},
+                        max_attempts=3, backoff_base=0.01, backoff_cap=0.05, rate_limit=1000.0)
+        sub = Submitter(db.sessions, {"lco": lco}, SubmitSettings(lease_s=30, max_attempts=3, backoff_base_s=0.01,
+                                                                  backoff_cap_s=0.05, settle_s=0.05))
+        wall = {"clock": lambda st: datetime.now(timezone.utc)}  # the window must be open to submit
+        ingest(db, engine(low, **wall), recs[:1], schema)
+        ingest(db, engine(mid, **wall), recs[1:2], schema)  # still an intent: raised 1.0 → 1.5
+        (out,) = sub.run_once()
+        assert out.state == "pending"
+        (group,) = sim.groups()
+        assert group["ipp_value"] == 1.5
+        ingest(db, engine(high, **wall), recs[2:], schema)  # submitted: the portal cannot take 1.8
+        assert sub.run_once() == []
+        (group,) = sim.groups()
+        assert group["ipp_value"] == 1.5 and len(sim.submissions()) == 1
+    got = {r: (o, why) for r, o, why, _ in decisions(db)}
+    assert got["mid"][0] == "deduplicated" and "priority raised 1.0 → 1.5 (before submission)" in got["mid"][1]
+    assert got["high"][0] == "deduplicated" and "already submitted" in got["high"][1]
+    with db.sessions() as s:
+        (req,) = s.scalars(select(ObservationRequest)).all()
+        assert (req.state, req.priority) == ("pending", 1.5)
