@@ -192,9 +192,10 @@ def _alerts_from_db(app, since: datetime, until: datetime | None, notes: list[st
 
 
 #: What a replay cannot know: said with every report.
-HISTORY_NOTE = ("each alert saw the stored targets' tags and list memberships added at or before its time "
-                "(added_at), plus what the replayed rules themselves added by then; target.extras are not "
-                "replayed (they carry no times, so today's values would leak the future: they read as empty); "
+HISTORY_NOTE = ("tags and list memberships count from when they were added (added_at): each alert saw those of "
+                "stored targets added at or before its time, and what the replayed rules had added by then; "
+                "target.extras are not replayed (they carry no times, so today's values would leak the future: "
+                "they read as empty); "
                 "no earlier requests or decisions exist for limits and duplicates")
 UNKNOWN_TIME_NOTE = ("{n} tag(s)/list membership(s) of these targets have no time (added before tomd kept it): "
                      "{how}")
