@@ -8,6 +8,7 @@ import pytest
 from sqlalchemy import func, select
 
 from tests.alert_samples import encode, next_alert, read_ztf, ztf_files
+from tests.test_storage import s3_endpoint  # noqa: F401  (a moto S3 server fixture)
 from tomd.alerts.decode import decode_avro_ocf
 from tomd.alerts.formats import ztf
 from tomd.alerts.ingest import FileMessage, IngestSettings, Ingestor
@@ -434,13 +435,20 @@ def test_retry_parses_a_letter_with_its_kafka_headers_and_the_streams_include_te
 # --- cutouts and position errors ----------------------------------------------------------
 
 
-@pytest.mark.parametrize("store_cutouts", [True, False])
-def test_ztf_cutouts_are_stored_as_data_products_under_the_target(db, shared_data, tmp_path, store_cutouts):
+@pytest.mark.parametrize("backend, store_cutouts", [("local", True), ("s3", True), ("local", False)])
+def test_ztf_cutouts_are_stored_as_data_products_under_the_target(db, shared_data, tmp_path, request, backend,
+                                                                   store_cutouts):
     """B4: the stamps ZTF sends with each alert are kept, once per (alert, cutout)."""
     from tomd.db.models import DataProduct
-    from tomd.storage import LocalStore
+    from tomd.storage import LocalStore, S3Store
 
-    storage = LocalStore(tmp_path / "store")
+    if backend == "s3":  # moto on loopback: the batch's PUTs go concurrently, each with its Content-MD5
+        from tests.test_storage import new_bucket
+
+        endpoint = request.getfixturevalue("s3_endpoint")
+        storage = S3Store(new_bucket(endpoint), "tomd", endpoint_url=endpoint, region="us-east-1")
+    else:
+        storage = LocalStore(tmp_path / "store")
     msgs = messages(ztf_files()[:5])
     ing = Ingestor(db.sessions, IngestSettings(stream="ztf", format="ztf-avro", store_cutouts=store_cutouts),
                    ztf_parser, storage=storage)
