@@ -17,7 +17,10 @@ Cases (each on a fresh database):
   ``retry_max = 0.4``), so its first tries AND its retries run while the
   timed ingest runs: the case the goal is judged on;
 - ``failing_default_backoff``: the same hook at the ``[hooks]`` defaults
-  (retries 10 s later): only first tries fall inside the window.
+  (retries 10 s later): only first tries fall inside the window;
+- ``failing_unpaced``: as ``failing`` with ``busy_share = 1.0`` (the worker
+  does not yield to the busy ingest, as before that pacing existed);
+- ``failing_batch100``: as ``failing``, claiming 100 runs per transaction.
 
 How many hook attempts finished inside the timed window is counted (the
 sum of ``hook_runs.attempts`` just before and just after it), so a case
@@ -26,8 +29,8 @@ whose hook did nothing while the clock ran shows it. Runs are interleaved
 order of each repeat rotated), and each failing run is compared with the
 baseline of the same repeat: the result is the median of those paired
 ratios (the machine is shared; pairs see the same background load). CPU
-seconds of the bench process (ingest and runner threads) and of the
-worker process inside the window, and the load average, are recorded per run.
+seconds of the bench process (ingest and runner threads), of the
+worker process and of the PostgreSQL server processes inside the window, and the load average, are recorded per run.
 
     python bench/hooks.py [--alerts 1000] [--backends sqlite,postgresql] [--repeat 7]
 
@@ -37,6 +40,7 @@ Prints JSON and one human line per backend; writes bench/results/hooks.json.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -62,7 +66,7 @@ from tomd.config import Config, Database, Hooks, Rules, Storage, Stream  # noqa:
 from tomd.daemon import Daemon  # noqa: E402
 from tomd.db import migrate  # noqa: E402
 from tomd.db.models import HookRun  # noqa: E402
-from tomd.hooks.runner import HookRunner  # noqa: E402
+from tomd.hooks.runner import HookRunner, RunnerSettings  # noqa: E402
 
 FAILING_HOOK = '''
 from tomd.hooks import on
@@ -72,10 +76,14 @@ def always_fails(ctx):
     raise RuntimeError(f"bench: failing on purpose (event {ctx.event_id})")
 '''
 
-CASES = {  # name: (failing hook, retry_backoff, retry_max)
-    "baseline": (False, 10.0, 3600.0),
-    "failing": (True, 0.05, 0.4),
-    "failing_default_backoff": (True, 10.0, 3600.0),
+CASES = {  # name: (failing hook, retry_backoff, retry_max, RunnerSettings changes)
+    "baseline": (False, 10.0, 3600.0, {}),
+    "failing": (True, 0.05, 0.4, {}),
+    "failing_default_backoff": (True, 10.0, 3600.0, {}),
+    # the same as "failing", without the worker's pacing (as before it): what the pacing buys
+    "failing_unpaced": (True, 0.05, 0.4, {"busy_share": 1.0}),
+    # the same as "failing", claiming 100 runs at a time (fewer transactions per attempt)
+    "failing_batch100": (True, 0.05, 0.4, {"claim_batch": 100}),
 }
 
 
@@ -90,6 +98,19 @@ def _cpu_of(pid: int | None) -> float:
         return 0.0
 
 
+def _postgres_cpu() -> float:
+    """CPU seconds of every PostgreSQL server process (the server is local; other users' too)."""
+    total = 0.0
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if (d / "comm").read_text().strip() in ("postgres", "postmaster"):
+                    total += _cpu_of(int(d.name))
+            except OSError:
+                pass
+    return total
+
+
 def _attempts(sessions) -> tuple[int, int]:
     with sessions() as s:
         return (int(s.scalar(select(func.coalesce(func.sum(HookRun.attempts), 0))) or 0),
@@ -97,7 +118,7 @@ def _attempts(sessions) -> tuple[int, int]:
 
 
 def one_run(kind: str, case: str, warm: list[bytes], packets: list[bytes], batch: int, rules: int) -> dict:
-    failing, backoff, backoff_max = CASES[case]
+    failing, backoff, backoff_max, changes = CASES[case]
     url, drop = scratch_database(kind, "hooks")
     tmp = Path(tempfile.mkdtemp(prefix="tomd-bench-hooks-"))
     (tmp / "hooks").mkdir()
@@ -115,7 +136,8 @@ def one_run(kind: str, case: str, warm: list[bytes], packets: list[bytes], batch
             streams=[Stream(name="bench", kind="file", topics=[str(tmp / "in")], format="ztf-avro")],
         )
         daemon = Daemon(config, engine=engine)
-        hooks = HookRunner.from_config(config, daemon.sessions, daemon.storage)
+        settings = dataclasses.replace(RunnerSettings.from_config(config.hooks), **changes)
+        hooks = HookRunner(daemon.sessions, settings, database_url=url, storage_config=config.storage)
         hooks.start()
         daemon.add(hooks, wake_on_ingest=True)  # as add_components does: woken after every ingest commit
         ingestor = daemon.runners[0].ingestor
@@ -131,12 +153,13 @@ def one_run(kind: str, case: str, warm: list[bytes], packets: list[bytes], batch
         worker_pid = worker.proc.pid if worker.proc is not None else None
         a0, runs0 = _attempts(daemon.sessions)
         load = os.getloadavg()[0]
-        w0, c0 = _cpu_of(worker_pid), time.process_time()
+        w0, c0, p0 = _cpu_of(worker_pid), time.process_time(), _postgres_cpu() if kind == "postgresql" else 0.0
         t0 = time.perf_counter()
         for i in range(0, len(messages), batch):
             ingestor.handle(messages[i:i + batch])  # its WakeAfterCommit sink wakes the runner
         ingest_s = time.perf_counter() - t0
         cpu_s, worker_cpu = time.process_time() - c0, _cpu_of(worker_pid) - w0
+        pg_cpu = _postgres_cpu() - p0 if kind == "postgresql" else 0.0
         a1, runs1 = _attempts(daemon.sessions)
         # then, untimed: how long the runner needs to finish (bounded; the default backoff waits 10 s+)
         t1 = time.perf_counter()
@@ -157,7 +180,7 @@ def one_run(kind: str, case: str, warm: list[bytes], packets: list[bytes], batch
         return {"case": case, "alerts": timed, "ingest_s": round(ingest_s, 3),
                 "alerts_per_s": round(timed / ingest_s, 1), "attempts_in_window": a1 - a0,
                 "runs_added_in_window": runs1 - runs0, "bench_cpu_s": round(cpu_s, 3),
-                "worker_cpu_s": round(worker_cpu, 3), "load_1min": round(load, 2),
+                "worker_cpu_s": round(worker_cpu, 3), "postgres_cpu_s": round(pg_cpu, 3), "load_1min": round(load, 2),
                 "drain_s": round(drain_s, 2), "runs_after": states}
     finally:
         engine.dispose()
