@@ -600,6 +600,10 @@ class Hooks:
     commit_window: float = opt(120.0, parse=parse_duration)
     # Scheduling priority of the hook workers (nice, 0..19): hooks yield the CPU to the pipeline.
     nice: int = opt(10, check=_between(0, 19))
+    # While alerts keep coming, the workers spend at most this share of the time on hook runs
+    # (1.0: no pacing); "busy" lasts busy_hold after each ingest commit. Runs wait, never drop.
+    busy_share: float = opt(0.2, check=_between(above=0.0, hi=1.0))
+    busy_hold: float = opt(1.0, parse=parse_duration)
     # Per hook file: [hooks.settings.<file stem>] → ctx.settings.
     settings: dict[str, dict[str, Any]] = opt(factory=dict)
 
