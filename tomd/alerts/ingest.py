@@ -85,6 +85,7 @@ class Ingested:
     target_id: int | None
     notice_id: int | None
     coords: str  # topic[partition]@offset, or the file
+    stream: str | None = None  # the [[streams]] name it arrived on (rules may select by it)
 
 
 class AlertSink(Protocol):
@@ -293,7 +294,7 @@ class Ingestor:
         events = []
         stored = []
         for alert_id, (i, m, a) in zip(ids, keep):
-            stored.append(Ingested(alert_id, a, targets.get(i), notices.get(i), m.coords))
+            stored.append(Ingested(alert_id, a, targets.get(i), notices.get(i), m.coords, self.settings.stream))
             tid = targets.get(i)
             if tid is not None:
                 photometry.extend(_phot_row(tid, alert_id, a.source, p) for p in a.photometry)
