@@ -228,6 +228,72 @@ def test_ztf_35_forced_history_rows_become_forced_points() -> None:
     assert sum(p.kind == "forced" for p in a.photometry) > 10
 
 
+# ZTF writes -999 for "no counterpart" in its cross-match fields; these real
+# packets carry it (sgscore2/distpsnr2: no second PS1 source within 30";
+# neargaia/maggaia: no Gaia source within 90").
+NO_PS2 = "ztf/fink-broker-local/1095578115915015025.avro"
+NO_GAIA = "ztf/fink-broker-local/1095578116315015000.avro"
+
+
+def _rule_passes(text: str, alert) -> bool:
+    from tomd.rules.context import AlertView, Context, TargetView, mjd_of
+    from tomd.rules.expr import compile_expression
+
+    now = mjd_of(alert.time)
+    c = Context(AlertView(alert, 1), TargetView(None, now_mjd=now), now)
+    return compile_expression(text).first_false(*c.args()) == -1
+
+
+def test_ztf_no_match_placeholders_are_unknown_in_fields_raw_in_payload() -> None:
+    (rec,) = fastavro.reader(io.BytesIO((DATA / NO_PS2).read_bytes()))
+    (a,) = parse_message("ztf-avro", (DATA / NO_PS2).read_bytes())
+    cand = rec["candidate"]
+    assert cand["sgscore2"] == cand["distpsnr2"] == cand["neargaiabright"] == cand["ssdistnr"] == -999.0
+    for name in ("sgscore2", "distpsnr2", "neargaiabright", "maggaiabright", "ssdistnr", "ssmagnr"):
+        assert a.fields[name] is None, name
+        assert a.payload["candidate"][name] == -999.0, name  # the survey's value, as sent
+    # Real matches are kept as they are.
+    assert a.fields["sgscore1"] == pytest.approx(cand["sgscore1"]) and 0 <= a.fields["sgscore1"] <= 1
+    assert a.fields["distpsnr1"] == pytest.approx(cand["distpsnr1"]) and a.fields["distpsnr1"] > 0
+    assert a.fields["neargaia"] == pytest.approx(cand["neargaia"]) and a.fields["neargaia"] > 0
+    (g,) = parse_message("ztf-avro", (DATA / NO_GAIA).read_bytes())
+    assert g.payload["candidate"]["neargaia"] == g.payload["candidate"]["maggaia"] == -999.0
+    assert g.fields["neargaia"] is None and g.fields["maggaia"] is None
+    # In every shared ZTF packet: no field left at a placeholder, none made None that was real.
+    from tomd.alerts.formats.ztf import NO_MATCH_FIELDS
+
+    for rel in _ztf_samples():
+        for a in parse_message("ztf-avro", (DATA / rel).read_bytes()):
+            for name in NO_MATCH_FIELDS & a.payload["candidate"].keys():
+                raw = a.payload["candidate"][name]
+                assert a.fields[name] == (None if raw in (-999, -99) else raw), (rel, name)
+
+
+def test_ztf_rule_on_a_missing_ps1_match_is_false() -> None:
+    """`alert.fields.sgscore1 < 0.5` ("near a PS1 galaxy") must not pass for "no PS1 source"."""
+    data = (DATA / NO_PS2).read_bytes()
+    (a,) = parse_message("ztf-avro", data)
+    assert _rule_passes("alert.fields.sgscore1 < 0.5", a)  # its real closest source: 0.006
+    assert not _rule_passes("alert.fields.sgscore2 < 0.5", a)  # -999: no second source
+    assert not _rule_passes("alert.fields.distpsnr2 < 2", a)
+    assert _rule_passes("not known(alert.fields.sgscore2)", a)
+    assert _rule_passes("alert.payload.candidate.sgscore2 == -999", a)  # the raw value stays readable
+
+    # The same packet with no PS1 source at all (sgscore1/distpsnr1 -999 as ZTF
+    # writes them), written with the packet's own schema.
+    with io.BytesIO(data) as fh:
+        reader = fastavro.reader(fh)
+        schema, (rec,) = reader.writer_schema, list(reader)
+    rec["candidate"].update(sgscore1=-999.0, distpsnr1=-999.0, objectidps1=-999)
+    out = io.BytesIO()
+    fastavro.writer(out, schema, [rec])
+    (b,) = parse_message("ztf-avro", out.getvalue())
+    assert b.payload["candidate"]["sgscore1"] == -999.0 and b.fields["sgscore1"] is None
+    assert not _rule_passes("alert.fields.sgscore1 < 0.5", b)
+    assert not _rule_passes("alert.fields.sgscore1 < 0.5 and alert.fields.distpsnr1 < 1", b)
+    assert _rule_passes("alert.fields.sgscore1 < 0.5 or alert.mag < 30", b)
+
+
 # --- Rubin ---------------------------------------------------------------------------
 
 def _confluent(version: str) -> bytes:

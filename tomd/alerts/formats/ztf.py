@@ -46,6 +46,21 @@ FIELDS = (
     "magap", "sigmagap", "isdiffpos",
 )
 FORCED_SENTINEL = -99999.0  # fp_hists: "no measurement"
+# Cross-match fields that ZTF fills with -999 (a few older packets: -99) when
+# there is no counterpart: no PS1 source within 30", no Gaia source within 90",
+# no reference-image source, no known solar-system object. ZTF's schema docs
+# say only "if exists within N arcsec"; the real packets carry the -999 (in
+# ../shared/data/ztf: sgscore2/3, distpsnr2/3, neargaia(bright), maggaia(bright),
+# sgmag1, ssdistnr, ...). Every one of these is a distance, a score in [0, 1],
+# a catalogue magnitude or a catalogue id, so a value <= -99 is never real; in
+# ``fields`` it becomes None (unknown), else a rule `sgscore1 < 0.5` would pass
+# for "no PS1 match". The payload keeps the survey's value.
+NO_MATCH_FIELDS = frozenset({
+    "sgscore1", "sgscore2", "sgscore3", "distpsnr1", "distpsnr2", "distpsnr3", "objectidps1",
+    "sgmag1", "srmag1", "simag1", "szmag1", "distnr", "magnr", "sigmagnr", "neargaia",
+    "neargaiabright", "maggaia", "maggaiabright", "ssdistnr", "ssmagnr",
+})
+NO_MATCH_MAX = -99.0
 
 
 def _band(fid: Any, where: str) -> str:
@@ -215,14 +230,14 @@ def parse(record: dict, *, source: str = "ztf") -> list[Alert]:
     if "isdiffpos" in fields:
         fields["isdiffpos"] = positive
     # No known solar-system object within 30": ZTF writes ssnamenr 'null'
-    # and ssdistnr/ssmagnr -999 (the real packets do), which must not read as
-    # an object named "null" at -999".
+    # (and ssdistnr/ssmagnr -999, below), which must not read as an object
+    # named "null" at -999".
     if str(fields.get("ssnamenr") or "").strip().lower() in ("", "null", "none"):
         if "ssnamenr" in fields:
             fields["ssnamenr"] = None
-    for name in ("ssdistnr", "ssmagnr"):
+    for name in NO_MATCH_FIELDS:
         v = fields.get(name)
-        if v is not None and v <= -999.0:
+        if v is not None and v <= NO_MATCH_MAX:
             fields[name] = None
     rb = finite(cand.get("drb"))
     fields["real_bogus"] = rb if rb is not None else finite(cand.get("rb"))
