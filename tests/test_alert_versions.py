@@ -2,7 +2,7 @@
 
 ZTF: the writer schemas of versions 1.8 – 4.02 in tests/data/schemas/ztf/
 (see SOURCE.md there). Rubin: every 7.x – 11.x schema shipped in the installed
-lsst-alert-packet. For each version a packet is generated *from the schema*:
+lsst-alert-packet, and those tomd ships itself (tomd/alerts/schemas/lsst: 10.1). For each version a packet is generated *from the schema*:
 field values come from the real packets in ../shared/data where the field
 names match, every other field gets a type-correct value; the history holds
 detections and upper limits (ZTF ``prv_candidates`` with ``candid``/``magpsf``
@@ -46,11 +46,17 @@ SCHEMAS = Path(__file__).parent / "data" / "schemas" / "ztf"
 ZTF_VERSIONS = sorted((p.name for p in SCHEMAS.iterdir() if (p / "alert.avsc").is_file()),
                       key=lambda v: tuple(int(x) for x in v.split(".")))
 RUBIN_ROOT = resources.files("lsst.alert.packet") / "schema"
-RUBIN_VERSIONS = sorted(
-    (int(maj.name), int(mi.name))
-    for maj in RUBIN_ROOT.iterdir() if maj.name.isdigit() and 3 <= int(maj.name) <= 11
-    for mi in maj.iterdir() if mi.name.isdigit()
-)
+TOMD_RUBIN_ROOT = resources.files("tomd.alerts") / "schemas" / "lsst"  # versions the package lacks
+
+
+def _rubin_versions(root: Any) -> set[tuple[int, int]]:
+    return {(int(maj.name), int(mi.name))
+            for maj in root.iterdir() if maj.name.isdigit() and 3 <= int(maj.name) <= 11
+            for mi in maj.iterdir() if mi.name.isdigit()}
+
+
+RUBIN_PACKAGE_VERSIONS = _rubin_versions(RUBIN_ROOT)
+RUBIN_VERSIONS = sorted(RUBIN_PACKAGE_VERSIONS | _rubin_versions(TOMD_RUBIN_ROOT))
 
 needs_data = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data not present")
 
@@ -61,7 +67,9 @@ def test_every_version_is_here() -> None:
     # 7.x – 11.x are the versions asked for; 3.0 – 6.1 (midPointTai, filterName,
     # decl, psFlux) come along since lsst-alert-packet ships them.
     assert RUBIN_VERSIONS == [(3, 0), (4, 0), (5, 0), (6, 0), (6, 1), (7, 0), (7, 1), (7, 2), (7, 3), (7, 4),
-                              (8, 0), (9, 0), (10, 0), (11, 0), (11, 1)]
+                              (8, 0), (9, 0), (10, 0), (10, 1), (11, 0), (11, 1)]
+    # 10.1 is in lsst/alert_packet's repository, not in lsst-alert-packet 30.2026.2700: tomd ships it.
+    assert (10, 1) not in RUBIN_PACKAGE_VERSIONS
 
 
 # --- a record from a schema -----------------------------------------------------
@@ -367,38 +375,18 @@ def test_ztf_each_writer_schema_parsed_once() -> None:
 
 # --- Rubin ----------------------------------------------------------------------------
 
-# Versions not in the installed package: (major, minor) → folder with the .avsc files.
-_EXTRA_RUBIN: dict[tuple[int, int], Path] = {}
+def rubin_schema_path(major: int, minor: int) -> Any:
+    """The alert schema file: lsst-alert-packet's, else tomd's own copy."""
+    name = f"lsst.v{major}_{minor}.alert.avsc"
+    root = RUBIN_ROOT if (major, minor) in RUBIN_PACKAGE_VERSIONS else TOMD_RUBIN_ROOT
+    return root / str(major) / str(minor) / name
 
 
 def rubin_schema(major: int, minor: int) -> tuple[Any, dict]:
-    """(fastavro-parsed schema, expanded schema) from the lsst-alert-packet files."""
-    if (major, minor) in _EXTRA_RUBIN:
-        parsed = load_schema(str(_EXTRA_RUBIN[major, minor] / f"lsst.v{major}_{minor}.alert.avsc"))
-        return parsed, expand_schema(parsed)
-    path = RUBIN_ROOT / str(major) / str(minor) / f"lsst.v{major}_{minor}.alert.avsc"
-    with resources.as_file(path) as p:
+    """(fastavro-parsed schema, expanded schema) from the schema files."""
+    with resources.as_file(rubin_schema_path(major, minor)) as p:
         parsed = load_schema(str(p))
     return parsed, expand_schema(parsed)
-
-
-@pytest.fixture(scope="module")
-def rubin_10_1(tmp_path_factory: pytest.TempPathFactory) -> tuple[int, int]:
-    """Rubin 10.1: in lsst/alert_packet's repository (aa5b8fd), not in the released package.
-
-    Its alert.avsc is in tests/data/schemas/rubin/10.1; its parts are 10.0's
-    under the lsst.v10_1 namespace (see SOURCE.md there).
-    """
-    d = tmp_path_factory.mktemp("rubin") / "10" / "1"
-    d.mkdir(parents=True)
-    for part in ("diaSource", "diaForcedSource", "diaObject", "ssObject", "ssSource", "mpc_orbits"):
-        text = (RUBIN_ROOT / "10" / "0" / f"lsst.v10_0.{part}.avsc").read_text()
-        (d / f"lsst.v10_1.{part}.avsc").write_text(text.replace("lsst.v10_0", "lsst.v10_1"))
-    alert = Path(__file__).parent / "data/schemas/rubin/10.1/lsst.v10_1.alert.avsc"
-    (d / alert.name).write_text(alert.read_text())
-    _EXTRA_RUBIN[10, 1] = d
-    yield (10, 1)
-    del _EXTRA_RUBIN[10, 1]
 
 
 _RUBIN_POOL: dict[str, dict] = {}
@@ -577,10 +565,7 @@ def registered_schema(major: int, minor: int) -> str:
     """The schema text Rubin puts in its registry: lsst-alert-packet's resolved definition."""
     from lsst.alert.packet import Schema
 
-    folder = _EXTRA_RUBIN.get((major, minor))
-    path = (folder / f"lsst.v{major}_{minor}.alert.avsc") if folder else (
-        RUBIN_ROOT / str(major) / str(minor) / f"lsst.v{major}_{minor}.alert.avsc")
-    with resources.as_file(path) as p:
+    with resources.as_file(rubin_schema_path(major, minor)) as p:
         schema = Schema.from_file(str(p))
     assert schema.get_schema_id() == 100 * major + minor  # the id Rubin registers it under
     return json.dumps(schema.definition)
@@ -655,17 +640,30 @@ def test_rubin_registry_fetched_once_per_schema_id_then_packaged_fallback() -> N
 
 
 @needs_data
-def test_rubin_10_1_comes_from_the_registry(rubin_10_1: tuple[int, int]) -> None:
-    """10.1 (ssObject beside ssSource) is not in the package: the registry serves it, once."""
-    major, minor = rubin_10_1
-    rec, _ = build_rubin(major, minor, 169298432598477001)
-    data = rubin_message(major, minor, rec)
-    with pytest.raises(DecodeError, match=r"v10\.1"):
+def test_rubin_10_1_decodes_without_a_registry() -> None:
+    """10.1 (ssObject beside ssSource) is not in lsst-alert-packet: tomd's shipped copy decodes it."""
+    packaged = decode.PackagedRubinSchemas()
+    check_rubin_version(10, 1, packaged)
+    check_rubin_solar_system(10, 1, packaged)
+    # And through the default source `rubin-avro` uses when no registry is configured.
+    rec, _ = build_rubin(10, 1, 169298432598477001)
+    (a,) = parse_message("rubin-avro", rubin_message(10, 1, rec))
+    assert a.key == "169298432598477001" and a.payload["ssObject"] is None
+    # A version neither has is refused with the id, the version and where it was looked for.
+    data = b"\x00" + struct.pack(">I", 1002) + b"\x00"
+    with pytest.raises(DecodeError, match=r"schema id 1002: no Rubin schema v10\.2 in lsst-alert-packet"):
         parse_message("rubin-avro", data, schema_source=decode.PackagedRubinSchemas())
-    with _Registry({1001: registered_schema(major, minor)}) as reg, httpx.Client() as client:
-        chain = decode.ChainSchemaSource((decode.RegistrySchemaSource(reg.url, client, timeout=5.0),
-                                          decode.PackagedRubinSchemas()))
-        check_rubin_version(major, minor, chain)
-        check_rubin_solar_system(major, minor, chain)
-        calls = list(reg.calls)
-    assert calls == ["/schemas/ids/1001"]
+
+
+def test_shipped_rubin_schemas_are_package_data() -> None:
+    """pyproject's package data takes tomd/alerts/schemas (else a wheel would lack 10.1)."""
+    import fnmatch
+    import tomllib
+
+    repo = Path(__file__).parents[1]
+    patterns = tomllib.loads((repo / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["tomd"]
+    shipped = [p.relative_to(repo / "tomd").as_posix() for p in (repo / "tomd/alerts/schemas").rglob("*.avsc")]
+    assert len(shipped) == 7
+    # setuptools' "**" spans folders, as fnmatch's "*" does.
+    missing = [f for f in shipped if not any(fnmatch.fnmatch(f, pat.replace("**/", "")) for pat in patterns)]
+    assert not missing, (patterns, missing)

@@ -202,30 +202,41 @@ class SchemaSource(Protocol):
 
 
 class PackagedRubinSchemas:
-    """Rubin alert schemas shipped in the PyPI package ``lsst-alert-packet``.
+    """Rubin alert schemas shipped in the PyPI package ``lsst-alert-packet``, then in tomd.
 
     Layout: ``lsst/alert/packet/schema/<major>/<minor>/lsst.v<major>_<minor>.alert.avsc``;
     the alert schema names its parts (``lsst.v9_0.diaSource``) that live in
     sibling files named after them, which ``fastavro.schema.load_schema``
-    resolves. Rubin's schema id is ``100 * major + minor``.
+    resolves. Rubin's schema id is ``100 * major + minor``. A version the
+    released package lacks (10.1: in lsst/alert_packet's repository only) is
+    read from ``tomd/alerts/schemas/lsst/`` in the same layout (see its
+    README); the package's own copy wins when a later release has it.
     """
 
     def __init__(self) -> None:
         self._cache: dict[int, Any] = {}
 
+    @staticmethod
+    def _roots() -> list[Any]:
+        roots = []
+        try:
+            roots.append(resources.files("lsst.alert.packet") / "schema")
+        except ModuleNotFoundError:
+            pass
+        roots.append(resources.files("tomd.alerts") / "schemas" / "lsst")
+        return roots
+
     def get(self, schema_id: int) -> Any:
         if schema_id in self._cache:
             return self._cache[schema_id]
         major, minor = divmod(int(schema_id), 100)
-        try:
-            root = resources.files("lsst.alert.packet") / "schema"
-        except ModuleNotFoundError:
+        name = f"lsst.v{major}_{minor}.alert.avsc"
+        path = next((p for p in (r / str(major) / str(minor) / name for r in self._roots()) if p.is_file()), None)
+        if path is None:
             raise DecodeError(
-                f"schema id {schema_id}: package lsst-alert-packet is not installed"
-            ) from None
-        path = root / str(major) / str(minor) / f"lsst.v{major}_{minor}.alert.avsc"
-        if not path.is_file():
-            raise DecodeError(f"schema id {schema_id}: no Rubin schema v{major}.{minor} in lsst-alert-packet")
+                f"schema id {schema_id}: no Rubin schema v{major}.{minor} in lsst-alert-packet"
+                " (is it installed?) nor in tomd/alerts/schemas/lsst"
+            )
         try:
             with resources.as_file(path) as p:
                 schema = load_schema(str(p))
