@@ -294,3 +294,100 @@ def test_a_tag_added_by_a_replayed_rule_counts_from_that_alert_on(shared_data, t
     report = backtest(alerts, [first, again])
     assert report["rules"]["first"]["outcomes"] == {"fired": 1, "not_fired": 2}
     assert report["rules"]["again"]["outcomes"] == {"not_fired": 1, "fired": 2}
+
+
+# ---- streams: rules that select by the [[streams]] name an alert arrived on ----
+
+STREAM_RULE = 'name = "public"\nsources = ["ztf"]\nstreams = ["ztf-public"]\nwhen = "alert.mag > 0"\nadd_tags = ["p"]\n'
+
+
+def _with_streams(app, *names):
+    from dataclasses import replace
+
+    from tomd.config import Stream
+
+    app.config = replace(app.config, streams=[Stream(name=n, topics=["t"], format="ztf-avro") for n in names])
+    return app
+
+
+def test_backtest_of_files_takes_the_stream_they_stand_for(shared_data, tmp_path, capsys):
+    schema, recs = series(3)
+    files = []
+    for i, r in enumerate(recs):
+        p = tmp_path / f"s{i}.avro"
+        p.write_bytes(encode(schema, [r]))
+        files.append(str(p))
+    rules_dir = tmp_path / "rules"
+    rules_dir.mkdir()
+    (rules_dir / "public.toml").write_text(STREAM_RULE)
+    (rules_dir / "all.toml").write_text('name = "all"\nwhen = "alert.mag > 0"\nadd_tags = ["a"]\n')
+    app = _with_streams(App(rules_dir=rules_dir), "ztf-public", "ztf-private")
+
+    def run(stream, json_=True):
+        args = argparse.Namespace(rules=None, alerts=files, since=None, until=None, format="auto", json=json_,
+                                  stream=stream)
+        assert cmd_rule_backtest(app, args) == 0
+        out = capsys.readouterr()
+        return json.loads(out.out) if json_ else out
+
+    report = run("ztf-public")
+    assert report["rules"]["public"]["outcomes"] == {"fired": 3}
+    assert report["streams"] == {"ztf-public": 3}
+    assert not any("no known stream" in w for w in report["warnings"])
+    report = run("ztf-private")  # the same source on another stream: not listened to, and nothing to warn of
+    assert report["rules"]["public"]["evaluated"] == 0 and report["rules"]["all"]["evaluated"] == 3
+    assert not any("no known stream" in w for w in report["warnings"])
+    # No stream given: the stream rule judges nothing, and the report says why rather than look like a verdict.
+    report = run(None)
+    assert report["rules"]["public"]["evaluated"] == 0 and report["streams"] == {"(unknown)": 3}
+    assert any(w.startswith("rule public listens only to stream ztf-public, and 3 alert(s) of its sources and kinds "
+                            "came on no known stream") and "--stream NAME" in w for w in report["warnings"])
+    out = run(None, json_=False)
+    assert "warning: rule public listens only to stream ztf-public" in out.err
+    from tomd.errors import InputError
+
+    with pytest.raises(InputError, match="--stream: no stream named 'ztf-pubic' .streams: ztf-private, ztf-public."):
+        run("ztf-pubic")
+
+
+def test_backtest_from_the_database_replays_each_alert_on_its_stream(db, shared_data, tmp_path, capsys):
+    files = ztf_files()[:6]
+    for stream, part in (("ztf-public", files[:4]), ("ztf-private", files[4:])):
+        ing = Ingestor(db.sessions, IngestSettings(stream=stream, format="ztf-avro"),
+                       lambda d: [a for r in decode_avro_ocf(d) for a in ztf.parse(r)])
+        ing.handle([FileMessage(str(f), 0, f.read_bytes()) for f in part])
+    rules_dir = tmp_path / "rules"
+    rules_dir.mkdir()
+    (rules_dir / "public.toml").write_text(STREAM_RULE)
+    app = _with_streams(App(db, rules_dir), "ztf-public", "ztf-private")
+    args = argparse.Namespace(rules=None, alerts=None, since="2000-01-01", until=None, format="auto", json=True)
+    assert cmd_rule_backtest(app, args) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["alerts"] == 6 and report["streams"] == {"ztf-public": 4, "ztf-private": 2}
+    assert report["rules"]["public"]["outcomes"] == {"fired": 4}
+    assert not any("no known stream" in w for w in report["warnings"])
+    from tomd.errors import InputError
+
+    args.stream = "ztf-public"  # stored alerts know their own
+    with pytest.raises(InputError, match="--stream: only with --alerts"):
+        cmd_rule_backtest(app, args)
+
+
+def test_explain_names_the_stream_when_no_rule_listened(db, shared_data, capsys):
+    schema, (rec, second) = series(2)
+    eng = RuleEngine(RuleSet.of([rule(STREAM_RULE)]), clock=lambda st: st.alert.time)
+    ids = []
+    for stream, r in (("ztf-public", rec), ("ztf-private", second)):
+        ing = Ingestor(db.sessions, IngestSettings(stream=stream, format="ztf-avro"),
+                       lambda d: [a for r in decode_avro_ocf(d) for a in ztf.parse(r)], sinks=[eng])
+        ids.append(ing.handle([FileMessage("x", 0, encode(schema, [r]))]).alert_ids[0])
+    assert cmd_rule_explain(App(db), argparse.Namespace(alert_id=ids[0], json=False)) == 0
+    out = capsys.readouterr().out
+    assert "stream ztf-public)" in out and "public  fired" in out
+    assert cmd_rule_explain(App(db), argparse.Namespace(alert_id=ids[1], json=False)) == 0
+    out = capsys.readouterr().out
+    assert "no verdicts recorded" in out and "none listens to source 'ztf', kind 'transient' on stream " \
+                                              "'ztf-private'" in out
+    assert cmd_rule_explain(App(db), argparse.Namespace(alert_id=ids[1], json=True)) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["alert"]["stream"] == "ztf-private" and data["decisions"] == []

@@ -528,3 +528,35 @@ def test_priority_rises_at_the_observatory_only_before_submission(db, sample):
     with db.sessions() as s:
         (req,) = s.scalars(select(ObservationRequest)).all()
         assert (req.state, req.priority) == ("pending", 1.5)
+
+
+# ---- streams: a rule selects alerts by the [[streams]] name they arrived on (issue 4 §1) ----
+
+def test_a_rule_with_streams_judges_only_alerts_of_its_streams(db, sample):
+    """Same source (ztf), two streams: the stream rule records a verdict on its own stream's alert only."""
+    schema, rec = sample
+    second = next_alert(schema, rec, new_candid=rec["candid"] + 1)
+    public = rule('name = "public"\nsources = ["ztf"]\nstreams = ["ztf-public"]\nwhen = "alert.mag > 0"\n'
+                  'add_tags = ["pub"]\n')
+    anywhere = rule('name = "anywhere"\nwhen = "alert.mag > 0"\nadd_tags = ["any"]\n')
+    eng = engine(public, anywhere)
+    ids = []
+    for stream, r in (("ztf-public", rec), ("ztf-private", second)):
+        ing = Ingestor(db.sessions, IngestSettings(stream=stream, format="ztf-avro"), ztf_parser, sinks=[eng])
+        ids.append(ing.handle([FileMessage("copy", r["candid"], encode(schema, [r]))]).alert_ids[0])
+    got = [(r, o, a) for r, o, _, a in decisions(db)]
+    assert ("public", "fired", ids[0]) in got
+    assert [g for g in got if g[2] == ids[1]] == [("anywhere", "fired", ids[1])]  # nothing from "public"
+    assert sorted(g[0] for g in got) == ["anywhere", "anywhere", "public"]
+
+
+def test_listens_to_needs_every_selector_and_a_known_stream():
+    r = rule('name = "s"\nsources = ["ztf"]\nkinds = ["transient"]\nstreams = ["a", "b"]\nwhen = "alert.mag > 0"\n'
+             'add_tags = ["t"]\n')
+    assert r.streams == ("a", "b")
+    assert r.listens_to("ztf", "transient", "b")
+    assert not r.listens_to("ztf", "transient", "c")
+    assert not r.listens_to("ztf", "transient")  # unknown stream: cannot tell it is one of its own
+    assert not r.listens_to("rubin", "transient", "a") and not r.listens_to("ztf", "localization", "a")
+    plain = rule('name = "p"\nwhen = "alert.mag > 0"\nadd_tags = ["t"]\n')
+    assert plain.listens_to("ztf", "transient") and plain.listens_to("ztf", "transient", "c")

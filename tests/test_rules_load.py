@@ -334,3 +334,58 @@ def test_unknown_facility_in_visible_is_reported_beside_unknown_names():
     assert [p.split(": when: ")[1].split(";")[0].split(" (")[0] for p in problems] == \
         ["unknown name 'foo'", "visible(): unknown facility 'keck'"]
     assert [p.split(": when:")[0] for p in problems] == ["x.toml:2:9", "x.toml:2:29"]
+
+
+# ---- streams: rules select alerts by the [[streams]] name they arrived on ----
+
+STREAM_ENV = RuleEnv(ENV.facilities, ENV.channels, ENV.features, streams=frozenset({"ztf-public", "gcn"}))
+
+
+def test_streams_are_parsed_and_unknown_names_reported_at_their_place():
+    ok, problems = parse_rule('name = "s"\nstreams = ["ztf-public", "gcn"]\nwhen = "alert.mag < 18"\n'
+                              'add_tags = ["a"]\n', "s.toml", STREAM_ENV)
+    assert not problems and ok.streams == ("ztf-public", "gcn")
+    text = 'name = "s"\nsources = ["ztf"]\nstreams = [\n  "gcn",\n  "ztf-pubic",\n  "lvk"]\nwhen = "alert.mag < 18"\n' \
+           'add_tags = ["a"]\n'
+    r, problems = parse_rule(text, "s.toml", STREAM_ENV)
+    assert r is None
+    assert problems == [
+        "s.toml:5:3: streams: unknown stream 'ztf-pubic' (did you mean 'ztf-public'?); known: gcn, ztf-public "
+        "([[streams]] names of the config)",
+        "s.toml:6:3: streams: unknown stream 'lvk'; known: gcn, ztf-public ([[streams]] names of the config)",
+    ]
+    # Without a config (streams not known) the names cannot be checked, and are kept as written.
+    r, problems = parse_rule(text, "s.toml", ENV)
+    assert not problems and r.streams == ("gcn", "ztf-pubic", "lvk")
+
+
+@pytest.mark.parametrize("value, shown", [('"ztf-public"', 'a string "ztf-public"'), ("[1]", "a list [1]"),
+                                          ('[""]', "a list ['']")])
+def test_streams_type_errors_have_their_position(value, shown):
+    _, problems = parse_rule(f'name = "s"\ndescription = "x"\nstreams = {value}\nwhen = "alert.mag < 18"\n'
+                             'add_tags = ["a"]\n', "s.toml", STREAM_ENV)
+    assert problems == [f"s.toml:3:1: streams: expected a list of strings, got {shown}"]
+
+
+def test_stream_names_come_from_the_config_and_check_reports_them(tmp_path, capsys):
+    from tomd.config import Config
+    from tomd.rules.cli import cmd_rule_check
+
+    assert RuleEnv.from_config(example_config()).streams == {"ztf", "gcn"}
+    assert RuleEnv.from_config(Config()).streams is None  # no config file: nothing to check names against
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    (rules / "r.toml").write_text('name = "r"\nstreams = ["ztf", "gnc"]\nwhen = "alert.mag < 18"\nadd_tags = ["a"]\n')
+
+    class App:
+        config = example_config()
+
+    assert cmd_rule_check(App(), argparse.Namespace(paths=[str(rules)])) == 1
+    assert capsys.readouterr().err.splitlines() == [
+        f"{rules}/r.toml:2:19: streams: unknown stream 'gnc' (did you mean 'gcn'?); known: gcn, ztf "
+        "([[streams]] names of the config)"]
+
+    App.config = Config()
+    assert cmd_rule_check(App(), argparse.Namespace(paths=[str(rules)])) == 0
+    out = capsys.readouterr()
+    assert "1 rule OK" in out.out and "stream names rules listen to were not checked" in out.err

@@ -13,7 +13,7 @@ import tempfile
 from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from tomd.errors import InputError, NotFoundError
 
@@ -41,6 +41,9 @@ def register(subparsers) -> None:
     q.add_argument("--until", metavar="DATE", help="with --since: up to this date/time")
     q.add_argument("--rules", nargs="+", metavar="PATH", help="rule files or directories (default: rules.paths)")
     q.add_argument("--format", default="auto", help="with --alerts: alert format (default: guess)")
+    q.add_argument("--stream", metavar="NAME",
+                   help="with --alerts: the [[streams]] name the files stand for, for rules that select by "
+                        "stream (stored alerts know their own)")
     q.add_argument("--assume-old-tags", action="store_true",
                    help="count tags and list memberships of unknown time (added before tomd kept the time) as "
                         "present from the start (default: absent)")
@@ -67,6 +70,9 @@ def cmd_rule_check(app, args) -> int:
     if not problems:
         names = ", ".join(f"{r.name}{' (test)' if r.mode == 'test' else ''}" for r in rules)
         print(f"{len(rules)} rule{'s' if len(rules) != 1 else ''} OK" + (f": {names}" if names else ""))
+    if env.streams is None and any(r.streams for r in rules):
+        print("note: no config file with [[streams]]: the stream names rules listen to were not checked",
+              file=sys.stderr)
     return 1 if problems else 0
 
 
@@ -87,15 +93,18 @@ def cmd_rule_explain(app, args) -> int:
                          "request": {"id": req.id, "name": req.name, "state": req.state} if req else None,
                          "details": d.details})
         head = {"alert_id": alert.id, "source": alert.source, "key": alert.key, "object_id": alert.object_id,
-                "time": alert.time.isoformat(), "target_id": alert.target_id}
+                "time": alert.time.isoformat(), "target_id": alert.target_id, "stream": alert.stream,
+                "kind": alert.kind}
     if args.json:
         print(json.dumps({"alert": head, "decisions": rows}, indent=2, default=str))
         return 0
     print(f"alert #{head['alert_id']} {head['source']} {head['key']} {head['object_id'] or ''} at {head['time']}"
-          f" (target #{head['target_id']})")
+          f" (target #{head['target_id']}" + (f", stream {head['stream']})" if head["stream"] else ")"))
     if not rows:
+        # Rules that do not listen record nothing: name every selector they could have missed on.
+        on = f"stream {head['stream']!r}" if head["stream"] else "an unrecorded stream"
         print("  no verdicts recorded: no rule was loaded when it was ingested, or none listens to "
-              f"source {head['source']!r}")
+              f"source {head['source']!r}, kind {head['kind']!r} on {on}")
     width = max((len(r["rule"]) for r in rows), default=0)
     for r in rows:
         extra = f"  → request {r['request']['name']} ({r['request']['state']})" if r["request"] else ""
@@ -130,8 +139,10 @@ def _alerts_from_files(paths: list[str], fmt: str):
 
 
 def _alerts_from_db(app, since: datetime, until: datetime | None, notes: list[str] | None = None,
-                    target_ids: set[int] | None = None):
+                    target_ids: set[int] | None = None, streams: dict[tuple[str, str], str | None] | None = None):
     """Stored alerts rebuilt as Alerts, each with the photometry it brought (so the replay sees no future).
+
+    ``streams`` is filled with each alert's stream, by ``(source, key)``.
 
     A notice alert (GRB, GW) is rebuilt with its OWN localisation, notice type
     and retraction, never the notice row's (which later refinements
@@ -158,6 +169,8 @@ def _alerts_from_db(app, since: datetime, until: datetime | None, notes: list[st
         for row in rows:
             if target_ids is not None and row.target_id is not None:
                 target_ids.add(row.target_id)
+            if streams is not None:
+                streams[(row.source, row.key)] = row.stream
             pts = tuple(PhotPoint(mjd=p.mjd, band=p.band, kind=p.kind, mag=p.mag, mag_err=p.mag_err, flux=p.flux,
                                   flux_err=p.flux_err, limit=p.limit, source=p.source)
                         for p in repo.photometry_of_alert(s, row.id))
@@ -229,7 +242,8 @@ def _history_from_db(app, alerts, target_ids: set[int], match_radius_arcsec: flo
 
 
 def backtest(alerts, rules, *, facility_kinds=None, features=None, match_radius_arcsec: float = 1.5,
-             history: dict[str, list] | None = None, assume_old_tags: bool = False) -> dict[str, Any]:
+             history: dict[str, list] | None = None, assume_old_tags: bool = False,
+             stream_of: Callable[[Any], str | None] | None = None) -> dict[str, Any]:
     """Replay ``alerts`` in time order through ``rules`` in a scratch SQLite database; the report as a dict.
 
     Each alert is ingested on its own, then judged with "now" = its time, so
@@ -238,7 +252,12 @@ def backtest(alerts, rules, *, facility_kinds=None, features=None, match_radius_
     ``history`` (from :func:`_history_from_db`) seeds the scratch database
     with stored targets; their tags and list memberships count from their
     ``added_at`` on, those without one only with ``assume_old_tags``.
+    ``stream_of(alert)`` gives the stream an alert arrived on, for rules that
+    select by stream (None: unknown; such rules then do not judge it, and
+    the report warns).
     """
+    from dataclasses import replace
+
     from sqlalchemy import select
 
     from tomd.alerts.ingest import FileMessage, IngestSettings, Ingestor
@@ -247,6 +266,7 @@ def backtest(alerts, rules, *, facility_kinds=None, features=None, match_radius_
     from tomd.rules.engine import RuleEngine, RuleSet, facility_longitude, night_of
 
     alerts = sorted(alerts, key=lambda a: a.time)
+    stream_of = stream_of or (lambda a: None)
     with tempfile.TemporaryDirectory(prefix="tomd-backtest-") as tmp:
         engine = migrate.connect(f"sqlite:///{tmp}/backtest.db")
         migrate.upgrade(engine)
@@ -262,9 +282,14 @@ def backtest(alerts, rules, *, facility_kinds=None, features=None, match_radius_
         eng = RuleEngine(RuleSet.of(rules), facility_kinds=facility_kinds, features=features,
                          clock=lambda st: st.alert.time, as_of=True, assume_old_tags=assume_old_tags)
         by_index = {str(i).encode(): a for i, a in enumerate(alerts)}
+
+        def judge(s, stored) -> None:
+            # The scratch ingest is one stream of its own: each alert goes to the rules with the stream it came on.
+            eng(s, [replace(st, stream=stream_of(st.alert)) for st in stored])
+
         ing = Ingestor(sessions, IngestSettings(stream="backtest", format="backtest", include_test=False,
                                                 match_radius_arcsec=match_radius_arcsec, keep_payload=False),
-                       lambda data: [by_index[data]], sinks=[eng])
+                       lambda data: [by_index[data]], sinks=[judge])
         for i in range(len(alerts)):
             ing.handle([FileMessage("backtest", i, str(i).encode())])
         with sessions() as s:
@@ -327,6 +352,21 @@ def backtest(alerts, rules, *, facility_kinds=None, features=None, match_radius_
         if p["evaluated"] and frac > 0.05:
             report["warnings"].append(f"rule {name} fires on {100 * frac:.1f}% of the {p['evaluated']} alerts it "
                                       "saw (more than 5%): is the condition too loose?")
+    # A rule that selects by stream judges no alert of unknown stream: say so, or its silence looks like a verdict.
+    seen: dict[tuple[str, str], tuple[Any, str | None]] = {}  # (source, key) → (alert, stream), as ingested
+    for a in alerts:
+        seen.setdefault((a.source, a.key), (a, stream_of(a)))
+    report["streams"] = dict(Counter(st if st is not None else "(unknown)" for _, st in seen.values()))
+    for r in rules:
+        if not r.streams:
+            continue
+        # Alerts it would have judged had their stream been one of its own (its sources and kinds match).
+        unknown = sum(1 for a, st in seen.values() if st is None and r.listens_to(a.source, a.kind, r.streams[0]))
+        if unknown:
+            report["warnings"].append(
+                f"rule {r.name} listens only to stream{'s' if len(r.streams) > 1 else ''} {', '.join(r.streams)}, "
+                f"and {unknown} alert(s) of its sources and kinds came on no known stream: it judged none of them "
+                "(alert files: give --stream NAME for the stream they stand for)")
     return report
 
 
@@ -344,11 +384,21 @@ def cmd_rule_backtest(app, args) -> int:
     bad: list[str] = []
     notes: list[str] = []
     tids: set[int] = set()
+    stream = getattr(args, "stream", None)
     if args.alerts:
+        if stream is not None and env.streams is not None and stream not in env.streams:
+            known = ", ".join(sorted(env.streams)) or "none configured"
+            raise InputError(f"no stream named {stream!r} (streams: {known})", field="--stream")
         alerts, bad = _alerts_from_files(args.alerts, args.format)
+        stream_of = lambda a: stream  # noqa: E731 - every file stands for the one stream named
     else:
+        if stream is not None:
+            raise InputError("only with --alerts: stored alerts are replayed with the stream they came on",
+                             field="--stream")
+        stored: dict[tuple[str, str], str | None] = {}
         alerts = _alerts_from_db(app, _parse_date(args.since, "--since"),
-                                 _parse_date(args.until, "--until") if args.until else None, notes, tids)
+                                 _parse_date(args.until, "--until") if args.until else None, notes, tids, stored)
+        stream_of = lambda a: stored.get((a.source, a.key))  # noqa: E731
     for b in bad:
         print(f"skipped: {b}", file=sys.stderr)
     radius = config.targets.match_radius_arcsec
@@ -371,12 +421,14 @@ def cmd_rule_backtest(app, args) -> int:
         history = _history_from_db(app, alerts, tids, radius)
     report = backtest(alerts, rules, facility_kinds=env.facility_kinds, features=features,
                       match_radius_arcsec=radius, history=history,
-                      assume_old_tags=getattr(args, "assume_old_tags", False))
+                      assume_old_tags=getattr(args, "assume_old_tags", False), stream_of=stream_of)
     report["notes"] = notes + report["notes"]
     if args.json:
         print(json.dumps(report, indent=2))
     else:
-        print(f"{report['alerts']} alerts replayed ({report['first']} .. {report['last']})")
+        by_stream = ", ".join(f"{k} {v}" for k, v in sorted(report["streams"].items()))
+        print(f"{report['alerts']} alerts replayed ({report['first']} .. {report['last']})"
+              + (f"; streams: {by_stream}" if set(report["streams"]) - {"(unknown)"} else ""))
         for name, r in report["rules"].items():
             oc = ", ".join(f"{k} {v}" for k, v in sorted(r["outcomes"].items()))
             print(f"  {name}{' (test)' if r['mode'] == 'test' else ''}: fired {r['firings']} "

@@ -342,7 +342,7 @@ class RuleEngine:
             ctx = self.context(st, rows.get(st.target_id), names.get(st.target_id, ()), t_tags, t_lists,
                                phot.get(st.target_id, ()), now)
             for rule in rules:
-                if not rule.listens_to(st.alert.source, st.alert.kind):
+                if not rule.listens_to(st.alert.source, st.alert.kind, getattr(st, "stream", None)):
                     continue
                 v = self.decide(s, rule, st, ctx, now, killed, buffered)
                 verdicts.append(v)

@@ -61,6 +61,7 @@ class Rule:
     mode: str = "active"  # active | test
     sources: tuple[str, ...] = ()  # alert.source values listened to; empty: all
     kinds: tuple[str, ...] = ()  # alert.kind values (transient, localization, ...); empty: all
+    streams: tuple[str, ...] = ()  # [[streams]] names the alert arrived on; empty: all
     observe: Observe | None = None
     notify: tuple[str, ...] = ()
     notify_message: str = ""
@@ -69,8 +70,14 @@ class Rule:
     limits: Limits = field(default_factory=Limits)
     version: str = ""  # hash of the file's bytes
 
-    def listens_to(self, source: str, kind: str) -> bool:
-        return (not self.sources or source in self.sources) and (not self.kinds or kind in self.kinds)
+    def listens_to(self, source: str, kind: str, stream: str | None = None) -> bool:
+        """Every selector given must match (an empty one matches all).
+
+        A rule that names streams does not listen to an alert of unknown
+        stream (None): it cannot tell that alert came from one of them.
+        """
+        return ((not self.sources or source in self.sources) and (not self.kinds or kind in self.kinds)
+                and (not self.streams or stream in self.streams))
 
 
 # --------------------------------------------------------- environment --
@@ -86,6 +93,7 @@ class RuleEnv:
     site_keys: Mapping[str, str] = field(default_factory=dict)
     proposals: Mapping[str, str | None] = field(default_factory=dict)  # facility → its config proposal
     sources: frozenset[str] | None = None  # alert sources a rule may listen to; None: KNOWN_SOURCES
+    streams: frozenset[str] | None = None  # [[streams]] names of the config; None: not checked (no config)
 
     @classmethod
     def from_config(cls, config, features: Iterable[str] | None = None) -> "RuleEnv":
@@ -94,8 +102,12 @@ class RuleEnv:
         channels = frozenset(config.notify.channels)
         if features is None:
             features = (getattr(config.rules, "features", None) or {}).keys()
+        # The embedded defaults (no config file) have no streams, yet the daemon a rule is written for
+        # will: names are checked only against a config that was read, or one that has streams.
+        streams = (frozenset(st.name for st in config.streams)
+                   if getattr(config, "source", None) is not None or config.streams else None)
         return cls(facs, channels, frozenset(features), _site_keys(config),
-                   {name: f.proposal for name, f in config.facilities.items()})
+                   {name: f.proposal for name, f in config.facilities.items()}, streams=streams)
 
     @property
     def facility_kinds(self) -> dict[str, str]:
@@ -191,7 +203,7 @@ def load_file(path: str | Path, env: RuleEnv) -> tuple[Rule | None, list[str]]:
     return parse_rule(text, str(path), env)
 
 
-_TOP = {"name", "description", "mode", "sources", "kinds", "when", "add_tags", "add_to_lists",
+_TOP = {"name", "description", "mode", "sources", "kinds", "streams", "when", "add_tags", "add_to_lists",
         "observe", "notify", "limits"}
 _OBSERVE = {"facility", "template", "mode", "window", "priority", "visible", "cadence"}
 _VISIBLE = {"max_airmass", "min_moon_deg", "max_sun_alt"}
@@ -265,6 +277,15 @@ def parse_rule(text: str, file: str, env: RuleEnv) -> tuple[Rule | None, list[st
     for k in kinds:
         if k not in ("transient", "localization", "solar_system"):
             bad(("kinds",), f"unknown alert kind {k!r}; expected transient, localization or solar_system")
+    streams = strings(data, "streams")
+    if env.streams is not None:
+        for st in streams:
+            if st not in env.streams:
+                hint = difflib.get_close_matches(st, list(env.streams), n=1, cutoff=0.6)
+                line, col = pos.item(("streams",), st)
+                bad((), f"streams: unknown stream {st!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
+                    + f"; known: {', '.join(sorted(env.streams)) or 'none configured'} ([[streams]] names "
+                    "of the config)", line, col)
     add_tags = strings(data, "add_tags")
     add_lists = strings(data, "add_to_lists")
 
@@ -338,8 +359,8 @@ def parse_rule(text: str, file: str, env: RuleEnv) -> tuple[Rule | None, list[st
     if problems or compiled is None or name is None:
         return None, problems
     return Rule(name=name, when=compiled, file=file, line=pos.of(("name",))[0], description=description,
-                mode=mode, sources=sources, kinds=kinds, observe=observe, notify=notify, notify_message=message,
-                add_tags=add_tags, add_to_lists=add_lists, limits=limits,
+                mode=mode, sources=sources, kinds=kinds, streams=streams, observe=observe, notify=notify,
+                notify_message=message, add_tags=add_tags, add_to_lists=add_lists, limits=limits,
                 version=hashlib.sha256(text.encode()).hexdigest()[:16]), []
 
 
@@ -567,6 +588,28 @@ class _Positions:
             if p in self.tables:
                 return self.tables[p], 1
         return 1, 1
+
+    def item(self, path: tuple, value: str) -> tuple[int, int]:
+        """Where the string ``value`` is written in the array at ``path`` (the key's place if not found)."""
+        if path not in self.values:
+            return self.of(path)
+        kl, kc = self.values[path]
+        depth = 0
+        for i in range(kl - 1, len(self.lines)):
+            line = self.lines[i]
+            start = kc - 1 if i == kl - 1 else 0
+            for m in re.finditer(r"\"((?:[^\"\\]|\\.)*)\"|'([^']*)'|([\[\]])|#.*", line[start:]):
+                if m.group(3) == "[":
+                    depth += 1
+                elif m.group(3) == "]":
+                    depth -= 1
+                    if depth <= 0:
+                        return self.of(path)
+                elif m.group(0).startswith("#"):
+                    break
+                elif (m.group(1) if m.group(1) is not None else m.group(2)) == value:
+                    return i + 1, start + m.start() + 1
+        return self.of(path)
 
     def in_string(self, path: tuple, line: int, col: int) -> tuple[int, int]:
         """File position of (line, col) inside the string value at ``path``."""
