@@ -49,15 +49,14 @@ from __future__ import annotations
 import logging
 import math
 import re
-import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta, timezone
 from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
 
-from tomd.errors import PermanentError, RetryableError, redact
+from tomd.errors import PermanentError, redact
 from tomd.facilities.base import (
     CheckReport,
     DataProduct,
@@ -73,7 +72,7 @@ from tomd.facilities.base import (
     ValidationIssue,
     ValidationRejected,
 )
-from tomd.facilities.lco import MAX_RETRY_AFTER_S, RateLimiter, _retry_after, backoff_delay
+from tomd.facilities.http import Observer, RateLimiter, lost_words, send
 
 log = logging.getLogger(__name__)
 
@@ -357,7 +356,7 @@ class GeminiClient:
                                   headers={"User-Agent": "tomd", "Accept": "text/plain"}, follow_redirects=False)
         # Told of every HTTP call, as LCOClient's: observer(facility, operation, code, seconds), code
         # the HTTP status or "timeout" / "error" (tomd.metrics.Metrics.observe_facility_call).
-        self.observer: Callable[[str, str, int | str, float], None] | None = None
+        self.observer: Observer | None = None
 
     @classmethod
     def from_config(cls, name: str, cfg: Any, **kw: Any) -> "GeminiClient":
@@ -455,64 +454,27 @@ class GeminiClient:
         return (f"{self.name}: outcome unknown ({what}); the ToO interface cannot be asked, so it is not resent. "
                 f"Check program {self.program or '?'} in the OT for a note titled {key_note(name)!r}")
 
-    def _observed(self, url: str, form: Mapping[str, str]) -> httpx.Response:
-        """One HTTP call (the trigger: operation "submit"), reported to ``self.observer``."""
-        if self.observer is None:
-            return self._http.post(url, data=form)
-        t0, code = time.monotonic(), "error"
-        try:
-            resp = self._http.post(url, data=form)
-            code = resp.status_code
-            return resp
-        except httpx.TimeoutException:
-            code = "timeout"
-            raise
-        finally:
-            self.observer(self.name, "submit", code, time.monotonic() - t0)
-
     def _post(self, form: Mapping[str, str], name: str) -> httpx.Response:
+        """The trigger, sent once: only what certainly never reached the server (connect failure, 429) is retried."""
         url = self.base + "/too"
-        what = f"{self.name}: POST {urlsplit(url).path}"
-        deadline = time.monotonic() + self.max_attempts * (self.timeout + self.backoff_cap) + MAX_RETRY_AFTER_S
-        last: RetryableError | None = None
-        for attempt in range(self.max_attempts):
-            self.limiter.acquire(deadline)
-            try:
-                resp = self._observed(url, form)
-            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
-                last = RetryableError(f"{what}: cannot connect ({type(exc).__name__})")
-            except (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError) as exc:
-                kind = "no answer within the timeout" if isinstance(exc, httpx.TimeoutException) \
-                    else f"connection lost after sending ({type(exc).__name__})"
-                raise OutcomeUnknown(self._unknown(name, kind)) from None
-            else:
-                status = resp.status_code
-                if status < 300:
-                    return resp
-                if status in (401, 403):
-                    raise TokenRefused(f"{self.name} refused the user key (HTTP {status}): check "
-                                       f"facilities.{self.name}.email and token")
-                if status == 429:
-                    wait = _retry_after(resp)
-                    wait = 1.0 if wait is None else wait
-                    self.limiter.pause(wait)
-                    last = RetryableError(f"{what}: rate limited (HTTP 429, Retry-After {wait:g}s)", retry_after=wait)
-                    if wait > MAX_RETRY_AFTER_S or time.monotonic() + wait > deadline:
-                        raise last
-                    continue
-                if status >= 500:
-                    raise OutcomeUnknown(self._unknown(name, f"HTTP {status}"))
-                msg = _message(resp) or f"HTTP {status}"
-                if _AUTH_WORDS.search(msg):
-                    raise TokenRefused(f"{self.name} refused the user key (HTTP {status}: {msg})")
-                raise ValidationRejected(self.name, [ValidationIssue(_field_of(msg), msg)], status)
-            if attempt + 1 < self.max_attempts:
-                delay = backoff_delay(attempt, self.backoff_base, self.backoff_cap)
-                if time.monotonic() + delay > deadline:
-                    break
-                time.sleep(delay)
-        assert last is not None
-        raise last
+
+        def answer(resp: httpx.Response) -> httpx.Response:
+            status = resp.status_code
+            if status < 300:
+                return resp
+            if status >= 500:
+                raise OutcomeUnknown(self._unknown(name, f"HTTP {status}"))
+            msg = _message(resp) or f"HTTP {status}"
+            if _AUTH_WORDS.search(msg):
+                raise TokenRefused(f"{self.name} refused the user key (HTTP {status}: {msg})")
+            raise ValidationRejected(self.name, [ValidationIssue(_field_of(msg), msg)], status)
+
+        return send(self, "submit", lambda: self._http.post(url, data=form),
+                    what=f"{self.name}: POST {urlsplit(url).path}", answer=answer,
+                    sent=lambda exc: OutcomeUnknown(
+                        self._unknown(name, lost_words(exc, "connection lost after sending"))),
+                    refused=lambda status: TokenRefused(f"{self.name} refused the user key (HTTP {status}): check "
+                                                        f"facilities.{self.name}.email and token"))
 
 
 def _field_of(msg: str) -> str:

@@ -18,7 +18,8 @@ API shapes follow the public portal (observation-portal, developers.lco.global):
 - ``Authorization: Token …``; a bad token is 401/403; 429 carries Retry-After;
   every path ends with a slash.
 
-Every call is bounded (invariant 5): a timeout per HTTP exchange, a limited
+Every call is bounded (invariant 5, in ``tomd.facilities.http``, shared with
+the Gemini and Swift clients): a timeout per HTTP exchange, a limited
 number of attempts with exponential backoff and full jitter, a per-facility
 rate limit (token bucket shared by every thread using this client), and
 Retry-After honoured. Only what is safe is retried inside the client: reads,
@@ -31,10 +32,8 @@ looks the group up by name before trying again.
 from __future__ import annotations
 
 import logging
-import random
 import threading
-import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -57,6 +56,7 @@ from tomd.facilities.base import (
     ValidationIssue,
     ValidationRejected,
 )
+from tomd.facilities.http import Observer, RateLimiter, lost_words, retry_after_s, send
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,6 @@ SOAR_SITES: tuple[Site, ...] = (Site("sor", "SOAR, Cerro Pachon", -30.2378, -70.
 
 OBSERVATION_TYPES = ("NORMAL", "RAPID_RESPONSE", "TIME_CRITICAL")
 DEFAULT_ARCHIVE = "https://archive-api.lco.global"
-MAX_RETRY_AFTER_S = 60.0  # a longer Retry-After goes back to the caller as RetryableError
 
 
 _unknown_words: set[str] = set()
@@ -319,68 +318,6 @@ def flatten_errors(errors: Any, path: str = "") -> list[ValidationIssue]:
     return out
 
 
-# -------------------------------------------------------------- rate limit --
-
-
-class RateLimiter:
-    """A token bucket: at most ``rate`` calls per second on average, bursts of ``burst``.
-
-    Thread-safe; one per facility client, shared by every thread using it.
-    """
-
-    def __init__(self, rate: float, burst: float | None = None, clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], None] = time.sleep):
-        self.rate = float(rate)
-        self.burst = float(burst if burst is not None else max(1.0, rate))
-        self._tokens = self.burst
-        self._clock, self._sleep = clock, sleep
-        self._last = clock()
-        self._lock = threading.Lock()
-        self.paused_until = 0.0  # set from a 429's Retry-After: nobody calls before
-
-    def acquire(self, deadline: float | None = None) -> None:
-        while True:
-            with self._lock:
-                now = self._clock()
-                self._tokens = min(self.burst, self._tokens + (now - self._last) * self.rate)
-                self._last = now
-                wait = max(self.paused_until - now, 0.0)
-                if wait == 0.0 and self._tokens >= 1.0 - 1e-9:  # float dust must not spin
-                    self._tokens = max(0.0, self._tokens - 1.0)
-                    return
-                if wait == 0.0:
-                    wait = (1.0 - self._tokens) / self.rate
-            if deadline is not None and self._clock() + wait > deadline:
-                raise RetryableError("rate limit: no slot before the call's deadline", retry_after=wait)
-            self._sleep(wait)
-
-    def pause(self, seconds: float) -> None:
-        with self._lock:
-            self.paused_until = max(self.paused_until, self._clock() + seconds)
-
-
-def backoff_delay(attempt: int, base: float, cap: float, rng: random.Random | None = None) -> float:
-    """Exponential backoff with full jitter: uniform in [0, min(cap, base·2^attempt)]."""
-    r = rng or random
-    return r.uniform(0.0, min(cap, base * (2 ** attempt)))
-
-
-def _retry_after(resp: httpx.Response) -> float | None:
-    value = resp.headers.get("Retry-After")
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        from email.utils import parsedate_to_datetime
-
-        return max(0.0, (parsedate_to_datetime(value) - datetime.now(timezone.utc)).total_seconds())
-    except (TypeError, ValueError):
-        return None
-
-
 # ------------------------------------------------------------------ client --
 
 
@@ -430,7 +367,7 @@ class LCOClient:
                                   follow_redirects=False)
         # Told of every HTTP call: observer(facility, operation, code, seconds), code the HTTP status or
         # "timeout" / "error". The daemon plugs tomd.metrics.Metrics.observe_facility_call in here.
-        self.observer: Callable[[str, str, int | str, float], None] | None = None
+        self.observer: Observer | None = None
 
     @classmethod
     def from_config(cls, name: str, cfg: Any, **kw: Any) -> "LCOClient":
@@ -703,77 +640,34 @@ class LCOClient:
 
     def _send(self, method: str, url: str, *, json: Any, params: Any, safe: bool) -> httpx.Response:
         what = f"{self.name}: {method} {self._show(url)}"
-        deadline = time.monotonic() + self.max_attempts * (self.timeout + self.backoff_cap) + MAX_RETRY_AFTER_S
-        last: Exception | None = None
-        for attempt in range(self.max_attempts):
-            self.limiter.acquire(deadline)
-            try:
-                resp = self._observed(method, url, json=json, params=params)
-            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
-                # Never reached the server: safe to retry whatever the method.
-                last = RetryableError(f"{what}: cannot connect ({type(exc).__name__})")
-            except (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError) as exc:
-                kind = "no answer within the timeout" if isinstance(exc, httpx.TimeoutException) \
-                    else f"connection lost ({type(exc).__name__})"
-                if not safe:
-                    raise AmbiguousError(f"{what}: {kind} after sending; the request may exist") from None
-                last = RetryableError(f"{what}: {kind}")
-            else:
-                status = resp.status_code
-                if status < 300:
-                    return resp
-                if status in (401, 403):
-                    raise TokenRefused(f"{self.name} refused the API token (HTTP {status}): "
-                                       f"check facilities.{self.name}.token")
-                if status == 429:
-                    wait = _retry_after(resp)
-                    wait = 1.0 if wait is None else wait
-                    self.limiter.pause(wait)
-                    last = RetryableError(f"{what}: rate limited by the facility (HTTP 429, Retry-After {wait:g}s)",
-                                          retry_after=wait)
-                    if wait > MAX_RETRY_AFTER_S or time.monotonic() + wait > deadline:
-                        raise last
-                    continue  # the limiter waits out Retry-After before the next attempt
-                if status >= 500:
-                    if not safe:
-                        raise AmbiguousError(f"{what}: HTTP {status} from the facility; the request may exist")
-                    last = RetryableError(f"{what}: HTTP {status} from the facility", retry_after=_retry_after(resp))
-                elif status == 400:
-                    try:
-                        body = resp.json()
-                    except ValueError:
-                        body = resp.text[:500]
-                    if isinstance(body, Mapping) and "errors" in body and len(body) <= 2:
-                        body = body["errors"]
-                    raise ValidationRejected(self.name, flatten_errors(body))
-                elif status == 404:
-                    raise NotFoundError(f"{what}: not found at the facility (HTTP 404)")
-                else:
-                    raise PermanentError(f"{what}: HTTP {status}: {redact(resp.text[:300])}")
-            if attempt + 1 < self.max_attempts:
-                delay = backoff_delay(attempt, self.backoff_base, self.backoff_cap)
-                if isinstance(last, RetryableError) and last.retry_after:
-                    delay = max(delay, last.retry_after)
-                if time.monotonic() + delay > deadline:
-                    break
-                time.sleep(delay)
-        assert last is not None
-        raise last
 
-    def _observed(self, method: str, url: str, **kw: Any) -> httpx.Response:
-        """One HTTP call, reported to ``self.observer`` (each retry is a call of its own)."""
-        if self.observer is None:
-            return self._http.request(method, url, **kw)
-        t0, code = time.monotonic(), "error"
-        try:
-            resp = self._http.request(method, url, **kw)
-            code = resp.status_code
-            return resp
-        except httpx.TimeoutException:
-            code = "timeout"
-            raise
-        finally:
-            self.observer(self.name, api_operation(method, url), code, time.monotonic() - t0)
+        def answer(resp: httpx.Response) -> httpx.Response | RetryableError:
+            status = resp.status_code
+            if status < 300:
+                return resp
+            if status >= 500:
+                if not safe:
+                    raise AmbiguousError(f"{what}: HTTP {status} from the facility; the request may exist")
+                return RetryableError(f"{what}: HTTP {status} from the facility", retry_after=retry_after_s(resp))
+            if status == 400:
+                try:
+                    body = resp.json()
+                except ValueError:
+                    body = resp.text[:500]
+                if isinstance(body, Mapping) and "errors" in body and len(body) <= 2:
+                    body = body["errors"]
+                raise ValidationRejected(self.name, flatten_errors(body))
+            if status == 404:
+                raise NotFoundError(f"{what}: not found at the facility (HTTP 404)")
+            raise PermanentError(f"{what}: HTTP {status}: {redact(resp.text[:300])}")
+
+        return send(self, api_operation(method, url),
+                    lambda: self._http.request(method, url, json=json, params=params), what=what, answer=answer,
+                    sent=None if safe else lambda exc: AmbiguousError(
+                        f"{what}: {lost_words(exc)} after sending; the request may exist"),
+                    refused=lambda status: TokenRefused(f"{self.name} refused the API token (HTTP {status}): "
+                                                        f"check facilities.{self.name}.token"),
+                    throttled="rate limited by the facility")
 
     def _status(self, group: Mapping[str, Any]) -> RequestStatus:
         reqs = group.get("requests") or []

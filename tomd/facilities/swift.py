@@ -87,7 +87,7 @@ from tomd.facilities.base import (
     ValidationIssue,
     ValidationRejected,
 )
-from tomd.facilities.lco import MAX_RETRY_AFTER_S, RateLimiter, _retry_after, backoff_delay
+from tomd.facilities.http import Observer, RateLimiter, lost_words, retry_after_s, send
 
 log = logging.getLogger(__name__)
 
@@ -314,7 +314,7 @@ class SwiftClient:
                                   follow_redirects=False)
         # Told of every HTTP call, as LCOClient's: observer(facility, operation, code, seconds), code
         # the HTTP status or "timeout" / "error" (tomd.metrics.Metrics.observe_facility_call).
-        self.observer: Callable[[str, str, int | str, float], None] | None = None
+        self.observer: Observer | None = None
 
     @classmethod
     def from_config(cls, name: str, cfg: Any, **kw: Any) -> "SwiftClient":
@@ -469,21 +469,6 @@ class SwiftClient:
             raise TokenRefused(f"{self.name} refused the credentials ({redact(errors)[:200]}): check "
                                f"facilities.{self.name}.username and token")
 
-    def _observed(self, operation: str, form: Mapping[str, str]) -> httpx.Response:
-        """One HTTP call, reported to ``self.observer`` (each retry is a call of its own)."""
-        if self.observer is None:
-            return self._http.post(self.url, data=form)
-        t0, code = time.monotonic(), "error"
-        try:
-            resp = self._http.post(self.url, data=form)
-            code = resp.status_code
-            return resp
-        except httpx.TimeoutException:
-            code = "timeout"
-            raise
-        finally:
-            self.observer(self.name, operation, code, time.monotonic() - t0)
-
     def _call(self, api_name: str, data: Mapping[str, Any], *, safe: bool) -> Any:
         if not self.username or not self._secret:
             raise TokenRefused(f"{self.name}: no credentials: set facilities.{self.name}.username and token")
@@ -491,57 +476,30 @@ class SwiftClient:
                             "api_data": {**data, "username": self.username}}, self._secret)
         what = f"{self.name}: {api_name} via POST {redact(urlsplit(self.url).path)}"
         operation = "validate" if data.get("validate_only") else API_OPERATIONS.get(api_name, "other")
-        deadline = time.monotonic() + self.max_attempts * (self.timeout + self.backoff_cap) + MAX_RETRY_AFTER_S
-        last: RetryableError | None = None
-        for attempt in range(self.max_attempts):
-            self.limiter.acquire(deadline)
-            try:
-                resp = self._observed(operation, {"jwt": token})
-            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
-                last = RetryableError(f"{what}: cannot connect ({type(exc).__name__})")
-            except (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError) as exc:
-                kind = "no answer within the timeout" if isinstance(exc, httpx.TimeoutException) \
-                    else f"connection lost ({type(exc).__name__})"
+
+        def answer(resp: httpx.Response) -> Any:
+            status = resp.status_code
+            if status >= 500:
                 if not safe:
-                    raise AmbiguousError(f"{what}: {kind} after sending; the TOO may exist") from None
-                last = RetryableError(f"{what}: {kind}")
-            else:
-                status = resp.status_code
-                if status in (401, 403):
-                    raise TokenRefused(f"{self.name} refused the credentials (HTTP {status}): check "
-                                       f"facilities.{self.name}.username and token")
-                if status == 429:
-                    wait = _retry_after(resp)
-                    wait = 1.0 if wait is None else wait
-                    self.limiter.pause(wait)
-                    last = RetryableError(f"{what}: rate limited (HTTP 429, Retry-After {wait:g}s)", retry_after=wait)
-                    if wait > MAX_RETRY_AFTER_S or time.monotonic() + wait > deadline:
-                        raise last
-                    continue
-                if status >= 500:
-                    if not safe:
-                        raise AmbiguousError(f"{what}: HTTP {status}; the TOO may exist")
-                    last = RetryableError(f"{what}: HTTP {status}", retry_after=_retry_after(resp))
-                elif status >= 300:
-                    raise PermanentError(f"{what}: HTTP {status}: {redact(resp.text[:300])}")
-                else:
-                    try:
-                        return resp.json()
-                    except ValueError:
-                        # swifttools reads a non-JSON answer as a wrong shared secret; it may
-                        # also be a proxy's page. Either way nothing says whether a TOO exists.
-                        if not safe:
-                            raise AmbiguousError(f"{what}: the answer is not JSON (check the shared secret)") from None
-                        last = RetryableError(f"{what}: the answer is not JSON (check the shared secret)")
-            if attempt + 1 < self.max_attempts:
-                delay = backoff_delay(attempt, self.backoff_base, self.backoff_cap)
-                if last is not None and last.retry_after:
-                    delay = max(delay, last.retry_after)
-                if time.monotonic() + delay > deadline:
-                    break
-                self._sleep(delay)
-        assert last is not None
-        raise last
+                    raise AmbiguousError(f"{what}: HTTP {status}; the TOO may exist")
+                return RetryableError(f"{what}: HTTP {status}", retry_after=retry_after_s(resp))
+            if status >= 300:
+                raise PermanentError(f"{what}: HTTP {status}: {redact(resp.text[:300])}")
+            try:
+                return resp.json()
+            except ValueError:
+                # swifttools reads a non-JSON answer as a wrong shared secret; it may
+                # also be a proxy's page. Either way nothing says whether a TOO exists.
+                if not safe:
+                    raise AmbiguousError(f"{what}: the answer is not JSON (check the shared secret)") from None
+                return RetryableError(f"{what}: the answer is not JSON (check the shared secret)")
+
+        return send(self, operation, lambda: self._http.post(self.url, data={"jwt": token}), what=what,
+                    answer=answer, sent=None if safe else lambda exc: AmbiguousError(
+                        f"{what}: {lost_words(exc)} after sending; the TOO may exist"),
+                    refused=lambda status: TokenRefused(f"{self.name} refused the credentials (HTTP {status}): check "
+                                                        f"facilities.{self.name}.username and token"),
+                    sleep=self._sleep)
 
 
 # The API calls as bounded metric labels (tomd_facility_requests_total{operation}).
