@@ -44,6 +44,20 @@ def test_galactic_matches_astropy():
     assert np.allclose(dl * np.cos(np.radians(b)), 0, atol=1e-9)
 
 
+def test_galactic_of_one_position_matches_astropy():
+    """Plain floats take the scalar path (math, not numpy): same answer, poles and RA 0/360 included."""
+    ra, dec = _random_positions(300)
+    ra = np.r_[ra, 0.0, 359.9999999, 192.85948, 266.405, 10.0]
+    dec = np.r_[dec, 90.0, -90.0, 27.12825, -28.936, 0.0]
+    ref = SkyCoord(ra * u.deg, dec * u.deg).galactic
+    for r, d, rl, rb in zip(ra.tolist(), dec.tolist(), ref.l.deg, ref.b.deg):
+        lon, lat = sky.to_galactic(r, d)
+        assert type(lon) is float and type(lat) is float and 0.0 <= lon < 360.0
+        assert abs(lat - rb) < 1e-9
+        if abs(lat) < 89.9:
+            assert abs(((lon - rl + 180) % 360 - 180) * np.cos(np.radians(lat))) < 1e-9
+
+
 def test_sky_index_matches_cdshealpix():
     import cdshealpix.nested as hp
 

@@ -325,6 +325,9 @@ class Daemon:
         return StreamRunner(st, consumer, ingestor)
 
     def start(self) -> None:
+        from tomd.sky import warm_up
+
+        warm_up()  # the first alert should not wait for imports (see warm_up)
         self.submitter_thread = threading.Thread(target=self._run_submitter, name="submitter", daemon=True)
         self.submitter_thread.start()
         for c in self.components:

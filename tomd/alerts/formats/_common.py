@@ -80,6 +80,30 @@ def flux_err_to_mag_err(flux: float | None, flux_err: float | None) -> float | N
 
 # --- time scales ---------------------------------------------------------
 
+def _leap_second_days() -> frozenset[int]:
+    """MJDs of the UTC days that end in a leap second (ERFA's table, from 1972)."""
+    days = set()
+    for year, month, _ in erfa.leap_seconds.get():
+        if year >= 1972 and (year, month) != (1972, 1):
+            days.add(int(erfa.cal2jd(int(year), int(month), 1)[1]) - 1)  # the day before the step
+    return frozenset(days)
+
+
+_LEAP_DAYS = _leap_second_days()
+_FIRST_UTC_DAY = 41317  # 1972-01-01: before it UTC had fractional steps and drifting seconds
+_MJD_EPOCH = datetime(1858, 11, 17, tzinfo=timezone.utc)
+
+
+def _utc_mjd_to_datetime(mjd: float) -> datetime:
+    """UTC MJD → aware datetime. Plain arithmetic on days of 86,400 s; ERFA on days that hold a
+    leap second (or before 1972), where the day's length differs. ERFA costs ~15 µs a call, a
+    large share of parsing a ZTF alert and its history; this gives the same microsecond."""
+    day = math.floor(mjd)
+    if day < _FIRST_UTC_DAY or day in _LEAP_DAYS:
+        return _utc_jd_to_datetime(MJD0, mjd)
+    return _MJD_EPOCH + timedelta(days=day, microseconds=round((mjd - day) * 86_400_000_000))
+
+
 def _utc_jd_to_datetime(jd1: float, jd2: float) -> datetime:
     """Two-part UTC JD → aware datetime, leap-second aware (via ERFA)."""
     iy, im, iday, hmsf = erfa.d2dtf("UTC", 6, jd1, jd2)
@@ -92,11 +116,11 @@ def _utc_jd_to_datetime(jd1: float, jd2: float) -> datetime:
 
 def jd_utc_to_datetime(jd: float) -> datetime:
     """A UTC Julian date (ZTF ``jd``) as an aware UTC datetime."""
-    return _utc_jd_to_datetime(MJD0, jd - MJD0)
+    return _utc_mjd_to_datetime(jd - MJD0)
 
 
 def mjd_utc_to_datetime(mjd: float) -> datetime:
-    return _utc_jd_to_datetime(MJD0, mjd)
+    return _utc_mjd_to_datetime(mjd)
 
 
 def mjd_tai_to_mjd_utc(mjd_tai: float) -> float:
