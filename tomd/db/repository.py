@@ -415,14 +415,15 @@ def add_data_product(s: Session, values: dict[str, Any]) -> tuple[DataProduct, b
 
 
 def data_products(s: Session, *, target_id: int | None = None, notice_id: int | None = None,
-                  kind: str | None = None, limit: int | None = None) -> list[DataProduct]:
+                  request_id: int | None = None, facility: str | None = None, kind: str | None = None,
+                  state: str | None = None, limit: int | None = None) -> list[DataProduct]:
+    """Data products in id order, filtered by whichever of the arguments are given."""
     q = select(DataProduct).order_by(DataProduct.id)
-    if target_id is not None:
-        q = q.where(DataProduct.target_id == target_id)
-    if notice_id is not None:
-        q = q.where(DataProduct.notice_id == notice_id)
-    if kind is not None:
-        q = q.where(DataProduct.kind == kind)
+    for column, value in ((DataProduct.target_id, target_id), (DataProduct.notice_id, notice_id),
+                          (DataProduct.request_id, request_id), (DataProduct.facility, facility),
+                          (DataProduct.kind, kind), (DataProduct.state, state)):
+        if value is not None:
+            q = q.where(column == value)
     if limit:
         q = q.limit(limit)
     return list(s.scalars(q))
@@ -625,21 +626,6 @@ def latest_decision_time(s: Session, rule: str, outcome: str, *, target_id: int 
 
         v = v.replace(tzinfo=timezone.utc)
     return v
-
-
-def count_decisions_since(s: Session, rule: str, outcome: str, since, *, reason_prefix: str | None = None) -> int:
-    """Decisions of ``rule`` with ``outcome`` created after ``since`` (exclusive)."""
-    q = _decision_filter(select(func.count()).select_from(_DECISIONS), rule, outcome, None, reason_prefix)
-    return s.scalar(q.where(_DECISIONS.c.created_at > since)) or 0
-
-
-def facility_hours_since(s: Session, facility: str, since) -> float:
-    """Estimated hours of the facility's requests created after ``since`` (not cancelled or rejected)."""
-    q = select(func.coalesce(func.sum(_REQUESTS.c.estimated_hours), 0.0)).where(
-        _REQUESTS.c.facility == facility,
-        _REQUESTS.c.created_at > since,
-        _REQUESTS.c.state.not_in(("cancelled", "rejected")))
-    return float(s.scalar(q) or 0.0)
 
 
 def lock_target_requests(s: Session, target_id: int) -> None:
@@ -1253,21 +1239,8 @@ def get_data_product_by_id(s: Session, row_id: int) -> _DP | None:
     return s.get(_DP, row_id)
 
 
-def query_data_products(s: Session, *, target_id: int | None = None, request_id: int | None = None,
-                        facility: str | None = None, state: str | None = None,
-                        limit: int | None = None) -> list[_DP]:
-    q = select(_DP).order_by(_DP.id)
-    if target_id is not None:
-        q = q.where(_DP.target_id == target_id)
-    if request_id is not None:
-        q = q.where(_DP.request_id == request_id)
-    if facility is not None:
-        q = q.where(_DP.facility == facility)
-    if state is not None:
-        q = q.where(_DP.state == state)
-    if limit:
-        q = q.limit(limit)
-    return list(s.scalars(q))
+# The retrieval stage's name for the same listing (tomd.products, tests/test_retrieve.py).
+query_data_products = data_products
 
 
 # ---- operations ----
