@@ -3,9 +3,9 @@
 A packet holds the triggering ``candidate``, the 30-day history
 ``prv_candidates`` (detections, and non-detections whose ``candid``/``magpsf``
 are null and only ``diffmaglim`` is set; in the 3.5 "forced photometry"
-branch the history entries are forced-photometry rows) and, from 4.0,
-``fp_hists`` (forced photometry on the difference images). Times are ``jd``
-(UTC); magnitudes are AB.
+branch the history entries are forced-photometry rows) and, from 4.01
+(ZTF went from 3.3 to 4.01), ``fp_hists`` (forced photometry on the
+difference images). Times are ``jd`` (UTC); magnitudes are AB.
 """
 
 from __future__ import annotations
