@@ -389,3 +389,78 @@ def test_stream_names_come_from_the_config_and_check_reports_them(tmp_path, caps
     assert cmd_rule_check(App(), argparse.Namespace(paths=[str(rules)])) == 0
     out = capsys.readouterr()
     assert "1 rule OK" in out.out and "stream names rules listen to were not checked" in out.err
+
+
+# ---- bounded work: the visibility window has a maximum (tomd.visibility.MAX_WINDOW_HOURS) ----
+
+def test_visibility_windows_above_the_maximum_are_check_errors_at_their_place():
+    from tomd.visibility import MAX_WINDOW_HOURS
+
+    assert MAX_WINDOW_HOURS == 14 * 24
+    text = ('name = "far"\nadd_tags = ["a"]\nwhen = """\n  visible("lco", hours=1e6)\n'
+            '  and airmass("lco", hours=24 * 30) < 2\n  and visible("lco", hours=-1)\n'
+            '  and visible("lco", hours="2d")\n  and visible("lco", hours=336)\n"""\n')
+    rule, problems = parse_rule(text, "far.toml", ENV)
+    assert rule is None
+    assert problems == [
+        "far.toml:4:24: when: visible(): hours=1e+06 is beyond the visibility window's maximum, 336 h (14 days)",
+        "far.toml:5:28: when: airmass(): hours=720 is beyond the visibility window's maximum, 336 h (14 days)",
+        "far.toml:6:28: when: visible(): hours must be a number of hours > 0, got -1",
+        "far.toml:7:28: when: visible(): hours must be a number of hours > 0, got '2d'",
+    ]
+    # Within the maximum, or computed at run time (clamped there): fine.
+    ok, problems = parse_rule('name = "ok"\nadd_tags = ["a"]\nwhen = "visible(\'lco\', hours=14 * 24) '
+                              'and visible(\'lco\', hours=target.age_days * 24)"\n', "ok.toml", ENV)
+    assert problems == [] and ok is not None
+
+
+def test_observe_window_above_the_maximum_is_an_error_only_when_visible_gates_it():
+    base = 'name = "w"\nwhen = "alert.mag < 18"\n[observe]\nfacility = "lco"\ntemplate = "1m-gri"\nwindow = "{w}"\n'
+    _, problems = parse_rule(base.format(w="3650d") + "visible = { max_airmass = 1.8 }\n", "w.toml", ENV)
+    assert problems == ['w.toml:6:1: observe.window: with visible, at most 336 h (14 days), the visibility '
+                        "window's maximum; got 87600 h"]
+    rule, problems = parse_rule(base.format(w="14d") + "visible = { max_airmass = 1.8 }\n", "w.toml", ENV)
+    assert problems == [] and rule.observe.window_hours == 336
+    rule, problems = parse_rule(base.format(w="30d"), "w.toml", ENV)  # no visibility computed: a long request
+    assert problems == [] and rule.observe.window_hours == 720
+
+
+def test_an_observe_error_has_no_follow_on_messages():
+    text = ('name = "k"\nwhen = "alert.mag < 18"\n[observe]\nfacility = "keck"\ntemplate = "1m-gri"\n'
+            '[limits]\nhours_per_night = 2\n')
+    _, problems = parse_rule(text, "k.toml", ENV)
+    assert problems == ["k.toml:4:1: observe.facility: unknown facility 'keck'; configured: lco, sim"]
+    _, problems = parse_rule('name = "k"\nwhen = "alert.mag < 18"\nobserve = 3\n', "k.toml", ENV)
+    assert problems == ["k.toml:3:1: observe: expected a table [observe]"]
+    # Without [observe] at all, they still say what is wrong.
+    _, problems = parse_rule('name = "k"\nwhen = "alert.mag < 18"\n[limits]\nhours_per_night = 2\n', "k.toml", ENV)
+    assert [p.split(": ", 1)[1] for p in problems] == [
+        "limits.hours_per_night: needs an [observe] action (hours are counted per facility)",
+        "the rule does nothing when it fires: add [observe], [notify], add_tags or add_to_lists"]
+
+
+def test_rule_check_reports_unbounded_visibility_and_a_lone_unknown_facility(tmp_path, capsys):
+    from tomd.rules.cli import cmd_rule_check
+
+    (tmp_path / "far.toml").write_text('name = "far"\nwhen = "visible(\'lco\', hours=1e6)"\n[observe]\n'
+                                       'facility = "lco"\ntemplate = "1m-gri"\nwindow = "3650d"\n'
+                                       'visible = { max_airmass = 2 }\n')
+    (tmp_path / "keck.toml").write_text('name = "keck"\nwhen = "alert.mag < 18"\n[observe]\nfacility = "keck"\n'
+                                        'template = "1m-gri"\n[limits]\nhours_per_night = 1\n')
+
+    cfg = tmp_path / "tomd.toml"
+    cfg.write_text('[facilities.lco]\nkind = "lco"\nurl = "https://observe.lco.global"\ntoken = "x"\n'
+                   '[facilities.lco.templates.1m-gri]\nexposure_time = 300\n[facilities.sim]\nkind = "sim"\n')
+
+    class App:
+        config = load_config(cfg, env={})
+
+    files = [str(tmp_path / "far.toml"), str(tmp_path / "keck.toml")]
+    assert cmd_rule_check(App(), argparse.Namespace(paths=files)) == 1
+    assert capsys.readouterr().err.splitlines() == [
+        f"{tmp_path}/far.toml:2:30: when: visible(): hours=1e+06 is beyond the visibility window's maximum, "
+        "336 h (14 days)",
+        f"{tmp_path}/far.toml:6:1: observe.window: with visible, at most 336 h (14 days), the visibility window's "
+        "maximum; got 87600 h",
+        f"{tmp_path}/keck.toml:4:1: observe.facility: unknown facility 'keck'; configured: lco, sim",
+    ]

@@ -88,3 +88,33 @@ def test_observability_is_fast_once_the_day_is_cached():
         vis.observability(vis.FACILITY_SITES["lco"], (i * 7.3) % 360, -20.0, 60750.2, 24)
     per = (time.perf_counter() - t0) / n
     assert per < 2e-3, f"{per * 1e6:.0f} us per target"
+
+
+def test_a_window_beyond_the_maximum_is_cut_to_it():
+    """Bounded work per alert: visible("lco", hours=1e6) evaluates 14 days, not 40000."""
+    sites = vis.FACILITY_SITES["lco"]
+    start = 60750.3
+    forty_days = vis.observability(sites, 10.0, -20.0, start, 40 * 24)
+    assert forty_days.window_hours == vis.MAX_WINDOW_HOURS == 336
+    for hours in (1e6, math.inf, 1e300):
+        v = vis.observability(sites, 10.0, -20.0, start, hours)
+        assert v.window_hours == 336 and v.as_dict()["window_hours"] == 336
+        w = vis._window(sites, start, hours, -12.0)
+        assert w.hours == 336 and w.mjd[-1] - w.mjd[0] <= 14.0
+    # Same answer as the maximum window asked for outright; shorter windows are as asked.
+    assert vis.observability(sites, 10.0, -20.0, start, 1e6) == vis.observability(sites, 10.0, -20.0, start, 336)
+    assert vis.observability(sites, 10.0, -20.0, start, 24).window_hours == 24
+    # The day cache holds every UTC day of a maximal window (15 from a mid-day start): a second alert
+    # in that window computes no day again.
+    assert vis.DAY_CACHE >= vis.MAX_WINDOW_DAYS + 1
+    assert set(range(60750, 60765)) <= set(vis._DAYS)
+    with pytest.raises(ValueError, match="NaN"):
+        vis.observability(sites, 10.0, -20.0, start, math.nan)
+
+
+def test_an_orbit_window_is_cut_too():
+    from tomd.orbits import Orbit
+
+    orbit = Orbit(q=1.2, e=0.3, incl=10.0, node=40.0, argperi=50.0, tp=60700.0)
+    v = vis.observability_orbit(vis.FACILITY_SITES["lco"], orbit, 60750.3, 1e6, max_airmass=100.0, min_moon_deg=0.0)
+    assert v.window_hours == 336 and v.airmass is not None

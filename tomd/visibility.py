@@ -27,6 +27,17 @@ import numpy as np
 STEP_MIN = 10.0
 _STEPS_PER_DAY = int(24 * 60 / STEP_MIN)
 
+#: The longest window visibility is computed over: 14 days. Rule expressions must do bounded work
+#: (``visible("lco", hours=1e6)`` would otherwise compute a day's Sun and Moon for 40000 days, per
+#: alert), so ``rule check`` refuses a literal ``hours=`` or an ``[observe] window`` (with ``visible``)
+#: above it, and every call here clamps its window to it (an hours value computed at run time too).
+#: Two weeks covers a request's window and one lunation's dark half.
+MAX_WINDOW_DAYS = 14
+MAX_WINDOW_HOURS = MAX_WINDOW_DAYS * 24.0
+#: Days kept computed: the UTC days one window of the maximum touches (a window starting mid-day spans
+#: MAX_WINDOW_DAYS + 1 of them) and the next, into which the window moves as the clock passes midnight.
+DAY_CACHE = MAX_WINDOW_DAYS + 2
+
 
 @dataclass(frozen=True)
 class Site:
@@ -133,7 +144,7 @@ _LOCK = threading.Lock()
 
 
 def day(mjd0: int) -> Day:
-    """The cached grid of one UTC day (computed once; the last 16 days are kept)."""
+    """The cached grid of one UTC day (computed once; the last ``DAY_CACHE`` days used are kept)."""
     with _LOCK:
         d = _DAYS.get(mjd0)
         if d is not None:
@@ -142,7 +153,7 @@ def day(mjd0: int) -> Day:
     d = _compute_day(mjd0)
     with _LOCK:
         _DAYS[mjd0] = d
-        while len(_DAYS) > 16:
+        while len(_DAYS) > DAY_CACHE:
             _DAYS.popitem(last=False)
     return d
 
@@ -183,10 +194,22 @@ class Visibility:
     best_site: str | None = None
     moon_distance_deg: float | None = None  # at the best time
     reason: str = ""
+    window_hours: float | None = None  # the window evaluated: the one asked for, at most MAX_WINDOW_HOURS
 
     def as_dict(self) -> dict:
         return {k: getattr(self, k) for k in ("visible", "site", "mjd", "airmass", "best_site",
-                                              "moon_distance_deg", "reason")}
+                                              "moon_distance_deg", "reason", "window_hours")}
+
+
+def window_hours(hours: float) -> float:
+    """The window evaluated for ``hours``: at most ``MAX_WINDOW_HOURS``, so one call's work is bounded
+    whatever the rule computed (``hours=target.age_days * 1e6``, infinity). NaN is an error."""
+    if isinstance(hours, bool) or not isinstance(hours, (int, float, np.integer, np.floating)):
+        raise TypeError(f"visibility window: hours must be a number, got {hours!r}")
+    h = float(hours)
+    if math.isnan(h):
+        raise ValueError("visibility window: hours is not a number (NaN)")
+    return min(h, MAX_WINDOW_HOURS)
 
 
 @dataclass(frozen=True)
@@ -202,6 +225,7 @@ class _Window:
     cl_cos_lst: np.ndarray  # (S, N) cos(lat) cos(local sidereal time)
     cl_sin_lst: np.ndarray  # (S, N) cos(lat) sin(local sidereal time)
     codes: tuple[str, ...]
+    hours: float  # the window's length as evaluated (clamped to MAX_WINDOW_HOURS)
 
 
 _WINDOWS: OrderedDict[tuple, _Window] = OrderedDict()
@@ -209,7 +233,9 @@ _WINDOWS: OrderedDict[tuple, _Window] = OrderedDict()
 
 def _window(sites: tuple[str, ...], start_mjd: float, hours: float, max_sun_alt: float) -> _Window | None:
     """Cached per (sites, start rounded down to the grid step, hours, Sun limit): alerts arriving in
-    the same 10 minutes share it, and only the target-dependent arithmetic is left per alert."""
+    the same 10 minutes share it, and only the target-dependent arithmetic is left per alert.
+    ``hours`` is clamped to MAX_WINDOW_HOURS: at most MAX_WINDOW_DAYS + 1 days are computed."""
+    hours = window_hours(hours)
     step = STEP_MIN / 1440.0
     k0 = math.floor(start_mjd / step)
     key = (sites, k0, hours, max_sun_alt)
@@ -241,7 +267,7 @@ def _window(sites: tuple[str, ...], start_mjd: float, hours: float, max_sun_alt:
                                 -1, 1))
     lst = gast + lon  # (S, N)
     w = _Window(mjd, gast, parts[0][0].rot, moon, sun_alt <= math.radians(max_sun_alt), sin_lat,
-                cos_lat * np.cos(lst), cos_lat * np.sin(lst), tuple(sites))
+                cos_lat * np.cos(lst), cos_lat * np.sin(lst), tuple(sites), hours)
     with _LOCK:
         _WINDOWS[key] = w
         while len(_WINDOWS) > 256:
@@ -255,12 +281,13 @@ def observability(sites: Iterable[str], ra: float, dec: float, start_mjd: float,
 
     Observable at a grid time: Sun below ``max_sun_alt``, target airmass
     (sec z) at most ``max_airmass`` and the Moon at least ``min_moon_deg`` away.
+    A window longer than ``MAX_WINDOW_HOURS`` is cut to it (``window_hours`` of the answer).
     """
     if ra is None or dec is None:
         return Visibility(False, reason="the target has no position")
     w = _window(tuple(sites), start_mjd, hours, max_sun_alt)
     if w is None:
-        return Visibility(False, reason="empty window")
+        return Visibility(False, reason="empty window", window_hours=window_hours(hours))
     r, dd, xyz = _of_date(w.rot, ra, dec)
     # sin alt = sin φ sin δ + cos φ cos δ cos(LST − α), with cos(LST − α) expanded: no trig on arrays.
     cd = math.cos(dd)
@@ -286,14 +313,14 @@ def _verdict(w: _Window, sin_alt: np.ndarray, cosm: np.ndarray, max_airmass: flo
         cols = ok.any(axis=0)
         n = int(np.argmax(cols))
         s = int(np.argmax(ok[:, n]))
-        return Visibility(True, w.codes[s], float(w.mjd[n]), airmass, best_site, best_moon, "")
+        return Visibility(True, w.codes[s], float(w.mjd[n]), airmass, best_site, best_moon, "", w.hours)
     if not w.dark.any():
         why = f"no dark time (Sun below {max_sun_alt:g}°) in the window"
     elif not (w.dark & (sin_alt >= min_sin)).any():
         why = f"never at airmass <= {max_airmass:g} in dark time"
     else:
         why = f"the Moon is within {min_moon_deg:g}° whenever it is high enough"
-    return Visibility(False, None, None, airmass, best_site, best_moon, why)
+    return Visibility(False, None, None, airmass, best_site, best_moon, why, w.hours)
 
 
 def moon_distance_deg(ra: float, dec: float, mjd: float) -> float:
@@ -343,7 +370,7 @@ def observability_orbit(sites: Iterable[str], orbit, start_mjd: float, hours: fl
     """
     w = _window(tuple(sites), start_mjd, hours, max_sun_alt)
     if w is None:
-        return Visibility(False, reason="empty window")
+        return Visibility(False, reason="empty window", window_hours=window_hours(hours))
     geo = _track(orbit, w.mjd)  # (3, N) au
     v = w.rot @ geo  # true equator and equinox of date
     x = v[0] - _EARTH_RADIUS_AU * w.cl_cos_lst  # (S, N): from each site

@@ -349,10 +349,10 @@ def parse_rule(text: str, file: str, env: RuleEnv) -> tuple[Rule | None, list[st
             hours = get(lt, "hours_per_night", (int, float), "a number of hours > 0", ("limits",))
             if hours is not None and not hours > 0:
                 bad(("limits", "hours_per_night"), f"expected a number of hours > 0, got {hours}")
-            if hours is not None and observe is None:
+            if hours is not None and "observe" not in data:  # a broken [observe] is reported already
                 bad(("limits", "hours_per_night"), "needs an [observe] action (hours are counted per facility)")
             limits = Limits(cooldown, per_night, float(hours) if hours is not None else None)
-    if observe is None and not notify and not add_tags and not add_lists and mode == "active":
+    if "observe" not in data and not notify and not add_tags and not add_lists and mode == "active":
         bad((), "the rule does nothing when it fires: add [observe], [notify], add_tags or add_to_lists",
             pos.of(("name",))[0], 1)
 
@@ -420,6 +420,9 @@ def _observe(ob: Mapping, env: RuleEnv, bad, get, unknown) -> Observe | None:
                         visible[k] = float(x)
             if kind is not None and not _has_sites(kind):
                 bad(p + ("visible",), f"no site table for facility kind {kind!r}: visibility cannot be checked")
+            if window_h > _max_window_hours() + 1e-9:  # the gate computes visibility over the whole window
+                bad(p + ("window",), f"with visible, at most {_max_window()}, the visibility window's maximum; "
+                                     f"got {window_h:g} h")
     cadence = None
     if "cadence" in ob:
         from tomd.cadence import CadenceError, cadence_from_table, initial, parse_cadence
@@ -444,6 +447,18 @@ def _observe(ob: Mapping, env: RuleEnv, bad, get, unknown) -> Observe | None:
     return Observe(facility, tname, template, mode, window_h, float(priority), visible, hours, cadence, proposal)
 
 
+def _max_window_hours() -> float:
+    from tomd.visibility import MAX_WINDOW_HOURS
+
+    return MAX_WINDOW_HOURS
+
+
+def _max_window() -> str:
+    from tomd.visibility import MAX_WINDOW_DAYS
+
+    return f"{_max_window_hours():g} h ({MAX_WINDOW_DAYS} days)"
+
+
 def _has_sites(kind: str) -> bool:
     from tomd.visibility import FACILITY_SITES
 
@@ -451,7 +466,9 @@ def _has_sites(kind: str) -> bool:
 
 
 def _check_calls(text: str, env: RuleEnv) -> None:
-    """Facility names given to visible()/airmass() as constants must be configured."""
+    """Facility names given to visible()/airmass() as constants must be configured, and a literal
+    ``hours=`` window must be a number within the visibility window's maximum (bounded work; a value
+    computed at run time is clamped there, by tomd.visibility)."""
     import ast
 
     tree = ast.parse("(\n" + text + "\n)", mode="eval")
@@ -474,8 +491,54 @@ def _check_calls(text: str, env: RuleEnv) -> None:
             elif not isinstance(a, ast.Constant) or not isinstance(a.value, str):
                 problems.append(ExprError(f"{n.func.id}(): the facility must be a quoted name", max(1, a.lineno - 1),
                                           a.col_offset + 1))
+        if isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id in ("visible", "airmass"):
+            for kw in n.keywords:
+                if kw.arg != "hours":
+                    continue
+                v = _literal(kw.value)
+                where = (max(1, kw.value.lineno - 1), kw.value.col_offset + 1)
+                if v is _NOT_LITERAL:
+                    continue
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+                    problems.append(ExprError(f"{n.func.id}(): hours must be a number of hours > 0, got {v!r}",
+                                              *where))
+                elif v > _max_window_hours() + 1e-9:
+                    problems.append(ExprError(f"{n.func.id}(): hours={v:g} is beyond the visibility window's "
+                                              f"maximum, {_max_window()}", *where))
     if problems:
         raise ExprError.of(problems)
+
+
+_NOT_LITERAL = object()
+
+
+def _literal(node) -> Any:
+    """The value of a constant expression (``336``, ``-1``, ``24 * 30``, ``"2d"``), else _NOT_LITERAL.
+
+    Only numbers with + - * / ** and a sign are folded, in floats: an overflow or a division by zero
+    is left to run time (which clamps the window anyway)."""
+    import ast
+    import operator
+
+    if isinstance(node, ast.Constant):
+        return node.value
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+        v = _literal(node.operand)
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            return -v if isinstance(node.op, ast.USub) else v
+        return _NOT_LITERAL
+    ops = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
+           ast.Pow: operator.pow}
+    if isinstance(node, ast.BinOp) and type(node.op) in ops:
+        a, b = _literal(node.left), _literal(node.right)
+        if all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in (a, b)):
+            try:
+                r = ops[type(node.op)](float(a), float(b))
+            except (OverflowError, ZeroDivisionError, ValueError):
+                return _NOT_LITERAL
+            return r if isinstance(r, float) else _NOT_LITERAL  # (-8) ** 0.5 is complex
+        return _NOT_LITERAL
+    return _NOT_LITERAL
 
 
 # ------------------------------------------------------------ estimates --
