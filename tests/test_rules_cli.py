@@ -391,3 +391,19 @@ def test_explain_names_the_stream_when_no_rule_listened(db, shared_data, capsys)
     assert cmd_rule_explain(App(db), argparse.Namespace(alert_id=ids[1], json=True)) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["alert"]["stream"] == "ztf-private" and data["decisions"] == []
+
+
+def test_explain_says_no_target_for_an_alert_without_one(db, shared_data, capsys):
+    """A GW notice with a skymap of tens of square degrees is an event, not a target."""
+    from tomd.alerts.parse import parse_message
+
+    data = (shared_data / "lvk/skyportal/igwn_gwalert_preliminary.json").read_bytes()
+    eng = RuleEngine(RuleSet.of([rule('name = "gw"\nwhen = "alert.kind == \'localization\'"\nadd_tags = ["gw"]')]),
+                     clock=lambda st: st.alert.time)
+    ing = Ingestor(db.sessions, IngestSettings(stream="gcn", format="lvk-json", include_test=True),
+                   lambda d: parse_message("lvk-json", d, include_test=True), sinks=[eng])
+    (alert_id,) = ing.handle([FileMessage("gw", 0, data)]).alert_ids
+    assert cmd_rule_explain(App(db), argparse.Namespace(alert_id=alert_id, json=False)) == 0
+    head = capsys.readouterr().out.splitlines()[0]
+    # (and one space before "at" when the alert names no object)
+    assert head.endswith("Z at 2026-06-05T11:57:26.395000+00:00 (no target, stream gcn)"), head

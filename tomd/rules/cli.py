@@ -98,8 +98,11 @@ def cmd_rule_explain(app, args) -> int:
     if args.json:
         print(json.dumps({"alert": head, "decisions": rows}, indent=2, default=str))
         return 0
-    print(f"alert #{head['alert_id']} {head['source']} {head['key']} {head['object_id'] or ''} at {head['time']}"
-          f" (target #{head['target_id']}" + (f", stream {head['stream']})" if head["stream"] else ")"))
+    # A notice whose localisation is too large to be one object (a GW skymap) has no target.
+    target = f"target #{head['target_id']}" if head["target_id"] is not None else "no target"
+    name = f" {head['object_id']}" if head["object_id"] else ""
+    print(f"alert #{head['alert_id']} {head['source']} {head['key']}{name} at {head['time']}"
+          f" ({target}" + (f", stream {head['stream']})" if head["stream"] else ")"))
     if not rows:
         # Rules that do not listen record nothing: name every selector they could have missed on.
         on = f"stream {head['stream']!r}" if head["stream"] else "an unrecorded stream"
