@@ -136,3 +136,40 @@ def test_alert_replay_of_real_packets_in_every_format(config, capsys, shared_dat
 
     skymaps = [p for p in _json.loads(out) if p["kind"] == "skymap"]
     assert code == 0 and len(skymaps) == 1 and skymaps[0]["size"] == 777600
+
+
+GCN_OIDC = """
+[database]
+url = "sqlite:///{db}"
+[[streams]]
+name = "gcn"
+bootstrap = "kafka.gcn.nasa.gov:9092"
+topics = ["gcn.notices.swift.bat.guano"]
+format = "gcn-json"
+[streams.kafka]
+"security.protocol" = "sasl_ssl"
+"sasl.mechanisms" = "OAUTHBEARER"
+"sasl.oauthbearer.method" = "oidc"
+"sasl.oauthbearer.client.id" = "${{GCN_CLIENT_ID}}"
+"sasl.oauthbearer.client.secret" = "${{GCN_CLIENT_SECRET:-}}"
+"sasl.oauthbearer.token.endpoint.url" = "https://auth.gcn.nasa.gov/oauth2/token"
+"""
+
+
+@pytest.mark.parametrize("command", [["config", "check"], ["run", "--exit-when-idle", "1"]])
+def test_gcn_oidc_without_its_secret_is_refused_by_config_check_and_run(tmp_path, capsys, monkeypatch, command):
+    """Issue 3: an empty GCN client secret must not pass (librdkafka would never get a token)."""
+    cfg = tmp_path / "tomd.toml"
+    cfg.write_text(GCN_OIDC.format(db=tmp_path / "tomd.db"))
+    monkeypatch.setenv("GCN_CLIENT_ID", "gcn-id-123")
+    monkeypatch.delenv("GCN_CLIENT_SECRET", raising=False)
+    code, out, err = run(capsys, "--config", str(cfg), *command)
+    assert code == 1 and "OK" not in out
+    assert err.strip().splitlines() == [
+        f'{cfg}:14: streams[0].kafka."sasl.oauthbearer.client.secret": empty ("${{GCN_CLIENT_SECRET:-}}" expands '
+        'to ""); "sasl.oauthbearer.method" = "oidc" needs the OIDC client secret to get a token']
+    assert not (tmp_path / "tomd.db").exists()  # refused before anything started
+    monkeypatch.setenv("GCN_CLIENT_SECRET", "  gcn-secret-sss ")
+    monkeypatch.setenv("GCN_CLIENT_ID", "")
+    code, out, err = run(capsys, "--config", str(cfg), "config", "check")
+    assert code == 1 and "sasl.oauthbearer.client.id" in err and "gcn-secret-sss" not in out + err

@@ -59,8 +59,8 @@ def one_problem(tmp_path: Path, text: str, env: dict | None = None) -> str:
 # The example file
 
 
-EXAMPLE_ENV = {"LCO_API_TOKEN": "lco-token-123", "GCN_CLIENT_SECRET": "gcn-secret-456",
-               "SMTP_PASSWORD": "smtp-pw-789"}
+EXAMPLE_ENV = {"LCO_API_TOKEN": "lco-token-123", "GCN_CLIENT_ID": "gcn-id-0123",
+               "GCN_CLIENT_SECRET": "gcn-secret-456", "SMTP_PASSWORD": "smtp-pw-789"}
 
 
 def test_example_loads_and_says_what_it_means():
@@ -79,7 +79,7 @@ def test_example_loads_and_says_what_it_means():
                    include_test=False, localization_max_deg=0.5,
                    kafka={"security.protocol": "SASL_SSL", "sasl.mechanisms": "OAUTHBEARER",
                           "sasl.oauthbearer.method": "oidc",
-                          "sasl.oauthbearer.client.id": "tomd-example",
+                          "sasl.oauthbearer.client.id": "gcn-id-0123",
                           "sasl.oauthbearer.client.secret": Secret("gcn-secret-456"),
                           "sasl.oauthbearer.token.endpoint.url":
                               "https://auth.gcn.nasa.gov/oauth2/token"}),
@@ -117,12 +117,16 @@ def test_example_loads_and_says_what_it_means():
 
 def test_example_without_required_env_names_the_variable():
     lines = check_config_file(EXAMPLE, env={})
-    assert len(lines) == 1
-    assert re.fullmatch(
-        re.escape(str(EXAMPLE)) + r":\d+: facilities\.lco\.token: environment variable "
-        r"LCO_API_TOKEN is not set.*", lines[0])
-    lineno = int(lines[0].split(":")[1])
-    assert EXAMPLE.read_text().splitlines()[lineno - 1].startswith("token = ")
+    expected = [('streams[1].kafka."sasl.oauthbearer.client.id"', "GCN_CLIENT_ID", '"sasl.oauthbearer.client.id" = '),
+                ('streams[1].kafka."sasl.oauthbearer.client.secret"', "GCN_CLIENT_SECRET",
+                 '"sasl.oauthbearer.client.secret" = '),
+                ("facilities.lco.token", "LCO_API_TOKEN", "token = ")]
+    assert len(lines) == len(expected), lines
+    text = EXAMPLE.read_text().splitlines()
+    for line, (key, var, starts) in zip(lines, expected):
+        assert re.fullmatch(re.escape(f"{EXAMPLE}:") + r"\d+: " + re.escape(f"{key}: environment variable {var} "
+                                                                          "is not set") + ".*", line), line
+        assert text[int(line.split(":")[1]) - 1].startswith(starts)
 
 
 def _schema_keys(cls: type, seen: set | None = None) -> set[str]:
@@ -1137,3 +1141,142 @@ def test_check_config_file_good_and_bad(tmp_path):
         f'{bad}:2: metrics.listen: expected host:port, like "127.0.0.1:9464" (port 0: any free port), got "0.0.0.0"',
         f"{bad}:3: metrics.port: unknown key; expected one of enabled, listen",
     ]
+
+
+# --------------------------------------------------------------------------
+# Kafka SASL credentials: a stream that cannot authenticate is refused at
+# load (config check and daemon start), not left to librdkafka's retries.
+
+GCN_STREAM = """
+    [[streams]]
+    name = "gcn"
+    bootstrap = "kafka.gcn.nasa.gov:9092"
+    topics = ["gcn.notices.swift.bat.guano"]
+    format = "gcn-json"
+
+    [streams.kafka]
+    "security.protocol" = "sasl_ssl"
+    "sasl.mechanisms" = "OAUTHBEARER"
+    "sasl.oauthbearer.method" = "oidc"
+    """
+GCN_CREDENTIALS = {
+    "id": '"sasl.oauthbearer.client.id" = "${GCN_CLIENT_ID}"',
+    "secret": '"sasl.oauthbearer.client.secret" = "${GCN_CLIENT_SECRET:-}"',
+    "endpoint": '"sasl.oauthbearer.token.endpoint.url" = "https://auth.gcn.nasa.gov/oauth2/token"',
+}
+GCN_ENV = {"GCN_CLIENT_ID": "gcn-id-123", "GCN_CLIENT_SECRET": "gcn-secret-sss"}
+
+
+def gcn_config(tmp_path: Path, *, drop: str | None = None, **replace: str) -> Path:
+    lines = [v for k, v in {**GCN_CREDENTIALS, **replace}.items() if k != drop]
+    return write(tmp_path, textwrap.dedent(GCN_STREAM) + "\n".join(lines) + "\n")
+
+
+def test_gcn_oidc_stream_with_every_credential_loads(tmp_path):
+    stream = load_config(gcn_config(tmp_path), env=GCN_ENV).streams[0]
+    assert stream.kafka_config() == {
+        "security.protocol": "sasl_ssl", "sasl.mechanisms": "OAUTHBEARER", "sasl.oauthbearer.method": "oidc",
+        "sasl.oauthbearer.client.id": "gcn-id-123", "sasl.oauthbearer.client.secret": "gcn-secret-sss",
+        "sasl.oauthbearer.token.endpoint.url": "https://auth.gcn.nasa.gov/oauth2/token"}
+
+
+def test_gcn_oidc_with_an_empty_client_secret_is_refused(tmp_path):
+    """${GCN_CLIENT_SECRET:-} unset: the secret expands to "" and librdkafka could never get a token."""
+    path = gcn_config(tmp_path)
+    lines = check_config_file(path, env={"GCN_CLIENT_ID": "gcn-id-123"})
+    assert lines == [f'{path}:12: streams[0].kafka."sasl.oauthbearer.client.secret": empty '
+                     '("${GCN_CLIENT_SECRET:-}" expands to ""); "sasl.oauthbearer.method" = "oidc" '
+                     'needs the OIDC client secret to get a token']
+
+
+@pytest.mark.parametrize("drop, key, what", [
+    ("id", "sasl.oauthbearer.client.id", "the OIDC client id"),
+    ("secret", "sasl.oauthbearer.client.secret", "the OIDC client secret"),
+    ("endpoint", "sasl.oauthbearer.token.endpoint.url", "the token endpoint URL (GCN: "
+                                                        "https://auth.gcn.nasa.gov/oauth2/token)"),
+])
+def test_gcn_oidc_without_a_credential_is_refused_and_names_it(tmp_path, drop, key, what):
+    line = one_problem(tmp_path, textwrap.dedent(GCN_STREAM) + "\n".join(
+        v for k, v in GCN_CREDENTIALS.items() if k != drop) + "\n", env=GCN_ENV)
+    assert line == (f'tomd.toml:7: streams[0].kafka."{key}": missing; "sasl.oauthbearer.method" = "oidc" '
+                    f"needs {what} to get a token")
+    assert "gcn-secret-sss" not in line
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("id", '"sasl.oauthbearer.client.id" = "  "', 'blank; "sasl.oauthbearer.method" = "oidc" needs the OIDC '
+                                                  "client id to get a token"),
+    ("secret", '"sasl.oauthbearer.client.secret" = " \\t "', 'blank; "sasl.oauthbearer.method" = "oidc" '
+                                                            "needs the OIDC client secret to get a token"),
+    ("endpoint", '"sasl.oauthbearer.token.endpoint.url" = "auth.gcn.nasa.gov/oauth2/token"',
+     'expected an http(s) URL, got "auth.gcn.nasa.gov/oauth2/token"'),
+    ("id", '"sasl.oauthbearer.client.id" = 42', "expected a string, got an integer"),
+])
+def test_gcn_oidc_credentials_that_cannot_work_are_refused(tmp_path, key, value, message):
+    line = one_problem(tmp_path, textwrap.dedent(GCN_STREAM) + "\n".join(
+        value if k == key else v for k, v in GCN_CREDENTIALS.items()) + "\n", env=GCN_ENV)
+    assert line.split(": ", 2)[2] == message, line
+    assert "gcn-secret-sss" not in line
+
+
+def test_oidc_other_grants_need_no_client_secret(tmp_path):
+    """librdkafka's jwt-bearer grant signs an assertion, and Azure IMDS asks the VM: no client secret."""
+    for extra in ('"sasl.oauthbearer.grant.type" = "urn:ietf:params:oauth:grant-type:jwt-bearer"\n'
+                  '"sasl.oauthbearer.assertion.private.key.file" = "key.pem"',
+                  '"sasl.oauthbearer.metadata.authentication.type" = "azure_imds"'):
+        path = gcn_config(tmp_path, drop="secret", id=extra)
+        assert check_config_file(path, env=GCN_ENV) == []
+
+
+def test_oidc_is_checked_whatever_the_case_of_its_values(tmp_path):
+    """librdkafka reads "OIDC" as oidc and "SASL_SSL" as sasl_ssl."""
+    text = textwrap.dedent(GCN_STREAM).replace('"oidc"', '"OIDC"') + GCN_CREDENTIALS["id"] + "\n"
+    lines = problems(tmp_path, text, env=GCN_ENV)
+    assert [line.split(": ")[1] for line in lines] == [
+        'streams[0].kafka."sasl.oauthbearer.client.secret"', 'streams[0].kafka."sasl.oauthbearer.token.endpoint.url"']
+
+
+@pytest.mark.parametrize("mechanism", ["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"])
+def test_sasl_plain_and_scram_need_a_username_and_a_password(tmp_path, mechanism):
+    head = textwrap.dedent(f"""
+        [[streams]]
+        name = "ztf"
+        bootstrap = "localhost:9092"
+        topics = ["t"]
+        format = "ztf-avro"
+        [streams.kafka]
+        "security.protocol" = "SASL_SSL"
+        "sasl.mechanism" = "{mechanism}"
+        """)
+    lines = problems(tmp_path, head + '"sasl.username" = ""\n"sasl.password" = "${ZTF_KAFKA_PASSWORD:-}"\n')
+    assert lines == [
+        f'tomd.toml:9: streams[0].kafka."sasl.username": empty; "sasl.mechanism" = "{mechanism}" needs the '
+        "SASL user name",
+        f'tomd.toml:10: streams[0].kafka."sasl.password": empty ("${{ZTF_KAFKA_PASSWORD:-}}" expands to ""); '
+        f'"sasl.mechanism" = "{mechanism}" needs the SASL password']
+    line = one_problem(tmp_path, head + '"sasl.username" = "me"\n')
+    assert line == (f'tomd.toml:6: streams[0].kafka."sasl.password": missing; "sasl.mechanism" = "{mechanism}" '
+                    "needs the SASL password")
+    (tmp_path / "pw").write_text("pw-777\n")
+    path = write(tmp_path, head + '"sasl.username" = "me"\n"sasl.password_file" = "pw"\n')
+    assert load_config(path, env={}).streams[0].kafka_config()["sasl.password"] == "pw-777"
+
+
+def test_sasl_credentials_are_not_asked_for_without_sasl(tmp_path):
+    """librdkafka ignores sasl.* unless security.protocol is SASL_*; a file stream reads no Kafka at all."""
+    path = write(tmp_path, """
+        [[streams]]
+        name = "ztf"
+        bootstrap = "localhost:9092"
+        topics = ["t"]
+        format = "ztf-avro"
+        kafka = { "security.protocol" = "SSL", "sasl.mechanisms" = "PLAIN" }
+
+        [[streams]]
+        name = "archive"
+        kind = "file"
+        topics = ["*.avro"]
+        format = "ztf-avro"
+        kafka = { "security.protocol" = "SASL_SSL", "sasl.mechanisms" = "SCRAM-SHA-512" }
+        """)
+    assert check_config_file(path, env={}) == []

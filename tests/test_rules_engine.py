@@ -357,7 +357,8 @@ def test_example_grb_rule_on_real_swift_notices(db, shared_data):
     from tomd.config import load_config
 
     repo_dir = Path(__file__).resolve().parents[1]
-    cfg = load_config(repo_dir / "config.example.toml", env={**os.environ, "LCO_API_TOKEN": "x"})
+    cfg = load_config(repo_dir / "config.example.toml",
+                      env={**os.environ, "LCO_API_TOKEN": "x", "GCN_CLIENT_ID": "x", "GCN_CLIENT_SECRET": "x"})
     from dataclasses import replace
 
     cfg = replace(cfg, rules=replace(cfg.rules, paths=[str(repo_dir / "rules" / "grb-afterglow.toml")]))

@@ -120,7 +120,8 @@ def test_estimated_hours_from_templates():
 
 
 def example_config():
-    return load_config(REPO / "config.example.toml", env={**os.environ, "LCO_API_TOKEN": "x"})
+    return load_config(REPO / "config.example.toml",
+                       env={**os.environ, "LCO_API_TOKEN": "x", "GCN_CLIENT_ID": "x", "GCN_CLIENT_SECRET": "x"})
 
 
 def test_example_rules_pass_check():

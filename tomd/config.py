@@ -457,15 +457,73 @@ class Stream:
                 value = ctx.read_secret_file(file_name, path + ("kafka", key))
                 if value is not None:
                     kafka[base] = value
+        emptied = set()  # secrets given as "" (e.g. ${VAR:-} unset): not set, but SASL may need them
         for key, value in list(kafka.items()):
             if _is_kafka_secret(key) and not isinstance(value, Secret):
                 if value == "":
                     del kafka[key]  # e.g. ${VAR:-}: not set
+                    emptied.add(key)
                 elif not isinstance(value, str):
                     ctx.bad(path + ("kafka", key), f"expected a string, got {_kind_word(value)}")
                 else:
                     kafka[key] = Secret(value)
+        if values.get("kind", "kafka") == "kafka":
+            given = set(values.get("kafka", {}))
+            cls._check_sasl_credentials(kafka, emptied, given, path, ctx)
         values["kafka"] = kafka
+
+    @classmethod
+    def _check_sasl_credentials(cls, kafka: dict, emptied: set[str], given: set[str], path: tuple,
+                                ctx: _Ctx) -> None:
+        """The credentials librdkafka needs to log in. Without them it refuses to make the
+        consumer at start; with a blank one (a secret from an unset ${VAR:-}, a stray space)
+        it retries authentication forever with warnings only, and no alert ever arrives.
+        Messages name the key, never a secret's value."""
+        def text(key: str) -> str:
+            value = kafka.get(key)
+            return value.strip().lower() if isinstance(value, str) else ""
+
+        needs: list[tuple[str, str]] = []  # (key, what it is to the setting that needs it)
+        if text("sasl.oauthbearer.method") == "oidc":
+            why = f'"sasl.oauthbearer.method" = {_show(kafka["sasl.oauthbearer.method"])}'
+            if text("sasl.oauthbearer.metadata.authentication.type") == "azure_imds":
+                return  # the token comes from the VM's metadata service: librdkafka checks the rest
+            if text("sasl.oauthbearer.grant.type") in ("", "client_credentials"):
+                # the jwt-bearer grant signs an assertion instead (librdkafka checks its key file)
+                needs += [("sasl.oauthbearer.client.id", "the OIDC client id to get a token"),
+                          ("sasl.oauthbearer.client.secret", "the OIDC client secret to get a token")]
+            needs.append(("sasl.oauthbearer.token.endpoint.url", "the token endpoint URL (GCN: "
+                          "https://auth.gcn.nasa.gov/oauth2/token) to get a token"))
+        else:
+            mech_key = "sasl.mechanisms" if "sasl.mechanisms" in kafka else "sasl.mechanism"
+            # librdkafka uses sasl.* only over a SASL protocol (PLAINTEXT and SSL ignore them)
+            if (text("security.protocol") in ("sasl_plaintext", "sasl_ssl")
+                    and text(mech_key).upper() in ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")):
+                why = f'"{mech_key}" = {_show(kafka[mech_key])}'
+                needs += [("sasl.username", "the SASL user name"), ("sasl.password", "the SASL password")]
+        for key, what in needs:
+            where = path + ("kafka", key)
+            value = kafka.get(key)
+            raw = ctx.raw(where)
+            from_env = f" ({_show(raw)} expands to \"\")" if isinstance(raw, str) and "${" in raw else ""
+            if key in emptied or value == "":
+                ctx.bad(where, f"empty{from_env}; {why} needs {what}")
+            elif value is None:
+                if key + "_file" not in given:  # an unreadable or empty file is reported already
+                    ctx.bad(where, f"missing; {why} needs {what}")
+            elif isinstance(value, Secret):
+                if not value.reveal().strip():
+                    ctx.bad(where, f"blank; {why} needs {what}")
+            elif not isinstance(value, str):
+                if not _is_kafka_secret(key):  # a secret of the wrong type is reported already
+                    ctx.bad(where, f"expected a string, got {_kind_word(value)}")
+            elif not value.strip():
+                ctx.bad(where, f"blank; {why} needs {what}")
+            elif key.endswith(".url"):
+                try:
+                    _http_url(value)
+                except _Invalid as e:
+                    ctx.bad(where, f"{e}, got {_show(value)}")
 
 
     @classmethod
@@ -760,6 +818,18 @@ class _Ctx:
         self.env = env
         self.base_dir = base_dir
         self.problems: list[tuple[KeyPath, str]] = []
+        self.doc: Any = None  # the parsed TOML as written (before ${VAR} expansion)
+
+    def raw(self, path: KeyPath) -> Any:
+        """The value at ``path`` as written in the file (None if absent), to say where
+        a value came from, e.g. which ${VAR} gave an empty string."""
+        node = self.doc
+        for part in path:
+            try:
+                node = node[part]
+            except (KeyError, IndexError, TypeError):
+                return None
+        return node
 
     def bad(self, path: KeyPath, message: str) -> None:
         self.problems.append((path, message))
@@ -1247,6 +1317,7 @@ def load_config(path: str | os.PathLike | None = None, *, env: Mapping[str, str]
 
 def _from_dict(raw: dict, file: Path, text: str, env: Mapping[str, str]) -> Config:
     ctx = _Ctx(env, file.parent)
+    ctx.doc = raw
     config = _build(Config, raw, (), ctx)
     if ctx.problems:
         lines = _reliable_key_lines(text, raw)
