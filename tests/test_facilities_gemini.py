@@ -12,16 +12,16 @@ from __future__ import annotations
 import random
 import re
 import socket
-import threading
 from collections import Counter
 from datetime import datetime, timedelta, timezone
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from types import SimpleNamespace
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
 from sqlalchemy import select
 
+from tests.loopback import LoopbackServer
 from tomd.config import load_config
 from tomd.db.models import ObservationRequest
 from tomd.errors import PermanentError, RetryableError
@@ -54,54 +54,18 @@ FAST = SubmitSettings(lease_s=30, max_attempts=8, backoff_base_s=0.01, backoff_c
 # ------------------------------------------------------ the loopback server --
 
 
-class GeminiODB:
+class GeminiODB(LoopbackServer):
     """A Gemini ODB's ToO servlet on loopback: one program with On Hold templates 12 and 13."""
 
-    FAULTS = ("500", "429", "drop", "accept_then_hang", "accept_then_drop", "accept_then_500")
-
     def __init__(self, hang_s: float = 0.8):
-        self.hang_s = hang_s
-        self.lock = threading.Lock()
+        super().__init__(hang_s)
         self.observations: dict[str, dict[str, str]] = {}
         self.next_obs = 20
-        self.faults: list[str] = []
-        self.chaos: tuple[float, random.Random] | None = None
         self.requests: list[dict[str, str]] = []  # what arrived (URL query included) before any fault
-        self.stopping = threading.Event()
-
-    def __enter__(self):
-        odb = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *a):
-                pass
-
-            def do_POST(self):
-                odb.handle(self)
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-        host, port = self.server.server_address[:2]
-        self.url = f"http://{host}:{port}"
-        return self
-
-    def __exit__(self, *exc):
-        self.stopping.set()
-        self.server.shutdown()
-        self.server.server_close()
 
     def notes(self) -> Counter:
         with self.lock:
             return Counter(o["noteTitle"] for o in self.observations.values())
-
-    def _fault(self) -> str | None:
-        with self.lock:
-            if self.faults:
-                return self.faults.pop(0)
-            if self.chaos and self.chaos[1].random() < self.chaos[0]:
-                return self.chaos[1].choice(self.FAULTS)
-        return None
 
     def handle(self, h: BaseHTTPRequestHandler) -> None:
         parts = urlsplit(h.path)
@@ -110,7 +74,7 @@ class GeminiODB:
         form.update({k: v[-1] for k, v in parse_qs(raw, keep_blank_values=True).items()})
         with self.lock:
             self.requests.append({"query": parts.query, **form})
-        fault = self._fault()
+        fault = self.next_fault()
         if fault == "500":
             return self.reply(h, 500, "Internal Server Error")
         if fault == "429":
@@ -122,8 +86,7 @@ class GeminiODB:
         status, text = self.route(form)
         if fault and fault.startswith("accept_then"):
             if fault == "accept_then_hang":
-                self.stopping.wait(self.hang_s)
-                return self.drop(h)
+                return self.hang_then_drop(h)
             if fault == "accept_then_drop":
                 return self.drop(h)
             return self.reply(h, 500, "<html><head><title>Error 500 Server Error</title></head></html>")
@@ -153,24 +116,8 @@ class GeminiODB:
             self.observations[obsid] = dict(f)
         return 200, obsid
 
-    @staticmethod
-    def reply(h, status: int, text: str, headers=None) -> None:
-        data = text.encode()
-        h.send_response(status)
-        h.send_header("Content-Type", "text/plain")
-        h.send_header("Content-Length", str(len(data)))
-        for k, v in (headers or {}).items():
-            h.send_header(k, v)
-        h.end_headers()
-        h.wfile.write(data)
-
-    @staticmethod
-    def drop(h) -> None:
-        h.close_connection = True
-        try:
-            h.connection.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
+    def reply(self, h, status: int, text: str, headers=None) -> None:
+        self.send(h, status, text.encode(), "text/plain", headers)
 
 
 @pytest.fixture

@@ -18,16 +18,16 @@ import hmac
 import json
 import random
 import socket
-import threading
 import time
 from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from types import SimpleNamespace
 from urllib.parse import parse_qs
 
 import pytest
 from sqlalchemy import select
 
+from tests.loopback import LoopbackServer
 from tomd.db.models import ObservationRequest
 from tomd.errors import AmbiguousError, PermanentError, RetryableError
 from tomd.facilities.base import Intent, TemplateError, TokenRefused, ValidationRejected
@@ -58,44 +58,19 @@ def _unb64(s: str) -> bytes:
 # ------------------------------------------------------ the loopback server --
 
 
-class SwiftTOOServer:
+class SwiftTOOServer(LoopbackServer):
     """The TOO API on loopback: jobs processed ``process_s`` after they are queued."""
 
-    FAULTS = ("500", "429", "drop", "accept_then_hang", "accept_then_drop", "accept_then_500")
+    path = "/toop/submit_json.php"
 
     def __init__(self, process_s: float = 0.02, hang_s: float = 0.8):
-        self.process_s, self.hang_s = process_s, hang_s
-        self.lock = threading.Lock()
+        super().__init__(hang_s)
+        self.process_s = process_s
         self.jobs: dict[int, dict] = {}
         self.toos: dict[int, dict] = {}
         self.next_job, self.next_too = 100, 20000
-        self.faults: list[str] = []
-        self.chaos: tuple[float, random.Random] | None = None
         self.calls: list[tuple[str, dict]] = []
         self.raw_forms: list[str] = []
-        self.stopping = threading.Event()
-
-    def __enter__(self):
-        srv = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *a):
-                pass
-
-            def do_POST(self):
-                srv.handle(self)
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-        host, port = self.server.server_address[:2]
-        self.url = f"http://{host}:{port}/toop/submit_json.php"
-        return self
-
-    def __exit__(self, *exc):
-        self.stopping.set()
-        self.server.shutdown()
-        self.server.server_close()
 
     # -- controls ---------------------------------------------------------------
 
@@ -111,15 +86,6 @@ class SwiftTOOServer:
         return [d for name, d in self.calls if name == "Swift_TOO_Request" and not d.get("validate_only")]
 
     # -- behaviour --------------------------------------------------------------
-
-    def _fault(self, api_name: str) -> str | None:
-        with self.lock:
-            if self.faults:
-                return self.faults.pop(0)
-            if self.chaos and self.chaos[1].random() < self.chaos[0]:
-                kind = self.chaos[1].choice(self.FAULTS)
-                return kind if api_name == "Swift_TOO_Request" or not kind.startswith("accept") else "drop"
-        return None
 
     def handle(self, h: BaseHTTPRequestHandler) -> None:
         raw = h.rfile.read(int(h.headers.get("Content-Length") or 0)).decode()
@@ -140,7 +106,7 @@ class SwiftTOOServer:
         api_name, data = payload["api_name"], dict(payload["api_data"])
         with self.lock:
             self.calls.append((api_name, data))
-        fault = self._fault(api_name)
+        fault = self.next_fault(after_effect=api_name == "Swift_TOO_Request")
         if fault == "500":
             return self.send(h, 500, b"<html>Internal Server Error</html>", "text/html")
         if fault == "429":
@@ -149,8 +115,7 @@ class SwiftTOOServer:
             return self.drop(h)
         answer = self.route(api_name, data)
         if fault == "accept_then_hang":
-            self.stopping.wait(self.hang_s)
-            return self.drop(h)
+            return self.hang_then_drop(h)
         if fault == "accept_then_drop":
             return self.drop(h)
         if fault == "accept_then_500":
@@ -220,24 +185,6 @@ class SwiftTOOServer:
 
     def status(self, h, st: dict) -> None:
         self.send(h, 200, json.dumps(self.wrap(st)).encode())
-
-    @staticmethod
-    def send(h, code: int, data: bytes, ctype: str = "application/json", headers=None) -> None:
-        h.send_response(code)
-        h.send_header("Content-Type", ctype)
-        h.send_header("Content-Length", str(len(data)))
-        for k, v in (headers or {}).items():
-            h.send_header(k, v)
-        h.end_headers()
-        h.wfile.write(data)
-
-    @staticmethod
-    def drop(h) -> None:
-        h.close_connection = True
-        try:
-            h.connection.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
 
 
 @pytest.fixture

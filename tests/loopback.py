@@ -1,0 +1,90 @@
+"""A facility's HTTP API on loopback, for the client tests (no mocks): the server, its faults, its replies.
+
+A subclass answers POSTs in ``handle`` and draws what goes wrong from
+``next_fault``: the scripted ``faults`` first (one per request, in order), then
+``chaos`` (a probability and a seeded ``random.Random``). The faults are the
+ones that tell a client's retries apart: a 5xx or a 429 before anything
+happened, a dropped connection, and, after the request took effect, an answer
+that never comes (``hang_then_drop``), a drop, or a 5xx.
+"""
+
+from __future__ import annotations
+
+import random
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+class LoopbackServer:
+    """A context manager: a threaded HTTP server on 127.0.0.1 (a free port), ``url`` its address + ``path``."""
+
+    FAULTS = ("500", "429", "drop", "accept_then_hang", "accept_then_drop", "accept_then_500")
+    path = ""  # the API's path, appended to ``url``
+
+    def __init__(self, hang_s: float = 0.8):
+        self.hang_s = hang_s  # how long an "accept_then_hang" answer keeps the client waiting
+        self.lock = threading.Lock()
+        self.faults: list[str] = []
+        self.chaos: tuple[float, random.Random] | None = None
+        self.stopping = threading.Event()  # ends the hangs at shutdown
+
+    def __enter__(self):
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_POST(self):
+                server.handle(self)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        host, port = self.server.server_address[:2]
+        self.url = f"http://{host}:{port}{self.path}"
+        return self
+
+    def __exit__(self, *exc):
+        self.stopping.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+    def handle(self, h: BaseHTTPRequestHandler) -> None:
+        raise NotImplementedError
+
+    def next_fault(self, *, after_effect: bool = True) -> str | None:
+        """The next scripted fault, else a chaos draw; ``after_effect`` False (a request that has no
+        effect to lose) turns a drawn "accept_then_*" into a plain drop."""
+        with self.lock:
+            if self.faults:
+                return self.faults.pop(0)
+            if self.chaos and self.chaos[1].random() < self.chaos[0]:
+                kind = self.chaos[1].choice(self.FAULTS)
+                return kind if after_effect or not kind.startswith("accept") else "drop"
+        return None
+
+    def hang_then_drop(self, h: BaseHTTPRequestHandler) -> None:
+        """The request took effect, the answer never comes (until the client's timeout has passed)."""
+        self.stopping.wait(self.hang_s)
+        self.drop(h)
+
+    @staticmethod
+    def send(h: BaseHTTPRequestHandler, code: int, data: bytes, ctype: str = "application/json",
+             headers: dict[str, str] | None = None) -> None:
+        h.send_response(code)
+        h.send_header("Content-Type", ctype)
+        h.send_header("Content-Length", str(len(data)))
+        for k, v in (headers or {}).items():
+            h.send_header(k, v)
+        h.end_headers()
+        h.wfile.write(data)
+
+    @staticmethod
+    def drop(h: BaseHTTPRequestHandler) -> None:
+        h.close_connection = True
+        try:
+            h.connection.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
