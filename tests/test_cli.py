@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -173,3 +174,169 @@ def test_gcn_oidc_without_its_secret_is_refused_by_config_check_and_run(tmp_path
     monkeypatch.setenv("GCN_CLIENT_ID", "")
     code, out, err = run(capsys, "--config", str(cfg), "config", "check")
     assert code == 1 and "sasl.oauthbearer.client.id" in err and "gcn-secret-sss" not in out + err
+
+
+# ------------------------------------------------------------ alert replay --
+
+
+def _stream_config(tmp_path, db_url: str, monkeypatch) -> None:
+    """A config with stream "ztf-public" and a rule that listens to that stream only."""
+    rules = tmp_path / "rules"
+    rules.mkdir(exist_ok=True)
+    (rules / "heard.toml").write_text('name = "heard-on-public"\nsources = ["ztf"]\nstreams = ["ztf-public"]\n'
+                                      "when = 'alert.ra >= 0'\nadd_tags = [\"heard\"]\n")
+    path = tmp_path / "tomd.toml"
+    path.write_text(f'[database]\nurl = "{db_url}"\n[storage]\nurl = "file://{tmp_path}/data"\n'
+                    f'[rules]\npaths = ["{rules}"]\n'
+                    '[[streams]]\nname = "ztf-public"\nbootstrap = "127.0.0.1:9"\ntopics = ["ztf"]\n'
+                    'format = "ztf-avro"\n')
+    monkeypatch.setenv("TOMD_CONFIG", str(path))
+
+
+def _ztf_files(tmp_path, n: int, seed: int = 3) -> list[str]:
+    """``n`` ZTF alert files, copies of real packets with distinct ids (bench/ztf_copies.py)."""
+    import sys
+
+    from tests.conftest import REPO
+
+    sys.path.insert(0, str(REPO / "bench"))
+    from ztf_copies import ztf_copies
+
+    out = tmp_path / f"ztf-{seed}"
+    out.mkdir()
+    files = []
+    for i, value in enumerate(ztf_copies(n, seed=seed)):
+        files.append(out / f"alert-{i:04d}.avro")
+        files[-1].write_bytes(value)
+    return [str(f) for f in files]
+
+
+def _alert_streams(db) -> list[str]:
+    from sqlalchemy import select
+
+    from tomd.db.models import AlertRow
+
+    with db.sessions() as s:
+        return sorted(s.scalars(select(AlertRow.stream)))
+
+
+def test_alert_replay_with_a_stream_stores_on_that_stream_so_its_rules_hear(db, tmp_path, capsys, monkeypatch,
+                                                                          shared_data):
+    """Issue 3: `--stream ztf-public` stores the alerts on ztf-public (rules selecting it judge them);
+    without --stream they are stream "replay"."""
+    _stream_config(tmp_path, db.url, monkeypatch)
+    files = _ztf_files(tmp_path, 3)
+    on_public, plain = files[:2], files[2:]
+    code, out, err = run(capsys, "alert", "replay", "--no-progress", "--stream", "ztf-public", *on_public)
+    assert code == 0 and " 2 alerts stored" in out, err
+    code, out, err = run(capsys, "alert", "replay", "--no-progress", *plain)
+    assert code == 0 and " 1 alerts stored" in out, err
+    assert _alert_streams(db) == ["replay", "ztf-public", "ztf-public"]
+    code, out, _ = run(capsys, "target", "list", "--tag", "heard", "--json")
+    assert code == 0 and len(json.loads(out)) == 2  # the rule heard the two on its stream, not the other
+
+
+def test_alert_replay_waits_out_a_database_outage(db, tmp_path, capsys, monkeypatch, shared_data):
+    """Issue 3: a RetryableError (the database went away) is retried with backoff, not the end of the replay."""
+    if db.kind != "postgresql":
+        pytest.skip("a network outage needs a database behind a network")
+    import threading
+    import time
+
+    from sqlalchemy.engine import make_url
+
+    from tests.netfault import TcpProxy
+
+    url = make_url(db.url)
+    proxy = TcpProxy(url.host or "127.0.0.1", url.port or 5432)
+    try:
+        _stream_config(tmp_path, url.set(port=proxy.port).render_as_string(hide_password=False), monkeypatch)
+        files = _ztf_files(tmp_path, 200)
+        cut = threading.Event()
+
+        def outage():  # once a few alerts are in, the line is down for 3 s
+            deadline = time.monotonic() + 60
+            while len(_alert_streams(db)) < 3 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            proxy.cut()
+            cut.set()
+            time.sleep(3)
+            proxy.restore()
+
+        t = threading.Thread(target=outage, daemon=True)
+        t.start()
+        code, out, err = run(capsys, "alert", "replay", "--no-progress", "--batch-size", "1", *files)
+        t.join()
+        assert cut.is_set()
+        assert code == 0, err
+        assert "200 files: 200 alerts stored" in out
+        assert "database" in err and "trying again in" in err  # what happened, and that it waits
+        assert len(_alert_streams(db)) == 200
+    finally:
+        proxy.close()
+
+
+def test_alert_replay_gives_up_after_its_retries_naming_the_file(db, tmp_path, capsys, monkeypatch, shared_data):
+    """Issue 3: the database stays away: a bounded number of attempts, then a clear error naming the file;
+    running the same replay again later finishes it, each alert stored once."""
+    if db.kind != "postgresql":
+        pytest.skip("a network outage needs a database behind a network")
+    import threading
+    import time
+
+    from sqlalchemy.engine import make_url
+
+    from tests.netfault import TcpProxy
+
+    url = make_url(db.url)
+    proxy = TcpProxy(url.host or "127.0.0.1", url.port or 5432)
+    try:
+        _stream_config(tmp_path, url.set(port=proxy.port).render_as_string(hide_password=False), monkeypatch)
+        files = _ztf_files(tmp_path, 200)
+
+        def outage():
+            deadline = time.monotonic() + 60
+            while len(_alert_streams(db)) < 3 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            proxy.cut()
+
+        t = threading.Thread(target=outage, daemon=True)
+        t.start()
+        started = time.monotonic()
+        code, out, err = run(capsys, "alert", "replay", "--no-progress", "--batch-size", "1", "--retries", "2",
+                             *files)
+        t.join()
+        assert code == 1 and time.monotonic() - started < 60
+        last = err.strip().splitlines()[-1]
+        m = re.fullmatch(r"tomd: (\S+): not stored after 3 attempts over \d+ s \(database: .*\); (\d+) of 200 "
+                         r"files are stored: run the same replay again to finish \(what is stored is skipped\)", last)
+        assert m, err
+        done = int(m.group(2))
+        assert 3 <= done < 200 and m.group(1) == files[done]  # the first file not stored
+        assert err.count("trying again in") == 2
+        stored = len(_alert_streams(db))
+        assert done <= stored <= done + 1  # + 1: a commit the cut interrupted may have landed
+        proxy.restore()
+        code, out, err = run(capsys, "alert", "replay", "--no-progress", *files)
+        assert code == 0 and f"200 files: {200 - stored} alerts stored, {stored} already stored" in out, err
+        assert len(_alert_streams(db)) == 200
+    finally:
+        proxy.close()
+
+
+# ------------------------------------------------------ retry-dead-letters --
+
+
+def test_retry_dead_letters_exits_1_while_letters_still_fail(db, tmp_path, capsys, monkeypatch):
+    """Issue 3: exit 1 and how many when a letter fails again; 0 when all were ingested or none were due."""
+    _stream_config(tmp_path, db.url, monkeypatch)
+    junk = tmp_path / "junk.avro"
+    junk.write_bytes(b"Obj\x01not an alert at all")
+    code, out, _ = run(capsys, "alert", "replay", "--no-progress", "--stream", "ztf-public", str(junk))
+    assert code == 1 and "1 dead letters" in out
+    code, out, _ = run(capsys, "alert", "dead-letters", "--json")
+    assert [d["stream"] for d in json.loads(out)] == ["ztf-public"]  # retried as that stream reads
+    code, out, _ = run(capsys, "alert", "retry-dead-letters")
+    assert code == 1 and "1 dead letters retried: 0 ingested, 1 still failing" in out
+    code, out, _ = run(capsys, "alert", "retry-dead-letters", "--stream", "elsewhere")
+    assert code == 0 and "0 dead letters retried" in out

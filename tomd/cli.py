@@ -18,7 +18,15 @@ from pathlib import Path
 from typing import Any
 
 from tomd import __version__
-from tomd.errors import ConfigError, DatabaseNotReady, InputError, NotFoundError, TomdError, UserError
+from tomd.errors import (
+    ConfigError,
+    DatabaseNotReady,
+    InputError,
+    NotFoundError,
+    RetryableError,
+    TomdError,
+    UserError,
+)
 
 log = logging.getLogger("tomd")
 
@@ -398,6 +406,12 @@ def _positive_degrees(text: str) -> float:
     return value
 
 
+def _retries(text: str) -> int:
+    if not text.isdigit() or int(text) > 1000:
+        raise argparse.ArgumentTypeError(f"expected a whole number of retries (0-1000), got {text!r}")
+    return int(text)
+
+
 def cmd_alert_replay(app: App, args) -> int:
     from tomd.alerts.ingest import FileMessage, IngestSettings, Ingestor
 
@@ -426,7 +440,10 @@ def cmd_alert_replay(app: App, args) -> int:
     schema_file = args.schema_file or (st.schema_file if st else None)
     if args.schema_file and fmt not in ("fink-avro", "auto"):
         raise InputError(f"only fink-avro and auto read schemaless Avro, not {fmt}", where="--schema-file")
-    settings = IngestSettings(stream="replay", format=fmt, include_test=args.include_test,
+    # Named stream: its alerts are stored on it, so the rules that select it hear
+    # them and `rule backtest --since` finds them there. Else the stream "replay".
+    settings = IngestSettings(stream=st.name if args.stream else "replay", format=fmt,
+                              include_test=args.include_test,
                               localization_max_deg=loc_max,
                               match_radius_arcsec=app.config.targets.match_radius_arcsec)
     parser = parser_for(fmt, include_test=args.include_test, schema_registry=st.schema_registry if st else None,
@@ -438,11 +455,25 @@ def cmd_alert_replay(app: App, args) -> int:
         from tqdm import tqdm
 
         bar = tqdm(total=len(paths), unit="file", file=sys.stderr)
+
+    def say(line: str) -> None:
+        if bar is not None:
+            bar.write(line, file=sys.stderr)
+        else:
+            print(line, file=sys.stderr, flush=True)
+
     batch: list = []
+    done = 0  # files whose batch committed
+    failure = None
     for i, p in enumerate(paths):
         batch.append(FileMessage(str(p), 0, p.read_bytes()))
         if len(batch) >= args.batch_size or i == len(paths) - 1:
-            ing.handle(batch)
+            where = str(paths[done]) + (f" (and the {len(batch) - 1} files after it in its batch)"
+                                        if len(batch) > 1 else "")
+            failure = _handle_patiently(ing, batch, where, args.retries, say)
+            if failure is not None:
+                break
+            done += len(batch)
             if bar is not None:
                 bar.update(len(batch))
             batch = []
@@ -452,7 +483,42 @@ def cmd_alert_replay(app: App, args) -> int:
     print(f"{t.messages} files: {t.alerts} alerts stored, {t.duplicates} already stored, "
           f"{t.targets_created} new targets, {t.photometry_points} photometry points, {t.notices} notices, "
           f"{t.skipped_test} test events skipped, {t.dead_letters} dead letters")
+    if failure is not None:
+        print(f"tomd: {where}: {failure}; {done} of {len(paths)} files are stored: run the same replay "
+              "again to finish (what is stored is skipped)", file=sys.stderr)
+        return 1
     return 1 if t.dead_letters else 0
+
+
+# Waits between attempts of a replayed batch: doubling from the first, at most
+# the second. 8 retries wait about 1.5 min in all (a locked SQLite adds its own
+# 30 s busy timeout to each attempt).
+REPLAY_BACKOFF_S = (0.5, 30.0)
+
+
+def _handle_patiently(ing, batch: list, where: str, retries: int, say: Callable[[str], None]) -> str | None:
+    """Apply one batch, waiting out transient failures (SQLite locked by a running
+    daemon, PostgreSQL restarting, storage briefly away) as the daemon's consumer
+    does, but only ``retries`` times since a person is waiting. A batch applied
+    again stores nothing twice (alerts by key, letters by fingerprint). None when
+    it committed, else why not."""
+    import time
+
+    started = time.monotonic()
+    first, longest = REPLAY_BACKOFF_S
+    for attempt in range(retries + 1):
+        try:
+            ing.handle(batch)
+            return None
+        except RetryableError as exc:
+            if attempt == retries:
+                return (f"not stored after {attempt + 1} attempts over {time.monotonic() - started:.0f} s "
+                        f"({exc})")
+            delay = max(exc.retry_after or 0.0, min(longest, first * 2 ** attempt))
+            say(f"tomd: {where}: {exc}; trying again in {delay:.1f} s (attempt {attempt + 2} of {retries + 1}; "
+                "Ctrl-C stops, and the same replay can be run again later)")
+            time.sleep(delay)
+    return None  # not reached: the last attempt returns
 
 
 def cmd_alert_dead_letters(app: App, args) -> int:
@@ -618,6 +684,11 @@ def build_parser() -> argparse.ArgumentParser:
                                                          "dumps; default: the stream's schema_file)")
     q.add_argument("--include-test", action="store_true", help="also ingest mock/test events")
     q.add_argument("--batch-size", type=int, default=200)
+    q.add_argument("--retries", type=_retries, default=8, metavar="N",
+                   help="times to try a batch again while the database or storage is briefly unavailable "
+                        "(SQLite locked by a running daemon, PostgreSQL restarting), waiting 0.5 s, 1 s, 2 s ... "
+                        "up to 30 s between tries (default 8: about 1.5 min); then the replay stops naming "
+                        "the file")
     q.add_argument("--no-progress", action="store_true")
     q = leaf(alert, "dead-letters", cmd_alert_dead_letters, "list messages that could not be ingested")
     q.add_argument("--json", action="store_true")
