@@ -25,6 +25,7 @@ the facilities are closed. SIGHUP reads the rule files now and calls
 from __future__ import annotations
 
 import logging
+import math
 import signal
 import threading
 import time
@@ -37,6 +38,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from tomd.alerts.consumer import ConsumerSettings, StreamConsumer
 from tomd.alerts.ingest import IngestSettings, Ingestor, Parser
+from tomd.alerts.parallel import ParsePool, ParserRecipe, default_workers
 from tomd.config import Config, Stream
 from tomd.db import migrate
 from tomd.errors import UserError
@@ -299,6 +301,13 @@ class Daemon:
                 log.exception("waking after an ingest commit failed")
 
     def _runner(self, st: Stream) -> StreamRunner:
+        pool = None
+        workers = st.parse_workers if st.parse_workers is not None else default_workers()
+        if st.kind == "kafka" and workers > 0:
+            # Parsing in a worker process beside the stream thread's database work (tomd/alerts/parallel.py).
+            pool = ParsePool(ParserRecipe(st.format, include_test=st.include_test, schema_registry=st.schema_registry,
+                                          schema_file=st.schema_file, keep_cutouts=st.store_cutouts),
+                             workers=workers)
         ingestor = Ingestor(
             self.sessions,
             IngestSettings(stream=st.name, format=st.format, include_test=st.include_test,
@@ -309,6 +318,7 @@ class Daemon:
                        schema_file=st.schema_file),
             sinks=self.sinks,
             storage=self.storage,
+            parse_pool=pool,
         )
         if st.kind == "file":
             return StreamRunner(st, FileStream(st, ingestor), ingestor)
@@ -328,6 +338,9 @@ class Daemon:
         from tomd.sky import warm_up
 
         warm_up()  # the first alert should not wait for imports (see warm_up)
+        for r in self.runners:
+            if r.ingestor.parse_pool is not None:
+                r.ingestor.parse_pool.start()  # its imports too
         self.submitter_thread = threading.Thread(target=self._run_submitter, name="submitter", daemon=True)
         self.submitter_thread.start()
         for c in self.components:
@@ -379,25 +392,59 @@ class Daemon:
             self.stop.set()
 
     def wait(self, *, idle_exit_s: float | None = None, poll_s: float = 0.2) -> int:
-        """Block until stopped (signal, error, or ``idle_exit_s`` without new messages)."""
+        """Block until stopped (signal, error, or ``idle_exit_s`` without new messages).
+
+        Meanwhile it looks at the rule files every ``check_every_s`` (2 s): a quiet stream (GCN may
+        be silent for hours) must not hide a broken edit, or the ``tomd_rules_loaded`` it changes,
+        until the next alert. The ingest sink then only reads the rules in force: a look done there
+        would run inside the ingest transaction, on the stream's time.
+        """
         last_total, last_change = -1, time.monotonic()
-        while not self.stop.is_set():
-            self.stop.wait(poll_s)
-            if self.reload_requested.is_set():  # SIGHUP: done here, not in the signal handler
-                self.reload_requested.clear()
-                self.reload()
-            if idle_exit_s is not None:
-                total = sum(r.consumer.stats.consumed for r in self.runners)
-                busy = any(r.consumer.stats.backing_off for r in self.runners)
-                if total != last_total or busy:
-                    last_total, last_change = total, time.monotonic()
-                elif time.monotonic() - last_change >= idle_exit_s:
-                    log.info("no new messages for %.0f s: stopping", idle_exit_s)
-                    self.stop.set()
+        ruleset = self.rules.ruleset
+        rules_every_s = ruleset.check_every_s
+        if math.isfinite(rules_every_s):
+            ruleset.check_every_s = math.inf  # RuleSet.current() (the ingest path) no longer looks
+        last_rules = time.monotonic()  # RuleEngine.from_config has just read them
+        try:
+            while not self.stop.is_set():
+                self.stop.wait(poll_s)
+                if self.reload_requested.is_set():  # SIGHUP: done here, not in the signal handler
+                    self.reload_requested.clear()
+                    self.reload()
+                    last_rules = time.monotonic()
+                elif time.monotonic() - last_rules >= rules_every_s:
+                    last_rules = time.monotonic()
+                    self._look_at_rules()
+                if idle_exit_s is not None:
+                    total = sum(r.consumer.stats.consumed for r in self.runners)
+                    busy = any(r.consumer.stats.backing_off for r in self.runners)
+                    if total != last_total or busy:
+                        last_total, last_change = total, time.monotonic()
+                    elif time.monotonic() - last_change >= idle_exit_s:
+                        log.info("no new messages for %.0f s: stopping", idle_exit_s)
+                        self.stop.set()
+        finally:
+            ruleset.check_every_s = rules_every_s
         self.shutdown()
         failed = [r.stream.name for r in self.runners if r.error] + [c.name for c in self.components
                                                                      if c.error and c.critical]
         return 1 if failed else 0
+
+    def _look_at_rules(self) -> None:
+        """The rule files' periodic look (changed, added, removed files; problems logged by the RuleSet).
+
+        Under the RuleSet's lock, as ``RuleSet.current()`` takes it: a ``reload_now()`` from another
+        thread (``Daemon.reload()`` called directly) is then never run beside it; if one is running,
+        this look is skipped (it is looking already)."""
+        ruleset = self.rules.ruleset
+        if not ruleset._lock.acquire(blocking=False):
+            return
+        try:
+            ruleset.reload()
+        except Exception:  # noqa: BLE001 - an unreadable rules directory must not stop the daemon
+            log.exception("looking at the rule files failed; the rules in force stay")
+        finally:
+            ruleset._lock.release()
 
     def shutdown(self) -> None:
         """Stop everything (idempotent): streams first (their last batches commit), then the
@@ -406,6 +453,8 @@ class Daemon:
         for r in self.runners:
             if r.thread is not None:
                 r.thread.join(timeout=60)
+            if r.ingestor.parse_pool is not None:
+                r.ingestor.parse_pool.close()
         self.submitter.wake()  # out of its sleep, to see the stop
         if self.submitter_thread is not None:
             self.submitter_thread.join(timeout=60)
