@@ -234,6 +234,9 @@ def test_alert_replay_with_a_stream_stores_on_that_stream_so_its_rules_hear(db, 
     assert _alert_streams(db) == ["replay", "ztf-public", "ztf-public"]
     code, out, _ = run(capsys, "target", "list", "--tag", "heard", "--json")
     assert code == 0 and len(json.loads(out)) == 2  # the rule heard the two on its stream, not the other
+    code, out, err = run(capsys, "rule", "backtest", "--since", "2000-01-01", "--json")
+    assert code == 0, err
+    assert json.loads(out)["streams"] == {"ztf-public": 2, "replay": 1}
 
 
 def test_alert_replay_waits_out_a_database_outage(db, tmp_path, capsys, monkeypatch, shared_data):
