@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import socket
 import time
+from datetime import datetime, timezone
 
 import numpy as np
 import pytest
@@ -118,3 +119,19 @@ def test_an_orbit_window_is_cut_too():
     orbit = Orbit(q=1.2, e=0.3, incl=10.0, node=40.0, argperi=50.0, tp=60700.0)
     v = vis.observability_orbit(vis.FACILITY_SITES["lco"], orbit, 60750.3, 1e6, max_airmass=100.0, min_moon_deg=0.0)
     assert v.window_hours == 336 and v.airmass is not None
+
+
+def test_an_hours_value_computed_by_a_rule_is_cut_at_run_time():
+    """rule check cannot see a computed window: the expression's call is bounded where it is evaluated."""
+    from tomd.alerts.model import Alert
+    from tomd.rules.context import AlertView, Context, TargetView, mjd_of
+    from tomd.rules.expr import compile_expression
+
+    now = datetime(2025, 3, 1, 6, 0, tzinfo=timezone.utc)
+    alert = Alert(source="ztf", key="1", time=now, ra=266.4, dec=-29.0, mag=17.5)
+    target = TargetView({"id": 7, "name": "far", "ra": 266.4, "dec": -29.0}, now_mjd=mjd_of(now))
+    c = Context(AlertView(alert, 1), target, mjd_of(now), facility_kinds={"lco": "lco"})
+    expr = compile_expression("visible('lco', hours=alert.mag * 1e9) "
+                              "and airmass('lco', hours=-alert.dec * 1e300) < 2", [])
+    assert expr.first_false(*c.args()) == -1  # the Galactic centre rises before dawn in Chile
+    assert c.visibility("lco", 17.5 * 1e9).window_hours == 336  # the expression's call, as it was evaluated
