@@ -17,6 +17,7 @@ import pytest
 from sqlalchemy import select
 
 from tests.alert_samples import ztf_files
+from tests.configs import write_daemon_config
 from tomd.config import load_config
 from tomd.daemon import run
 from tomd.db.models import DataProduct, HookRun, Notification, ObservationRequest, ObservationStatus
@@ -74,19 +75,7 @@ def test_alerts_to_requests_to_data_with_hooks_and_notifications(db, sim, tmp_pa
     (tmp_path / "hooks").mkdir()
     journal = tmp_path / "hook-journal.txt"
     (tmp_path / "hooks" / "journal.py").write_text(HOOK.format(path=str(journal)))
-    cfg = tmp_path / "tomd.toml"
-    cfg.write_text(f"""
-[database]
-url = "{db.url}"
-[metrics]
-listen = "127.0.0.1:0"
-[storage]
-url = "file://{tmp_path}/data"
-[rules]
-paths = ["{tmp_path}/rules"]
-[hooks]
-paths = ["{tmp_path}/hooks"]
-timeout = "20s"
+    cfg = write_daemon_config(tmp_path, db.url, hooks='timeout = "20s"', extra=f"""
 [facilities.sim]
 kind = "sim"
 url = "{sim.url}"
@@ -101,7 +90,7 @@ name = "ztf"
 kind = "file"
 topics = {[str(p) for p in files]!r}
 format = "ztf-avro"
-""".replace("'", '"'))
+""".replace("'", '"'))  # the topics list's repr, in TOML's quotes
     config = load_config(cfg)
 
     def settled() -> bool:

@@ -8,6 +8,7 @@ import logging
 
 import pytest
 
+from tests.configs import write_daemon_config
 from tomd.logs import AlertLog, JsonFormatter, TextFormatter, redact
 
 SECRETS = ["s3cr3t-pa55", "tok_9f8e7d6c5b4a", "ghp_abcdefghijklmnopqrstuvwxyz012345", "T000/B000/XXXXyyyyZZZZ"]
@@ -176,18 +177,7 @@ window = "24h"
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "broken.avro").write_bytes(b"Obj\x01 not really avro")
-    cfg = tmp_path / "tomd.toml"
-    cfg.write_text(f"""
-[database]
-url = "{db.url}"
-[metrics]
-listen = "127.0.0.1:0"
-[storage]
-url = "file://{tmp_path}/data"
-[rules]
-paths = ["{rules}"]
-[hooks]
-paths = ["{tmp_path}/hooks"]
+    cfg = write_daemon_config(tmp_path, db.url, extra=f"""
 [facilities.sim]
 kind = "sim"
 [[streams]]

@@ -15,6 +15,7 @@ import pytest
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.configs import write_daemon_config
 from tomd.alerts.consumer import ConsumerStats, RawMessage
 from tomd.alerts.ingest import IngestSettings, Ingestor
 from tomd.db import migrate
@@ -162,18 +163,7 @@ def test_a_file_stream_that_finished_reading_stays_ready_and_one_that_failed_is_
     from tomd.config import load_config
     from tomd.daemon import Daemon
 
-    cfg = tmp_path / "tomd.toml"
-    cfg.write_text(f"""
-[database]
-url = "{db.url}"
-[metrics]
-listen = "127.0.0.1:0"
-[storage]
-url = "file://{tmp_path}/data"
-[rules]
-paths = ["{tmp_path}/rules"]
-[hooks]
-paths = ["{tmp_path}/hooks"]
+    cfg = write_daemon_config(tmp_path, db.url, extra=f"""
 [[streams]]
 name = "archive"
 kind = "file"
@@ -554,23 +544,7 @@ template = "1m-gri"
 window = "24h"
 """)
     (rules / "none.toml").write_text('name = "none"\nsources = ["ztf"]\nwhen = "alert.mag < 0"\nadd_tags = ["x"]\n')
-    cfg = tmp_path / "tomd.toml"
-    cfg.write_text(f"""
-[database]
-url = "{db.url}"
-
-[metrics]
-listen = "127.0.0.1:0"
-
-[storage]
-url = "file://{tmp_path}/data"
-
-[rules]
-paths = ["{rules}"]
-
-[hooks]
-paths = ["{tmp_path}/hooks"]
-
+    cfg = write_daemon_config(tmp_path, db.url, extra=f"""
 [facilities.sim]
 kind = "sim"
 
@@ -671,18 +645,7 @@ def test_a_database_outage_is_counted_per_component_and_logged_without_flooding(
     window: list[int] = []
     try:
         with SimObservatory(token=None) as sim:
-            (tmp_path / "tomd.toml").write_text(f"""
-[database]
-url = "{proxied}"
-[metrics]
-listen = "127.0.0.1:0"
-[storage]
-url = "file://{tmp_path}/data"
-[rules]
-paths = ["{tmp_path}/rules"]
-[hooks]
-paths = ["{tmp_path}/hooks"]
-poll = "1s"
+            write_daemon_config(tmp_path, proxied, hooks='poll = "1s"', extra=f"""
 [data]
 interval = "1s"
 [notify]

@@ -19,6 +19,7 @@ import pytest
 from sqlalchemy import func, select
 
 from tests.alert_samples import ztf_files
+from tests.configs import write_daemon_config
 from tomd.alerts.broker import produce
 from tomd.db.models import AlertRow, DeadLetter, OutboxEvent, Photometry
 
@@ -26,20 +27,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def write_config(tmp_path, db, bootstrap, topic, *, group="tomd-test", batch_size=50) -> Path:
-    path = tmp_path / "tomd.toml"
-    path.write_text(f"""
-[database]
-url = "{db.url}"
-
-[metrics]
-listen = "127.0.0.1:0"
-
-[storage]
-url = "file://{tmp_path}/data"
-
-[rules]
-paths = ["{tmp_path}/rules"]
-
+    """A daemon following ``topic`` on the test's broker."""
+    return write_daemon_config(tmp_path, db.url, extra=f"""
 [[streams]]
 name = "ztf"
 bootstrap = "{bootstrap}"
@@ -53,7 +42,6 @@ batch_timeout = "200ms"
 "session.timeout.ms" = 2000
 "heartbeat.interval.ms" = 500
 """)
-    return path
 
 
 def tomd(config: Path, *args: str, **kw) -> subprocess.Popen:
@@ -229,17 +217,7 @@ def test_database_outage_pauses_and_resumes_without_loss(db, kafka_broker, make_
 
 
 def test_file_stream_reads_its_files_once(db, shared_data, tmp_path):
-    cfg = tmp_path / "tomd.toml"
-    cfg.write_text(f"""
-[database]
-url = "{db.url}"
-
-[metrics]
-enabled = false
-
-[storage]
-url = "file://{tmp_path}/data"
-
+    cfg = write_daemon_config(tmp_path, db.url, extra=f"""
 [[streams]]
 name = "archive"
 kind = "file"
@@ -435,23 +413,7 @@ def test_sighup_reads_the_rule_files_now_and_sigterm_still_stops(db, tmp_path):
     """No alert arrives (so nothing would look at the rule files): SIGHUP alone loads the new rule."""
     rules = tmp_path / "rules"
     rules.mkdir()
-    cfg = tmp_path / "tomd.toml"
-    cfg.write_text(f"""
-[database]
-url = "{db.url}"
-
-[metrics]
-listen = "127.0.0.1:0"
-
-[storage]
-url = "file://{tmp_path}/data"
-
-[rules]
-paths = ["{rules}"]
-
-[hooks]
-paths = ["{tmp_path}/hooks"]
-
+    cfg = write_daemon_config(tmp_path, db.url, extra=f"""
 [[streams]]
 name = "empty"
 kind = "file"
@@ -574,7 +536,6 @@ def test_sighup_reloads_rules_and_hooks_and_a_broken_hook_file_keeps_the_good_ho
     hooks.mkdir()
     rules = tmp_path / "rules"
     rules.mkdir()
-    cfg.write_text(cfg.read_text().replace("[[streams]]", f'[hooks]\npaths = ["{hooks}"]\n\n[[streams]]'))
     journal, other = tmp_path / "journal.txt", tmp_path / "other.txt"
     (rules / "follow.toml").write_text(RULE_V.format(name="first"))
     (hooks / "journal.py").write_text(HOOK_V.format(path=str(journal), version="v1"))
