@@ -19,7 +19,8 @@ batch and leaves its group, the submitter finishes its sweep, then each
 component in the reverse order of starting finishes what it is doing (its
 own stop event is set and ``run`` returns, or ``shutdown()`` returns), then
 the facilities are closed. SIGHUP reads the rule files now and calls
-``reload()`` on every component that has one.
+``reload()`` on every component that has one. Between signals the main loop
+(``wait``) looks at the rule files every 2 s, alerts or not.
 """
 
 from __future__ import annotations
@@ -423,9 +424,9 @@ class Daemon:
                     elif time.monotonic() - last_change >= idle_exit_s:
                         log.info("no new messages for %.0f s: stopping", idle_exit_s)
                         self.stop.set()
+            self.shutdown()  # the streams' last batches too read the rules without looking
         finally:
             ruleset.check_every_s = rules_every_s
-        self.shutdown()
         failed = [r.stream.name for r in self.runners if r.error] + [c.name for c in self.components
                                                                      if c.error and c.critical]
         return 1 if failed else 0
