@@ -19,6 +19,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from tests.configs import write_daemon_config
+
 REPO = Path(__file__).resolve().parents[1]
 
 GOOD = 'name = "bright"\nwhen = "alert.mag < 15"\nadd_tags = ["bright"]\n'
@@ -27,30 +29,14 @@ SECOND = 'name = "faint"\nwhen = "alert.mag > 21"\nadd_tags = ["faint"]\n'
 
 
 def write_config(tmp_path: Path, db_url: str) -> Path:
-    cfg = tmp_path / "tomd.toml"
-    cfg.write_text(f"""
-[database]
-url = "{db_url}"
-
-[metrics]
-listen = "127.0.0.1:0"
-
-[storage]
-url = "file://{tmp_path}/data"
-
-[rules]
-paths = ["{tmp_path}/rules"]
-
-[hooks]
-paths = ["{tmp_path}/hooks"]
-
+    """A daemon on one file stream that matches nothing: no alert ever arrives."""
+    return write_daemon_config(tmp_path, db_url, extra=f"""
 [[streams]]
 name = "quiet"
 kind = "file"
 topics = ["{tmp_path}/nothing/*.json"]
 format = "gcn-json"
 """)
-    return cfg
 
 
 class Daemon:
