@@ -414,6 +414,9 @@ class Stream:
     include_test: bool = False
     localization_max_deg: float = opt(0.1, check=_between(hi=180.0, above=0.0))
     store_cutouts: bool = True  # ZTF/Rubin image stamps as data products (~0.1-0.2 ms per alert)
+    # Kafka streams: processes that parse beside the stream thread's database work (0: the stream
+    # thread parses). Worth it only with a core to spare (README, Benchmarks).
+    parse_workers: int = opt(0, check=_between(0, 8))
     kafka: dict[str, Union[str, int, float, bool, Secret]] = opt(factory=dict)
     # kind = "poll" (tomd/brokers/): a broker's REST API queried every `interval`.
     url: Optional[str] = opt(None, check=_http_url)  # default: the service's public API

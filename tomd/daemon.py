@@ -39,7 +39,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from tomd.alerts.consumer import ConsumerSettings, StreamConsumer
 from tomd.alerts.ingest import IngestSettings, Ingestor, Parser
-from tomd.alerts.parallel import ParsePool, ParserRecipe, default_workers
+from tomd.alerts.parallel import ParsePool, ParserRecipe
 from tomd.config import Config, Stream
 from tomd.db import migrate
 from tomd.errors import UserError
@@ -303,7 +303,7 @@ class Daemon:
 
     def _runner(self, st: Stream) -> StreamRunner:
         pool = None
-        workers = st.parse_workers if st.parse_workers is not None else default_workers()
+        workers = st.parse_workers
         if st.kind == "kafka" and workers > 0:
             # Parsing in a worker process beside the stream thread's database work (tomd/alerts/parallel.py).
             pool = ParsePool(ParserRecipe(st.format, include_test=st.include_test, schema_registry=st.schema_registry,

@@ -133,8 +133,11 @@ class Ingestor:
     """The BatchHandler for one stream: messages in, one transaction out."""
 
     def __init__(self, sessions: sessionmaker[Session], settings: IngestSettings, parser: Parser,
-                 sinks: Sequence[AlertSink] = (), storage=None):
+                 sinks: Sequence[AlertSink] = (), storage=None, parse_pool=None):
         self.sessions = sessions
+        # tomd.alerts.parallel.ParsePool: a worker process parses chunk k+1 while this thread
+        # stores chunk k (None: parse here, then store).
+        self.parse_pool = parse_pool
         self.settings = settings
         self.parser = parser
         self.sinks = list(sinks)
@@ -145,43 +148,77 @@ class Ingestor:
         # left of them and recording the rows) and "sinks" (rules) are parts of it.
         self.seconds = {"parse": 0.0, "database": 0.0, "cutouts": 0.0, "sinks": 0.0}
         self._writers: Any = None  # a thread pool for cutout writes, made on first use
+        self._parse_wait = 0.0  # of the batch in hand: time spent parsing or waiting for the worker
         self._parse = _keyed(parser)
         self.dead_letter_topics: list[str] = []  # topic of each dead letter recorded, in order (metrics)
 
     # The consumer calls this; it must commit durably or raise.
     def handle(self, messages: Sequence[Message]) -> BatchResult:
         self.dead_letter_topics.clear()  # this batch's only (read by the metrics after it)
-        parsed: list[tuple[Message, list[Alert] | None, str | None]] = []
         t0 = time.perf_counter()
-        for m in messages:
-            try:
-                if m.value is None:
-                    raise AlertError("empty message (no value)")
-                value = message_value(self.settings.format, m.value, getattr(m, "headers", None))
-                parsed.append((m, self._parse(value, getattr(m, "key", None)), None))
-            except AlertError as exc:
-                parsed.append((m, None, str(exc)))
-            except Exception as exc:  # a parser bug must not stop the stream
-                log.exception("parser failed on %s", m.coords, extra={"coords": m.coords})
-                parsed.append((m, None, f"internal error: {exc.__class__.__name__}: {exc}"))
-        t1 = time.perf_counter()
-        self.seconds["parse"] += t1 - t0
+        done: list[list] = []  # the chunks parsed so far (all of them, for the one-by-one pass)
+        chunks = self._chunks(messages)
+        if self.parse_pool is None:
+            chunks = list(chunks)  # parsed before the transaction begins: no lock held meanwhile
         try:
-            result = self._commit(parsed)
+            result = self._commit(chunks, done)
         except (DataError, ProgrammingError) as exc:
             # The database refuses something in the batch (a NUL character in a
             # payload string, a value out of range): find the message, dead-letter
             # it, keep the rest. Replays make the one-by-one pass safe.
             log.warning("database refused a batch (%s); applying it message by message", _db_reason(exc))
-            result = self._one_by_one(parsed)
-        self.seconds["database"] += time.perf_counter() - t1
+            done.extend(chunks)  # the rest of the batch, if the refusal came before all was parsed
+            result = self._one_by_one([item for chunk in done for item in chunk])
+        # "parse" is what this thread spent parsing or waiting for the worker; "database" the rest.
+        self.seconds["database"] += time.perf_counter() - t0 - self._parse_wait
         self.totals.add(result, ids=False)  # running totals; ids would grow without bound
         return result
 
-    def _commit(self, parsed) -> BatchResult:
+    def _chunks(self, messages: Sequence[Message]):
+        """The batch parsed, chunk by chunk: one chunk parsed here, or the parse worker's chunks."""
+        self._parse_wait = 0.0
+        if self.parse_pool is None or len(messages) <= self.parse_pool.FIRST_CHUNK:  # not worth a round trip
+            t0 = time.perf_counter()
+            parsed = self._parse_here(messages)
+            self._parse_wait = time.perf_counter() - t0
+            self.seconds["parse"] += self._parse_wait
+            yield parsed
+            return
+        it = self.parse_pool.parse(messages, self._parse_here)
+        while True:
+            t0 = time.perf_counter()
+            chunk = next(it, None)
+            waited = time.perf_counter() - t0
+            self._parse_wait += waited
+            self.seconds["parse"] += waited
+            if chunk is None:
+                return
+            yield chunk
+
+    def _parse_here(self, messages: Sequence[Message]) -> list[tuple[Message, list[Alert] | None, str | None]]:
+        from tomd.alerts.parallel import parse_one
+
+        parsed = []
+        fmt = self.settings.format
+        for m in messages:
+            alerts, error, tb = parse_one(fmt, self._parse, m.value, getattr(m, "headers", None),
+                                          getattr(m, "key", None))
+            if tb is not None:
+                log.error("parser failed on %s: %s\n%s", m.coords, error, tb, extra={"coords": m.coords})
+            parsed.append((m, alerts, error))
+        return parsed
+
+    def _commit(self, chunks, done: list | None = None) -> BatchResult:
+        """One transaction for the whole batch; ``chunks`` are stored one after the other in it."""
         try:
             with self.sessions.begin() as s:
-                return self._apply(s, parsed)
+                r = BatchResult()
+                seen: set[tuple[str, str]] = set()
+                for chunk in chunks:
+                    if done is not None:
+                        done.append(chunk)
+                    r.add(self._apply(s, chunk, seen))
+                return r
         except (DataError, ProgrammingError):
             raise
         except (OperationalError, IntegrityError, DBAPIError) as exc:
@@ -197,7 +234,7 @@ class Ingestor:
         total = BatchResult()
         for item in parsed:
             try:
-                r = self._commit([item])
+                r = self._commit([[item]])
             except (DataError, ProgrammingError) as exc:
                 m = item[0]
                 try:
@@ -211,7 +248,8 @@ class Ingestor:
             total.add(r)
         return total
 
-    def _apply(self, s: Session, parsed) -> BatchResult:
+    def _apply(self, s: Session, parsed, seen: set[tuple[str, str]] | None = None) -> BatchResult:
+        """Store one parsed chunk; ``seen`` holds the (source, key) pairs of the batch's earlier chunks."""
         r = BatchResult(messages=len(parsed))
         # Skip alerts already stored (replays): one query per source per batch.
         wanted: dict[str, list[str]] = {}
@@ -219,7 +257,8 @@ class Ingestor:
             for a in alerts or ():
                 wanted.setdefault(a.source, []).append(a.key)
         stored = {src: repo.existing_alert_keys(s, src, keys) for src, keys in wanted.items()}
-        seen: set[tuple[str, str]] = set()
+        if seen is None:
+            seen = set()
         todo: list[tuple[Message, Alert]] = []
         for m, alerts, error in parsed:
             if error is not None:
