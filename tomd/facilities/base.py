@@ -70,6 +70,19 @@ class TemplateError(PermanentError):
     """A configured template cannot make a request (missing or bad key)."""
 
 
+def pick_template(facility: str, templates: Mapping[str, Mapping[str, Any]],
+                  template: str | Mapping[str, Any]) -> tuple[Mapping[str, Any], str]:
+    """A request's template and the name its errors give it: an inline template's own fields
+    ("inline template"), or a configured one by name (``facilities.NAME.templates.T``). An
+    unknown name is a ``TemplateError`` that lists the known ones."""
+    if isinstance(template, Mapping):
+        return template, "inline template"
+    if template not in templates:
+        known = ", ".join(sorted(templates)) or "none configured"
+        raise TemplateError(f"facilities.{facility}.templates: no template {template!r} (known: {known})")
+    return templates[template], f"facilities.{facility}.templates.{template}"
+
+
 class LookupUnsupported(PermanentError):
     """The facility cannot be asked whether a request exists (Gemini's ToO trigger API).
 

@@ -71,6 +71,7 @@ from tomd.facilities.base import (
     Validation,
     ValidationIssue,
     ValidationRejected,
+    pick_template,
 )
 from tomd.facilities.http import Observer, RateLimiter, lost_words, send
 
@@ -377,14 +378,8 @@ class GeminiClient:
         return map_state(word)
 
     def build_request(self, template: str | Mapping[str, Any], target: Any, intent: Intent) -> dict[str, Any]:
-        if isinstance(template, Mapping):
-            return build_trigger(template, target, intent, default_program=self.program,
-                                 template_name="inline template")
-        if template not in self.templates:
-            known = ", ".join(sorted(self.templates)) or "none configured"
-            raise TemplateError(f"facilities.{self.name}.templates: no template {template!r} (known: {known})")
-        return build_trigger(self.templates[template], target, intent, default_program=self.program,
-                             template_name=f"facilities.{self.name}.templates.{template}")
+        fields, where = pick_template(self.name, self.templates, template)
+        return build_trigger(fields, target, intent, default_program=self.program, template_name=where)
 
     def validate(self, request: Mapping[str, Any]) -> Validation:
         """Local checks only: the interface has no validation call."""

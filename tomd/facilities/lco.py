@@ -55,6 +55,7 @@ from tomd.facilities.base import (
     Validation,
     ValidationIssue,
     ValidationRejected,
+    pick_template,
 )
 from tomd.facilities.http import Observer, RateLimiter, lost_words, retry_after_s, send
 
@@ -387,14 +388,8 @@ class LCOClient:
 
     def build_request(self, template: str | Mapping[str, Any], target: Any, intent: Intent) -> dict[str, Any]:
         """From a configured template's name, or an inline template's fields."""
-        if isinstance(template, Mapping):
-            return build_request_group(template, target, intent, default_proposal=self.proposal,
-                                       template_name="inline template")
-        if template not in self.templates:
-            known = ", ".join(sorted(self.templates)) or "none configured"
-            raise TemplateError(f"facilities.{self.name}.templates: no template {template!r} (known: {known})")
-        return build_request_group(self.templates[template], target, intent, default_proposal=self.proposal,
-                                   template_name=f"facilities.{self.name}.templates.{template}")
+        fields, where = pick_template(self.name, self.templates, template)
+        return build_request_group(fields, target, intent, default_proposal=self.proposal, template_name=where)
 
     def validate(self, request: Mapping[str, Any]) -> Validation:
         body = self._json("POST", "/api/requestgroups/validate/", json=request, safe=True)

@@ -86,6 +86,7 @@ from tomd.facilities.base import (
     Validation,
     ValidationIssue,
     ValidationRejected,
+    pick_template,
 )
 from tomd.facilities.http import Observer, RateLimiter, lost_words, retry_after_s, send
 
@@ -333,13 +334,8 @@ class SwiftClient:
         return map_state(word)
 
     def build_request(self, template: str | Mapping[str, Any], target: Any, intent: Intent) -> dict[str, Any]:
-        if isinstance(template, Mapping):
-            return build_too(template, target, intent, template_name="inline template")
-        if template not in self.templates:
-            known = ", ".join(sorted(self.templates)) or "none configured"
-            raise TemplateError(f"facilities.{self.name}.templates: no template {template!r} (known: {known})")
-        return build_too(self.templates[template], target, intent,
-                         template_name=f"facilities.{self.name}.templates.{template}")
+        fields, where = pick_template(self.name, self.templates, template)
+        return build_too(fields, target, intent, template_name=where)
 
     def validate(self, request: Mapping[str, Any]) -> Validation:
         issues = check_too(request)
