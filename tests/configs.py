@@ -35,3 +35,18 @@ paths = ["{tmp_path}/hooks"]
 {hooks}
 {extra}""")
     return path
+
+
+def sim_rule(name: str) -> str:
+    """A rule file's text: fires on every ZTF alert (all are brighter than 30 mag) and observes it
+    with the simulated observatory's 1m-gri template, for 24 h."""
+    return f"""
+name = "{name}"
+sources = ["ztf"]
+when = "alert.mag < 30"
+
+[observe]
+facility = "sim"
+template = "1m-gri"
+window = "24h"
+"""

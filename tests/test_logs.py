@@ -8,7 +8,7 @@ import logging
 
 import pytest
 
-from tests.configs import write_daemon_config
+from tests.configs import sim_rule, write_daemon_config
 from tomd.logs import AlertLog, JsonFormatter, TextFormatter, redact
 
 SECRETS = ["s3cr3t-pa55", "tok_9f8e7d6c5b4a", "ghp_abcdefghijklmnopqrstuvwxyz012345", "T000/B000/XXXXyyyyZZZZ"]
@@ -164,16 +164,7 @@ def test_a_daemon_logs_alert_lines_with_their_coordinates_and_ids(db, shared_dat
 
     rules = tmp_path / "rules"
     rules.mkdir()
-    (rules / "bright.toml").write_text("""
-name = "bright"
-sources = ["ztf"]
-when = "alert.mag < 30"
-
-[observe]
-facility = "sim"
-template = "1m-gri"
-window = "24h"
-""")
+    (rules / "bright.toml").write_text(sim_rule("bright"))
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "broken.avro").write_bytes(b"Obj\x01 not really avro")

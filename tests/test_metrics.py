@@ -15,7 +15,7 @@ import pytest
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.configs import write_daemon_config
+from tests.configs import sim_rule, write_daemon_config
 from tomd.alerts.consumer import ConsumerStats, RawMessage
 from tomd.alerts.ingest import IngestSettings, Ingestor
 from tomd.db import migrate
@@ -533,16 +533,7 @@ def test_a_daemon_feeds_verdict_submission_facility_and_open_request_metrics(db,
 
     rules = tmp_path / "rules"
     rules.mkdir()
-    (rules / "all.toml").write_text("""
-name = "all"
-sources = ["ztf"]
-when = "alert.mag < 30"
-
-[observe]
-facility = "sim"
-template = "1m-gri"
-window = "24h"
-""")
+    (rules / "all.toml").write_text(sim_rule("all"))
     (rules / "none.toml").write_text('name = "none"\nsources = ["ztf"]\nwhen = "alert.mag < 0"\nadd_tags = ["x"]\n')
     cfg = write_daemon_config(tmp_path, db.url, extra=f"""
 [facilities.sim]
