@@ -575,3 +575,27 @@ def test_cli_retry_dead_letters_parses_with_the_streams_include_test(db, shared_
     with db.sessions() as s:
         tests = sorted(a.fields.get("alert_tense") for a in s.scalars(select(AlertRow)))
     assert tests == ["current", "test"]  # the stream asks for test events: the test notice is kept
+
+
+def test_hop_headers_are_read_under_auto_too(db, shared_data):
+    """hop-client >= 0.8 sends the content bare with _id/_test/_format headers; a stream left on
+    format "auto" must still dedupe by _id and skip _test messages."""
+    import uuid
+
+    from tomd.alerts.consumer import RawMessage
+    from tomd.daemon import parser_for
+
+    content = (shared_data / GCN_JSON / "icecube/single_neutrino_alerts.gold_bronze_track_alerts.example.json")
+    mid = uuid.UUID("12345678-1234-5678-1234-567812345678")
+    real = RawMessage("hop.gcn", 0, 5, None, content.read_bytes(), None,
+                      (("_id", mid.bytes), ("_test", b"false"), ("_format", b"json")))
+    again = RawMessage("hop.gcn", 0, 9, None, content.read_bytes(), None,
+                       (("_id", mid.bytes), ("_test", b"false"), ("_format", b"json")))
+    test = RawMessage("hop.gcn", 0, 6, None, content.read_bytes(), None,
+                      (("_id", uuid.uuid4().bytes), ("_test", b"true"), ("_format", b"json")))
+    ing = Ingestor(db.sessions, IngestSettings(stream="scimma", format="auto"), parser_for("auto", include_test=False))
+    r = ing.handle([real, test, again])
+    assert (r.alerts, r.skipped_test, r.duplicates, r.dead_letters) == (1, 1, 1, 0)
+    with db.sessions() as s:
+        (row,) = s.scalars(select(AlertRow))
+    assert (row.source, row.key) == ("hop", mid.hex)

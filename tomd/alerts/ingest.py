@@ -515,10 +515,17 @@ class Ingestor:
 
 
 def message_value(fmt: str, value: bytes, headers) -> bytes:
-    """The bytes the parser reads: hop keeps ``_id``, ``_test`` and ``_format`` in Kafka headers."""
-    if fmt == "hop" and headers:
+    """The bytes the parser reads: hop keeps ``_id``, ``_test`` and ``_format`` in Kafka headers.
+
+    Under ``auto`` a message with those headers is a hop message too (hop-client >= 0.8 sends the
+    content bare): without them its ``_id`` would not dedupe and a ``_test`` message would be ingested.
+    """
+    if headers and (fmt == "hop" or (fmt == "auto" and any(k in _HOP_HEADERS for k, _ in headers))):
         return hop_with_headers(value, headers)
     return value
+
+
+_HOP_HEADERS = frozenset({"_id", "_test", "_format"})
 
 
 def fingerprint(m: Message) -> str:
