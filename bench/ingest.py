@@ -16,7 +16,7 @@ machine is shared). Prints JSON (rates, ratio, milliseconds per alert spent
 in each stage) and one human line per run.
 
     python bench/ingest.py [--alerts 5000] [--backends sqlite,postgresql] [--rules 0,25]
-                           [--cutouts on,off] [--batch-size 500] [--repeat 1]
+                           [--cutouts on,off] [--batch-size 500] [--repeat 1] [--parse-workers 0,1]
 
 With ``--repeat N`` every configuration runs N times, the configurations
 taking turns (a burst of load on the shared machine then hits all of them,
@@ -150,7 +150,7 @@ def write_rules(directory: Path, count: int) -> None:
 
 
 def tomd_rate(kind: str, bootstrap: str, topic: str, n: int, batch_size: int, rules: int = 0,
-              cutouts: bool = True) -> dict:
+              cutouts: bool = True, parse_workers: int = 0) -> dict:
     url, drop = scratch_database(kind, "ingest")
     # The run's rules and its stored cutouts (~300 MB per 5,000 alerts) go when it ends.
     rules_dir = Path(tempfile.mkdtemp(prefix="tomd-bench-rules-"))
@@ -165,7 +165,8 @@ def tomd_rate(kind: str, bootstrap: str, topic: str, n: int, batch_size: int, ru
             storage=Storage(url=f"file://{data_dir}"),
             streams=[Stream(name="bench", bootstrap=bootstrap, topics=[topic], format="ztf-avro",
                             group=f"bench-{kind}-{secrets.token_hex(3)}", batch_size=batch_size,
-                            kafka=dict(LOCAL_GROUP_SETTINGS), store_cutouts=cutouts)],
+                            kafka=dict(LOCAL_GROUP_SETTINGS), store_cutouts=cutouts,
+                            parse_workers=parse_workers)],
         )
         daemon = Daemon(config, engine=engine)
         ing = daemon.runners[0].ingestor
@@ -192,17 +193,20 @@ def tomd_rate(kind: str, bootstrap: str, topic: str, n: int, batch_size: int, ru
         sec = ing.seconds
         # The database stage without its parts timed apart: cutouts (what is left to
         # wait for of the writes, and their rows) and rules (the sinks).
+        # With parse workers the decode and parse happen in another process: what the stream
+        # thread spent on them is its wait for the worker ("parse_wait").
+        parsing = ({"parse_wait": sec["parse"]} if parse_workers else
+                   {"decode": clock.seconds["decode"], "parse": sec["parse"] - clock.seconds["decode"]})
         stages = {
             "consume": consumer.stats.consume_seconds,
-            "decode": clock.seconds["decode"],
-            "parse": sec["parse"] - clock.seconds["decode"],
+            **parsing,
             "database": sec["database"] - sec["cutouts"] - sec["sinks"],
             "cutouts": sec["cutouts"],
             "rules": sec["sinks"],
         }
         stages["other"] = max(0.0, elapsed - sum(stages.values()))
         return {
-            "backend": kind, "rules": rules, "cutouts": cutouts, "alerts": t.alerts,
+            "backend": kind, "rules": rules, "cutouts": cutouts, "parse_workers": parse_workers, "alerts": t.alerts,
             "alerts_per_s": round(t.alerts / elapsed, 1), "seconds": round(elapsed, 2),
             "ms_per_alert": {k: round(v * per, 3) for k, v in stages.items()},
             "photometry_points": t.photometry_points, "targets_created": t.targets_created,
@@ -222,29 +226,30 @@ def main() -> None:
     p.add_argument("--rules", default="0,25", help="rule counts to run with, e.g. 0,25")
     p.add_argument("--cutouts", default="on,off", help="store cutouts as data products: on, off or on,off")
     p.add_argument("--repeat", type=int, default=1, help="runs per configuration (median reported)")
+    p.add_argument("--parse-workers", default="0", help="[[streams]] parse_workers to run with, e.g. 0,1")
     args = p.parse_args()
     values = ztf_copies(args.alerts, seed=11)
     mb = sum(map(len, values)) / 1e6
     out: dict = {"benchmark": "ingest", "alerts": args.alerts, "megabytes": round(mb, 1),
                  "batch_size": args.batch_size, "goal_alerts_per_s_postgresql": 2000, "cpus": os.cpu_count(),
                  "repeat": args.repeat}
-    configs = [(k, r, cut) for k in args.backends.split(",") for r in args.rules.split(",")
-               for cut in args.cutouts.split(",")]
+    configs = [(k, r, cut, int(w)) for k in args.backends.split(",") for r in args.rules.split(",")
+               for cut in args.cutouts.split(",") for w in args.parse_workers.split(",")]
     all_runs: dict[tuple, list[dict]] = {c: [] for c in configs}
     with LocalBroker() as broker:
         topic = "ztf_bench"
         create_topics(broker.bootstrap, {topic: 2})
         produce(broker.bootstrap, topic, values)
         for _ in range(args.repeat):
-            for k, r, cut in configs:
+            for k, r, cut, w in configs:
                 ceil = ceiling(broker.bootstrap, topic, args.alerts, args.batch_size)
-                run = tomd_rate(k, broker.bootstrap, topic, args.alerts, args.batch_size, int(r), cut == "on")
+                run = tomd_rate(k, broker.bootstrap, topic, args.alerts, args.batch_size, int(r), cut == "on", w)
                 run["ceiling"] = ceil
                 # The machine is shared: the load says how much of it this run had.
                 run["load_average_1min"] = round(os.getloadavg()[0], 2)
                 run["of_ceiling"] = round(run["alerts_per_s"] / ceil["alerts_per_s"], 3)
-                all_runs[(k, r, cut)].append(run)
-                print(f"{k}, {r} rules, cutouts {cut}: {run['alerts_per_s']} alerts/s end to end, "
+                all_runs[(k, r, cut, w)].append(run)
+                print(f"{k}, {r} rules, cutouts {cut}, {w} parse workers: {run['alerts_per_s']} alerts/s end to end, "
                       f"{run['of_ceiling']:.2f} of the consume+decode ceiling measured just before "
                       f"({ceil['alerts_per_s']} alerts/s); ms per alert: "
                       + ", ".join(f"{s} {v}" for s, v in run["ms_per_alert"].items()), file=sys.stderr)
