@@ -120,6 +120,18 @@ class GeminiODB(LoopbackServer):
         self.send(h, status, text.encode(), "text/plain", headers)
 
 
+class Quoting(LoopbackServer):
+    """A servlet that quotes the form it got back, password included, with ``status``."""
+
+    def __init__(self, status: int):
+        super().__init__()
+        self.status = status
+
+    def handle(self, h) -> None:
+        form = parse_qs(h.rfile.read(int(h.headers.get("Content-Length") or 0)).decode())
+        self.send(h, self.status, f"no {form['password'][0]} for {form['email'][0]}".encode(), "text/plain")
+
+
 @pytest.fixture
 def odb():
     with GeminiODB() as s:
@@ -313,6 +325,15 @@ def test_what_the_interface_cannot_do_is_said(odb):
 def _target_id(db) -> int:
     with db.sessions.begin() as s:
         return upsert(s, TargetSpec(name="SN 2026gem", ra=150.0, dec=-20.0), origin="test").target_id
+
+
+@pytest.mark.parametrize("status,error", [(200, OutcomeUnknown), (400, ValidationRejected)])
+def test_the_password_never_shows_even_when_the_server_quotes_it(status, error):
+    with Quoting(status) as q:
+        c = client(q)
+        with pytest.raises(error) as exc:
+            c.submit(c.build_request("gmos-r", target(), Intent(name="tomd-q")))
+    assert f"no *** for {EMAIL}" in str(exc.value) and KEY not in str(exc.value)
 
 
 def test_storm_of_faults_no_trigger_twice_every_intent_settles(db, odb):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import time
 from datetime import datetime, timedelta, timezone
 from types import SimpleNamespace
@@ -11,7 +12,8 @@ from types import SimpleNamespace
 import httpx
 import pytest
 
-from tomd.errors import AmbiguousError, RetryableError
+from tests.loopback import LoopbackServer
+from tomd.errors import AmbiguousError, PermanentError, RetryableError
 from tomd.facilities.base import Intent, TemplateError, TokenRefused, ValidationRejected
 from tomd.facilities.lco import LCOClient, RateLimiter, build_request_group, flatten_errors
 from tomd.facilities.sim import SimObservatory
@@ -214,6 +216,32 @@ def test_connection_refused_is_retryable_not_ambiguous():
     with pytest.raises(RetryableError) as exc:
         c.submit(c.build_request("1m-gri", sidereal(), Intent(name="x")))
     assert not isinstance(exc.value, AmbiguousError)
+
+
+class Quoting(LoopbackServer):
+    """A server that quotes what it got back in its answer, the Authorization header included."""
+
+    def __init__(self, status: int, ctype: str = "text/plain"):
+        super().__init__()
+        self.status, self.ctype = status, ctype
+
+    def handle(self, h) -> None:
+        h.rfile.read(int(h.headers.get("Content-Length") or 0))
+        said = f"cannot accept {h.headers.get('Authorization')} here"
+        body = json.dumps({"non_field_errors": [said]}) if self.ctype == "application/json" else said
+        self.send(h, self.status, body.encode(), self.ctype)
+
+
+@pytest.mark.parametrize("status,ctype", [(400, "text/plain"), (400, "application/json"), (409, "text/plain")])
+def test_the_token_never_shows_even_when_the_portal_quotes_it(status, ctype):
+    token = "9f8e7d6c5b4a39281706f5e4d3c2b1a0"
+    with Quoting(status, ctype) as q:
+        c = LCOClient("lab", url=q.url, token=token, proposal="P", templates=TEMPLATES, timeout=0.3,
+                      max_attempts=1)
+        with pytest.raises(PermanentError) as exc:
+            c.submit(c.build_request("1m-gri", sidereal(), Intent(name="x")))
+    assert "cannot accept Token ***" in str(exc.value) and token not in str(exc.value)
+    assert all(token not in str(i) for i in getattr(exc.value, "issues", ()))
 
 
 def test_pagination_is_followed_and_name_match_is_exact(sim):

@@ -56,7 +56,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from tomd.errors import PermanentError, redact
+from tomd.errors import PermanentError
 from tomd.facilities.base import (
     CheckReport,
     DataProduct,
@@ -73,7 +73,7 @@ from tomd.facilities.base import (
     ValidationRejected,
     pick_template,
 )
-from tomd.facilities.http import Observer, RateLimiter, lost_words, send
+from tomd.facilities.http import Observer, RateLimiter, lost_words, scrub, send
 
 log = logging.getLogger(__name__)
 
@@ -314,14 +314,15 @@ def check_trigger(doc: Mapping[str, Any]) -> list[ValidationIssue]:
     return issues
 
 
-def _message(resp: httpx.Response) -> str:
-    """The server's words: plain text, or the title/pre of a servlet container's HTML error page."""
+def _message(resp: httpx.Response, secret: str | None) -> str:
+    """The server's words: plain text, or the title/pre of a servlet container's HTML error page
+    (never the password, should the server quote it)."""
     text = resp.text or ""
     if "<" in text and ">" in text:
         m = re.search(r"<(?:pre|title)>(.*?)</(?:pre|title)>", text, re.S | re.I)
         text = m.group(1) if m else re.sub(r"<[^>]+>", " ", text)
         text = re.sub(r"^\s*Error \d+\s*", "", text)
-    return redact(" ".join(text.split()))[:500]
+    return scrub(" ".join(text.split()), secret)[:500]
 
 
 _AUTH_WORDS = re.compile(r"(?i)password|user ?key|not authori[sz]ed|authenticat|credential|permission")
@@ -400,7 +401,7 @@ class GeminiClient:
         body = (resp.text or "").strip()
         if not OBSID_RE.match(body):
             raise OutcomeUnknown(self._unknown(name, f"HTTP {resp.status_code} without an observation id "
-                                                     f"({_message(resp)[:100]!r})"))
+                                                     f"({_message(resp, self._secret)[:100]!r})"))
         word = "READY" if form.get("ready", "true") == "true" else "ON_HOLD"
         return Submitted(facility_id=body, state=map_state(word), name=name)
 
@@ -459,7 +460,7 @@ class GeminiClient:
                 return resp
             if status >= 500:
                 raise OutcomeUnknown(self._unknown(name, f"HTTP {status}"))
-            msg = _message(resp) or f"HTTP {status}"
+            msg = _message(resp, self._secret) or f"HTTP {status}"
             if _AUTH_WORDS.search(msg):
                 raise TokenRefused(f"{self.name} refused the user key (HTTP {status}: {msg})")
             raise ValidationRejected(self.name, [ValidationIssue(_field_of(msg), msg)], status)

@@ -23,7 +23,7 @@ from typing import Protocol, TypeVar
 
 import httpx
 
-from tomd.errors import RetryableError
+from tomd.errors import RetryableError, redact
 from tomd.facilities.base import TokenRefused
 
 MAX_RETRY_AFTER_S = 60.0  # a longer Retry-After goes back to the caller as RetryableError
@@ -93,6 +93,13 @@ def retry_after_s(resp: httpx.Response) -> float | None:
         return max(0.0, (parsedate_to_datetime(value) - datetime.now(timezone.utc)).total_seconds())
     except (TypeError, ValueError):
         return None
+
+
+def scrub(text: str, secret: str | None) -> str:
+    """``text`` from a facility, for an error message: without what looks like a credential
+    (``redact``) nor the client's own secret, which a server may quote back in any words."""
+    out = redact(text)
+    return out.replace(secret, "***") if secret else out
 
 
 def lost_words(exc: Exception, lost: str = "connection lost") -> str:

@@ -57,7 +57,7 @@ from tomd.facilities.base import (
     ValidationRejected,
     pick_template,
 )
-from tomd.facilities.http import Observer, RateLimiter, lost_words, retry_after_s, send
+from tomd.facilities.http import Observer, RateLimiter, lost_words, retry_after_s, scrub, send
 
 log = logging.getLogger(__name__)
 
@@ -361,9 +361,9 @@ class LCOClient:
         self.limiter = RateLimiter(rate_limit)
         self._sites = tuple(sites) if sites is not None else (SOAR_SITES if kind == "soar" else LCO_SITES)
         headers = {"Accept": "application/json", "User-Agent": "tomd"}
-        secret = token.reveal() if hasattr(token, "reveal") else token
-        if secret:
-            headers["Authorization"] = f"Token {secret}"
+        self._secret = token.reveal() if hasattr(token, "reveal") else token
+        if self._secret:
+            headers["Authorization"] = f"Token {self._secret}"
         self._http = httpx.Client(timeout=httpx.Timeout(self.timeout), headers=headers, transport=transport,
                                   follow_redirects=False)
         # Told of every HTTP call: observer(facility, operation, code, seconds), code the HTTP status or
@@ -651,10 +651,11 @@ class LCOClient:
                     body = resp.text[:500]
                 if isinstance(body, Mapping) and "errors" in body and len(body) <= 2:
                     body = body["errors"]
-                raise ValidationRejected(self.name, flatten_errors(body))
+                raise ValidationRejected(self.name, [replace(i, message=scrub(i.message, self._secret))
+                                                     for i in flatten_errors(body)])
             if status == 404:
                 raise NotFoundError(f"{what}: not found at the facility (HTTP 404)")
-            raise PermanentError(f"{what}: HTTP {status}: {redact(resp.text[:300])}")
+            raise PermanentError(f"{what}: HTTP {status}: {scrub(resp.text[:300], self._secret)}")
 
         return send(self, api_operation(method, url),
                     lambda: self._http.request(method, url, json=json, params=params), what=what, answer=answer,
