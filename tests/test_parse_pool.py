@@ -42,7 +42,7 @@ def _state(db):
     with db.sessions() as s:
         counts = {m.__tablename__: s.scalar(select(func.count()).select_from(m))
                   for m in (AlertRow, Target, TargetName, Photometry, OutboxEvent, DeadLetter)}
-        keys = set(s.scalars(select(AlertRow.key)))
+        keys = {r.key: (r.payload, r.fields, r.mag) for r in s.scalars(select(AlertRow))}
         letters = [(d.offset, d.error) for d in repo.dead_letters(s)]
     return counts, keys, letters
 
@@ -111,3 +111,24 @@ def test_cutouts_come_back_only_when_kept():
         assert len(got) == 6
         assert all(bool(a.cutouts) is keep for a in got)
         assert all(a.payload and a.photometry for a in got)
+
+
+def test_rules_read_the_payload_a_worker_sends_as_json():
+    from tomd.alerts.model import PayloadJson
+    from tomd.alerts.parse import parse_message
+    from tomd.rules.context import AlertView
+
+    files = ztf_files()
+    if not files:
+        pytest.skip("real ZTF samples not found")
+    msgs = [FileMessage(str(p), 0, p.read_bytes()) for p in files[:5]]
+    pool = _pool(keep_cutouts=False)
+    try:
+        got = [a for chunk in pool.parse(msgs, None) for _, alerts, _ in chunk for a in alerts]
+    finally:
+        pool.close()
+    here = [a for m in msgs for a in parse_message("ztf-avro", m.value)]
+    assert all(isinstance(a.payload, PayloadJson) for a in got)
+    for a, b in zip(got, here):
+        view = AlertView(a, 1)
+        assert view.payload == b.payload and view.payload["candidate"]["candid"] == int(b.key)

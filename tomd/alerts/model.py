@@ -12,6 +12,28 @@ from datetime import datetime
 from typing import Any, Literal
 
 PhotKind = Literal["detection", "upper_limit", "forced"]
+
+
+class PayloadJson(bytes):
+    """A payload already serialised as JSON (by a parse worker, tomd/alerts/parallel.py).
+
+    Sent between processes as one string instead of thousands of objects, stored
+    as it is, and made a dict only where something reads inside it (``payload_dict``).
+    """
+
+    __slots__ = ()
+
+
+def payload_dict(payload: Any) -> dict[str, Any]:
+    """An alert's payload as a dict, whichever form it travels in."""
+    if type(payload) is dict:
+        return payload
+    if isinstance(payload, PayloadJson):
+        import orjson
+
+        value = orjson.loads(memoryview(payload))  # orjson takes no bytes subclass
+        return value if isinstance(value, dict) else {}
+    return payload if isinstance(payload, dict) else {}
 AlertKind = Literal["transient", "localization", "solar_system"]
 
 
@@ -84,6 +106,6 @@ class Alert:
     test: bool = False  # a mock/test event: ignored unless the config asks
     # Survey-specific scalar fields worth keeping at top level (real_bogus, ...).
     fields: dict[str, Any] = field(default_factory=dict)
-    # The survey payload, kept (cutouts removed; see ``cutouts``).
-    payload: dict[str, Any] = field(default_factory=dict)
+    # The survey payload, kept (cutouts removed; see ``cutouts``): a dict, or PayloadJson from a parse worker.
+    payload: dict[str, Any] | PayloadJson = field(default_factory=dict)
     cutouts: dict[str, bytes] = field(default_factory=dict)

@@ -20,6 +20,7 @@ from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
+from tomd.alerts.model import PayloadJson
 from tomd.errors import DatabaseNotReady, redact
 
 MIGRATIONS = Path(__file__).with_name("migrations")
@@ -29,6 +30,8 @@ _MIGRATION_LOCK = 0x746F6D64  # "tomd"
 def _json_dumps(value) -> str:
     # orjson: ~8x faster than json.dumps for alert payloads (a large share of
     # ingest time otherwise); NaN/Infinity become null, as JSON requires.
+    if isinstance(value, PayloadJson):  # serialised already, by a parse worker
+        return value.decode()
     return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS | orjson.OPT_SERIALIZE_NUMPY).decode()
 
 

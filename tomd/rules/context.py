@@ -19,6 +19,7 @@ from functools import cached_property
 from typing import Any
 
 from tomd import visibility
+from tomd.alerts.model import payload_dict
 
 _UNIX_MJD = 40587.0  # MJD of 1970-01-01T00:00 UTC (calendar fact, not a time-scale offset)
 
@@ -175,7 +176,14 @@ class AlertView:
         self.area_90_deg2 = loc.area_90_deg2 if loc else None
         self.n_points = len(alert.photometry)
         self.fields = alert.fields if isinstance(alert.fields, dict) else {}
-        self.payload = alert.payload if isinstance(alert.payload, dict) else {}
+        self._payload = alert.payload  # a dict, or JSON from a parse worker: made a dict when read
+
+    @property
+    def payload(self) -> dict:
+        p = self._payload
+        if type(p) is not dict:
+            p = self._payload = payload_dict(p)
+        return p
 
 
 class TargetView:
