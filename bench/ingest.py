@@ -104,6 +104,34 @@ def ceiling(bootstrap: str, topic: str, n: int, batch_size: int) -> dict:
                              "decode": round(decode_s / max(done, 1) * 1e3, 3)}}
 
 
+def cpu_seconds(db_name: str | None, broker_pid: int | None) -> dict[str, float]:
+    """CPU seconds (user + system) so far of this process, the database server's backends serving
+    ``db_name``, and the broker: where the machine's time goes, not only this thread's. Linux /proc;
+    empty elsewhere."""
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    out = {"tomd": 0.0, "postgresql": 0.0, "broker": 0.0}
+    try:
+        pids = [p for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:
+        return {}
+    for p in pids:
+        try:
+            stat = Path(f"/proc/{p}/stat").read_text()
+            if int(p) == os.getpid():
+                who = "tomd"
+            elif broker_pid is not None and int(p) == broker_pid:
+                who = "broker"
+            elif db_name and db_name in Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace"):
+                who = "postgresql"  # "postgres: 15/main: postgres <db> 127.0.0.1(port) ..."
+            else:
+                continue
+        except OSError:
+            continue
+        f = stat[stat.rindex(")") + 2:].split()
+        out[who] += (int(f[11]) + int(f[12])) / tick
+    return out
+
+
 class StageClock:
     """Times tomd's own ZTF decode and parse steps separately (the Ingestor
     times them together): the format's two functions, wrapped."""
@@ -150,7 +178,7 @@ def write_rules(directory: Path, count: int) -> None:
 
 
 def tomd_rate(kind: str, bootstrap: str, topic: str, n: int, batch_size: int, rules: int = 0,
-              cutouts: bool = True, parse_workers: int = 0) -> dict:
+              cutouts: bool = True, parse_workers: int = 0, broker_pid: int | None = None) -> dict:
     url, drop = scratch_database(kind, "ingest")
     # The run's rules and its stored cutouts (~300 MB per 5,000 alerts) go when it ends.
     rules_dir = Path(tempfile.mkdtemp(prefix="tomd-bench-rules-"))
@@ -177,11 +205,15 @@ def tomd_rate(kind: str, bootstrap: str, topic: str, n: int, batch_size: int, ru
             waiter.start()
             t0 = None
             deadline = time.monotonic() + 900
+            db_name = url.rsplit("/", 1)[-1] if kind == "postgresql" else None
+            cpu0: dict[str, float] = {}
             while ing.totals.messages < n and time.monotonic() < deadline:
                 if t0 is None and consumer.stats.consumed:
                     t0 = time.perf_counter()
+                    cpu0 = cpu_seconds(db_name, broker_pid)
                 time.sleep(0.01)
             elapsed = time.perf_counter() - (t0 or time.perf_counter())
+            cpu1 = cpu_seconds(db_name, broker_pid)  # parse workers: children, counted below
             daemon.stop.set()
             waiter.join(60)
         with engine.connect() as c:
@@ -205,10 +237,16 @@ def tomd_rate(kind: str, bootstrap: str, topic: str, n: int, batch_size: int, ru
             "rules": sec["sinks"],
         }
         stages["other"] = max(0.0, elapsed - sum(stages.values()))
+        # CPU per alert by process over the timed window: with 2 cores, 2 / (their sum) bounds the rate
+        # whatever the code does in which process (the parse workers' CPU is not in this sum).
+        cpu = {k: round((cpu1[k] - cpu0.get(k, 0.0)) * 1e3 / max(t.alerts, 1), 3) for k in cpu1} if cpu0 else {}
+        if cpu:
+            cpu["cpu_bound_alerts_per_s"] = round((os.cpu_count() or 1) * 1e3 / max(sum(cpu.values()), 1e-9), 1)
         return {
             "backend": kind, "rules": rules, "cutouts": cutouts, "parse_workers": parse_workers, "alerts": t.alerts,
             "alerts_per_s": round(t.alerts / elapsed, 1), "seconds": round(elapsed, 2),
             "ms_per_alert": {k: round(v * per, 3) for k, v in stages.items()},
+            "cpu_ms_per_alert": cpu,
             "photometry_points": t.photometry_points, "targets_created": t.targets_created,
             "decisions_recorded": decisions, "cutouts_stored": products,
         }
@@ -243,7 +281,8 @@ def main() -> None:
         for _ in range(args.repeat):
             for k, r, cut, w in configs:
                 ceil = ceiling(broker.bootstrap, topic, args.alerts, args.batch_size)
-                run = tomd_rate(k, broker.bootstrap, topic, args.alerts, args.batch_size, int(r), cut == "on", w)
+                run = tomd_rate(k, broker.bootstrap, topic, args.alerts, args.batch_size, int(r), cut == "on", w,
+                                broker_pid=broker.pid)
                 run["ceiling"] = ceil
                 # The machine is shared: the load says how much of it this run had.
                 run["load_average_1min"] = round(os.getloadavg()[0], 2)
@@ -252,7 +291,9 @@ def main() -> None:
                 print(f"{k}, {r} rules, cutouts {cut}, {w} parse workers: {run['alerts_per_s']} alerts/s end to end, "
                       f"{run['of_ceiling']:.2f} of the consume+decode ceiling measured just before "
                       f"({ceil['alerts_per_s']} alerts/s); ms per alert: "
-                      + ", ".join(f"{s} {v}" for s, v in run["ms_per_alert"].items()), file=sys.stderr)
+                      + ", ".join(f"{s} {v}" for s, v in run["ms_per_alert"].items())
+                      + ("; CPU ms per alert: " + ", ".join(f"{s} {v}" for s, v in run["cpu_ms_per_alert"].items())
+                         if run["cpu_ms_per_alert"] else ""), file=sys.stderr)
     runs = []
     for c in configs:
         ordered = sorted(all_runs[c], key=lambda x: x["alerts_per_s"])

@@ -108,6 +108,11 @@ class LocalBroker:
             raise RuntimeError("the broker is not running")
         return f"127.0.0.1:{self.port}"
 
+    @property
+    def pid(self) -> int | None:
+        """The broker process's id while it runs (benchmarks count its CPU)."""
+        return self._proc.pid if self._proc is not None else None
+
     def __enter__(self) -> LocalBroker:
         self.start()
         return self
