@@ -109,7 +109,7 @@ def cpu_seconds(db_name: str | None, broker_pid: int | None) -> dict[str, float]
     ``db_name``, and the broker: where the machine's time goes, not only this thread's. Linux /proc;
     empty elsewhere."""
     tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-    out = {"tomd": 0.0, "postgresql": 0.0, "broker": 0.0}
+    out = {"tomd": 0.0, "parse_workers": 0.0, "postgresql": 0.0, "broker": 0.0}
     try:
         pids = [p for p in os.listdir("/proc") if p.isdigit()]
     except OSError:
@@ -121,6 +121,8 @@ def cpu_seconds(db_name: str | None, broker_pid: int | None) -> dict[str, float]
                 who = "tomd"
             elif broker_pid is not None and int(p) == broker_pid:
                 who = "broker"
+            elif int(stat[stat.rindex(")") + 2:].split()[1]) == os.getpid():
+                who = "parse_workers"  # the other children of this process (spawned parse workers)
             elif db_name and db_name in Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace"):
                 who = "postgresql"  # "postgres: 15/main: postgres <db> 127.0.0.1(port) ..."
             else:
@@ -213,7 +215,7 @@ def tomd_rate(kind: str, bootstrap: str, topic: str, n: int, batch_size: int, ru
                     cpu0 = cpu_seconds(db_name, broker_pid)
                 time.sleep(0.01)
             elapsed = time.perf_counter() - (t0 or time.perf_counter())
-            cpu1 = cpu_seconds(db_name, broker_pid)  # parse workers: children, counted below
+            cpu1 = cpu_seconds(db_name, broker_pid)
             daemon.stop.set()
             waiter.join(60)
         with engine.connect() as c:
@@ -238,7 +240,7 @@ def tomd_rate(kind: str, bootstrap: str, topic: str, n: int, batch_size: int, ru
         }
         stages["other"] = max(0.0, elapsed - sum(stages.values()))
         # CPU per alert by process over the timed window: with 2 cores, 2 / (their sum) bounds the rate
-        # whatever the code does in which process (the parse workers' CPU is not in this sum).
+        # whatever the code does in which process.
         cpu = {k: round((cpu1[k] - cpu0.get(k, 0.0)) * 1e3 / max(t.alerts, 1), 3) for k in cpu1} if cpu0 else {}
         if cpu:
             cpu["cpu_bound_alerts_per_s"] = round((os.cpu_count() or 1) * 1e3 / max(sum(cpu.values()), 1e-9), 1)
