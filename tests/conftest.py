@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,6 +65,29 @@ def pg_database():
     with admin.connect() as c:
         c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
     admin.dispose()
+
+
+@contextmanager
+def pg_database_at(revision: str):
+    """An engine on a new PostgreSQL database migrated to ``revision`` (migration tests), dropped after.
+
+    Named like the run's own (``tomd_test_<pid>_<random>``), so a killed run's is dropped by the next.
+    """
+    from sqlalchemy import create_engine
+
+    name = f"tomd_test_{os.getpid()}_{secrets.token_hex(3)}"
+    admin = create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as c:
+        c.execute(text(f'CREATE DATABASE "{name}"'))
+    engine = migrate.connect(ADMIN_URL.rsplit("/", 1)[0] + f"/{name}")
+    try:
+        migrate.upgrade(engine, revision)
+        yield engine
+    finally:
+        engine.dispose()
+        with admin.connect() as c:
+            c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
 
 
 def _drop_orphans(c) -> None:

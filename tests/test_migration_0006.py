@@ -14,16 +14,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import secrets
 from collections import defaultdict
 from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, func, select, text
+from sqlalchemy import func, select, text
 
-from tests.conftest import ADMIN_URL, SHARED_DATA
+from tests.conftest import SHARED_DATA, pg_database_at
 from tomd.alerts.ingest import FileMessage, IngestSettings, Ingestor
 from tomd.alerts.parse import parse_message
 from tomd.db import migrate
@@ -66,19 +64,8 @@ def engine_at_0005(request, tmp_path):
         yield engine
         engine.dispose()
         return
-    name = f"tomd_m6_{os.getpid()}_{secrets.token_hex(3)}"
-    admin = create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as c:
-        c.execute(text(f'CREATE DATABASE "{name}"'))
-    engine = migrate.connect(ADMIN_URL.rsplit("/", 1)[0] + f"/{name}")
-    try:
-        migrate.upgrade(engine, "0005")
+    with pg_database_at("0005") as engine:
         yield engine
-    finally:
-        engine.dispose()
-        with admin.connect() as c:
-            c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 def _add_notice(s, source, event_id, notice_type, alerts=(), *, ra=None, dec=None) -> tuple[int, int | None]:

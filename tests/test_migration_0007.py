@@ -7,14 +7,12 @@ json, and a downgrade restores jsonb with the same contents.
 
 from __future__ import annotations
 
-import os
-import secrets
 from datetime import datetime, timezone
 
 import pytest
-from sqlalchemy import create_engine, select, text
+from sqlalchemy import select, text
 
-from tests.conftest import ADMIN_URL
+from tests.conftest import pg_database_at
 from tomd.db import migrate
 from tomd.db.models import AlertRow
 
@@ -28,22 +26,8 @@ PAYLOADS = [
 
 @pytest.fixture
 def pg_at_0006():
-    name = f"tomd_m7_{os.getpid()}_{secrets.token_hex(3)}"
-    admin = create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as c:
-            c.execute(text(f'CREATE DATABASE "{name}"'))
-    except Exception as exc:  # noqa: BLE001
-        pytest.skip(f"PostgreSQL not available: {exc}")
-    engine = migrate.connect(ADMIN_URL.rsplit("/", 1)[0] + f"/{name}")
-    try:
-        migrate.upgrade(engine, "0006")
+    with pg_database_at("0006") as engine:
         yield engine
-    finally:
-        engine.dispose()
-        with admin.connect() as c:
-            c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 def _column(engine) -> tuple[str, str | None]:
