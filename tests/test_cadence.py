@@ -124,14 +124,15 @@ def client(sim):
 
 
 class Series:
-    def __init__(self, db, sim, cadence: str, *, target="SN 2026cad"):
+    def __init__(self, db, sim, cadence: str, *, target="SN 2026cad", proposal: str | None = None):
         self.db, self.sim = db, sim
         self.fac = client(sim)
         self.poller = Poller(db.sessions, {"sim": self.fac})
         with db.sessions.begin() as s:
             self.tid = upsert(s, TargetSpec(name=target, ra=150.0, dec=-20.0), origin="test").target_id
         with db.sessions.begin() as s:
-            self.first = create_intent(s, target_id=self.tid, facility="sim", template="1m-gri", name="cad-1")
+            self.first = create_intent(s, target_id=self.tid, facility="sim", template="1m-gri", name="cad-1",
+                                       proposal=proposal)
             repo.update_observation(s, self.first, {"cadence": initial(parse_cadence(cadence))})
         self.submit()
 
@@ -182,6 +183,24 @@ def test_repeat_count_creates_exactly_the_next_intents_also_when_replayed(db, si
         steps = list(s.scalars(select(OutboxEvent).where(OutboxEvent.kind == "observation.cadence_step")))
     assert [e.payload["reason"] for e in steps] == ["repeat 2 of 3", "repeat 3 of 3"]
     assert all(e.payload["series_id"] == ser.first for e in steps)
+
+
+def test_later_visits_keep_the_proposal_and_count_in_its_hours(db, sim):
+    """A series' later visits (repeats and retries) are under the first request's proposal, so the
+    rules' hours_per_night (per facility and proposal) counts them."""
+    ser = Series(db, sim, "every 1d x3 retry 1 shift 6h", proposal="P1")
+    ser.end_last("COMPLETED")  # → repeat 1
+    ser.end_last("WINDOW_EXPIRED")  # → retry of repeat 1
+    rows = ser.rows()
+    assert [r.name for r in rows] == ["cad-1", "cad-1-1", "cad-1-1r1"]
+    assert [r.proposal for r in rows] == ["P1"] * 3
+    hours = rows[0].estimated_hours  # the submitter's estimate for the template
+    assert hours > 0 and [r.estimated_hours for r in rows] == [hours] * 3
+    with db.sessions() as s:
+        start = rows[0].created_at - timedelta(seconds=1)
+        # All three (an expired request asked for its time too; only cancelled/rejected ones are not counted).
+        assert repo.requested_hours_from(s, "sim", "P1", start) == pytest.approx(3 * hours)
+        assert repo.requested_hours_from(s, "sim", None, start) == 0.0
 
 
 def test_retry_shifts_the_window_and_stops_after_its_attempts(db, sim):

@@ -415,6 +415,8 @@ def next_intent(s: Session, request_id: int, state: str, now: datetime) -> int |
         "mode": row.mode, "priority": row.priority, "window_start": step.window_start,
         "window_end": step.window_end, "estimated_hours": row.estimated_hours, "parent_id": first.id,
         "cadence": {"spec": c.to_json(), "seq": step.seq, "attempt": step.attempt},
+        # The visit is under the series' proposal: hours_per_night counts per facility and proposal.
+        "proposal": row.proposal,
     })
     if new_id is None:
         return None  # made before (a replayed poll, a reopened request completing again)
