@@ -528,6 +528,52 @@ def test_gcn_json_test_and_retraction_flags() -> None:
     assert ell.localization.error_deg == pytest.approx(0.22)  # semi-major axis
 
 
+EP_NO_ID = "gcn/skyportal-json/EP240508.json"  # an Einstein Probe WXT alert from before the schema's `id`
+
+
+def test_gcn_json_notice_without_id_is_named_by_mission_and_trigger_time() -> None:
+    from tomd.alerts.formats._common import content_key
+
+    record = json.loads((DATA / EP_NO_ID).read_bytes())
+    assert "id" not in record and "mission" not in record and record["trigger_time"] == "2024-05-08T07:38:01.151Z"
+    (a,) = _parse(EP_NO_ID, "gcn-json")
+    assert a.event_id == "einstein_probe:2024-05-08T07:38:01.151"
+    assert a.notice_type == "einstein_probe/wxt/alert" and a.fields["mission"] == "einstein_probe"
+    # The key is the content hash, as before: a notice seen again is the same alert.
+    assert a.key == content_key(record) and a.key.startswith("sha256:")
+    assert _parse(EP_NO_ID, "gcn-json")[0].key == a.key
+    # A later notice of the same trigger (a better position) is another alert of the same event.
+    (b,) = parse_message("gcn-json", json.dumps(record | {"ra_dec_error": 0.02}).encode())
+    assert b.key != a.key and b.event_id == a.event_id
+    # Another trigger a second later is another event; a notice that has ids keeps them.
+    (c,) = parse_message("gcn-json", json.dumps(record | {"trigger_time": "2024-05-08T07:38:02.151Z"}).encode())
+    assert c.event_id == "einstein_probe:2024-05-08T07:38:02.151"
+    (d,) = parse_message("gcn-json", json.dumps(record | {"id": ["01708973486"]}).encode())
+    assert d.event_id == "einstein_probe:01708973486"
+    # Without a mission (no $schema, no mission field) there is nothing to name it by: the key, as before.
+    (e,) = _parse("gcn/gcn-classic-binary/SWIFT_BAT_GRB_POS_ACK.json", "gcn-json")
+    assert e.event_id is None
+
+
+def test_gcn_notice_without_id_makes_a_readable_target_once(db) -> None:
+    from sqlalchemy import select
+
+    from tomd.alerts.ingest import FileMessage
+    from tomd.db.models import AlertRow, Notice, Target
+
+    data = (DATA / EP_NO_ID).read_bytes()
+    update = json.dumps(json.loads(data) | {"ra_dec_error": 0.02}).encode()
+    ing = _ingestor(db, "gcn", "gcn-json")
+    ing.handle([FileMessage("gcn", 0, data)])
+    ing.handle([FileMessage("gcn", 1, data), FileMessage("gcn", 2, update)])  # seen twice, then refined
+    with db.sessions() as s:
+        assert [t.name for t in s.scalars(select(Target))] == ["GCN einstein_probe 2024-05-08T07:38:01.151"]
+        (notice,) = s.scalars(select(Notice))
+        assert notice.event_id == "einstein_probe:2024-05-08T07:38:01.151"
+        assert notice.error_deg == pytest.approx(0.02)  # the refinement updated the one notice
+        assert len(list(s.scalars(select(AlertRow)))) == 2  # the repeat was a no-op
+
+
 def test_gcn_binary_matches_official_json_conversion() -> None:
     base = DATA / "gcn/gcn-classic-binary"
     for name in ("SWIFT_BAT_GRB_POS_ACK", "CALET_GBM_FLT_LC"):

@@ -6,8 +6,13 @@ the mission trigger id(s), and the record number / alert type / alert time
 that distinguish the notices of one trigger, plus a short content hash. Without a trigger id
 the key is a content hash. The event id is the first trigger id qualified by
 the mission (``fermi:745121685``): missions number their triggers
-independently. Positions are ICRS degrees; ``ra_dec_error`` is a radius or
-an ellipse ``[a, b, pa]`` (its semi-major axis is kept as the radius).
+independently. A notice without any id (early Einstein Probe WXT alerts had
+no ``id``) gets its mission and trigger time as event id
+(``einstein_probe:2024-05-08T07:38:01.151``, target "GCN einstein_probe
+2024-05-08T07:38:01.151"): the notices of one trigger are one event, and the
+target is not named after a hash; its key stays the content hash. Positions
+are ICRS degrees; ``ra_dec_error`` is a radius or an ellipse ``[a, b, pa]``
+(its semi-major axis is kept as the radius).
 ``alert_tense`` "test" or "injection" marks a test notice.
 """
 
@@ -28,7 +33,7 @@ from ._common import (
     scalar_items,
     unix_ms_to_datetime,
 )
-from .gcn_binary import qualified_id
+from .gcn_binary import mission_slug, qualified_id
 from .ztf import clean
 
 TEST_TENSES = frozenset({"test", "injection"})
@@ -96,6 +101,13 @@ def parse(record: dict, *, source: str = "gcn") -> list[Alert]:
         # IceCube notice with the same number must not be one event). The schema
         # folder is the stable slug ("einstein_probe", "svom", "superk").
         event_id = qualified_id(ntype.split("/")[0] if ntype else mission, event_id)
+    elif record.get("trigger_time") and (ntype or isinstance(mission, str)):
+        # No id at all: mission + trigger time (to the millisecond, as missions give it) names the
+        # trigger, so its notices are one event and its target has a readable name. Not the key:
+        # that stays the content hash below, as stored for notices already seen.
+        slug = ntype.split("/")[0] if ntype else mission_slug(mission)
+        trigger = parse_iso_utc(record["trigger_time"], "trigger_time")
+        event_id = f"{slug}:{trigger.strftime('%Y-%m-%dT%H:%M:%S')}.{trigger.microsecond // 1000:03d}"
     if ids or ref:
         parts = [
             ntype or str(mission or "gcn"),
