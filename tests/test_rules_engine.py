@@ -491,6 +491,81 @@ def test_compact_all_true_reasons_are_spelled_out_when_read():
     assert full_reason("all 12 clauses true", many).count(" = ") == 8
 
 
+def test_not_fired_rows_keep_the_values_as_read_and_explain_spells_them_out(db, sample):
+    """The compact not-fired path (one generated call, the row a tuple) stores what json_leaves reads,
+    on both databases: floats, None, tags as a sorted list, text with a backslash, a tab and a quote; the
+    batch's verdicts (Verdicts) give the same details as the rows; other outcomes are kept as they were."""
+    from tomd.rules.engine import Verdict, Verdicts
+    from tomd.rules.expr import describe_values
+
+    schema, rec = sample
+    mag = rec["candidate"]["magpsf"]
+    texts = {
+        "float": f"alert.mag > {mag + 1} and alert.mag < 30",
+        "missing": "alert.fields.no_such_field > 1",
+        "tags": "'sn' in target.tags and alert.mag > 0",
+        "text": "alert.band == 'a\\\\b\\t\"c' and alert.mag > 0",
+        "error": "alert.mag / (alert.mag - alert.mag) > 1",
+    }
+    rules = [rule(f'name = "{n}"\nwhen = {chr(39) * 3}{w}{chr(39) * 3}\nadd_tags = ["x"]')  # TOML: literal
+             for n, w in texts.items()]
+    eng = engine(*rules)
+    ingest(db, eng, [rec], schema)
+    with db.sessions() as s:
+        rows = {d.rule: d for d in s.scalars(select(Decision))}
+    assert {r: d.outcome for r, d in rows.items()} == {"float": "not_fired", "missing": "not_fired",
+                                                       "tags": "not_fired", "text": "not_fired", "error": "error"}
+    assert rows["float"].details == {"clause": 0, "values": {"alert.mag": pytest.approx(mag)}, "line": 1}
+    assert rows["missing"].details["values"] == {"alert.fields.no_such_field": None}
+    assert rows["tags"].details["values"] == {"target.tags": []}
+    assert rows["text"].reason == rules[3].when.clauses[0].false_text == "alert.band == 'a\\\\b\\t\"c' is false"
+    assert rows["text"].details["values"] == {"alert.band": "ztf" + "gri"[rec["candidate"]["fid"] - 1]}
+    for r in ("float", "missing", "tags", "text"):
+        d = rows[r]
+        assert full_reason(d.reason, d.details) == f"{d.reason} ({describe_values(d.details['values'])})"
+    got = eng.last_verdicts
+    assert isinstance(got, Verdicts) and len(got) == 5 and all(type(v) is Verdict for v in got)
+    by_rule = {v.rule: v for v in got}
+    for r in ("float", "missing", "tags", "text"):
+        assert (by_rule[r].outcome, by_rule[r].reason) == (rows[r].outcome, rows[r].reason)
+        assert by_rule[r].details == rows[r].details
+    assert by_rule["error"].outcome == "error" and got[-1].rule == "error" and got[0:2][0].rule == "float"
+    assert eng.counts == {"not_fired": 4, "error": 1}
+
+
+def test_rule_context_rows_equal_the_separate_queries(db, sample):
+    """rule_context_rows (one statement each, the ids as an array on PostgreSQL) gives what target_rows,
+    names_for_rules, tags_of / tag_times, lists_of / list_times and photometry_for_rules give."""
+    from tomd.db import repository as repo
+
+    schema, rec = sample
+    second = next_alert(schema, rec, new_candid=rec["candid"] + 1)
+    second["objectId"] = "ZTF99zzzzzzz"
+    second["candidate"]["ra"] += 1.0
+    ingest(db, engine(), [rec, second], schema)
+    t0 = datetime(2026, 3, 1, tzinfo=timezone.utc)
+    with db.sessions() as s:
+        ids = sorted(s.scalars(select(AlertRow.target_id)).all())
+        assert len(set(ids)) == 2
+        repo.add_tags_at(s, ids[0], ["sn", "bright"], t0)
+        repo.add_to_lists_at(s, ids[0], ["tonight", "a-list"], t0 + timedelta(hours=1))
+        repo.add_to_lists_at(s, ids[1], ["tonight"], t0)
+        s.commit()
+        ids = sorted(set(ids)) + [10**9]  # and one that does not exist
+        for timed in (False, True):
+            rows, names, tags, lists, phot = repo.rule_context_rows(s, ids, timed=timed)
+            assert {k: dict(v) for k, v in rows.items()} == {k: dict(v) for k, v in repo.target_rows(s, ids).items()}
+            assert names == repo.names_for_rules(s, ids)
+            if timed:
+                assert tags == repo.tag_times(s, ids) and lists == repo.list_times(s, ids)
+            else:
+                assert tags == repo.tags_of(s, ids) and lists == repo.lists_of(s, ids)
+            want = repo.photometry_for_rules(s, ids)
+            assert {k: sorted(v) for k, v in phot.items()} == {k: sorted(v) for k, v in want.items()}
+            assert all(len(phot[i]) > 1 for i in ids[:2]) and phot[10**9] == []
+        assert repo.rule_context_rows(s, []) == ({}, {}, {}, {}, {})
+
+
 def test_priority_rises_at_the_observatory_only_before_submission(db, sample):
     """Against the simulated LCO portal: a raise while the request is an intent is what gets submitted
     (ipp_value); once the portal holds it, a higher priority changes nothing there and nothing is resubmitted."""

@@ -187,3 +187,84 @@ def test_missing_values_never_raise_where_the_plain_version_would():
     with pytest.raises(TypeError):
         comp.fast(*c.args())
     assert comp.first_false(*c.args()) == 0
+
+
+# ---- the engine's one-call verdict path: Compiled.judge and the generated values functions ----
+
+JUDGED = [
+    "alert.mag > 18 and alert.fields.real_bogus > 0.5",  # a float read
+    "alert.fields.nope < 1 and alert.mag > 0",  # a missing value: None
+    "alert.fields.nan_field < 1",  # NaN: None, as json_leaves keeps it
+    "alert.fields.inf_field < 1",  # infinity: None
+    "'x' in target.tags and alert.mag > 0",  # a frozenset: a sorted list
+    "target.names == ['other'] and alert.band == 'ztfg'",  # a tuple: a list
+    "target.extras.redshift > 1",  # a nested value
+    "alert.payload.candidate == 1",  # a dict value
+    "target.rise_rates == 2",  # a per-band dict (empty here)
+    "alert.mag > 0 and alert.mag + alert.mag > 100 and alert.mag > 3",  # a text read twice in a clause
+    "alert.band + 'x' == 'ztfg\\\\t' and alert.mag > 0",  # a backslash in the clause's text
+    "abs(target.gal_b) > 50 or alert.mag > 30",  # a top-level or: one clause, every leaf
+    "visible('lco', hours=6) and alert.mag > 30",  # a context function's value
+    "alert.mag > 0 and alert.ra > 0",  # every clause true: None
+]
+
+
+@pytest.mark.parametrize("text", JUDGED)
+def test_judge_and_generated_values_match_the_leaf_by_leaf_path(text):
+    """Compiled.judge (the rule engine's not-fired verdict in one call) and the generated values functions
+    give what first_false + json_leaves give, value for value, in the same order."""
+    from tomd.db.repository import decision_details
+    from tomd.rules.expr import json_leaves
+
+    c = ctx({"fields": {"real_bogus": 0.93, "nan_field": float("nan"), "inf_field": float("-inf")}},
+            tags=("sn", "x"))
+    comp = compile_expression(text)
+    args = c.args()
+    i = comp.first_false(*args)
+    got = comp.judge(*args)
+    if i < 0:
+        assert got is None
+    else:
+        clause = comp.clauses[i]
+        want = {"clause": i, "values": json_leaves(clause.leaves, *args), "line": clause.line}
+        assert got[0] == clause.false_text
+        details = decision_details((1, 2, "rule", "", "not_fired", None) + got)  # the engine's compact row
+        assert details == want and list(details["values"]) == list(want["values"])
+    for cl in comp.clauses:
+        assert cl.json_fn(*args) == json_leaves(cl.leaves, *args)
+        assert list(cl.json_fn(*args)) == list(json_leaves(cl.leaves, *args))
+    assert comp.all_json_fn(*args) == json_leaves(comp.all_leaves, *args)
+
+
+def test_a_value_that_raises_is_shown_as_its_error_not_raised():
+    """A leaf whose reading raises (a feature function's error) makes judge raise; json_values says which."""
+    def bad(_ctx):
+        raise ValueError("no model")
+
+    c = ctx(features={"score": bad})
+    comp = compile_expression("alert.mag > 30 or feature.score > 1", ["score"])
+    with pytest.raises(ValueError):
+        comp.judge(*c.args())
+    with pytest.raises(ValueError):
+        comp.first_false(*c.args())
+    ok = compile_expression("alert.mag > 30 and feature.score > 1", ["score"])
+    assert ok.judge(*c.args())[4:] == (17.5,)  # the first clause decides: the feature is never read
+    vals = ok.json_values(0, *c.args())
+    assert vals == {"alert.mag": 17.5}
+
+
+def test_target_features_become_plain_attributes_at_their_first_read():
+    """TargetView computes the light curve at the first feature read and sets every feature at once;
+    photometry rows (tuples) become Points on first use."""
+    rows = [(60000.0, "ztfg", "detection", 19.0, None), (60001.0, "ztfg", "detection", 18.0, None),
+            (60001.5, "ztfr", "upper_limit", None, 20.5)]
+    t = TargetView({"id": 1}, points=rows, now_mjd=60003.0)
+    assert "age_days" not in vars(t)
+    assert t.age_days == pytest.approx(3.0)
+    want = lightcurve_features([Point(*r) for r in rows], 60003.0)
+    assert {k: vars(t)[k] for k in want} == want  # all set by the first read
+    assert t.rise_rates["g"] == pytest.approx(1.0) and t.n_upper_limits == 1
+    assert all(type(p) is Point for p in t.points) and t.points[0].band == "ztfg"
+    with pytest.raises(AttributeError):
+        t.no_such_feature  # noqa: B018
+    assert not hasattr(t, "no_such_feature")

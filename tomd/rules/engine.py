@@ -44,7 +44,7 @@ from sqlalchemy.orm import Session
 from tomd.db import repository as repo
 from tomd.events import RequestPriorityRaised, RuleFired, RuleTested, SubmissionIntent
 from tomd.logs import alert_fields
-from tomd.rules.context import AlertView, Context, FeatureFn, Point, TargetView, mjd_of
+from tomd.rules.context import AlertView, Context, FeatureFn, TargetView, mjd_of
 from tomd.rules.expr import json_leaves, describe_values
 from tomd.rules.load import Rule, RuleEnv, load_file, rule_files
 
@@ -206,6 +206,46 @@ class Verdict:
     decision_id: int | None = None
     request_id: int | None = None
 
+    @classmethod
+    def of_row(cls, row: tuple) -> "Verdict":
+        """The verdict of a decision row (repo.DECISION_COLUMNS; a not-fired one in its compact form)."""
+        return cls(row[2], row[4], row[6], repo.decision_details(row))
+
+
+class Verdicts(Sequence):
+    """A batch's verdicts: Verdict objects, and the common not-fired ones kept as their decision rows.
+
+    A batch holds rules × alerts verdicts until it commits. Kept as objects (a Verdict, its details
+    dict, the row) they all reach the garbage collector's oldest generation and set off its full
+    collections: at 100 rules that cost more than the verdicts (bench/rules.py, 3.5 µs per rule and
+    alert). A row of plain values is a tuple the collector stops tracking; its Verdict is made when read.
+    """
+
+    __slots__ = ("items",)
+
+    def __init__(self, items: list | None = None):
+        self.items = items if items is not None else []
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [_verdict(x) for x in self.items[i]]
+        return _verdict(self.items[i])
+
+    def __iter__(self):
+        for x in self.items:
+            yield x if type(x) is Verdict else Verdict.of_row(x)
+
+    def outcomes(self):
+        """Each verdict's outcome, without making the verdicts."""
+        return (x.outcome if type(x) is Verdict else x[4] for x in self.items)
+
+
+def _verdict(x) -> Verdict:
+    return x if type(x) is Verdict else Verdict.of_row(x)
+
 
 def _jsonable(v: Any) -> Any:
     t = type(v)  # exact types first: isinstance against the ABCs below costs most of a verdict's row
@@ -289,7 +329,7 @@ class RuleEngine:
         self.as_of = as_of
         self.assume_old_tags = assume_old_tags
         self.counts: dict[str, int] = {}  # verdicts by outcome since start (metrics)
-        self.last_verdicts: list[Verdict] = []
+        self.last_verdicts: Sequence[Verdict] = []
         self._lock = threading.Lock()
         # Told once the batch's transaction commits (a rolled-back batch is told nothing):
         # observer(verdicts, seconds spent on each alert). Metrics plug in here.
@@ -317,19 +357,14 @@ class RuleEngine:
 
     def __call__(self, s: Session, stored: Sequence[Any]) -> None:
         rules = self.ruleset.current()
-        verdicts: list[Verdict] = []
+        verdicts = Verdicts()
+        kept = verdicts.items
         if not rules or not stored:
             return
         killed = self.killed()
         tids = sorted({st.target_id for st in stored if st.target_id is not None})
-        rows = repo.target_rows(s, tids)
-        names = repo.names_for_rules(s, tids)
-        if self.as_of:
-            tags, lists = repo.tag_times(s, tids), repo.list_times(s, tids)
-        else:
-            tags, lists = repo.tags_of(s, tids), repo.lists_of(s, tids)
-        phot = repo.photometry_for_rules(s, tids)
-        buffered: list[dict[str, Any]] = []
+        rows, names, tags, lists, phot = repo.rule_context_rows(s, tids, timed=self.as_of)
+        buffered: list[tuple] = []  # decision rows, repo.DECISION_COLUMNS
         observer = self.observer
         seconds: list[float] = []
         fired: list[tuple[Verdict, Any]] = []
@@ -344,9 +379,9 @@ class RuleEngine:
             for rule in rules:
                 if not rule.listens_to(st.alert.source, st.alert.kind, getattr(st, "stream", None)):
                     continue
-                v = self.decide(s, rule, st, ctx, now, killed, buffered)
-                verdicts.append(v)
-                if v.outcome == "fired":
+                v = self.verdict(s, rule, st, ctx, now, killed, buffered)
+                kept.append(v)
+                if type(v) is Verdict and v.outcome == "fired":
                     fired.append((v, st))
             seconds.append(time.perf_counter() - t0)
         repo.insert_decisions(s, buffered)
@@ -358,8 +393,8 @@ class RuleEngine:
             if fired:  # said once the decisions are committed (a batch retried would say it twice)
                 event.listen(s, "after_commit", lambda _s: _log_fired(fired), once=True)
         with self._lock:  # several stream threads may share one engine
-            for v in verdicts:
-                self.counts[v.outcome] = self.counts.get(v.outcome, 0) + 1
+            for o in verdicts.outcomes():
+                self.counts[o] = self.counts.get(o, 0) + 1
         self.last_verdicts = verdicts  # the latest batch's, for tests and tools
 
     def as_of_now(self, timed: Sequence[tuple[str, datetime | None]], now: datetime) -> list[str]:
@@ -375,46 +410,65 @@ class RuleEngine:
 
     def context(self, st, row, names, tags, lists, points, now: datetime) -> Context:
         now_mjd = mjd_of(now)
-        pts = [Point(*p) for p in points]
-        target = TargetView(row, names=names, tags=tags, lists=lists, points=pts, now_mjd=now_mjd)
+        # Rows (mjd, band, kind, mag, limit): TargetView makes its Points on first use.
+        target = TargetView(row, names=names, tags=tags, lists=lists, points=points, now_mjd=now_mjd)
         return Context(AlertView(st.alert, st.alert_id), target, now_mjd, facility_kinds=self.facility_kinds,
                        features=self.features)
 
     # -- one rule on one alert ----------------------------------------
 
     def decide(self, s: Session, rule: Rule, st, ctx: Context, now: datetime, killed: str | None,
-               buffered: list[dict[str, Any]]) -> Verdict:
+               buffered: list[tuple]) -> Verdict:
+        """One rule's verdict on one alert, its decision row appended to ``buffered``."""
+        v = self.verdict(s, rule, st, ctx, now, killed, buffered)
+        return v if type(v) is Verdict else Verdict.of_row(v)
+
+    def verdict(self, s: Session, rule: Rule, st, ctx: Context, now: datetime, killed: str | None,
+                buffered: list[tuple]) -> Verdict | tuple:
+        """:meth:`decide`, as ``__call__`` runs it: a not-fired verdict from the rule's expression is
+        returned as its decision row (the tuple appended to ``buffered``; ``Verdict.of_row`` makes
+        the Verdict), which a batch keeps at no cost to the garbage collector (``Verdicts``)."""
         w = rule.when
         args = ctx.argv
+        # Most verdicts are "not fired", once per rule and alert, so that path is one generated call
+        # (Compiled.judge: the first false clause's reason, "<clause> is false", made once, and the
+        # values it read, JSON-safe) and a flat row tuple (repo.DECISION_COLUMNS, compact: the texts
+        # read in place of details, then the clause, its line and the values). The stored row stays
+        # compact too: the reason is the clause and the values go in details, written out only when
+        # read (full_reason; tomd rule explain). bench/rules.py: per_rule_per_alert_us.
+        judge = w.judge
         try:
-            i = w.safe(*args)  # Compiled.first_false, without its frame: this runs once per rule and alert
-        except Exception as exc:  # noqa: BLE001 - a rule's error is its verdict, never the batch's
-            return self._error(rule, st, ctx, now, exc, buffered)
-        if i >= 0:
-            # Most verdicts end here, once per rule and alert, so the row is compact: the reason is the
-            # clause ("<clause> is false", made once) and the values it read go in details, written
-            # out only when read (full_reason; tomd rule explain). bench/rules.py: engine_per_rule.
-            clause = w.clauses[i]
-            details = {"clause": i, "values": json_leaves(clause.leaves, *args), "line": clause.line}
-            reason = clause.false_text
-            buffered.append({"alert_id": st.alert_id, "target_id": st.target_id, "rule": rule.name,
-                             "rule_version": rule.version, "created_at": now, "outcome": "not_fired",
-                             "reason": reason, "details": details})
-            return Verdict(rule.name, "not_fired", reason, details)
+            if judge is None:
+                raise LookupError  # a Compiled made without it: the steps one by one below
+            r = judge(*args)
+        except Exception:  # noqa: BLE001 - a clause raised (an error verdict) or a value shown did
+            try:
+                i = w.safe(*args)  # Compiled.first_false, without its frame
+            except Exception as exc:  # noqa: BLE001 - a rule's error is its verdict, never the batch's
+                return self._error(rule, st, ctx, now, exc, buffered)
+            if i < 0:
+                r = None
+            else:
+                clause = w.clauses[i]
+                vals = json_leaves(clause.leaves, *args)
+                r = (clause.false_text, tuple(vals), i, clause.line, *vals.values())
+        if r is not None:
+            row = (st.alert_id, st.target_id, rule.name, rule.version, "not_fired", now) + r
+            buffered.append(row)
+            return row
         return self._all_true(s, rule, st, ctx, args, now, killed, buffered)
 
     @staticmethod
-    def _record(rule: Rule, st, now: datetime, v: Verdict, buffered: list[dict[str, Any]]) -> Verdict:
+    def _record(rule: Rule, st, now: datetime, v: Verdict, buffered: list[tuple]) -> Verdict:
         """Buffer a verdict's row (written with the batch's others); details' values are JSON-safe already."""
         d = v.details
-        buffered.append({"alert_id": st.alert_id, "target_id": st.target_id, "rule": rule.name,
-                         "rule_version": rule.version, "created_at": now, "outcome": v.outcome,
-                         "reason": v.reason[:4000],
-                         "details": {k: x if k == "values" else _jsonable(x) for k, x in d.items()}})
+        if len(d) != 1 or "values" not in d:  # only the values (JSON-safe as read): the dict as it is
+            d = {k: x if k == "values" else _jsonable(x) for k, x in d.items()}
+        buffered.append((st.alert_id, st.target_id, rule.name, rule.version, v.outcome, now, v.reason[:4000], d))
         return v
 
     def _error(self, rule: Rule, st, ctx: Context, now: datetime, exc: Exception,
-               buffered: list[dict[str, Any]]) -> Verdict:
+               buffered: list[tuple]) -> Verdict:
         w = rule.when
         log.warning("rule %s failed on alert %s (%s): %s", rule.name, st.alert_id, st.coords, exc,
                     extra=alert_fields(st, rule=rule.name))
@@ -429,7 +483,7 @@ class RuleEngine:
         return self._record(rule, st, now, Verdict(rule.name, "error", reason[:2000], details), buffered)
 
     def _all_true(self, s: Session, rule: Rule, st, ctx: Context, args, now: datetime, killed: str | None,
-                  buffered: list[dict[str, Any]]) -> Verdict:
+                  buffered: list[tuple]) -> Verdict:
         """Every clause holds: visibility, target, limits, duplicates, hours, then fire (or test).
 
         The reason kept for the verdicts that stop on the way is the compact "all N clauses true"

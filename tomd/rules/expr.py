@@ -350,6 +350,9 @@ class Clause:
     col: int
     leaves: list[tuple[str, Callable]]  # (text, fn(alert, target, now, ctx)) values shown in reasons
     false_text: str = ""  # "<source> is false", the start of a not-fired reason (made once)
+    # fn(alert, target, now, ctx) -> {text: JSON-safe value} of every leaf in one call (a not-fired
+    # verdict's values); raises if a leaf does, and then json_leaves says which. None: use json_leaves.
+    json_fn: Callable | None = None
 
     def __post_init__(self) -> None:
         self.false_text = f"{self.source} is false"
@@ -364,6 +367,11 @@ class Compiled:
     features: frozenset[str] = frozenset()
     uses_visibility: bool = False
     clause_fns: list[Callable] = field(default_factory=list)  # one per clause, for locating errors
+    all_json_fn: Callable | None = None  # every clause's leaves at once, as Clause.json_fn
+    # fn(alert, target, now, ctx) -> None when every clause holds, else ("<clause> is false",
+    # (leaf texts), i, line, *their values): the rule engine's common verdict in one call.
+    # Raises when a clause raises, or a value shown does (the engine then asks safe and json_leaves).
+    judge: Callable | None = None
 
     def failing_clause(self, alert, target, now, ctx) -> int | None:
         """The first clause whose evaluation raises (after the rule raised), or None."""
@@ -398,10 +406,21 @@ class Compiled:
 
         Plain values stay, non-finite floats become None, anything else its short repr or list.
         """
-        return json_leaves(self.clauses[i].leaves, alert, target, now, ctx)
+        c = self.clauses[i]
+        if c.json_fn is not None:
+            try:
+                return c.json_fn(alert, target, now, ctx)
+            except Exception:  # noqa: BLE001 - a leaf raised: json_leaves shows which, as text
+                pass
+        return json_leaves(c.leaves, alert, target, now, ctx)
 
     def all_json_values(self, alert, target, now, ctx) -> dict[str, Any]:
         """Every clause's values, JSON-safe, in one pass (a verdict whose clauses all hold)."""
+        if self.all_json_fn is not None:
+            try:
+                return self.all_json_fn(alert, target, now, ctx)
+            except Exception:  # noqa: BLE001 - as json_values
+                pass
         return json_leaves(self.all_leaves, alert, target, now, ctx)
 
     def values(self, i: int, alert, target, now, ctx) -> dict[str, Any]:
@@ -431,6 +450,21 @@ def json_leaves(leaves, alert, target, now, ctx) -> dict[str, Any]:
         else:
             out[text] = _json_safe(v)
     return out
+
+
+def _json_value(v: Any) -> Any:
+    """One value as json_leaves keeps it (the generated values functions' slow path)."""
+    t = type(v)
+    if t is float:
+        return v if v - v == 0.0 else None
+    if t is str or t is int or t is bool or v is None:
+        return v
+    return _json_safe(v)
+
+
+#: What the generated values checks call (_values_display); never reachable from an expression's own names.
+_VALUES_NS: dict[str, Any] = {"_json_value": _json_value, "type": type, "float": float, "str": str, "int": int,
+                              "bool": bool}
 
 
 def _json_safe(v: Any) -> Any:
@@ -738,24 +772,43 @@ class _Compiler:
         body = self.parse()
         terms = body.values if isinstance(body, ast.BoolOp) and isinstance(body.op, ast.And) else [body]
         fast_stmts, safe_stmts, clauses, clause_fns = [], [], [], []
+        all_leaf_asts: list[tuple[str, ast.expr]] = []
         for term in terms:  # every term first: all unknown names, not only the first
             self.tr(term)
         if self.unknown:
             raise ExprError.of(self.unknown)
         self.nodes = 0
+        judge_stmts = []
         for i, term in enumerate(terms):
             f, s = self.tr(term)
             clause_fns.append(_lambda(s))
             fast_stmts.append(_if_not_return(f, i))
             safe_stmts.append(_if_not_return(s, i))
-            leaves = []
+            leaves, leaf_asts = [], []
             for leaf in _leaves(term):
                 _, ls = self.tr(leaf)
-                leaves.append((_source(self.text, leaf), _lambda(ls)))
-            clauses.append(Clause(_source(self.text, term).strip(), max(1, term.lineno - 1), term.col_offset + 1,
-                                  leaves))
+                text = _source(self.text, leaf)
+                leaves.append((text, _lambda(ls)))
+                leaf_asts.append((text, ls))
+            all_leaf_asts.extend(leaf_asts)
+            clause = Clause(_source(self.text, term).strip(), max(1, term.lineno - 1), term.col_offset + 1,
+                            leaves, json_fn=_values_function(leaf_asts))
+            clauses.append(clause)
+            # judge: (reason, texts, clause, line, *values) of the first false clause, its values read in
+            # the same call. One flat tuple of plain values: the garbage collector stops watching it at
+            # its first pass (it never stops watching a dict, and a tuple holding a fresh tuple only
+            # after several passes), so a batch's thousands of verdict rows never reach its oldest generation.
+            texts = tuple(dict.fromkeys(t for t, _ in leaf_asts))
+            judge_stmts.append(ast.If(ast.UnaryOp(ast.Not(), s), [ast.Return(ast.Tuple(
+                [ast.Constant(clause.false_text), ast.Constant(texts), ast.Constant(i), ast.Constant(clause.line),
+                 *_values_display(leaf_asts, as_tuple=True).elts], ast.Load()))], []))
+        seen: dict[str, ast.expr] = {}
+        for text, ls in all_leaf_asts:  # as Compiled.all_leaves: a text read by two clauses once
+            seen.setdefault(text, ls)
         return Compiled(self.text, _function(fast_stmts), _function(safe_stmts), clauses,
-                        frozenset(self.used_features), self.uses_visibility, clause_fns)
+                        frozenset(self.used_features), self.uses_visibility, clause_fns,
+                        all_json_fn=_values_function(list(seen.items())),
+                        judge=_function(judge_stmts, returns=None, name="judge", ns=_VALUES_NS))
 
 
 def _arity(fn: Function) -> str:
@@ -830,13 +883,14 @@ _ARGS = ast.arguments(posonlyargs=[], args=[ast.arg(a) for a in ("alert", "targe
                       kwonlyargs=[], kw_defaults=[], defaults=[])
 
 
-def _function(stmts: list[ast.stmt]) -> Callable:
-    fn = ast.FunctionDef("rule", _ARGS, stmts + [ast.Return(ast.Constant(-1))], [], None, None)
+def _function(stmts: list[ast.stmt], returns: Any = -1, name: str = "rule",
+              ns: Mapping[str, Any] | None = None) -> Callable:
+    fn = ast.FunctionDef(name, _ARGS, stmts + [ast.Return(ast.Constant(returns))], [], None, None)
     mod = copy.deepcopy(ast.Module([fn], []))
     ast.fix_missing_locations(_strip_positions(mod))
-    ns: dict[str, Any] = {"__builtins__": {}, **HELPERS}
-    exec(compile(mod, "<rule>", "exec"), ns)  # noqa: S102 - a whitelisted AST, empty builtins
-    return ns["rule"]
+    env: dict[str, Any] = {"__builtins__": {}, **HELPERS, **(ns or {})}
+    exec(compile(mod, "<rule>", "exec"), env)  # noqa: S102 - a whitelisted AST, empty builtins
+    return env[name]
 
 
 def _lambda(expr: ast.expr) -> Callable:
@@ -846,6 +900,40 @@ def _lambda(expr: ast.expr) -> Callable:
     ns: dict[str, Any] = {"__builtins__": {}, **HELPERS}
     exec(compile(mod, "<rule>", "exec"), ns)  # noqa: S102
     return ns["leaf"]
+
+
+def _values_display(leaves: list[tuple[str, ast.expr]], as_tuple: bool = False) -> ast.expr:
+    """``{text: value}`` of the leaves, each read and made JSON-safe inline (no call per leaf).
+
+    ``as_tuple``: the values alone, one per distinct text (the last leaf of a text, as the dict keeps).
+
+    What :func:`json_leaves` does leaf by leaf, one Python call per leaf, as one dict display with
+    each value's check inline (floats, the common case, first)::
+
+        {"alert.mag": (_j0 if _j0 - _j0 == 0.0 else None) if (_jt0 := type(_j0 := alert.mag)) is float
+                      else _j0 if _jt0 is str or _jt0 is int or _jt0 is bool or _j0 is None
+                      else _json_value(_j0), ...}
+    """
+    keys, values = [], []
+    for k, (text, expr) in enumerate(leaves):
+        v, t = f"_j{k}", f"_jt{k}"
+        is_t = lambda name: ast.Compare(_load(t), [ast.Is()], [_load(name)])  # noqa: E731
+        finite = ast.IfExp(ast.Compare(ast.BinOp(_load(v), ast.Sub(), _load(v)), [ast.Eq()], [ast.Constant(0.0)]),
+                           _load(v), ast.Constant(None))
+        plain = ast.BoolOp(ast.Or(), [is_t("str"), is_t("int"), is_t("bool"),
+                                      ast.Compare(_load(v), [ast.Is()], [ast.Constant(None)])])
+        read = ast.Compare(_walrus(t, ast.Call(_load("type"), [_walrus(v, expr)], [])), [ast.Is()], [_load("float")])
+        keys.append(ast.Constant(text))
+        values.append(ast.IfExp(read, finite, ast.IfExp(plain, _load(v), _call("_json_value", [_load(v)]))))
+    if as_tuple:  # in the dict's order: each text where it first comes, with its last value
+        last = {k.value: j for j, k in enumerate(keys)}
+        return ast.Tuple([values[last[t]] for t in dict.fromkeys(k.value for k in keys)], ast.Load())
+    return ast.Dict(keys, values)
+
+
+def _values_function(leaves: list[tuple[str, ast.expr]]) -> Callable:
+    """fn(alert, target, now, ctx) -> {text: JSON-safe value} of every leaf, in one call (_values_display)."""
+    return _function([ast.Return(_values_display(leaves))], returns=None, name="values", ns=_VALUES_NS)
 
 
 def _strip_positions(tree: ast.AST) -> ast.AST:
