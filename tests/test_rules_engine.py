@@ -524,13 +524,17 @@ def test_not_fired_rows_keep_the_values_as_read_and_explain_spells_them_out(db, 
         d = rows[r]
         assert full_reason(d.reason, d.details) == f"{d.reason} ({describe_values(d.details['values'])})"
     got = eng.last_verdicts
-    assert isinstance(got, Verdicts) and len(got) == 5 and all(type(v) is Verdict for v in got)
+    assert isinstance(got, Verdicts) and len(got) == 5
+    assert sorted(type(v).__name__ for v in got) == ["RowVerdict"] * 4 + ["Verdict"]
     by_rule = {v.rule: v for v in got}
     for r in ("float", "missing", "tags", "text"):
         assert (by_rule[r].outcome, by_rule[r].reason) == (rows[r].outcome, rows[r].reason)
         assert by_rule[r].details == rows[r].details
     assert by_rule["error"].outcome == "error" and got[-1].rule == "error" and got[0:2][0].rule == "float"
     assert eng.counts == {"not_fired": 4, "error": 1}
+    v = Verdict.of_row(got.items[0])  # what decide() returns for the same row
+    assert (v.rule, v.outcome, v.reason, v.details) == (got[0].rule, got[0].outcome, got[0].reason, got[0].details)
+    assert got[0].decision_id is None and got[0].request_id is None
 
 
 def test_rule_context_rows_equal_the_separate_queries(db, sample):

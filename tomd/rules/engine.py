@@ -35,6 +35,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
+from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
@@ -212,13 +213,35 @@ class Verdict:
         return cls(row[2], row[4], row[6], repo.decision_details(row))
 
 
+class RowVerdict(tuple):
+    """A not-fired verdict read from its compact decision row: ``rule``, ``outcome``, ``reason`` and
+    ``details`` (made when read) as a Verdict has them.
+
+    What a batch's verdicts give when iterated: the metrics' observer reads every verdict's rule and
+    outcome after each commit: made into Verdicts with their details dicts, that cost 1.2 µs per
+    verdict (30 µs per alert at 25 rules), as these views 0.4.
+    """
+
+    __slots__ = ()
+    rule = property(itemgetter(2))
+    outcome = property(itemgetter(4))
+    reason = property(itemgetter(6))
+    decision_id = None
+    request_id = None
+
+    @property
+    def details(self) -> dict[str, Any]:
+        return repo.decision_details(self)
+
+
 class Verdicts(Sequence):
-    """A batch's verdicts: Verdict objects, and the common not-fired ones kept as their decision rows.
+    """A batch's verdicts: Verdict objects, and the common not-fired ones kept as their decision rows
+    (given as RowVerdict views).
 
     A batch holds rules × alerts verdicts until it commits. Kept as objects (a Verdict, its details
     dict, the row) they all reach the garbage collector's oldest generation and set off its full
     collections: at 100 rules that cost more than the verdicts (bench/rules.py, 3.5 µs per rule and
-    alert). A row of plain values is a tuple the collector stops tracking; its Verdict is made when read.
+    alert). A flat row of plain values is a tuple the collector stops tracking at its first pass.
     """
 
     __slots__ = ("items",)
@@ -236,15 +259,15 @@ class Verdicts(Sequence):
 
     def __iter__(self):
         for x in self.items:
-            yield x if type(x) is Verdict else Verdict.of_row(x)
+            yield x if type(x) is Verdict else RowVerdict(x)
 
     def outcomes(self):
         """Each verdict's outcome, without making the verdicts."""
         return (x.outcome if type(x) is Verdict else x[4] for x in self.items)
 
 
-def _verdict(x) -> Verdict:
-    return x if type(x) is Verdict else Verdict.of_row(x)
+def _verdict(x) -> Verdict | RowVerdict:
+    return x if type(x) is Verdict else RowVerdict(x)
 
 
 def _jsonable(v: Any) -> Any:
