@@ -251,6 +251,23 @@ def test_a_value_that_raises_is_shown_as_its_error_not_raised():
     assert ok.judge(*c.args())[4:] == (17.5,)  # the first clause decides: the feature is never read
     vals = ok.json_values(0, *c.args())
     assert vals == {"alert.mag": 17.5}
+    # The clause is false without reading the feature (and short-circuits), but its values read it:
+    # the engine's verdict is still "not fired", the feature's error shown as that value.
+    from types import SimpleNamespace
+
+    from tomd.rules.engine import RuleEngine
+    from tomd.rules.load import Rule
+
+    shy = compile_expression("alert.mag < 30 and (alert.mag > 30 and feature.score > 1)", ["score"])
+    with pytest.raises(ValueError):
+        shy.judge(*c.args())
+    rule = Rule(name="shy", when=shy, add_tags=("x",))
+    buffered: list = []
+    v = RuleEngine([rule]).decide(None, rule, SimpleNamespace(alert_id=1, target_id=2), c, NOW, None, buffered)
+    assert (v.outcome, v.reason) == ("not_fired", "alert.mag > 30 and feature.score > 1 is false")
+    assert v.details == {"clause": 1, "values": {"alert.mag": 17.5, "feature.score": "<ValueError: no model>"},
+                         "line": 1}
+    assert len(buffered) == 1 and buffered[0][:5] == (1, 2, "shy", "", "not_fired")
 
 
 def test_target_features_become_plain_attributes_at_their_first_read():
