@@ -8,6 +8,7 @@ The copies are re-encoded with the packet's own writer schema.
 from __future__ import annotations
 
 import copy
+import functools
 import io
 from pathlib import Path
 
@@ -17,7 +18,19 @@ from tests.conftest import SHARED_DATA
 
 
 def ztf_files() -> list[Path]:
-    return sorted((SHARED_DATA / "ztf").rglob("*.avro"))
+    """The shared ZTF packets, those whose alerts are all positive subtractions first.
+
+    A negative subtraction (isdiffpos 'f': fainter than the reference) has no
+    ``alert.mag``, and most tests' rules read it (``alert.mag > 0``): the
+    first files are alerts with a magnitude. Sorted by path within each group.
+    """
+    return sorted(sorted((SHARED_DATA / "ztf").rglob("*.avro")), key=lambda p: not _all_positive(p))
+
+
+@functools.cache
+def _all_positive(path: Path) -> bool:
+    with open(path, "rb") as fh:
+        return all(str(r["candidate"]["isdiffpos"]).lower() not in ("f", "0") for r in fastavro.reader(fh))
 
 
 def read_ztf(path: Path) -> tuple[dict, list[dict]]:

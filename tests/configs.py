@@ -38,12 +38,13 @@ paths = ["{tmp_path}/hooks"]
 
 
 def sim_rule(name: str) -> str:
-    """A rule file's text: fires on every ZTF alert (all are brighter than 30 mag) and observes it
-    with the simulated observatory's 1m-gri template, for 24 h."""
+    """A rule file's text: fires on every ZTF alert (every packet's magpsf is under 30 mag; alert.mag
+    would not do: a negative subtraction has none) and observes it with the simulated observatory's
+    1m-gri template, for 24 h."""
     return f"""
 name = "{name}"
 sources = ["ztf"]
-when = "alert.mag < 30"
+when = "alert.fields.magpsf < 30"
 
 [observe]
 facility = "sim"

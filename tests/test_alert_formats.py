@@ -180,7 +180,11 @@ def test_ztf_time_photometry_and_cutouts(rel: str) -> None:
         expected = Time(cand["jd"], format="jd", scale="utc").to_datetime(timezone.utc)
         assert abs((a.time - expected).total_seconds()) < 1e-3
         assert a.band == {1: "ztfg", 2: "ztfr", 3: "ztfi"}[cand["fid"]]
-        assert a.mag == pytest.approx(cand["magpsf"]) and a.fields["rb"] == pytest.approx(cand["rb"])
+        assert a.fields["rb"] == pytest.approx(cand["rb"]) and a.fields["magpsf"] == pytest.approx(cand["magpsf"])
+        if cand["isdiffpos"] in ("f", "0"):  # a negative subtraction: fainter than the reference, no magnitude
+            assert a.mag is None and a.flux < 0
+        else:
+            assert a.mag == pytest.approx(cand["magpsf"]) and a.flux > 0
         prv = rec.get("prv_candidates") or []
         forced_rows = [p for p in prv if "forcediffimflux" in p]
         det = [p for p in prv if p.get("candid") is not None and p.get("magpsf") is not None]

@@ -503,7 +503,8 @@ def test_signals_reach_components_added_through_run(db, tmp_path):
 
 # ------------------------------------------------- SIGHUP: rules and hooks
 
-RULE_V = 'name = "{name}"\nwhen = "alert.mag < 30"\nadd_tags = ["{name}"]\n'
+# Fires on every ZTF alert: ZTF's magpsf is in every packet (alert.mag is None for a negative subtraction).
+RULE_V = 'name = "{name}"\nwhen = "alert.fields.magpsf < 30"\nadd_tags = ["{name}"]\n'
 HOOK_V = '''from tomd.hooks import on
 
 

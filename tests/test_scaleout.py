@@ -444,11 +444,12 @@ def write_shared(tmp_path: Path) -> Path:
     rules = tmp_path / "rules"
     rules.mkdir()
     # Fires on every alert of a new target: each alert means one observation request (one frame)
-    # and one webhook notification.
+    # and one webhook notification. (ZTF's magpsf is in every packet; alert.mag is None for a
+    # negative subtraction.)
     (rules / "follow-everything.toml").write_text("""
 name = "follow-everything"
 sources = ["ztf"]
-when = "alert.mag < 30"
+when = "alert.fields.magpsf < 30"
 
 [observe]
 facility = "sim"

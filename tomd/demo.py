@@ -499,6 +499,8 @@ def _write_demo_rules(rules_dir: Path) -> None:
     rules_dir.mkdir(parents=True, exist_ok=True)
     (rules_dir / "bright-ztf.toml").write_text("""\
 # Written by `tomd demo`: bright, real ZTF detections, observed on the simulated facility.
+# A negative subtraction (isdiffpos 'f': fainter than the reference) has no alert.mag,
+# so `alert.mag < 17` is false for it: this fires on positive subtractions only.
 name = "bright-ztf"
 description = "ZTF detections brighter than 17 mag with a good real/bogus score"
 sources = ["ztf"]

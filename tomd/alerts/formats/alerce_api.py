@@ -14,14 +14,13 @@ from ZTF, a point is stored once; ``fields["broker"]`` says who relayed it.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from tomd.alerts.model import Alert, PhotPoint
 from tomd.errors import ParseError
 
 from ._common import check_radec, finite, mjd_utc_to_datetime, require, require_float, scalar_items
-from .ztf import BANDS, _mag_to_flux, _positive
+from .ztf import BANDS, _positive, difference_detection
 
 SURVEY = "ztf"  # the photometry source of the relayed points, as ztf.parse gives it
 
@@ -77,11 +76,12 @@ def _detection(d: Any, i: int) -> PhotPoint:
     if not isinstance(d, dict):
         raise ParseError(f"{where[:-1]} is not an object")
     mjd = require_float(d, "mjd", where)
-    mag, err = finite(d.get("magpsf")), finite(d.get("sigmapsf"))
-    flux = _mag_to_flux(mag, _positive(d.get("isdiffpos")))  # ALeRCE writes 1 / -1
+    # ALeRCE writes isdiffpos 1 / -1; -1 (a negative subtraction): negative flux, no magnitude.
+    mag, err, flux, flux_err = difference_detection(
+        finite(d.get("magpsf")), finite(d.get("sigmapsf")), _positive(d.get("isdiffpos")))
     return PhotPoint(
         mjd=mjd, band=_band(d.get("fid"), where), kind="detection", mag=mag, mag_err=err, flux=flux,
-        flux_err=abs(flux) * err * math.log(10) / 2.5 if flux is not None and err is not None else None,
+        flux_err=flux_err,
         limit=finite(d.get("diffmaglim")), source=SURVEY,
         measurement_id=str(d["candid"]) if d.get("candid") is not None else None,
     )

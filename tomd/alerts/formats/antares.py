@@ -5,8 +5,9 @@ and loads it as a JSON:API document: ``data`` is the locus (``id``,
 ``attributes`` with ``ra``, ``dec``, ``properties``, ``tags``, ``catalogs``)
 and ``included`` holds its alerts (``attributes``: ``mjd``, ``properties``
 such as ``ant_mag``, ``ant_magerr``, ``ant_passband``, ``ant_maglim``,
-``ztf_candid``). A flat locus dict is accepted as well. The key is the
-locus' newest alert id. ANTARES MJDs come from ZTF ``jd`` and are UTC.
+``ztf_candid``, ``ztf_isdiffpos``). A flat locus dict is accepted as well.
+The key is the locus' newest alert id. ANTARES MJDs come from ZTF ``jd``
+and are UTC.
 
 ANTARES relays ZTF measurements (alert ids ``ztf_candidate:<candid>``,
 ``ztf_upper_limit:…``): their points carry the survey (``ztf``) as source and
@@ -23,7 +24,7 @@ from tomd.alerts.model import Alert, PhotPoint
 from tomd.errors import ParseError
 
 from ._common import check_radec, finite, mjd_utc_to_datetime, scalar_items
-from .ztf import clean
+from .ztf import _positive, clean, difference_detection
 
 PASSBANDS = {"g": "ztfg", "R": "ztfr", "r": "ztfr", "i": "ztfi"}
 ZTF_CANDIDATE = "ztf_candidate:"
@@ -38,6 +39,17 @@ def _measurement_id(alert_id: str) -> str | None:
     if not alert_id:
         return None
     return alert_id[len(ZTF_CANDIDATE):] if alert_id.startswith(ZTF_CANDIDATE) else alert_id
+
+
+def _detection(props: dict) -> tuple[float | None, float | None, float | None, float | None]:
+    """(mag, mag_err, flux, flux_err) of an alert's detection. A relayed ZTF
+    candidate says its subtraction's sign in ``ztf_isdiffpos``: a negative one
+    ('f') has a negative flux and no magnitude, as ztf.parse gives it (ANTARES'
+    ``ant_mag`` is ZTF's magpsf, the magnitude of |difference flux|)."""
+    mag, err = finite(props.get("ant_mag")), finite(props.get("ant_magerr"))
+    if props.get("ztf_isdiffpos") is None:
+        return mag, err, None, None
+    return difference_detection(mag, err, _positive(props["ztf_isdiffpos"]))
 
 
 def _alerts(msg: dict) -> list[dict]:
@@ -87,8 +99,9 @@ def parse(record: dict, *, source: str = "antares") -> list[Alert]:
         psource = _point_source(aid, band, source)
         mag = finite(p.get("ant_mag"))
         if mag is not None:
-            phot.append(PhotPoint(mjd=amjd, band=band, kind="detection", mag=mag,
-                                  mag_err=finite(p.get("ant_magerr")), source=psource,
+            mag, mag_err, flux, flux_err = _detection(p)
+            phot.append(PhotPoint(mjd=amjd, band=band, kind="detection", mag=mag, mag_err=mag_err,
+                                  flux=flux, flux_err=flux_err, source=psource,
                                   measurement_id=_measurement_id(aid)))
         elif finite(p.get("ant_maglim")) is not None:
             phot.append(PhotPoint(mjd=amjd, band=band, kind="upper_limit",
@@ -100,6 +113,10 @@ def parse(record: dict, *, source: str = "antares") -> list[Alert]:
     fields["broker"] = source
     aliases = tuple(str(props[k]) for k in ("ztf_object_id", "lsst_diaObject_diaObjectId") if props.get(k))
     band = newest_props.get("ant_passband")
+    if finite(newest_props.get("ant_mag")) is not None:
+        mag, mag_err, flux, flux_err = _detection(newest_props)
+    else:
+        mag, mag_err, flux, flux_err = finite(props.get("newest_alert_magnitude")), None, None, None
     return [
         Alert(
             source=source,
@@ -109,8 +126,10 @@ def parse(record: dict, *, source: str = "antares") -> list[Alert]:
             ra=ra,
             dec=dec,
             band=PASSBANDS.get(str(band), str(band)) if band else None,
-            mag=finite(newest_props.get("ant_mag", props.get("newest_alert_magnitude"))),
-            mag_err=finite(newest_props.get("ant_magerr")),
+            mag=mag,
+            mag_err=mag_err,
+            flux=flux,
+            flux_err=flux_err,
             photometry=tuple(sorted(phot, key=lambda p: p.mjd)),
             aliases=aliases,
             fields=fields,

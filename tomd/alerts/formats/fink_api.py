@@ -22,7 +22,7 @@ from tomd.errors import ParseError
 
 from ._common import MJD0, check_radec, finite, jd_utc_to_datetime, require, require_float
 from ._tns import tns_designation
-from .ztf import BANDS, FIELDS, _mag_to_flux, _positive
+from .ztf import BANDS, FIELDS, _positive, difference_detection
 
 
 def parse(record: dict) -> list[Alert]:
@@ -38,9 +38,9 @@ def parse(record: dict) -> list[Alert]:
         band = BANDS[int(require(record, "i:fid"))]
     except (KeyError, TypeError, ValueError):
         raise ParseError(f"field i:fid has an unknown filter id: {record.get('i:fid')!r}") from None
-    mag, err = finite(record.get("i:magpsf")), finite(record.get("i:sigmapsf"))
-    flux = _mag_to_flux(mag, _positive(record.get("i:isdiffpos", "t")))
-    flux_err = abs(flux) * err * math.log(10) / 2.5 if flux is not None and err is not None else None
+    # A negative subtraction (i:isdiffpos 'f'): negative flux, no magnitude (see ztf.difference_detection).
+    mag, err, flux, flux_err = difference_detection(
+        finite(record.get("i:magpsf")), finite(record.get("i:sigmapsf")), _positive(record.get("i:isdiffpos", "t")))
     point = PhotPoint(mjd=jd - MJD0, band=band, kind="detection", mag=mag, mag_err=err, flux=flux,
                       flux_err=flux_err, limit=finite(record.get("i:diffmaglim")), source="ztf",
                       measurement_id=str(candid))

@@ -6,6 +6,15 @@ are null and only ``diffmaglim`` is set; in the 3.5 "forced photometry"
 branch the history entries are forced-photometry rows) and, from 4.01
 (ZTF went from 3.3 to 4.01), ``fp_hists`` (forced photometry on the
 difference images). Times are ``jd`` (UTC); magnitudes are AB.
+
+A detection with ``isdiffpos`` 'f' (older packets '0') is a negative
+subtraction: the source is fainter than in the reference image and
+``magpsf`` is the magnitude of |difference flux|. Such a point keeps its
+flux, negative, and has no magnitude (``mag``/``mag_err`` None), as a
+negative forced-photometry flux has none: read as a magnitude it would make
+a fading variable look like a bright transient to ``alert.mag < 18`` and to
+the light-curve features. ``fields["magpsf"]`` and the payload keep ZTF's
+numbers.
 """
 
 from __future__ import annotations
@@ -43,7 +52,7 @@ FIELDS = (
     "distpsnr3", "objectidps1", "sgmag1", "srmag1", "simag1", "szmag1", "distnr", "magnr", "sigmagnr",
     "nbad", "fwhm", "elong", "magdiff", "classtar", "diffmaglim", "programid", "field", "rcid",
     "neargaia", "neargaiabright", "maggaia", "maggaiabright", "tooflag", "nmtchps", "nneg", "scorr",
-    "magap", "sigmagap", "isdiffpos",
+    "magap", "sigmagap", "isdiffpos", "magpsf", "sigmapsf",
 )
 FORCED_SENTINEL = -99999.0  # fp_hists: "no measurement"
 # Cross-match fields that ZTF fills with -999 (a few older packets: -99) when
@@ -71,8 +80,10 @@ def _band(fid: Any, where: str) -> str:
 
 
 def _positive(isdiffpos: Any) -> bool:
-    """ZTF writes 't'/'f' (older packets '1'/'0')."""
-    return str(isdiffpos).strip().lower() in ("t", "1", "true")
+    """ZTF writes 't'/'f' (older packets '1'/'0'), ALeRCE 1/-1. Only an explicit
+    negative sign counts: a missing one (None) is read as ZTF's usual positive
+    subtraction rather than throwing away the magnitude."""
+    return str(isdiffpos).strip().lower() not in ("f", "0", "false", "-1", "-1.0")
 
 
 def _mag_to_flux(mag: float | None, positive: bool) -> float | None:
@@ -80,6 +91,23 @@ def _mag_to_flux(mag: float | None, positive: bool) -> float | None:
         return None
     f = 10.0 ** (-0.4 * (mag - AB_ZP_NJY))
     return f if positive else -f
+
+
+def difference_detection(
+    magpsf: float | None, sigmapsf: float | None, positive: bool
+) -> tuple[float | None, float | None, float | None, float | None]:
+    """(mag, mag_err, flux, flux_err) of a ZTF difference-image detection; flux in nJy (AB).
+
+    ``magpsf`` is the magnitude of |difference flux|. A negative subtraction
+    (``positive`` False) keeps its flux with a minus sign and has no magnitude:
+    the source faded, and ``magpsf`` is not its brightness. Shared by every
+    parser that relays ZTF points (Fink, ALeRCE, ANTARES).
+    """
+    flux = _mag_to_flux(magpsf, positive)
+    flux_err = abs(flux) * sigmapsf * math.log(10) / 2.5 if flux is not None and sigmapsf is not None else None
+    if not positive:
+        return None, None, flux, flux_err
+    return magpsf, sigmapsf, flux, flux_err
 
 
 def _forced_point(row: dict, source: str, where: str) -> PhotPoint | None:
@@ -123,8 +151,8 @@ def _history_point(row: dict, source: str, where: str) -> PhotPoint | None:
         if limit is None:
             return None
         return PhotPoint(mjd=jd - MJD0, band=band, kind="upper_limit", limit=limit, source=source)
-    err = finite(row.get("sigmapsf"))
-    flux = _mag_to_flux(mag, _positive(row.get("isdiffpos")))
+    mag, err, flux, flux_err = difference_detection(
+        mag, finite(row.get("sigmapsf")), _positive(row.get("isdiffpos")))
     return PhotPoint(
         mjd=jd - MJD0,
         band=band,
@@ -132,7 +160,7 @@ def _history_point(row: dict, source: str, where: str) -> PhotPoint | None:
         mag=mag,
         mag_err=err,
         flux=flux,
-        flux_err=abs(flux) * err * math.log(10) / 2.5 if err is not None and flux is not None else None,
+        flux_err=flux_err,
         limit=finite(row.get("diffmaglim")),
         source=source,
         measurement_id=str(row["candid"]),
@@ -195,11 +223,9 @@ def parse(record: dict, *, source: str = "ztf") -> list[Alert]:
         require_float(cand, "ra", "candidate."), require_float(cand, "dec", "candidate."), "candidate."
     )
     band = _band(require(cand, "fid", "candidate."), "candidate.")
-    mag = finite(cand.get("magpsf"))
-    mag_err = finite(cand.get("sigmapsf"))
     positive = _positive(cand.get("isdiffpos"))
-    flux = _mag_to_flux(mag, positive)
-    flux_err = abs(flux) * mag_err * math.log(10) / 2.5 if flux is not None and mag_err is not None else None
+    mag, mag_err, flux, flux_err = difference_detection(
+        finite(cand.get("magpsf")), finite(cand.get("sigmapsf")), positive)
 
     trigger = PhotPoint(
         mjd=jd - MJD0, band=band, kind="detection", mag=mag, mag_err=mag_err, flux=flux,
