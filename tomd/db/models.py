@@ -247,18 +247,21 @@ class Decision(Base):
     """A rule verdict for an alert, recorded with its reason in the alert's transaction."""
 
     __tablename__ = "decisions"
-    __table_args__ = (UniqueConstraint("alert_id", "rule"),)
+    # A row per rule and alert: each index is paid that often (migration 0008). The unique index
+    # serves rule explain (by alert); ix_decisions_limits the cooldown and per-night look-ups.
+    __table_args__ = (UniqueConstraint("alert_id", "rule"),
+                      Index("ix_decisions_limits", "rule", "outcome", "target_id", "created_at"))
 
     id: Mapped[int] = mapped_column(Id, primary_key=True)
-    alert_id: Mapped[int | None] = mapped_column(ForeignKey("alerts.id", ondelete="CASCADE"), index=True)
+    alert_id: Mapped[int | None] = mapped_column(ForeignKey("alerts.id", ondelete="CASCADE"))
     target_id: Mapped[int | None] = mapped_column(ForeignKey("targets.id", ondelete="CASCADE"), index=True)
-    rule: Mapped[str] = mapped_column(String(200), index=True)
+    rule: Mapped[str] = mapped_column(String(200))
     rule_version: Mapped[str] = mapped_column(String(64), default="")
     # fired | not_fired | limited | deduplicated | error | test
-    outcome: Mapped[str] = mapped_column(String(16), index=True)
+    outcome: Mapped[str] = mapped_column(String(16))
     reason: Mapped[str] = mapped_column(Text, default="")
-    details: Mapped[dict[str, Any]] = mapped_column(Json, default=dict)
-    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+    details: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)  # json on PostgreSQL: not queried inside
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
 # ------------------------------------------------------------ observations --
