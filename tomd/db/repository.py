@@ -617,19 +617,31 @@ def insert_decisions(s: Session, rows: Sequence[Sequence[Any] | Mapping[str, Any
 
     from datetime import timezone
 
+    import psycopg
+    from sqlalchemy.exc import DBAPIError
+
     dumps, opt = orjson.dumps, orjson.OPT_NON_STR_KEYS
     last = stamp = None
     raw = s.connection().connection.driver_connection  # psycopg, inside this transaction
-    with raw.cursor() as cur, cur.copy(f"COPY decisions ({', '.join(_DECISION_COLUMNS)}) FROM STDIN") as copy:
-        write = copy.write_row
-        for r in rows:
-            created, details = r[5], r[7]
-            if created is not last:
-                stamp = created.astimezone(timezone.utc).replace(tzinfo=None)  # as UTCDateTime stores it
-                last = created
-            if type(details) is tuple:
-                details = {"clause": r[8], "values": dict(zip(details, r[10:])), "line": r[9]}
-            write((r[0], r[1], r[2], r[3] or "", r[4], stamp, r[6] or "", dumps(details or {}, option=opt).decode()))
+    sql = f"COPY decisions ({', '.join(_DECISION_COLUMNS)}) FROM STDIN"
+    try:
+        with raw.cursor() as cur, cur.copy(sql) as copy:
+            write = copy.write_row
+            for r in rows:
+                created, details = r[5], r[7]
+                if created is not last:
+                    stamp = created.astimezone(timezone.utc).replace(tzinfo=None)  # as UTCDateTime stores it
+                    last = created
+                if type(details) is tuple:
+                    details = {"clause": r[8], "values": dict(zip(details, r[10:])), "line": r[9]}
+                reason = r[6] or ""
+                if "\x00" in reason:  # an error's text can quote an alert's value; text columns refuse NUL
+                    reason = reason.replace("\x00", "\\x00")
+                write((r[0], r[1], r[2], r[3] or "", r[4], stamp, reason, dumps(details or {}, option=opt).decode()))
+    except psycopg.Error as exc:
+        # As SQLAlchemy would raise it: the ingest retries an outage (OperationalError) and finds a
+        # refused row (DataError) one by one, instead of stopping the stream on a driver error.
+        raise DBAPIError.instance(sql, None, exc, psycopg.Error) from exc
 
 
 def decision_details(row: Sequence[Any]) -> dict[str, Any]:
