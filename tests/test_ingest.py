@@ -220,7 +220,7 @@ def test_a_message_the_database_refuses_is_dead_lettered_not_retried_forever(db,
     msgs = [good[0], FileMessage("bad", 0, encode(schema, [bad]), topic="ztf_x", partition=0, offset=7), *good[1:]]
     result = ingestor(db).handle(msgs)
     if db.kind == "postgresql":
-        assert (result.alerts, result.dead_letters) == (3, 1)
+        assert (result.messages, result.alerts, result.dead_letters, result.duplicates) == (4, 3, 1, 0)
         with db.sessions() as s:
             (dl,) = repo.dead_letters(s)
         assert (dl.topic, dl.offset) == ("ztf_x", 7) and "database refused it" in dl.error

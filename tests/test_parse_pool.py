@@ -132,3 +132,22 @@ def test_rules_read_the_payload_a_worker_sends_as_json():
     for a, b in zip(got, here):
         view = AlertView(a, 1)
         assert view.payload == b.payload and view.payload["candidate"]["candid"] == int(b.key)
+
+
+def test_a_row_the_database_refuses_mid_batch_is_found_with_a_worker_too(db, pool):
+    """PostgreSQL refuses a NUL in jsonb (the alert's fields): the batch, parsed by the worker in
+    chunks, is applied message by message; the one refused is dead-lettered, the rest stored once."""
+    from tests.alert_samples import encode, read_ztf
+
+    if db.kind != "postgresql":
+        pytest.skip("SQLite stores NUL characters")
+    batch = _batch()[:20]
+    schema, (rec,) = read_ztf(ztf_files()[0])
+    bad = dict(rec, candid=rec["candid"] + 12345,  # a new alert, not a redelivery of the first file's
+               candidate={**rec["candidate"], "candid": rec["candid"] + 12345, "ssnamenr": "bad\x00name"})
+    batch.insert(15, FileMessage("bad", 0, encode(schema, [bad]), topic="ztf", partition=0, offset=777))
+    r = _ingestor(db, pool).handle(batch)
+    assert (r.messages, r.dead_letters, r.duplicates) == (len(batch), 2, 0)  # the truncated one and this
+    with db.sessions() as s:
+        assert sorted(d.offset for d in repo.dead_letters(s)) == [777, 9999]
+        assert s.scalar(select(func.count()).select_from(AlertRow)) == r.alerts > 15

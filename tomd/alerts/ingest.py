@@ -156,6 +156,7 @@ class Ingestor:
     def handle(self, messages: Sequence[Message]) -> BatchResult:
         self.dead_letter_topics.clear()  # this batch's only (read by the metrics after it)
         t0 = time.perf_counter()
+        self._parse_wait = 0.0
         done: list[list] = []  # the chunks parsed so far (all of them, for the one-by-one pass)
         chunks = self._chunks(messages)
         if self.parse_pool is None:
@@ -167,7 +168,8 @@ class Ingestor:
             # payload string, a value out of range): find the message, dead-letter
             # it, keep the rest. Replays make the one-by-one pass safe.
             log.warning("database refused a batch (%s); applying it message by message", _db_reason(exc))
-            done.extend(chunks)  # the rest of the batch, if the refusal came before all was parsed
+            if not isinstance(chunks, list):
+                done.extend(chunks)  # the worker's chunks not stored yet, if the refusal came first
             result = self._one_by_one([item for chunk in done for item in chunk])
         # "parse" is what this thread spent parsing or waiting for the worker; "database" the rest.
         self.seconds["database"] += time.perf_counter() - t0 - self._parse_wait
@@ -176,7 +178,6 @@ class Ingestor:
 
     def _chunks(self, messages: Sequence[Message]):
         """The batch parsed, chunk by chunk: one chunk parsed here, or the parse worker's chunks."""
-        self._parse_wait = 0.0
         if self.parse_pool is None or len(messages) <= self.parse_pool.FIRST_CHUNK:  # not worth a round trip
             t0 = time.perf_counter()
             parsed = self._parse_here(messages)
