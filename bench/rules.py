@@ -264,6 +264,11 @@ def main() -> int:
         print(json.dumps({"error": f"no ZTF samples under {DATA}"}))
         return 1
     items = inputs(alerts)
+    # The garbage collector as the daemon sets it at start (tomd.daemon.settle_garbage_collector):
+    # a batch's verdict rows otherwise set off full collections that re-walk everything alive.
+    from tomd.daemon import settle_garbage_collector
+
+    settle_garbage_collector()
     load0 = os.getloadavg()
     result: dict = {"benchmark": "rules", "alerts": len(alerts), "rounds": args.rounds, "repeat": args.repeat,
                     "goal_per_rule_per_alert_us": GOAL_US, "per_alert_us": {}, "context_per_alert_us": None,

@@ -239,23 +239,32 @@ class StreamRunner:
     error: BaseException | None = None
 
 
-def _settle_garbage_collector() -> None:
+def settle_garbage_collector() -> None:
     """Keep Python's full collections off the ingest path.
 
     Everything alive at start (modules, parsed schemas, astropy's tables) is
-    frozen out of the collector's reach, and a full collection comes after 100
-    younger ones instead of 10. A batch makes and drops hundreds of thousands
-    of containers (payload dicts, rows); with the defaults the full
-    collections that set off cost 0.13-0.3 ms per alert, re-walking every
-    long-lived object each time (bench/ingest.py, bench/rules.py). Almost all
-    of tomd's garbage is freed by reference counting; cycles still go, later.
+    frozen out of the collector's reach; the youngest generation is collected
+    after 10,000 new containers instead of 700, and a full collection comes
+    after 100 of the middle one's instead of 10. A batch makes and drops
+    hundreds of thousands of containers (payload dicts, verdict rows); with the
+    defaults the full collections that set off cost 0.13-0.3 ms per alert,
+    re-walking every long-lived object each time, and the young ones ~10% of a
+    rule's verdict (bench/ingest.py, bench/rules.py). Almost all of tomd's
+    garbage is freed by reference counting; cycles still go, a little later.
     """
     import gc
 
+    global _gc_settled
+    if _gc_settled:  # once per process (tests and tools start several daemons in one)
+        return
+    _gc_settled = True
     gc.collect()
     gc.freeze()
     g0, g1, _ = gc.get_threshold()
-    gc.set_threshold(g0, g1, 100)
+    gc.set_threshold(max(g0, 10_000), g1, 100)
+
+
+_gc_settled = False
 
 
 class Daemon:
@@ -358,7 +367,7 @@ class Daemon:
         from tomd.sky import warm_up
 
         warm_up()  # the first alert should not wait for imports (see warm_up)
-        _settle_garbage_collector()
+        settle_garbage_collector()
         for r in self.runners:
             if r.ingestor.parse_pool is not None:
                 r.ingestor.parse_pool.start()  # its imports too
