@@ -115,6 +115,10 @@ class Target(Base):
     epochofperih: Mapped[float | None] = mapped_column(Float)
     dailymot: Mapped[float | None] = mapped_column(Float)
     extras: Mapped[dict[str, Any]] = mapped_column(Json, default=dict)
+    # {key: ISO UTC time} of the latest write that set or changed each extra (backtests replay extras as
+    # they stood); a key missing, or NULL (rows from before schema 0009): unknown. json on PostgreSQL:
+    # never queried inside.
+    extras_set_at: Mapped[dict[str, str] | None] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     modified_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
 

@@ -1731,7 +1731,8 @@ def create_targets(s: Session, rows: list[dict[str, Any]]) -> list[int]:
     now = _copy_time(utcnow())
     columns = [c for c in rows[0] if c not in ("id", "created_at", "modified_at")]
     _copy(s, _TARGETS, ("id", *columns, "created_at", "modified_at"), (
-        (i, *(_copy_json(r[c] or {}) if c == "extras" else r[c] for c in columns), now, now)
+        (i, *(_copy_json(r[c] or {}) if c == "extras" else _copy_json(r[c]) if c == "extras_set_at" else r[c]
+              for c in columns), now, now)
         for i, r in zip(ids, rows)))
     return ids
 

@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from tomd import sky
 from tomd.db import repository as repo
-from tomd.db.models import Target
+from tomd.db.models import Target, utcnow
 from tomd.events import TargetCreated, TargetUpdated
 from tomd.targets.model import ELEMENT_FIELDS, SIDEREAL_FIELDS, TargetSpec, derived_columns, validate
 from tomd.targets.names import normalize
@@ -188,6 +188,8 @@ class _Plan:
 
     def execute(self, origin: str) -> list[UpsertResult]:
         s = self.s
+        # When the extras set here were set (targets.extras_set_at: backtests replay extras as they stood).
+        now = utcnow().isoformat()
         # New targets: one multi-row INSERT … RETURNING; later specs in the
         # batch may have merged into them (fields filled into ``columns``).
         new_columns: dict[int, dict[str, Any]] = {}
@@ -195,6 +197,8 @@ class _Plan:
             cols = {f: getattr(st.spec, f) for f in (*SIDEREAL_FIELDS, *ELEMENT_FIELDS, "scheme")}
             cols.update(derived_columns(st.spec))
             new_columns[prov] = {"name": st.spec.name, "extras": dict(st.spec.extras), **cols}
+            if st.spec.extras:
+                new_columns[prov]["extras_set_at"] = dict.fromkeys(st.spec.extras, now)
         existing = sorted({st.target for st in self.steps if st.target > 0})
         rows = repo.target_rows_any(s, existing)
         changes_of: list[dict[str, Any]] = []
@@ -209,7 +213,12 @@ class _Plan:
                 current.update(base)
             else:
                 current = base
-            changes_of.append(_fill(current, st.spec, base))
+            changes_of.append(_fill(current, st.spec, base, now))
+        if any("extras_set_at" in c for c in new_columns.values()):
+            # One key set for the whole insert; a batch whose new targets have no extras (ingest's)
+            # does not write the column at all.
+            for c in new_columns.values():
+                c.setdefault("extras_set_at", None)
         real = repo.create_targets(s, [new_columns[prov] for prov, _ in self.created])
         ids = {prov: rid for (prov, _), rid in zip(self.created, real)}
 
@@ -248,11 +257,13 @@ class _Plan:
         return results
 
 
-def _fill(current: dict[str, Any], spec: TargetSpec, out: dict[str, Any]) -> dict[str, Any]:
+def _fill(current: dict[str, Any], spec: TargetSpec, out: dict[str, Any], now: str) -> dict[str, Any]:
     """Put into ``out`` what ``spec`` adds to a target whose columns are ``current``.
 
     Fills missing fields of the same kind of target (never moves a position),
-    and sets extras. Returns the changes as reported to the user.
+    and sets extras, each key set or changed stamped ``now`` (ISO time) in
+    ``extras_set_at``; a key given again with its stored value keeps its
+    time. Returns the changes as reported to the user.
     """
     changes: dict[str, Any] = {}
     same_kind = current.get("type", spec.type) == spec.type
@@ -264,14 +275,17 @@ def _fill(current: dict[str, Any], spec: TargetSpec, out: dict[str, Any]) -> dic
         if "ra" in changes or "dec" in changes:
             out.update(derived_columns(spec))
     extras = dict(current.get("extras") or {})
-    changed = False
+    set_at = None
     for k, v in spec.extras.items():
         if extras.get(k) != v:
             extras[k] = v
             changes[f"extras.{k}"] = v
-            changed = True
-    if changed:
+            if set_at is None:
+                set_at = dict(current.get("extras_set_at") or {})
+            set_at[k] = now
+    if set_at is not None:
         out["extras"] = current["extras"] = extras
+        out["extras_set_at"] = current["extras_set_at"] = set_at
     return changes
 
 
