@@ -147,7 +147,7 @@ def test_backtest_from_the_database_sees_each_notice_as_it_was(db, shared_data, 
     x = report["rules"]["xrt"]
     assert x["target_names"] == ["GCN swift 1227767"]
     assert x["nights"] == {"2024-05-11": {"firings": 1, "targets": ["GCN swift 1227767"], "estimated_hours": 0.0}}
-    assert any("target.extras are not replayed" in n for n in report["notes"])
+    assert any("target.extras keys from when they were last set" in n for n in report["notes"])
     assert not any("without an error circle" in n for n in report["notes"])
 
 
@@ -275,7 +275,7 @@ def test_backtest_sees_tags_and_lists_only_from_when_they_were_added(db, shared_
     assert report["rules"]["old"]["outcomes"] == {"fired": 3}
     assert report["rules"]["hot"]["outcomes"] == {"not_fired": 1, "fired": 2}
     assert any("counted as present" in n for n in report["notes"])
-    assert any("target.extras are not replayed" in n for n in report["notes"])
+    assert any("target.extras keys from when they were last set" in n for n in report["notes"])
 
 
 def test_a_tag_added_by_a_replayed_rule_counts_from_that_alert_on(shared_data, tmp_path):
@@ -407,3 +407,94 @@ def test_explain_says_no_target_for_an_alert_without_one(db, shared_data, capsys
     head = capsys.readouterr().out.splitlines()[0]
     # (and one space before "at" when the alert names no object)
     assert head.endswith("Z at 2026-06-05T11:57:26.395000+00:00 (no target, stream gcn)"), head
+
+
+# ---- target extras: replayed as they stood (targets.extras_set_at, schema 0009) ----
+
+
+def _stored_series_with_extras(db, tmp_path):
+    """The three stored packets of ``_stored_series_with_tags``; then extras set through the targets store
+    (the writer every path uses): redshift, its time moved to between the 1st and 2nd alert as if set then;
+    host, at today's time (after every alert); sn_type, its time removed (set before tomd kept it)."""
+    from sqlalchemy import update
+
+    from tomd.db import repository as repo
+    from tomd.db.models import Target
+    from tomd.targets import store
+    from tomd.targets.model import TargetSpec
+
+    files, alerts, between = _stored_series_with_tags(db, tmp_path)
+    tid = alerts[0].target_id
+    with db.sessions.begin() as s:
+        t = repo.get_target(s, tid)
+        store.upsert(s, TargetSpec(t.name, ra=t.ra, dec=t.dec,
+                                   extras={"redshift": 0.05, "host": "NGC 1", "sn_type": "Ia"}))
+    with db.sessions.begin() as s:
+        stamped = repo.get_target(s, tid).extras_set_at
+        assert set(stamped) == {"redshift", "host", "sn_type"}
+        s.execute(update(Target).where(Target.id == tid)
+                  .values(extras_set_at={"redshift": between.isoformat(), "host": stamped["host"]}))
+    return files, alerts, between
+
+
+@pytest.mark.parametrize("source", ["database", "files"])
+def test_backtest_sees_extras_only_from_when_they_were_set(db, shared_data, tmp_path, capsys, source):
+    files, _, _ = _stored_series_with_extras(db, tmp_path)
+    rules_dir = tmp_path / "rules"
+    rules_dir.mkdir()
+    (rules_dir / "z.toml").write_text('name = "z"\nwhen = "known(target.extras.redshift)"\nadd_tags = ["z"]\n')
+    (rules_dir / "host.toml").write_text('name = "host"\nwhen = "known(target.extras.host)"\nadd_tags = ["h"]\n')
+    (rules_dir / "typed.toml").write_text('name = "typed"\nwhen = "target.extras.sn_type == \'Ia\'"\nadd_tags = ["t"]\n')
+    app = App(db, rules_dir)
+
+    def run(*flags):
+        from tomd.cli import build_parser
+
+        argv = ["rule", "backtest", "--json", *flags]
+        argv += ["--alerts", *map(str, files)] if source == "files" else ["--since", "2000-01-01"]
+        args = build_parser().parse_args(argv)
+        assert cmd_rule_backtest(app, args) == 0
+        return json.loads(capsys.readouterr().out)
+
+    report = run()
+    assert report["alerts"] == 3
+    # redshift was set after the first alert: unknown to that one's rules, known to the two after it.
+    assert report["rules"]["z"]["outcomes"] == {"not_fired": 1, "fired": 2}
+    # host was set today, after every alert: never seen (the daemon, today, sees it).
+    assert report["rules"]["host"]["outcomes"] == {"not_fired": 3}
+    # sn_type has no time: left out unless asked, and the report says which way.
+    assert report["rules"]["typed"]["outcomes"] == {"not_fired": 3}
+    assert any("1 target.extras key(s)" in n and "left out" in n for n in report["notes"])
+    for flag in ("--assume-old", "--assume-old-tags"):  # the old name still works, and now covers extras
+        report = run(flag)
+        assert report["rules"]["typed"]["outcomes"] == {"fired": 3}, flag
+        assert report["rules"]["z"]["outcomes"] == {"not_fired": 1, "fired": 2}, flag
+        assert report["rules"]["host"]["outcomes"] == {"not_fired": 3}, flag
+        assert any("1 target.extras key(s)" in n and "counted as present" in n for n in report["notes"])
+
+
+def test_the_daemon_sees_every_extra_whatever_its_time(db, shared_data):
+    """Not as_of (the daemon: "now" is the wall clock): extras are read as stored, their times not looked at,
+    even one stamped later than the alert and one of unknown time."""
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
+    from tomd.db.models import Target
+    from tomd.targets import store
+    from tomd.targets.model import TargetSpec
+
+    schema, (rec, *_) = series(1)
+    (a,) = [a for r in decode_avro_ocf(encode(schema, [rec])) for a in ztf.parse(r)]
+    with db.sessions.begin() as s:
+        res = store.upsert(s, TargetSpec(a.object_id, ra=a.ra, dec=a.dec,
+                                         extras={"redshift": 0.05, "host": "NGC 1", "sn_type": "Ia"}))
+        later = (a.time + timedelta(days=400)).isoformat()
+        s.execute(update(Target).where(Target.id == res.target_id)
+                  .values(extras_set_at={"redshift": later, "host": later}))
+    eng = RuleEngine(RuleSet.of([rule('name = "z"\nwhen = "known(target.extras.redshift) and '
+                                      'known(target.extras.host) and target.extras.sn_type == \'Ia\'"\nadd_tags = ["z"]')]))
+    ing = Ingestor(db.sessions, IngestSettings(stream="ztf", format="ztf-avro"),
+                   lambda d: [a for r in decode_avro_ocf(d) for a in ztf.parse(r)], sinks=[eng])
+    ing.handle([FileMessage("x", 0, encode(schema, [rec]))])
+    assert [(v.rule, v.outcome) for v in eng.last_verdicts] == [("z", "fired")]

@@ -44,9 +44,9 @@ def register(subparsers) -> None:
     q.add_argument("--stream", metavar="NAME",
                    help="with --alerts: the [[streams]] name the files stand for, for rules that select by "
                         "stream (stored alerts know their own)")
-    q.add_argument("--assume-old-tags", action="store_true",
-                   help="count tags and list memberships of unknown time (added before tomd kept the time) as "
-                        "present from the start (default: absent)")
+    q.add_argument("--assume-old", "--assume-old-tags", dest="assume_old_tags", action="store_true",
+                   help="count tags, list memberships and target extras of unknown time (added or set before "
+                        "tomd kept the time) as present from the start (default: absent)")
     q.add_argument("--json", action="store_true")
 
 
@@ -208,13 +208,15 @@ def _alerts_from_db(app, since: datetime, until: datetime | None, notes: list[st
 
 
 #: What a replay cannot know: said with every report.
-HISTORY_NOTE = ("tags and list memberships count from when they were added (added_at): each alert saw those of "
-                "stored targets added at or before its time, and what the replayed rules had added by then; "
-                "target.extras are not replayed (they carry no times, so today's values would leak the future: "
-                "they read as empty); "
+HISTORY_NOTE = ("tags and list memberships count from when they were added (added_at), target.extras keys from "
+                "when they were last set (extras_set_at): each alert saw those of stored targets added or set "
+                "at or before its time, and what the replayed rules had added by then; an extra changed after "
+                "an alert is absent for it (its earlier value is not kept); "
                 "no earlier requests or decisions exist for limits and duplicates")
 UNKNOWN_TIME_NOTE = ("{n} tag(s)/list membership(s) of these targets have no time (added before tomd kept it): "
                      "{how}")
+UNKNOWN_EXTRAS_NOTE = ("{n} target.extras key(s) of these targets have no time (set before tomd kept it): "
+                       "{how}")
 
 
 def _history_from_db(app, alerts, target_ids: set[int], match_radius_arcsec: float) -> dict[str, list]:
@@ -238,10 +240,9 @@ def _history_from_db(app, alerts, target_ids: set[int], match_radius_arcsec: flo
             for tid, (ra, dec) in repo.targets_in_range_set(s, cone_ranges(a.ra, a.dec, r_deg)).items():
                 if separation_deg(a.ra, a.dec, ra, dec) <= r_deg:
                     ids.add(tid)
-        seed = repo.target_history_rows(s, sorted(ids))
-    for t in seed["targets"]:
-        t["extras"] = {}  # no times: today's values would leak the future
-    return seed
+        # The targets' rows as they are, extras and their times (extras_set_at) included: the engine's
+        # as_of mode shows each alert only the keys set by then.
+        return repo.target_history_rows(s, sorted(ids))
 
 
 def backtest(alerts, rules, *, facility_kinds=None, features=None, match_radius_arcsec: float = 1.5,
@@ -254,7 +255,8 @@ def backtest(alerts, rules, *, facility_kinds=None, features=None, match_radius_
     later (the limits and duplicates likewise see only earlier decisions).
     ``history`` (from :func:`_history_from_db`) seeds the scratch database
     with stored targets; their tags and list memberships count from their
-    ``added_at`` on, those without one only with ``assume_old_tags``.
+    ``added_at`` on, their extras keys from their ``extras_set_at`` time on,
+    those without a time only with ``assume_old_tags`` (``--assume-old``).
     ``stream_of(alert)`` gives the stream an alert arrived on, for rules that
     select by stream (None: unknown; such rules then do not judge it, and
     the report warns).
@@ -274,7 +276,7 @@ def backtest(alerts, rules, *, facility_kinds=None, features=None, match_radius_
         engine = migrate.connect(f"sqlite:///{tmp}/backtest.db")
         migrate.upgrade(engine)
         sessions = migrate.sessions(engine)
-        unknown_time = 0
+        unknown_time = unknown_extras = 0
         if history:
             from tomd.db import repository as repo
 
@@ -282,6 +284,8 @@ def backtest(alerts, rules, *, facility_kinds=None, features=None, match_radius_
                 repo.seed_target_history(s, history)
             unknown_time = sum(1 for r in history.get("tags", []) + history.get("members", [])
                                if r.get("added_at") is None)
+            unknown_extras = sum(1 for t in history.get("targets", []) for k in (t.get("extras") or {})
+                                 if k not in (t.get("extras_set_at") or {}))
         eng = RuleEngine(RuleSet.of(rules), facility_kinds=facility_kinds, features=features,
                          clock=lambda st: st.alert.time, as_of=True, assume_old_tags=assume_old_tags)
         by_index = {str(i).encode(): a for i, a in enumerate(alerts)}
@@ -307,10 +311,12 @@ def backtest(alerts, rules, *, facility_kinds=None, features=None, match_radius_
                               "first": alerts[0].time.isoformat() if alerts else None,
                               "last": alerts[-1].time.isoformat() if alerts else None, "rules": {}, "warnings": [],
                               "notes": [HISTORY_NOTE]}
+    how = ("counted as present from the start (--assume-old)" if assume_old_tags
+           else "left out of every replayed alert (--assume-old counts them as present)")
     if unknown_time:
-        report["notes"].append(UNKNOWN_TIME_NOTE.format(
-            n=unknown_time, how="counted as present from the start (--assume-old-tags)" if assume_old_tags
-            else "left out of every replayed alert (--assume-old-tags counts them as present)"))
+        report["notes"].append(UNKNOWN_TIME_NOTE.format(n=unknown_time, how=how))
+    if unknown_extras:
+        report["notes"].append(UNKNOWN_EXTRAS_NOTE.format(n=unknown_extras, how=how))
     per: dict[str, dict[str, Any]] = {}
     lon: dict[str, float] = {}
     for r in rules:
@@ -419,7 +425,7 @@ def cmd_rule_backtest(app, args) -> int:
             why = f"{exc.__class__.__name__}: {str(exc).splitlines()[0][:200]}"
         if history is None:
             notes.append(f"targets start empty: no stored targets were read ({why}), so target.tags and "
-                         "target.lists hold only what the replayed rules added")
+                         "target.lists hold only what the replayed rules added, and target.extras are empty")
     else:
         history = _history_from_db(app, alerts, tids, radius)
     report = backtest(alerts, rules, facility_kinds=env.facility_kinds, features=features,

@@ -346,9 +346,10 @@ class RuleEngine:
         self.clock = clock or (lambda stored: datetime.now(timezone.utc))
         self.kill_switch = Path(kill_switch) if kill_switch else None
         self.enabled = enabled
-        # Back-tests: each alert sees only the tags and list memberships added at or before its "now"
-        # (added_at); those of unknown time (NULL, from before tomd kept it) only with assume_old_tags.
-        # The daemon's "now" is the wall clock, after every row it can read, so it skips the filter.
+        # Back-tests: each alert sees only the tags, list memberships and extras keys added or set at or
+        # before its "now" (added_at, targets.extras_set_at); those of unknown time (from before tomd kept
+        # it) only with assume_old_tags. The daemon's "now" is the wall clock, after every row it can
+        # read, so it skips the filter.
         self.as_of = as_of
         self.assume_old_tags = assume_old_tags
         self.counts: dict[str, int] = {}  # verdicts by outcome since start (metrics)
@@ -395,9 +396,11 @@ class RuleEngine:
             t0 = time.perf_counter()
             now = _utc(self.clock(st))
             t_tags, t_lists = tags.get(st.target_id, ()), lists.get(st.target_id, ())
+            row = rows.get(st.target_id)
             if self.as_of:
                 t_tags, t_lists = self.as_of_now(t_tags, now), self.as_of_now(t_lists, now)
-            ctx = self.context(st, rows.get(st.target_id), names.get(st.target_id, ()), t_tags, t_lists,
+                row = self.extras_as_of(row, now)
+            ctx = self.context(st, row, names.get(st.target_id, ()), t_tags, t_lists,
                                phot.get(st.target_id, ()), now)
             for rule in rules:
                 if not rule.listens_to(st.alert.source, st.alert.kind, getattr(st, "stream", None)):
@@ -423,6 +426,22 @@ class RuleEngine:
     def as_of_now(self, timed: Sequence[tuple[str, datetime | None]], now: datetime) -> list[str]:
         """The names of ``(name, added_at)`` pairs that stood at ``now``."""
         return [n for n, at in timed if (self.assume_old_tags if at is None else _utc(at) <= now)]
+
+    def extras_as_of(self, row: Mapping[str, Any] | None, now: datetime) -> Mapping[str, Any] | None:
+        """The target row with only the extras set at or before ``now`` (``extras_set_at``, ISO times);
+        keys of unknown time (none recorded: set before schema 0009) only with ``assume_old_tags``.
+
+        Only the latest setting of a key has a time: a key changed after ``now`` is left out, not
+        shown with the value it had then (which is not kept)."""
+        if row is None or not row.get("extras"):
+            return row
+        set_at = row.get("extras_set_at") or {}
+        kept = {}
+        for k, v in row["extras"].items():
+            at = set_at.get(k)
+            if self.assume_old_tags if at is None else _utc(datetime.fromisoformat(at)) <= now:
+                kept[k] = v
+        return {**row, "extras": kept}
 
     def killed(self) -> str | None:
         if not self.enabled:
