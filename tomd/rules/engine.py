@@ -388,6 +388,7 @@ class RuleEngine:
         killed = self.killed()
         tids = sorted({st.target_id for st in stored if st.target_id is not None})
         rows, names, tags, lists, phot = repo.rule_context_rows(s, tids, timed=self.as_of)
+        set_at = repo.extras_set_at_of(s, tids) if self.as_of else {}  # the daemon does not read it
         buffered: list[tuple] = []  # decision rows, repo.DECISION_COLUMNS
         observer = self.observer
         seconds: list[float] = []
@@ -399,7 +400,7 @@ class RuleEngine:
             row = rows.get(st.target_id)
             if self.as_of:
                 t_tags, t_lists = self.as_of_now(t_tags, now), self.as_of_now(t_lists, now)
-                row = self.extras_as_of(row, now)
+                row = self.extras_as_of(row, set_at.get(st.target_id), now)
             ctx = self.context(st, row, names.get(st.target_id, ()), t_tags, t_lists,
                                phot.get(st.target_id, ()), now)
             for rule in rules:
@@ -427,15 +428,17 @@ class RuleEngine:
         """The names of ``(name, added_at)`` pairs that stood at ``now``."""
         return [n for n, at in timed if (self.assume_old_tags if at is None else _utc(at) <= now)]
 
-    def extras_as_of(self, row: Mapping[str, Any] | None, now: datetime) -> Mapping[str, Any] | None:
-        """The target row with only the extras set at or before ``now`` (``extras_set_at``, ISO times);
-        keys of unknown time (none recorded: set before schema 0009) only with ``assume_old_tags``.
+    def extras_as_of(self, row: Mapping[str, Any] | None, set_at: Mapping[str, str] | None,
+                     now: datetime) -> Mapping[str, Any] | None:
+        """The target row with only the extras set at or before ``now`` (``set_at``: the target's
+        ``extras_set_at``, {key: ISO time}); keys of unknown time (none recorded: set before schema
+        0009) only with ``assume_old_tags``.
 
         Only the latest setting of a key has a time: a key changed after ``now`` is left out, not
         shown with the value it had then (which is not kept)."""
         if row is None or not row.get("extras"):
             return row
-        set_at = row.get("extras_set_at") or {}
+        set_at = set_at or {}
         kept = {}
         for k, v in row["extras"].items():
             at = set_at.get(k)
