@@ -661,9 +661,12 @@ def test_two_daemons_share_partitions_ingest_once_submit_once_and_take_over(db, 
               f"{ingested['a']:.0f}, daemon b held {sorted(pb)} and ingested {ingested['b']:.0f}; submissions "
               f"a={submitted['a']:.0f} b={submitted['b']:.0f}, rejected {rejected:.0f}")
         # Both daemons work on the later stages too, the facility's polls taken in turns.
+        # (Listings seen at each daemon's own proxy, not only its poll counter: a poll that found
+        # nothing due counts as ok without listing anything, and check_polls needs both to have listed.)
         wait_until("both daemons polling, downloading, running the hook and notifying",
                    lambda: all(total(m, "tomd_status_polls_total", outcome="ok") > 0
                                for m in (a.metrics(), b.metrics()))
+                   and all(p.listings() for p in proxies.values())
                    and len(journal.read_text().splitlines()) > 0 and webhook.received
                    and count(db, DataProduct) > 0, daemons, timeout=60)
 
