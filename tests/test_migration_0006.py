@@ -19,7 +19,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
-from sqlalchemy import func, select, text
+from sqlalchemy import JSON, column, func, insert, select, text
+from sqlalchemy import table as sa_table
 
 from tests.conftest import SHARED_DATA, pg_database_at
 from tomd.alerts.ingest import FileMessage, IngestSettings, Ingestor
@@ -27,7 +28,9 @@ from tomd.alerts.parse import parse_message
 from tomd.db import migrate
 from tomd.db.models import AlertRow, Notice, TargetName
 from tomd.targets import store
-from tomd.targets.model import TargetSpec
+from tomd.db.models import UTCDateTime
+from tomd.targets.model import TargetSpec, derived_columns, validate
+from tomd.targets.names import normalize
 
 IDS = json.loads((Path(__file__).parent / "data/gcn_event_ids_before_0006.json").read_text())["ids"]
 pytestmark = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data not present")
@@ -68,12 +71,27 @@ def engine_at_0005(request, tmp_path):
         yield engine
 
 
+_TARGETS_0005 = sa_table("targets", column("id"), column("name"), column("type"), column("ra"), column("dec"),
+                         column("hpx"), column("gal_l"), column("gal_b"), column("extras", JSON),
+                         column("created_at", UTCDateTime), column("modified_at", UTCDateTime))
+_NAMES_0005 = sa_table("target_names", column("target_id"), column("name"), column("norm"), column("source"),
+                       column("primary"))
+
+
 def _add_notice(s, source, event_id, notice_type, alerts=(), *, ra=None, dec=None) -> tuple[int, int | None]:
     """A notice as the ingest stored it before 0006: row, alerts linked, target named '<SOURCE> <id>'."""
     target_id = None
     if ra is not None:
-        target_id = store.upsert(s, TargetSpec(name=f"{source.upper()} {event_id}", ra=ra, dec=dec,
-                                               name_source=source)).target_id
+        # Written with the columns of schema 0005 (the models are today's: targets has gained
+        # columns since, which an ORM write or read would name).
+        name = f"{source.upper()} {event_id}"
+        derived = derived_columns(validate(TargetSpec(name=name, ra=ra, dec=dec)))
+        target_id = s.execute(insert(_TARGETS_0005).returning(_TARGETS_0005.c.id), [{
+            "name": name, "type": "sidereal", "ra": ra, "dec": dec, "hpx": derived["hpx"],
+            "gal_l": derived["gal_l"], "gal_b": derived["gal_b"], "extras": {}, "created_at": T0,
+            "modified_at": T0}]).scalar_one()
+        s.execute(insert(_NAMES_0005), [{"target_id": target_id, "name": name, "norm": normalize(name),
+                                         "source": source, "primary": True}])
     n = Notice(source=source, event_id=event_id, notice_type=notice_type, time=T0, ra=ra, dec=dec,
                target_id=target_id)
     s.add(n)
