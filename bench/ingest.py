@@ -117,11 +117,12 @@ def cpu_seconds(db_name: str | None, broker_pid: int | None) -> dict[str, float]
     for p in pids:
         try:
             stat = Path(f"/proc/{p}/stat").read_text()
+            f = stat[stat.rindex(")") + 2:].split()  # after the command name, which may hold spaces
             if int(p) == os.getpid():
                 who = "tomd"
             elif broker_pid is not None and int(p) == broker_pid:
                 who = "broker"
-            elif int(stat[stat.rindex(")") + 2:].split()[1]) == os.getpid():
+            elif int(f[1]) == os.getpid():
                 who = "parse_workers"  # the other children of this process (spawned parse workers)
             elif db_name and db_name in Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace"):
                 who = "postgresql"  # "postgres: 15/main: postgres <db> 127.0.0.1(port) ..."
@@ -129,7 +130,6 @@ def cpu_seconds(db_name: str | None, broker_pid: int | None) -> dict[str, float]
                 continue
         except OSError:
             continue
-        f = stat[stat.rindex(")") + 2:].split()
         out[who] += (int(f[11]) + int(f[12])) / tick
     return out
 

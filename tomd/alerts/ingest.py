@@ -24,6 +24,7 @@ import hashlib
 import logging
 import math
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -197,8 +198,6 @@ class Ingestor:
             yield chunk
 
     def _parse_here(self, messages: Sequence[Message]) -> list[tuple[Message, list[Alert] | None, str | None]]:
-        from tomd.alerts.parallel import parse_one
-
         parsed = []
         fmt = self.settings.format
         for m in messages:
@@ -513,6 +512,21 @@ class Ingestor:
         self.dead_letter_topics.append(m.topic or "")
         log.warning("dead letter %s: %s", m.coords, error, extra={"coords": m.coords, "stream": self.settings.stream})
         return True
+
+
+def parse_one(fmt: str, parse, value: bytes | None, headers,
+              key: bytes | None) -> tuple[list[Alert] | None, str | None, str | None]:
+    """One message → (alerts, None, None) | (None, error, None) | (None, error, traceback of a parser bug).
+
+    The same in the stream thread and in a parse worker (tomd/alerts/parallel.py)."""
+    try:
+        if value is None:
+            raise AlertError("empty message (no value)")
+        return parse(message_value(fmt, value, headers), key), None, None
+    except AlertError as exc:
+        return None, str(exc), None
+    except Exception as exc:  # a parser bug must not stop the stream
+        return None, f"internal error: {exc.__class__.__name__}: {exc}", traceback.format_exc()
 
 
 def message_value(fmt: str, value: bytes, headers) -> bytes:

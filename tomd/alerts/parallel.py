@@ -25,16 +25,15 @@ from __future__ import annotations
 import dataclasses
 import logging
 import multiprocessing
-import os
-import traceback
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any
 
+from tomd.alerts.ingest import _keyed, parse_one
 from tomd.alerts.model import Alert, PayloadJson
-from tomd.errors import AlertError
+from tomd.db.migrate import json_bytes
 
 log = logging.getLogger(__name__)
 
@@ -59,21 +58,6 @@ class ParserRecipe:
                           schema_file=self.schema_file)
 
 
-def parse_one(fmt: str, parse, value: bytes | None, headers, key: bytes | None) -> tuple[list[Alert] | None,
-                                                                                       str | None, str | None]:
-    """One message → (alerts, None, None) | (None, error, None) | (None, error, traceback of a parser bug)."""
-    from tomd.alerts.ingest import message_value
-
-    try:
-        if value is None:
-            raise AlertError("empty message (no value)")
-        return parse(message_value(fmt, value, headers), key), None, None
-    except AlertError as exc:
-        return None, str(exc), None
-    except Exception as exc:  # a parser bug must not stop the stream
-        return None, f"internal error: {exc.__class__.__name__}: {exc}", traceback.format_exc()
-
-
 # ------------------------------------------------------------- the worker --
 
 _worker_parse = None
@@ -82,20 +66,8 @@ _worker_recipe: ParserRecipe | None = None
 
 def _init_worker(recipe: ParserRecipe) -> None:
     global _worker_parse, _worker_recipe
-    from tomd.alerts.ingest import _keyed
-
     _worker_recipe = recipe
     _worker_parse = _keyed(recipe.build())
-    try:
-        os.nice(0)  # same priority as the stream thread: it is on the ingest path
-    except OSError:
-        pass
-
-
-def _json_dumps(value) -> str:
-    from tomd.db.migrate import _json_dumps as dumps  # the one the database columns use
-
-    return dumps(value)
 
 
 def _parse_chunk(items: list[tuple[bytes | None, Any, bytes | None]]) -> list[tuple]:
@@ -107,7 +79,7 @@ def _parse_chunk(items: list[tuple[bytes | None, Any, bytes | None]]) -> list[tu
             # The payload goes as one JSON string (unpickling its thousands of objects cost the stream
             # thread more than half of what the worker saved it); cutouts only if they are kept.
             keep = _worker_recipe.keep_cutouts
-            alerts = [dataclasses.replace(a, payload=PayloadJson(_json_dumps(a.payload).encode()),
+            alerts = [dataclasses.replace(a, payload=PayloadJson(json_bytes(a.payload)),
                                           cutouts=a.cutouts if keep else {}) for a in alerts]
         out.append((alerts, error, tb))
     return out

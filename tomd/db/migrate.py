@@ -27,12 +27,16 @@ MIGRATIONS = Path(__file__).with_name("migrations")
 _MIGRATION_LOCK = 0x746F6D64  # "tomd"
 
 
-def _json_dumps(value) -> str:
+def json_bytes(value) -> bytes:
     # orjson: ~8x faster than json.dumps for alert payloads (a large share of
     # ingest time otherwise); NaN/Infinity become null, as JSON requires.
+    return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS | orjson.OPT_SERIALIZE_NUMPY)
+
+
+def _json_dumps(value) -> str:
     if isinstance(value, PayloadJson):  # serialised already, by a parse worker
         return value.decode()
-    return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS | orjson.OPT_SERIALIZE_NUMPY).decode()
+    return json_bytes(value).decode()
 
 
 def connect(url: str, *, pool_size: int = 5, echo: bool = False) -> Engine:
