@@ -356,6 +356,16 @@ def test_ztf_known_solar_system_object_fields(version: str) -> None:
     assert a.fields["ssmagnr"] == pytest.approx(19.9, rel=1e-6)
 
 
+@pytest.mark.parametrize("version", ZTF_VERSIONS)
+def test_ztf_fast_reader_reads_each_version_as_fastavro_does(version: str) -> None:
+    """Records are read by cavro (decode.OcfSchema): every ZTF schema must be one it
+    takes, and its values must be fastavro's, NaNs, nulls and cutout bytes included."""
+    _, rec, _ = build_ztf(version, candid=2982177112815010123)
+    data = ztf_message(version, rec)
+    assert decode._parsed_schema(decode.read_ocf_header(data).schema_json).fast is not None
+    assert repr(decode.decode_avro_ocf(data)) == repr(list(fastavro.reader(io.BytesIO(data))))
+
+
 @needs_data
 def test_ztf_each_writer_schema_parsed_once() -> None:
     """Many messages of many versions: one schema parse per distinct writer schema."""
