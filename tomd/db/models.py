@@ -230,8 +230,13 @@ class Photometry(Base):
     __table_args__ = (UniqueConstraint("target_id", "dedupe"),)
 
     id: Mapped[int] = mapped_column(Id, primary_key=True)
-    target_id: Mapped[int] = mapped_column(ForeignKey("targets.id", ondelete="CASCADE"), index=True)
-    alert_id: Mapped[int | None] = mapped_column(ForeignKey("alerts.id", ondelete="SET NULL"))
+    # No index of its own: the unique (target_id, dedupe) leads with target_id and serves every
+    # lookup by target; a second index made each point (~7 per ZTF alert) pay two insertions.
+    target_id: Mapped[int] = mapped_column(ForeignKey("targets.id", ondelete="CASCADE"))
+    # The alert that brought the point (provenance), without a foreign key: PostgreSQL checked it
+    # (index probe and row lock) for every point stored, and its ON DELETE SET NULL never fires, as
+    # tomd never deletes alerts. Migration 0010.
+    alert_id: Mapped[int | None] = mapped_column(Id)
     source: Mapped[str] = mapped_column(String(32))  # survey or "upload:<file>"
     mjd: Mapped[float] = mapped_column(Float)  # UTC
     band: Mapped[str] = mapped_column(String(32))
