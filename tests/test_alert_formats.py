@@ -19,6 +19,7 @@ import fastavro
 import pytest
 from astropy.time import Time
 
+from tomd.alerts.model import payload_dict
 from tomd.alerts import decode
 from tomd.alerts.formats import rubin
 from tomd.alerts.formats._tns import tns_designation
@@ -133,8 +134,8 @@ def test_every_sample_parses_sensibly(rel: str, fmt: str) -> None:
                 assert p.limit is not None and p.mag is None and p.flux is None
             elif p.kind == "detection":
                 assert p.mag is not None or p.flux is not None
-        assert not any(isinstance(v, (bytes, bytearray)) for v in a.payload.values())
-        json.dumps(a.payload, allow_nan=False)  # payload is storable as JSON
+        assert not any(isinstance(v, (bytes, bytearray)) for v in payload_dict(a.payload).values())
+        json.dumps(payload_dict(a.payload), allow_nan=False)  # payload is storable as JSON
 
 
 @pytest.mark.parametrize(("rel", "fmt"), [s for s in SAMPLES if s[0] not in EXPECTED_ERRORS],
@@ -148,6 +149,27 @@ def test_auto_agrees_with_configured_format(rel: str, fmt: str) -> None:
 
 def _ztf_samples() -> list[str]:
     return [r for r, f in SAMPLES if f == "ztf-avro"]
+
+
+@pytest.mark.parametrize(("rel", "fmt"), [s for s in SAMPLES if s[1] in ("ztf-avro", "rubin-avro", "fink-avro")
+                                           and s[0] not in EXPECTED_ERRORS],
+                         ids=[r for r, f in SAMPLES if f in ("ztf-avro", "rubin-avro", "fink-avro")
+                              and r not in EXPECTED_ERRORS])
+def test_packet_json_is_what_clean_makes_of_the_packet(rel: str, fmt: str) -> None:
+    """ZTF and Rubin payloads are written as JSON in one pass (formats.ztf.packet_json), not
+    cleaned value by value: the JSON must read back as exactly what ``clean`` gives, NaNs as null."""
+    from tomd.alerts.formats import FORMATS, NO_CONTEXT
+    from tomd.alerts.formats.ztf import clean, packet_json
+
+    records = FORMATS[fmt].decode((DATA / rel).read_bytes(), NO_CONTEXT)
+    assert records
+    for rec in records:
+        drop = {k for k in rec if k.startswith("cutout")}
+        expected = {k: clean(v) for k, v in rec.items() if k not in drop}
+        got = payload_dict(packet_json(rec, drop))
+        assert got == expected
+        # NaN compares unequal to itself, so the comparison above would fail on one left in:
+        json.dumps(got, allow_nan=False)
 
 
 def test_keys_unique_across_each_sample_set() -> None:
@@ -198,8 +220,8 @@ def test_ztf_time_photometry_and_cutouts(rel: str) -> None:
         assert a.photometry[0].measurement_id == str(rec["candid"])
         assert set(a.cutouts) == {"science", "template", "difference"}
         assert all(c[:2] == b"\x1f\x8b" for c in a.cutouts.values())  # gzipped FITS stamps
-        assert not any(k.startswith("cutout") for k in a.payload)
-        assert a.payload["candidate"]["candid"] == rec["candid"]
+        assert not any(k.startswith("cutout") for k in payload_dict(a.payload))
+        assert payload_dict(a.payload)["candidate"]["candid"] == rec["candid"]
 
 
 def test_ztf_upper_limits_present_in_samples() -> None:
@@ -255,21 +277,21 @@ def test_ztf_no_match_placeholders_are_unknown_in_fields_raw_in_payload() -> Non
     assert cand["sgscore2"] == cand["distpsnr2"] == cand["neargaiabright"] == cand["ssdistnr"] == -999.0
     for name in ("sgscore2", "distpsnr2", "neargaiabright", "maggaiabright", "ssdistnr", "ssmagnr"):
         assert a.fields[name] is None, name
-        assert a.payload["candidate"][name] == -999.0, name  # the survey's value, as sent
+        assert payload_dict(a.payload)["candidate"][name] == -999.0, name  # the survey's value, as sent
     # Real matches are kept as they are.
     assert a.fields["sgscore1"] == pytest.approx(cand["sgscore1"]) and 0 <= a.fields["sgscore1"] <= 1
     assert a.fields["distpsnr1"] == pytest.approx(cand["distpsnr1"]) and a.fields["distpsnr1"] > 0
     assert a.fields["neargaia"] == pytest.approx(cand["neargaia"]) and a.fields["neargaia"] > 0
     (g,) = parse_message("ztf-avro", (DATA / NO_GAIA).read_bytes())
-    assert g.payload["candidate"]["neargaia"] == g.payload["candidate"]["maggaia"] == -999.0
+    assert payload_dict(g.payload)["candidate"]["neargaia"] == payload_dict(g.payload)["candidate"]["maggaia"] == -999.0
     assert g.fields["neargaia"] is None and g.fields["maggaia"] is None
     # In every shared ZTF packet: no field left at a placeholder, none made None that was real.
     from tomd.alerts.formats.ztf import NO_MATCH_FIELDS
 
     for rel in _ztf_samples():
         for a in parse_message("ztf-avro", (DATA / rel).read_bytes()):
-            for name in NO_MATCH_FIELDS & a.payload["candidate"].keys():
-                raw = a.payload["candidate"][name]
+            for name in NO_MATCH_FIELDS & payload_dict(a.payload)["candidate"].keys():
+                raw = payload_dict(a.payload)["candidate"][name]
                 assert a.fields[name] == (None if raw in (-999, -99) else raw), (rel, name)
 
 
@@ -292,7 +314,7 @@ def test_ztf_rule_on_a_missing_ps1_match_is_false() -> None:
     out = io.BytesIO()
     fastavro.writer(out, schema, [rec])
     (b,) = parse_message("ztf-avro", out.getvalue())
-    assert b.payload["candidate"]["sgscore1"] == -999.0 and b.fields["sgscore1"] is None
+    assert payload_dict(b.payload)["candidate"]["sgscore1"] == -999.0 and b.fields["sgscore1"] is None
     assert not _rule_passes("alert.fields.sgscore1 < 0.5", b)
     assert not _rule_passes("alert.fields.sgscore1 < 0.5 and alert.fields.distpsnr1 < 1", b)
     assert _rule_passes("alert.fields.sgscore1 < 0.5 or alert.mag < 30", b)

@@ -22,6 +22,7 @@ import pytest
 from sqlalchemy import select
 
 from tests.conftest import SHARED_DATA
+from tomd.alerts.model import payload_dict
 from tomd.alerts.ingest import FileMessage, IngestSettings, Ingestor
 from tomd.alerts.parse import parse_message
 from tomd.db.models import Decision, Photometry
@@ -84,8 +85,8 @@ def test_every_shared_ztf_packet_negative_points_have_flux_below_zero_and_no_mag
             assert a.fields["magpsf"] == pytest.approx(cand["magpsf"])
             assert a.fields["sigmapsf"] == pytest.approx(cand["sigmapsf"])
             assert a.fields["isdiffpos"] is (str(cand["isdiffpos"]).lower() not in NEGATIVE)
-            assert a.payload["candidate"]["isdiffpos"] == cand["isdiffpos"]
-            assert a.payload["candidate"]["magpsf"] == pytest.approx(cand["magpsf"])
+            assert payload_dict(a.payload)["candidate"]["isdiffpos"] == cand["isdiffpos"]
+            assert payload_dict(a.payload)["candidate"]["magpsf"] == pytest.approx(cand["magpsf"])
             by_id = {p.measurement_id: p for p in a.photometry if p.kind == "detection"}
             for i, row in enumerate(rec.get("prv_candidates") or ()):
                 if row.get("candid") is None or row.get("magpsf") is None:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from tomd.alerts.model import Alert
+from tomd.alerts.model import Alert, payload_dict
 from tomd.errors import ParseError
 
 from . import rubin, ztf
@@ -53,7 +53,7 @@ def parse(record: dict, *, source: str = "fink") -> list[Alert]:
             fields["tns_name"] = name
         elif isinstance(tns, str) and tns.strip():
             fields["tns_class"] = tns.strip()
-        payload = dict(alert.payload)
+        payload = payload_dict(alert.payload)  # a fresh dict: the survey parser's JSON read back
         payload.update(clean(extra))
         phot = tuple(dataclasses.replace(p, source=survey) for p in alert.photometry)
         out.append(dataclasses.replace(alert, fields=fields, payload=payload, aliases=tuple(aliases),

@@ -28,7 +28,7 @@ from ._common import (
     mjd_tai_to_mjd_utc,
     require,
 )
-from .ztf import clean
+from .ztf import packet_json
 
 CUTOUTS = {"cutoutScience": "science", "cutoutTemplate": "template", "cutoutDifference": "difference"}
 PACKET_KEYS = frozenset(
@@ -205,7 +205,7 @@ def parse(record: dict, *, source: str = "rubin") -> list[Alert]:
     ra_err = finite(dia.get("raErr"))
     dec_err = finite(_get(dia, "decErr", "declErr"))
 
-    payload = {k: clean(v) for k, v in record.items() if k not in CUTOUTS}
+    payload = packet_json(record, CUTOUTS)
     cutouts = {
         name: bytes(record[k]) for k, name in CUTOUTS.items() if isinstance(record.get(k), (bytes, bytearray))
     }
