@@ -1885,3 +1885,50 @@ def ingest_cutout_products(s: Session, rows: list[dict[str, Any]]) -> None:
          _copy_time(r["stored_at"]), _copy_time(r["created_at"]), r["target_id"], _copy_json(r["meta"] or {}),
          r.get("attempts", 0))
         for r in rows))
+
+
+#: Target ids per statement of :func:`photometry_of_alerts`: SQLite caps bound parameters (999
+#: before 3.32), and an ``IN`` list is rendered anew for each length.
+PHOTOMETRY_OF_ALERTS_CHUNK = 500
+
+
+def photometry_of_alerts(s: Session, alerts: Iterable[tuple[int, int | None]], *,
+                         chunk: int = PHOTOMETRY_OF_ALERTS_CHUNK) -> dict[int, list[Any]]:
+    """{alert id: the points it brought, ordered by mjd} for many ``(alert id, target id)`` pairs,
+    every alert present (``[]`` when it brought none): :func:`photometry_of_alert` for each at once.
+
+    The points are rows with Photometry's columns by name (``.mjd``, ``.band``, ``.limit``...),
+    not ORM objects: a backtest reads millions. Ties in mjd come in id (storage) order.
+
+    photometry.alert_id has no index (provenance only, migration 0010; one would cost every
+    ingested point), so a query per alert scanned the whole table. The points are found through
+    their targets instead (the unique (target_id, dedupe) leads with target_id), ``chunk``
+    distinct targets per statement, and points of other alerts of those targets (before the
+    window, or uploads without an alert) are dropped. That finds them all: ingest stores an
+    alert's points under the alert's own target, and only when it has one (alerts/ingest.py
+    ``_store``), and alerts.target_id only ever becomes NULL, when the target is deleted, which
+    deletes its points (CASCADE). So an alert without a target (a notice too large for one, an
+    unmatched solar-system object, a deleted target) has no points, and none are looked for.
+    """
+    out: dict[int, list[Any]] = {}
+    target_ids: set[int] = set()
+    for alert_id, target_id in alerts:
+        out[alert_id] = []
+        if target_id is not None:
+            target_ids.add(target_id)
+    if not target_ids:
+        return out
+    ids = sorted(target_ids)
+    # Alert ids grow with ingestion: the wanted ones' range drops most of the targets' older points
+    # in the database, cheaply (the exact filter is the dict look-up below).
+    p = Photometry
+    q = (select(p.id, p.alert_id, p.source, p.mjd, p.band, p.kind, p.mag, p.mag_err, p.flux, p.flux_err, p.limit)
+         .where(p.target_id.in_(bindparam("tids", expanding=True)), p.alert_id.between(min(out), max(out)))
+         .order_by(p.mjd, p.id))
+    # A target's points all come in one chunk, so each alert's list stays in mjd order.
+    for i in range(0, len(ids), chunk):
+        for row in s.execute(q, {"tids": ids[i:i + chunk]}):
+            points = out.get(row.alert_id)
+            if points is not None:
+                points.append(row)
+    return out

@@ -169,6 +169,9 @@ def _alerts_from_db(app, since: datetime, until: datetime | None, notes: list[st
         notice_ids = sorted({r.notice_id for r in rows if r.notice_id})
         order = repo.notice_alert_ids(s, notice_ids)
         received = repo.notice_received_payloads(s, notice_ids)
+        # Every alert's points in a few queries by target (photometry.alert_id has no index: a query
+        # per alert scanned the table each time); popped as used, so the rows go as the Alerts grow.
+        phot = repo.photometry_of_alerts(s, [(r.id, r.target_id) for r in rows])
         for row in rows:
             if target_ids is not None and row.target_id is not None:
                 target_ids.add(row.target_id)
@@ -176,7 +179,7 @@ def _alerts_from_db(app, since: datetime, until: datetime | None, notes: list[st
                 streams[(row.source, row.key)] = row.stream
             pts = tuple(PhotPoint(mjd=p.mjd, band=p.band, kind=p.kind, mag=p.mag, mag_err=p.mag_err, flux=p.flux,
                                   flux_err=p.flux_err, limit=p.limit, source=p.source)
-                        for p in repo.photometry_of_alert(s, row.id))
+                        for p in phot.pop(row.id, ()))
             event_id = notice_type = loc = None
             retraction = False
             if row.notice_id:
