@@ -600,7 +600,8 @@ def insert_decisions(s: Session, rows: Sequence[Sequence[Any] | Mapping[str, Any
     PostgreSQL: COPY in the session's transaction, about ten times cheaper
     than an executemany for the tens of thousands of rows a batch can carry.
     An alert's rows share one ``created_at`` object, converted once. (COPY text
-    made here instead of psycopg's ``write_row`` measured 1.5× slower, server included.)
+    made here instead of psycopg's ``write_row`` measured 1.5× slower, server included;
+    binary COPY, as ``_copy`` writes, is cheaper than either.)
     """
     from collections.abc import Mapping
 
@@ -623,9 +624,10 @@ def insert_decisions(s: Session, rows: Sequence[Sequence[Any] | Mapping[str, Any
     dumps, opt = orjson.dumps, orjson.OPT_NON_STR_KEYS
     last = stamp = None
     raw = s.connection().connection.driver_connection  # psycopg, inside this transaction
-    sql = f"COPY decisions ({', '.join(_DECISION_COLUMNS)}) FROM STDIN"
+    sql = f"COPY decisions ({', '.join(_DECISION_COLUMNS)}) FROM STDIN (FORMAT BINARY)"  # see _copy
     try:
         with raw.cursor() as cur, cur.copy(sql) as copy:
+            copy.set_types(_copy_types("decisions", tuple(_DECISION_COLUMNS)))
             write = copy.write_row
             for r in rows:
                 created, details = r[5], r[7]
@@ -637,7 +639,7 @@ def insert_decisions(s: Session, rows: Sequence[Sequence[Any] | Mapping[str, Any
                 reason = r[6] or ""
                 if "\x00" in reason:  # an error's text can quote an alert's value; text columns refuse NUL
                     reason = reason.replace("\x00", "\\x00")
-                write((r[0], r[1], r[2], r[3] or "", r[4], stamp, reason, dumps(details or {}, option=opt).decode()))
+                write((r[0], r[1], r[2], r[3] or "", r[4], stamp, reason, dumps(details or {}, option=opt)))
     except psycopg.Error as exc:
         # As SQLAlchemy would raise it: the ingest retries an outage (OperationalError) and finds a
         # refused row (DataError) one by one, instead of stopping the stream on a driver error.
@@ -1545,29 +1547,61 @@ def outbox_backlog(s: Session) -> int:
 
 
 # ---- ingest: COPY on PostgreSQL ----
-# The ingest path's bulk rows (alerts, photometry, outbox events) go to
-# PostgreSQL with COPY: one statement streamed row by row, formatted by
-# psycopg's C code, instead of an executemany whose per-row parameter
-# handling in SQLAlchemy and psycopg costs more than the server's work.
-# Same rows, same transaction; SQLite keeps the functions above.
+# The ingest path's bulk rows (alerts, photometry, outbox events, targets,
+# names, cutout products, decisions) go to PostgreSQL with binary COPY: one
+# statement streamed row by row instead of an executemany whose per-row
+# parameter handling in SQLAlchemy and psycopg costs more than the server's
+# work. Binary, not text: psycopg formats a photometry row in 0.34 us instead
+# of 3.4 (no float-to-text, no escaping of the JSON), and the server parses
+# no numbers. Same rows, same transaction; SQLite keeps the functions above.
 
 from datetime import timezone as _tz  # noqa: E402
 
+from tomd.alerts.model import PayloadJson  # noqa: E402
+
+# Binary COPY needs each column's type: the model's, as PostgreSQL names it
+# for the binary format. JSON and JSONB go as bytea, whose binary form is the
+# bytes as they are: json's binary input is the JSON text (checked by the
+# server as text input is), jsonb's a version byte and the text
+# (``_copy_json``, ``_copy_jsonb``): no text object made for a payload.
+_BINARY_TYPES = {"BIGINT": "int8", "INTEGER": "int4", "SMALLINT": "int2", "FLOAT": "float8",
+                 "DOUBLE PRECISION": "float8", "REAL": "float4", "BOOLEAN": "bool", "TEXT": "text",
+                 "VARCHAR": "text", "TIMESTAMP WITHOUT TIME ZONE": "timestamp", "JSON": "bytea", "JSONB": "bytea"}
+
+
+@lru_cache(maxsize=64)
+def _copy_types(table_name: str, columns: tuple[str, ...]) -> tuple[str, ...]:
+    from sqlalchemy.dialects import postgresql
+
+    from tomd.db.models import Base
+
+    table, dialect = Base.metadata.tables[table_name], postgresql.dialect()
+    out = []
+    for c in columns:
+        name = table.c[c].type.compile(dialect=dialect).split("(")[0]
+        if name not in _BINARY_TYPES:
+            raise TypeError(f"binary COPY: no binary type known for {table_name}.{c} ({name})")
+        out.append(_BINARY_TYPES[name])
+    return tuple(out)
+
 
 def _copy(s: Session, table, columns: Sequence[str], rows: Iterable[Sequence[Any]], *, into: str | None = None) -> None:
-    """COPY ``rows`` (tuples in ``columns`` order) into ``table`` (or the table named ``into``).
+    """Binary COPY of ``rows`` (tuples in ``columns`` order) into ``table`` (or the
+    table named ``into``, whose columns have ``table``'s types).
 
-    Values must already be what the column stores: JSON as text
-    (``_copy_json``), datetimes as naive UTC (``_copy_time``).
+    Values must already be what the column stores: JSON and JSONB as bytes
+    (``_copy_json``, ``_copy_jsonb``), datetimes as naive UTC (``_copy_time``),
+    text as str.
     """
     import psycopg
     from sqlalchemy.exc import DBAPIError
 
     cols = ", ".join(f'"{c}"' for c in columns)
-    sql = f"COPY {into or table.name} ({cols}) FROM STDIN"
+    sql = f"COPY {into or table.name} ({cols}) FROM STDIN (FORMAT BINARY)"
     cur = s.connection().connection.driver_connection.cursor()
     try:
         with cur.copy(sql) as copy:
+            copy.set_types(_copy_types(table.name, tuple(columns)))
             for row in rows:
                 copy.write_row(row)
     except psycopg.Error as exc:
@@ -1578,10 +1612,16 @@ def _copy(s: Session, table, columns: Sequence[str], rows: Iterable[Sequence[Any
         cur.close()
 
 
-def _copy_json(value: Any) -> str | None:
-    from tomd.db.migrate import _json_dumps
+def _copy_json(value: Any) -> bytes:
+    """A json column's binary COPY value: the JSON text's bytes (None as JSON null, as the JSON type binds it)."""
+    from tomd.db.migrate import json_bytes
 
-    return _json_dumps(value)  # None as JSON null, as the JSON type binds it
+    return value if isinstance(value, PayloadJson) else json_bytes(value)
+
+
+def _copy_jsonb(value: Any) -> bytes:
+    """A jsonb column's binary COPY value: version 1, then the JSON text."""
+    return b"\x01" + _copy_json(value)
 
 
 def _copy_time(value: datetime | None) -> datetime | None:  # noqa: F821 (annotation only)
@@ -1613,7 +1653,7 @@ def ingest_alerts(s: Session, rows: list[dict[str, Any]]) -> list[int]:
     _copy(s, _ALERTS, _ALERT_COPY_COLUMNS, (
         (i, r["source"], r["key"], r["stream"], r["topic"], r["partition"], r["offset"], r["kind"], r["object_id"],
          r["target_id"], r["notice_id"], _copy_time(r["time"]), r["ra"], r["dec"], r["band"], r["mag"], r["mag_err"],
-         r["flux"], r["flux_err"], _copy_json(r["fields"] if r["fields"] is not None else {}),
+         r["flux"], r["flux_err"], _copy_jsonb(r["fields"] if r["fields"] is not None else {}),
          _copy_json(r["payload"]), now)
         for i, r in zip(ids, rows)))
     return ids
@@ -1653,7 +1693,7 @@ def ingest_events(s: Session, events: Sequence[tuple[Event, int | None]]) -> Non
         return add_events(s, events)
     now = _copy_time(utcnow())
     _copy(s, OutboxEvent.__table__, ("kind", "version", "payload", "target_id", "created_at"),
-          ((e.kind, e.version, _copy_json(e.payload()), tid, now) for e, tid in events))
+          ((e.kind, e.version, _copy_jsonb(e.payload()), tid, now) for e, tid in events))
 
 
 # ---- targets: batch match and create on PostgreSQL ----
@@ -1731,7 +1771,7 @@ def create_targets(s: Session, rows: list[dict[str, Any]]) -> list[int]:
     now = _copy_time(utcnow())
     columns = [c for c in rows[0] if c not in ("id", "created_at", "modified_at")]
     _copy(s, _TARGETS, ("id", *columns, "created_at", "modified_at"), (
-        (i, *(_copy_json(r[c] or {}) if c == "extras" else _copy_json(r[c]) if c == "extras_set_at" else r[c]
+        (i, *(_copy_jsonb(r[c] or {}) if c == "extras" else _copy_json(r[c]) if c == "extras_set_at" else r[c]
               for c in columns), now, now)
         for i, r in zip(ids, rows)))
     return ids
@@ -1882,7 +1922,7 @@ def ingest_cutout_products(s: Session, rows: list[dict[str, Any]]) -> None:
         return insert_cutout_products(s, rows)
     _copy(s, DataProduct.__table__, _CUTOUT_COPY_COLUMNS, (
         (r["facility"], r["product_id"], r["kind"], r["filename"], r["storage_key"], r["size"], r["md5"], r["state"],
-         _copy_time(r["stored_at"]), _copy_time(r["created_at"]), r["target_id"], _copy_json(r["meta"] or {}),
+         _copy_time(r["stored_at"]), _copy_time(r["created_at"]), r["target_id"], _copy_jsonb(r["meta"] or {}),
          r.get("attempts", 0))
         for r in rows))
 
