@@ -292,9 +292,14 @@ def _insert_ignore(s: Session, table):
 _ALERTS = AlertRow.__table__
 
 
+_KEYS_ANY = text("SELECT key FROM alerts WHERE source = :source AND key = ANY(CAST(:keys AS text[]))")
+
+
 def existing_alert_keys(s: Session, source: str, keys: Sequence[str]) -> set[str]:
     if not keys:
         return set()
+    if _is_postgresql(s):  # one fixed statement, planned for its keys (_planned_for_values)
+        return {k for (k,) in _planned_for_values(s, _KEYS_ANY, {"source": source, "keys": list(keys)})}
     q = select(_ALERTS.c.key).where(_ALERTS.c.source == source, _ALERTS.c.key.in_(list(keys)))
     return set(s.scalars(q))
 
@@ -1710,15 +1715,41 @@ _RANGES_ANY = text(
     " JOIN targets t ON t.hpx >= r.lo AND t.hpx < r.hi")
 
 
-_JIT_OFF = text("SELECT current_setting('jit'), set_config('jit', 'off', true)")
-_JIT_SET = text("SELECT set_config('jit', :jit, true)")
+_PIN_PLAN = text("SELECT current_setting('jit'), current_setting('plan_cache_mode'), set_config('jit', 'off', true),"
+                 " set_config('plan_cache_mode', 'force_custom_plan', true)")
+_PUT_BACK_PLAN = text("SELECT set_config('jit', :jit, true), set_config('plan_cache_mode', :mode, true)")
+
+
+def _planned_for_values(s: Session, stmt, params: dict[str, Any]) -> list[Any]:
+    """The rows of a read whose arrays are the batch (names, keys, sky ranges), with a plan made for them.
+
+    psycopg prepares a statement from its sixth run, and PostgreSQL then may
+    switch to a generic plan made without the arrays' values: for these
+    statements, one that reads the whole table once per element. Measured at
+    10,000 targets: 250-400 ms of server CPU per batch of 500 alerts for the
+    sky ranges, ~25 ms each for the names and the alert keys, where plans made
+    for the values take 1-2 ms, and it grows with the tables. So custom plans
+    are forced for the statement, and JIT is off: the planner cannot see the
+    arrays' elements are narrow (it guesses 1/9 of the table per sky range), so
+    at a few 10^5 targets the plan's cost passes jit_above_cost and JIT
+    compilation takes ~60 ms for a query that runs in ~1 ms. Only for this
+    statement: the transaction's settings are put back after it (not for
+    every statement: the foreign-key checks of the writes that follow are
+    prepared queries too, and a custom plan for each of their rows cost more
+    than it saved). A failed statement aborts the transaction, whose rollback
+    undoes the SET LOCALs.
+    """
+    jit, mode = s.execute(_PIN_PLAN).one()[:2]
+    rows = s.execute(stmt, params).all()
+    s.execute(_PUT_BACK_PLAN, {"jit": jit, "mode": mode})
+    return rows
 
 
 def match_target_names(s: Session, norms: Sequence[str]) -> dict[str, int]:
     """``target_id_by_norm`` in one fixed statement on PostgreSQL."""
     if not norms or not _is_postgresql(s):
         return target_id_by_norm(s, norms)
-    return {norm: tid for norm, tid in s.execute(_NORMS_ANY, {"norms": list(norms)})}
+    return {norm: tid for norm, tid in _planned_for_values(s, _NORMS_ANY, {"norms": list(norms)})}
 
 
 def merge_ranges(ranges: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -1739,14 +1770,7 @@ def targets_near(s: Session, ranges: Sequence[tuple[int, int]]) -> dict[int, tup
     if not _is_postgresql(s):
         return targets_in_range_set(s, ranges)
     merged = merge_ranges(ranges)
-    # The planner cannot see the ranges are narrow (1/9 of the table per range,
-    # it guesses), so at a few 10^5 targets the plan's cost passes jit_above_cost
-    # and JIT compilation takes ~60 ms for a query that runs in ~1 ms. JIT is off
-    # for this statement only: the transaction's setting is put back after it.
-    # (A failed statement aborts the transaction, whose rollback undoes SET LOCAL.)
-    jit = s.execute(_JIT_OFF).one()[0]
-    rows = s.execute(_RANGES_ANY, {"lo": [a for a, _ in merged], "hi": [b for _, b in merged]}).all()
-    s.execute(_JIT_SET, {"jit": jit})
+    rows = _planned_for_values(s, _RANGES_ANY, {"lo": [a for a, _ in merged], "hi": [b for _, b in merged]})
     return {tid: (ra, dec) for tid, ra, dec in rows}
 
 
