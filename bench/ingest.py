@@ -4,8 +4,8 @@ Produces ``--alerts`` copies of the real ZTF alerts in ../shared/data (cutouts i
 unique candid/objectId, spread positions) to a local Tansu broker, then:
 
 1. the ceiling: consume the same messages with plain confluent-kafka and
-   decode them with fastavro as tomd's decoder does (each distinct writer
-   schema parsed once, then a schemaless read of the records), nothing else;
+   decode them as tomd's decoder does (each distinct writer schema parsed
+   once, then the records read with cavro), nothing else;
 2. ``tomd run``'s consumer and ingestor (the daemon's own wiring) into a
    fresh SQLite database and a fresh PostgreSQL database, with 0 and 25
    rules, cutouts stored as data products or not;
@@ -73,6 +73,7 @@ import threading
 import time
 from pathlib import Path
 
+import cavro
 import fastavro
 from confluent_kafka import Consumer
 from sqlalchemy import text
@@ -81,7 +82,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from tomd.alerts.broker import LOCAL_GROUP_SETTINGS, LocalBroker, create_topics, produce  # noqa: E402
-from tomd.alerts.decode import _ocf_blocks as ocf_blocks, read_ocf_header  # noqa: E402
+from tomd.alerts.decode import _cavro_schema as cavro_schema, _ocf_blocks as ocf_blocks, read_ocf_header  # noqa: E402
 from tomd.alerts.formats import FORMATS  # noqa: E402
 from tomd.config import Config, Database, Rules, Storage, Stream  # noqa: E402
 from tomd.daemon import Daemon  # noqa: E402
@@ -97,10 +98,11 @@ from ztf_copies import ztf_copies  # noqa: E402
 def ceiling(bootstrap: str, topic: str, n: int, batch_size: int) -> dict:
     """Alerts/s for consume + decode, nothing else, and the milliseconds per alert of each.
 
-    Decoding is what tomd's decoder does, the cheapest correct way with
-    fastavro: the container header read, its schema parsed once per distinct
-    text (cached), the records read with ``schemaless_reader``. Re-reading the
-    schema of every message (``fastavro.reader``) would be no ceiling: it
+    Decoding is what tomd's decoder does, the cheapest correct way: the
+    container header read, its schema parsed once per distinct text
+    (cached), the records read with cavro (``tomd.alerts.decode.OcfSchema``;
+    fastavro's ``schemaless_reader`` for a schema cavro refuses). Re-reading
+    the schema of every message (``fastavro.reader``) would be no ceiling: it
     costs several times the decode itself.
     """
     # The prefetch queue tomd's consumer sets (StreamConsumer._kafka_config): without
@@ -127,11 +129,17 @@ def ceiling(bootstrap: str, topic: str, n: int, batch_size: int) -> dict:
             header = read_ocf_header(v)
             schema = schemas.get(header.schema_json)
             if schema is None:
-                schema = schemas[header.schema_json] = fastavro.parse_schema(json.loads(header.schema_json))
+                schema = schemas[header.schema_json] = cavro_schema(header.schema_json) or \
+                    fastavro.parse_schema(json.loads(header.schema_json))
             for count, block in ocf_blocks(v, header):
-                bio = io.BytesIO(block)
-                for _ in range(count):
-                    fastavro.schemaless_reader(bio, schema, None)
+                if isinstance(schema, cavro.Schema):
+                    reader = cavro.MemoryReader(block)
+                    for _ in range(count):
+                        schema.binary_read(reader)
+                else:
+                    bio = io.BytesIO(block)
+                    for _ in range(count):
+                        fastavro.schemaless_reader(bio, schema, None)
             done += 1
         decode_s += time.perf_counter() - tb
     elapsed = time.perf_counter() - (t0 or time.perf_counter())
