@@ -15,8 +15,9 @@ from tomd.db.models import AlertRow, Decision
 T0 = datetime(2026, 3, 1, tzinfo=timezone.utc)
 
 
-def _row(alert_id, reason="alert.mag < 17 is false"):
-    return (alert_id, None, "bright", "v1", "not_fired", T0, reason, {"clause": 0})
+def _row(alert_id, reason="alert.mag < 17 is false", outcome="error"):
+    # An error's reason can quote an alert's value (a NUL among them); errors get a decisions row each.
+    return (alert_id, None, "bright", "v1", outcome, T0, reason, {"clause": 0})
 
 
 def test_a_refused_decision_row_raises_as_sqlalchemy_would(db):

@@ -100,7 +100,7 @@ def test_upgrade_keeps_points_drops_index_and_alert_fk_keeps_cascade(engine_at_0
     assert "ix_photometry_target_id" in _indexes(engine)
     assert _foreign_keys(engine)["alert_id"] == ("alerts", ["id"], "SET NULL")
 
-    migrate.upgrade(engine)
+    migrate.upgrade(engine, "0010")
 
     assert migrate.current_revision(engine) == "0010"
     assert _points(engine) == POINTS
@@ -140,7 +140,7 @@ def test_downgrade_restores_index_and_fk_and_upgrade_runs_again(engine_at_0009):
         c.execute(text("DELETE FROM alerts WHERE id = 3"))
     assert [p[2] for p in _points(engine)] == [1, 1, 2, None, None, None]
 
-    migrate.upgrade(engine)
+    migrate.upgrade(engine, "0010")
 
     assert migrate.current_revision(engine) == "0010"
     assert "ix_photometry_target_id" not in _indexes(engine)

@@ -11,6 +11,7 @@ from tests.alert_samples import encode, next_alert, read_ztf, ztf_files
 from tomd.alerts.decode import decode_avro_ocf
 from tomd.alerts.formats import ztf
 from tomd.alerts.ingest import FileMessage, IngestSettings, Ingestor
+from tomd.db import repository as repo
 from tomd.db.models import AlertRow, Decision, ObservationRequest, OutboxEvent, TargetTag
 from tomd.rules.engine import RuleEngine, RuleSet, full_reason
 from tomd.rules.load import RuleEnv, parse_rule
@@ -56,8 +57,10 @@ def ingest(db, eng, records, schema, extra_sinks=()):
 
 
 def decisions(db):
+    """Every verdict (decision rows and the not-fired ones kept per alert), by alert, then rule."""
     with db.sessions() as s:
-        return [(d.rule, d.outcome, d.reason, d.alert_id) for d in s.scalars(select(Decision).order_by(Decision.id))]
+        return [(d.rule, d.outcome, d.reason, d.alert_id)
+                for d in sorted(repo.all_verdicts(s), key=lambda d: (d.alert_id or 0, d.rule))]
 
 
 def count(db, model, *where):
@@ -95,7 +98,7 @@ def test_verdicts_with_reasons_and_one_intent_per_fired_decision(db, sample):
     # The row keeps the clause; the values it read are in details, written out when read (explain).
     assert got["faint"][1] == f"alert.mag > {mag + 1} is false"
     with db.sessions() as s:
-        faint = s.scalars(select(Decision).where(Decision.rule == "faint")).one()
+        (faint,) = [d for d in repo.all_verdicts(s) if d.rule == "faint"]
         assert faint.details["clause"] == 0 and faint.details["values"]["alert.mag"] == pytest.approx(mag)
         assert full_reason(faint.reason, faint.details) == f"alert.mag > {mag + 1} is false (alert.mag = {mag:.6g})"
     assert got["broken"][0] == "error"
@@ -512,7 +515,7 @@ def test_not_fired_rows_keep_the_values_as_read_and_explain_spells_them_out(db, 
     eng = engine(*rules)
     ingest(db, eng, [rec], schema)
     with db.sessions() as s:
-        rows = {d.rule: d for d in s.scalars(select(Decision))}
+        rows = {d.rule: d for d in repo.all_verdicts(s)}
     assert {r: d.outcome for r, d in rows.items()} == {"float": "not_fired", "missing": "not_fired",
                                                        "tags": "not_fired", "text": "not_fired", "error": "error"}
     assert rows["float"].details == {"clause": 0, "values": {"alert.mag": pytest.approx(mag)}, "line": 1}

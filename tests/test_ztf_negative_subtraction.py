@@ -25,7 +25,8 @@ from tests.conftest import SHARED_DATA
 from tomd.alerts.model import payload_dict
 from tomd.alerts.ingest import FileMessage, IngestSettings, Ingestor
 from tomd.alerts.parse import parse_message
-from tomd.db.models import Decision, Photometry
+from tomd.db import repository as repo
+from tomd.db.models import Photometry
 from tomd.rules.engine import RuleEngine, RuleSet
 from tomd.rules.load import RuleEnv, parse_rule
 
@@ -147,7 +148,7 @@ def _ingest_with_rules(db, fmt: str, data: bytes, rules: list) -> dict[str, str]
                    lambda b: parse_message(fmt, b), sinks=[eng])
     assert ing.handle([FileMessage("f", 0, data)]).dead_letters == 0
     with db.sessions() as s:
-        return {d.rule: d.outcome for d in s.scalars(select(Decision))}
+        return {d.rule: d.outcome for d in repo.all_verdicts(s)}
 
 
 RULES = {

@@ -344,8 +344,7 @@ def _show_results(workdir: Path, cfg_path: Path, sessions, received: list[dict],
             .order_by(func.count(Photometry.id).desc()).limit(1)
         ).one()
         notices = list(s.scalars(select(Notice).order_by(Notice.id)))
-        verdicts = s.execute(select(Decision.rule, Decision.outcome, func.count())
-                             .group_by(Decision.rule, Decision.outcome).order_by(Decision.rule, Decision.outcome)).all()
+        verdicts = [(rule, outcome, n) for (rule, outcome), n in sorted(repo.verdict_counts(s).items())]
         fired = s.scalars(select(Decision).where(Decision.outcome == "fired").order_by(Decision.id)).first()
         requests = list(s.scalars(select(ObservationRequest).order_by(ObservationRequest.id)))
         products = Counter((p.request_id is not None, p.state) for p in s.scalars(select(DataProduct)))

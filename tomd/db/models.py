@@ -273,6 +273,27 @@ class Decision(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
+class AlertVerdicts(Base):
+    """An alert's not-fired verdicts, one row for all of them (migration 0011).
+
+    Most verdicts are "not fired": with 25 rules, 25 decision rows per alert,
+    each paying its heap tuple, indexes and foreign-key checks (~14 us of
+    PostgreSQL CPU and ~150 bytes each; at Rubin's 10^7 alerts a night, 2.5·10^8
+    rows a night). They are kept here as one JSON list per alert instead,
+    ``[[rule, rule_version, reason, details], ...]`` in rule order, still every
+    one explainable (``repository.decisions_of_alert`` reads both tables).
+    Fired, limited, deduplicated, test and error verdicts stay in ``decisions``:
+    limits, requests and events point at those rows.
+    """
+
+    __tablename__ = "alert_verdicts"
+
+    alert_id: Mapped[int] = mapped_column(ForeignKey("alerts.id", ondelete="CASCADE"), primary_key=True)
+    target_id: Mapped[int | None] = mapped_column(ForeignKey("targets.id", ondelete="CASCADE"), index=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    verdicts: Mapped[list[Any]] = mapped_column(JSON, default=list)  # json on PostgreSQL: not queried inside
+
+
 # ------------------------------------------------------------ observations --
 
 

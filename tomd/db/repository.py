@@ -8,6 +8,7 @@ together. They return ORM rows or plain values.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from functools import lru_cache
@@ -595,6 +596,9 @@ DECISION_COLUMNS = _DECISION_COLUMNS
 def insert_decisions(s: Session, rows: Sequence[Sequence[Any] | Mapping[str, Any]]) -> None:
     """Every verdict of a batch (rules × alerts rows): tuples in ``DECISION_COLUMNS`` order (dicts work too).
 
+    An alert's not-fired verdicts go to one ``alert_verdicts`` row (``_keep_not_fired_apart``);
+    the others to a ``decisions`` row each.
+
     ``details`` is a dict; or, in a not-fired verdict's compact row, the tuple of the texts its
     clause read, their values following the row's eight columns after the clause and its line:
     ``(…, reason, texts, clause, line, *values)``, stored as ``{"clause": …, "values": {text:
@@ -615,6 +619,9 @@ def insert_decisions(s: Session, rows: Sequence[Sequence[Any] | Mapping[str, Any
     if isinstance(rows[0], Mapping):
         rows = [tuple(r.get(c, "" if c in ("rule_version", "reason") else None) for c in _DECISION_COLUMNS)
                 for r in rows]
+    rows = _keep_not_fired_apart(s, rows)
+    if not rows:
+        return
     if s.get_bind().dialect.name != "postgresql":
         s.execute(_DECISIONS.insert(), [{**dict(zip(_DECISION_COLUMNS, r)), "details": decision_details(r)}
                                         for r in rows])
@@ -649,6 +656,96 @@ def insert_decisions(s: Session, rows: Sequence[Sequence[Any] | Mapping[str, Any
         # As SQLAlchemy would raise it: the ingest retries an outage (OperationalError) and finds a
         # refused row (DataError) one by one, instead of stopping the stream on a driver error.
         raise DBAPIError.instance(sql, None, exc, psycopg.Error) from exc
+
+
+_VERDICTS = None  # alert_verdicts, bound on first use (its model sits beside Decision's)
+
+
+def _keep_not_fired_apart(s: Session, rows: Sequence[Sequence[Any]]) -> list[Sequence[Any]]:
+    """Write each alert's not-fired verdicts as one ``alert_verdicts`` row; the other rows, returned, go to
+    ``decisions``. An alert's verdicts come in one call (the rule engine's batch), in rule order: kept so."""
+    from tomd.db.migrate import json_bytes
+
+    kept: list[Sequence[Any]] = []
+    by_alert: dict[int, list[Any]] = {}
+    head: dict[int, tuple[Any, Any]] = {}
+    for r in rows:
+        if r[4] != "not_fired" or r[0] is None:
+            kept.append(r)
+            continue
+        entries = by_alert.get(r[0])
+        if entries is None:
+            entries = by_alert[r[0]] = []
+            head[r[0]] = (r[1], r[5])
+        entries.append((r[2], r[3] or "", r[6] or "", decision_details(r)))
+    if not by_alert:
+        return kept
+    if _is_postgresql(s):
+        import datetime as _dt
+
+        _copy(s, _alert_verdicts(), ("alert_id", "target_id", "created_at", "verdicts"), (
+            (alert_id, head[alert_id][0], _copy_time(head[alert_id][1] or _dt.datetime.now(_dt.timezone.utc)),
+             json_bytes(entries)) for alert_id, entries in by_alert.items()))
+    else:
+        s.execute(_alert_verdicts().insert(), [
+            {"alert_id": alert_id, "target_id": head[alert_id][0], "created_at": head[alert_id][1] or utcnow(),
+             "verdicts": [list(e) for e in entries]} for alert_id, entries in by_alert.items()])
+    return kept
+
+
+def _alert_verdicts():
+    from tomd.db.models import AlertVerdicts
+
+    return AlertVerdicts.__table__
+
+
+@dataclass(frozen=True, slots=True)
+class VerdictRow:
+    """One rule verdict for an alert, from whichever table keeps it."""
+
+    id: int | None  # the decisions row's; None for a not-fired verdict (alert_verdicts)
+    alert_id: int | None
+    target_id: int | None
+    rule: str
+    rule_version: str
+    outcome: str
+    reason: str
+    details: dict[str, Any]
+    created_at: Any
+
+
+def _verdict_rows(s: Session, alert_id: int | None = None) -> list[VerdictRow]:
+    d, v = _DECISIONS, _alert_verdicts()
+    qd = select(d.c.id, d.c.alert_id, d.c.target_id, d.c.rule, d.c.rule_version, d.c.outcome, d.c.reason,
+                d.c.details, d.c.created_at)
+    qv = select(v.c.alert_id, v.c.target_id, v.c.verdicts, v.c.created_at)
+    if alert_id is not None:
+        qd, qv = qd.where(d.c.alert_id == alert_id), qv.where(v.c.alert_id == alert_id)
+    out = [VerdictRow(r.id, r.alert_id, r.target_id, r.rule, r.rule_version or "", r.outcome, r.reason or "",
+                      r.details or {}, _aware(r.created_at)) for r in s.execute(qd)]
+    for r in s.execute(qv):
+        at = _aware(r.created_at)
+        out.extend(VerdictRow(None, r.alert_id, r.target_id, rule, version, "not_fired", reason, details or {}, at)
+                   for rule, version, reason, details in r.verdicts or ())
+    return out
+
+
+def _aware(t):
+    from datetime import timezone
+
+    return t.replace(tzinfo=timezone.utc) if t is not None and t.tzinfo is None else t
+
+
+def all_verdicts(s: Session) -> list[VerdictRow]:
+    """Every verdict stored, oldest first (then by alert and rule): backtests read them all."""
+    return sorted(_verdict_rows(s), key=lambda r: (r.created_at, r.alert_id or 0, r.rule, r.id or 0))
+
+
+def verdict_counts(s: Session) -> dict[tuple[str, str], int]:
+    """{(rule, outcome): verdicts} over both tables."""
+    from collections import Counter
+
+    return dict(Counter((r.rule, r.outcome) for r in _verdict_rows(s)))
 
 
 def decision_details(row: Sequence[Any]) -> dict[str, Any]:
@@ -705,8 +802,9 @@ def set_request_priority(s: Session, request_id: int, priority: float) -> None:
     s.execute(_REQUESTS.update().where(_REQUESTS.c.id == request_id).values(priority=priority, updated_at=utcnow()))
 
 
-def decisions_of_alert(s: Session, alert_id: int) -> list[Decision]:
-    return list(s.scalars(select(Decision).where(Decision.alert_id == alert_id).order_by(Decision.rule)))
+def decisions_of_alert(s: Session, alert_id: int) -> list[VerdictRow]:
+    """Every verdict for the alert, by rule: its decision rows and its not-fired verdicts (alert_verdicts)."""
+    return sorted(_verdict_rows(s, alert_id), key=lambda r: (r.rule, r.id or 0))
 
 
 def request_of_decision(s: Session, decision_id: int) -> ObservationRequest | None:

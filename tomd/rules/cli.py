@@ -269,8 +269,8 @@ def backtest(alerts, rules, *, facility_kinds=None, features=None, match_radius_
     from sqlalchemy import select
 
     from tomd.alerts.ingest import FileMessage, IngestSettings, Ingestor
-    from tomd.db import migrate
-    from tomd.db.models import Decision, ObservationRequest, TargetName
+    from tomd.db import migrate, repository as repo
+    from tomd.db.models import ObservationRequest, TargetName
     from tomd.rules.engine import RuleEngine, RuleSet, facility_longitude, night_of
 
     alerts = sorted(alerts, key=lambda a: a.time)
@@ -281,8 +281,6 @@ def backtest(alerts, rules, *, facility_kinds=None, features=None, match_radius_
         sessions = migrate.sessions(engine)
         unknown_time = unknown_extras = 0
         if history:
-            from tomd.db import repository as repo
-
             with sessions.begin() as s:
                 repo.seed_target_history(s, history)
             unknown_time = sum(1 for r in history.get("tags", []) + history.get("members", [])
@@ -304,7 +302,7 @@ def backtest(alerts, rules, *, facility_kinds=None, features=None, match_radius_
             ing.handle([FileMessage("backtest", i, str(i).encode())])
         with sessions() as s:
             rows = [(d.rule, d.outcome, d.reason, d.target_id, d.created_at, d.details, d.id)
-                    for d in s.scalars(select(Decision).order_by(Decision.created_at, Decision.id))]
+                    for d in repo.all_verdicts(s)]
             hours = {r.decision_id: r.estimated_hours or 0.0 for r in s.scalars(select(ObservationRequest))}
             names = {t: n for t, n in s.execute(select(TargetName.target_id, TargetName.name)
                                                  .where(TargetName.primary.is_(True)))}
