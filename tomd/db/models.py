@@ -280,8 +280,10 @@ class AlertVerdicts(Base):
     each paying its heap tuple, indexes and foreign-key checks (~14 us of
     PostgreSQL CPU and ~150 bytes each; at Rubin's 10^7 alerts a night, 2.5·10^8
     rows a night). They are kept here as one JSON list per alert instead,
-    ``[[rule, rule_version, reason, details], ...]`` in rule order, still every
-    one explainable (``repository.decisions_of_alert`` reads both tables).
+    ``[[rule, rule_version, reason, details], ...]`` in rule order (a not-fired
+    verdict's details as ``clause, line, texts, values``, as the rule engine
+    hands them over), still every one explainable
+    (``repository.decisions_of_alert`` reads both tables).
     Fired, limited, deduplicated, test and error verdicts stay in ``decisions``:
     limits, requests and events point at those rows.
     """

@@ -663,7 +663,10 @@ _VERDICTS = None  # alert_verdicts, bound on first use (its model sits beside De
 
 def _keep_not_fired_apart(s: Session, rows: Sequence[Sequence[Any]]) -> list[Sequence[Any]]:
     """Write each alert's not-fired verdicts as one ``alert_verdicts`` row; the other rows, returned, go to
-    ``decisions``. An alert's verdicts come in one call (the rule engine's batch), in rule order: kept so."""
+    ``decisions``. An alert's verdicts come in one call (the rule engine's batch), in rule order: kept so.
+
+    Each verdict is ``[rule, rule_version, reason, details]``, or, from the engine's compact row,
+    ``[rule, rule_version, reason, clause, line, texts, values]`` (``_verdict_details`` reads both)."""
     from tomd.db.migrate import json_bytes
 
     kept: list[Sequence[Any]] = []
@@ -677,7 +680,11 @@ def _keep_not_fired_apart(s: Session, rows: Sequence[Sequence[Any]]) -> list[Seq
         if entries is None:
             entries = by_alert[r[0]] = []
             head[r[0]] = (r[1], r[5])
-        entries.append((r[2], r[3] or "", r[6] or "", decision_details(r)))
+        d = r[7]
+        if type(d) is tuple:  # the engine's compact row: no dict made (a batch holds rules × alerts of them)
+            entries.append((r[2], r[3] or "", r[6] or "", r[8], r[9], d, r[10:]))
+        else:
+            entries.append((r[2], r[3] or "", r[6] or "", d or {}))
     if not by_alert:
         return kept
     if _is_postgresql(s):
@@ -725,9 +732,16 @@ def _verdict_rows(s: Session, alert_id: int | None = None) -> list[VerdictRow]:
                       r.details or {}, _aware(r.created_at)) for r in s.execute(qd)]
     for r in s.execute(qv):
         at = _aware(r.created_at)
-        out.extend(VerdictRow(None, r.alert_id, r.target_id, rule, version, "not_fired", reason, details or {}, at)
-                   for rule, version, reason, details in r.verdicts or ())
+        out.extend(VerdictRow(None, r.alert_id, r.target_id, e[0], e[1], "not_fired", e[2], _verdict_details(e), at)
+                   for e in r.verdicts or ())
     return out
+
+
+def _verdict_details(entry: Sequence[Any]) -> dict[str, Any]:
+    """An alert_verdicts entry's details: its dict, or the compact entry's made one (as decision_details)."""
+    if len(entry) == 7:
+        return {"clause": entry[3], "values": dict(zip(entry[5], entry[6])), "line": entry[4]}
+    return entry[3] or {}
 
 
 def _aware(t):

@@ -58,7 +58,12 @@ def downgrade() -> None:
         if isinstance(verdicts, str):  # SQLite hands JSON back as text through a plain text()
             import json
             verdicts = json.loads(verdicts)
-        for rule, version, reason, details in verdicts:
+        for entry in verdicts:
+            rule, version, reason = entry[:3]
+            if len(entry) == 7:  # [rule, version, reason, clause, line, texts, values]
+                details = {"clause": entry[3], "values": dict(zip(entry[5], entry[6])), "line": entry[4]}
+            else:  # [rule, version, reason, details]
+                details = entry[3] or {}
             out.append({"alert_id": alert_id, "target_id": target_id, "rule": rule, "rule_version": version,
                         "outcome": "not_fired", "reason": reason, "details": details, "created_at": created_at})
     if out:
