@@ -182,3 +182,18 @@ def test_downgrade_writes_verdicts_back_as_decision_rows_and_upgrade_runs_again(
         assert c.execute(text("SELECT count(*) FROM alert_verdicts")).scalar() == 0
     with migrate.sessions(engine)() as s:  # the written-back rows read as any old row
         assert _as_verdicts(repo.decisions_of_alert(s, 4)) == back
+
+
+def test_downgrade_writes_a_not_fired_reason_holding_nul_visibly() -> None:
+    """JSON keeps a NUL a reason quoted; decisions.reason (text) refuses it on PostgreSQL: the
+    downgrade writes it as insert_decisions writes an error's, visibly, and does not fail."""
+    with pg_database_at("0010") as engine:
+        _fill(engine)
+        migrate.upgrade(engine, "0011")
+        with migrate.sessions(engine)() as s, s.begin():
+            repo.insert_decisions(s, [(4, 2, "x", "v", "not_fired", T0, "alert.band == 'a\x00b' is false", {})])
+        _downgrade(engine, "0010")
+        assert migrate.current_revision(engine) == "0010"
+        with engine.connect() as c:
+            reason = c.execute(text("SELECT reason FROM decisions WHERE rule = 'x'")).scalar_one()
+        assert reason == "alert.band == 'a\\x00b' is false"

@@ -47,26 +47,36 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    # The not-fired verdicts go back to a decision row each, as they were stored before.
+    # The not-fired verdicts go back to a decision row each, as they were stored before: read by
+    # alert id, 5,000 alerts at a time (a busy database holds ~10^8 verdicts), written in bulk.
+    import json
+
     bind = op.get_bind()
-    rows = bind.execute(sa.text("SELECT alert_id, target_id, created_at, verdicts FROM alert_verdicts")).all()
     decisions = sa.table('decisions', sa.column('alert_id'), sa.column('target_id'), sa.column('rule'),
                          sa.column('rule_version'), sa.column('outcome'), sa.column('reason'),
                          sa.column('details', sa.JSON()), sa.column('created_at'))
-    out = []
-    for alert_id, target_id, created_at, verdicts in rows:
-        if isinstance(verdicts, str):  # SQLite hands JSON back as text through a plain text()
-            import json
-            verdicts = json.loads(verdicts)
-        for entry in verdicts:
-            rule, version, reason = entry[:3]
-            if len(entry) == 7:  # [rule, version, reason, clause, line, texts, values]
-                details = {"clause": entry[3], "values": dict(zip(entry[5], entry[6])), "line": entry[4]}
-            else:  # [rule, version, reason, details]
-                details = entry[3] or {}
-            out.append({"alert_id": alert_id, "target_id": target_id, "rule": rule, "rule_version": version,
-                        "outcome": "not_fired", "reason": reason, "details": details, "created_at": created_at})
-    if out:
+    after = -1
+    while True:
+        rows = bind.execute(sa.text(
+            "SELECT alert_id, target_id, created_at, verdicts FROM alert_verdicts WHERE alert_id > :after "
+            "ORDER BY alert_id LIMIT 5000"), {"after": after}).all()
+        if not rows:
+            break
+        after = rows[-1][0]
+        out = []
+        for alert_id, target_id, created_at, verdicts in rows:
+            if isinstance(verdicts, str):  # SQLite hands JSON back as text through a plain text()
+                verdicts = json.loads(verdicts)
+            for entry in verdicts:
+                rule, version, reason = entry[:3]
+                if len(entry) == 7:  # [rule, version, reason, clause, line, texts, values]
+                    details = {"clause": entry[3], "values": dict(zip(entry[5], entry[6])), "line": entry[4]}
+                else:  # [rule, version, reason, details]
+                    details = entry[3] or {}
+                # JSON kept a NUL a reason quoted; text columns refuse it (written visibly, as insert_decisions does).
+                out.append({"alert_id": alert_id, "target_id": target_id, "rule": rule, "rule_version": version,
+                            "outcome": "not_fired", "reason": (reason or "").replace("\x00", "\\x00"),
+                            "details": details, "created_at": created_at})
         op.bulk_insert(decisions, out)
     op.drop_index('ix_alert_verdicts_target_id', table_name='alert_verdicts')
     op.drop_table('alert_verdicts')
