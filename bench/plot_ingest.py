@@ -15,14 +15,15 @@ from html import escape
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PARTS = [("tomd", "#4c72b0", "tomd"), ("parse_workers", "#8172b2", "parse worker"),
+PARTS = [("tomd", "#4c72b0", "tomd (all daemons)"), ("parse_workers", "#8172b2", "parse worker"),
          ("postgresql", "#dd8452", "PostgreSQL server"), ("broker", "#55a868", "broker")]
 
 
 def label(run: dict) -> str:
     cut = "cutouts" if run["cutouts"] else "no cutouts"
     w = f", {run['parse_workers']} parse worker" if run.get("parse_workers") else ""
-    return f"{run['backend']}, {run['rules']} rules, {cut}{w}"
+    d = f", {run['daemons']} daemons" if (run.get("daemons") or 1) > 1 else ""
+    return f"{run['backend']}, {run['rules']} rules, {cut}{w}{d}"
 
 
 def svg(results: dict) -> str:
