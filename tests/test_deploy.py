@@ -368,3 +368,143 @@ def test_systemd_analyze_verify(tmp_path):
     unit.write_text((DEPLOY / "systemd/tomd.service").read_text().replace("/opt/tomd/bin/tomd", tomd))
     r = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and not r.stderr.strip(), r.stdout + r.stderr
+
+
+# ------------------------------------------------ systemd template: one daemon per core
+
+TEMPLATE = DEPLOY / "systemd/tomd@.service"
+# What the template adds to tomd.service's [Service] lines: the instance's port, a user shared
+# by all instances (so the shared state directory keeps one owner), a log identity per instance.
+TEMPLATE_ONLY = {"Environment=TOMD_METRICS_PORT=%i", "User=tomd", "SyslogIdentifier=tomd@%i"}
+
+
+def unit_sections(path: Path) -> dict[str, list[str]]:
+    """``Key=value`` lines per section, comments and blank lines left out."""
+    sections: dict[str, list[str]] = {}
+    current = None
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("[") and line.endswith("]"):
+            current = sections.setdefault(line[1:-1], [])
+        else:
+            assert current is not None, f"{path.name}: {line} before any section"
+            current.append(line)
+    return sections
+
+
+def instance_env(instance: str) -> dict[str, str]:
+    """The Environment= settings the template gives ``tomd@<instance>``, %i expanded."""
+    env = {}
+    for line in unit_sections(TEMPLATE)["Service"]:
+        if line.startswith("Environment="):
+            key, _, value = line[len("Environment="):].partition("=")
+            env[key] = value.replace("%i", instance)
+    return env
+
+
+def test_systemd_template_keeps_every_setting_of_the_single_unit():
+    """tomd@.service is tomd.service plus what must differ between daemons on one host: every
+    [Service] line of tomd.service (sandbox, secrets, config check, stop and restart) is in the
+    template, which adds only TEMPLATE_ONLY; [Unit] and [Install] match but for the description."""
+    single, template = unit_sections(DEPLOY / "systemd/tomd.service"), unit_sections(TEMPLATE)
+    assert set(template) == set(single) == {"Unit", "Service", "Install"}
+    missing = [line for line in single["Service"] if line not in template["Service"]]
+    assert missing == []
+    assert set(template["Service"]) - set(single["Service"]) == TEMPLATE_ONLY
+    assert len(template["Service"]) == len(single["Service"]) + len(TEMPLATE_ONLY)
+    sandbox = [line for line in single["Service"] if line.startswith(("Protect", "Private", "Restrict", "NoNew",
+                                                                      "SystemCall", "Capability", "ReadWrite"))]
+    assert len(sandbox) >= 18 and all(line in template["Service"] for line in sandbox)
+    assert [line for line in template["Unit"] if not line.startswith("Description=")] == \
+        [line for line in single["Unit"] if not line.startswith("Description=")]
+    assert "%i" in next(line for line in template["Unit"] if line.startswith("Description="))
+    assert template["Install"] == single["Install"]
+    (start,) = [line for line in template["Service"] if line.startswith("ExecStart=")]
+    assert start.split()[1:3] == ["run", "--log-format"] and start.split()[0].endswith("/tomd")
+    # Shared on purpose: one state directory (data products stored by any daemon, read by all),
+    # one config file, hence one consumer group and one database.
+    assert "StateDirectory=tomd" in template["Service"] and "WorkingDirectory=/var/lib/tomd" in template["Service"]
+    assert instance_env("9464")["TOMD_CONFIG"] == instance_env("9465")["TOMD_CONFIG"] == "/etc/tomd/tomd.toml"
+
+
+def template_config(tmp_path: Path) -> Path:
+    """A tomd.toml as the template expects it: the [metrics] listen line its comments give."""
+    (listen,) = re.findall(r"^#\s+(listen = .*)$", TEMPLATE.read_text(), re.M)
+    for d in ("rules", "hooks"):
+        (tmp_path / d).mkdir()
+    path = tmp_path / "tomd.toml"
+    path.write_text(f"""
+[database]
+url = "postgresql+psycopg://tomd:${{TOMD_DB_PASSWORD}}@127.0.0.1:5432/tomd"
+[metrics]
+{listen}
+[storage]
+url = "file://{tmp_path}/data"
+[rules]
+paths = ["{tmp_path}/rules"]
+[hooks]
+paths = ["{tmp_path}/hooks"]
+[[streams]]
+name = "ztf"
+kind = "kafka"
+bootstrap = "127.0.0.1:9092"
+group = "tomd"
+topics = ["ztf_public"]
+format = "ztf-avro"
+""")
+    return path
+
+
+def test_systemd_template_instances_listen_on_their_own_port(tmp_path):
+    """tomd's own loader, given the environment of tomd@9464 and tomd@9465 (and the secrets of
+    tomd.env), reads one tomd.toml as two listeners; the consumer group and database stay one.
+    Without the variable (tomd.service, tomd commands run by hand) it is the default 9464."""
+    path = template_config(tmp_path)
+    configs = {i: load_config(path, env={**ENV, **instance_env(i)}) for i in ("9464", "9465")}
+    assert {i: c.metrics.listen for i, c in configs.items()} == {"9464": "127.0.0.1:9464", "9465": "127.0.0.1:9465"}
+    a, b = configs.values()
+    assert a.database.url == b.database.url and [s.group for s in a.streams] == [s.group for s in b.streams] == ["tomd"]
+    assert a.storage.url == b.storage.url
+    assert load_config(path, env=ENV).metrics.listen == "127.0.0.1:9464"
+
+
+@pytest.mark.parametrize("instance", ["9464", "9465"])
+def test_systemd_template_instance_passes_tomd_config_check(tmp_path, monkeypatch, capsys, instance):
+    """ExecStartPre's ``tomd config check`` (the CLI, in-process) with an instance's environment."""
+    from tomd.cli import main
+
+    path = template_config(tmp_path)
+    for key, value in {**ENV, **instance_env(instance), "TOMD_CONFIG": str(path)}.items():
+        monkeypatch.setenv(key, value)
+    assert main(["config", "check"]) == 0
+    assert capsys.readouterr().out.strip() == f"{path}: OK"
+    assert load_config().metrics.listen == f"127.0.0.1:{instance}"
+
+
+def test_systemd_template_instance_not_named_by_a_port_fails_config_check(tmp_path, monkeypatch, capsys):
+    """The instance name is the port: ``tomd@a`` (or a port above 65535) is refused by
+    ExecStartPre, before the daemon starts, naming the key."""
+    from tomd.cli import main
+
+    path = template_config(tmp_path)
+    for key, value in {**ENV, **instance_env("a"), "TOMD_CONFIG": str(path)}.items():
+        monkeypatch.setenv(key, value)
+    assert main(["config", "check"]) == 1
+    assert "metrics.listen" in capsys.readouterr().err
+    monkeypatch.setenv("TOMD_METRICS_PORT", "70000")
+    assert main(["config", "check"]) == 1
+    assert "metrics.listen" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
+def test_systemd_analyze_verify_template_instance(tmp_path):
+    tomd = shutil.which("tomd") or str(Path(__file__).resolve().parents[1] / ".venv/bin/tomd")
+    if not Path(tomd).exists():
+        pytest.skip("no tomd executable to stand in for /opt/tomd/bin/tomd")
+    (tmp_path / "tomd@.service").write_text(TEMPLATE.read_text().replace("/opt/tomd/bin/tomd", tomd))
+    # An instance name: systemd-analyze loads the template next to it and expands %i.
+    r = subprocess.run(["systemd-analyze", "verify", str(tmp_path / "tomd@9465.service")],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and not r.stderr.strip(), r.stdout + r.stderr
