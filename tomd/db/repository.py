@@ -658,9 +658,6 @@ def insert_decisions(s: Session, rows: Sequence[Sequence[Any] | Mapping[str, Any
         raise DBAPIError.instance(sql, None, exc, psycopg.Error) from exc
 
 
-_VERDICTS = None  # alert_verdicts, bound on first use (its model sits beside Decision's)
-
-
 def _keep_not_fired_apart(s: Session, rows: Sequence[Sequence[Any]]) -> list[Sequence[Any]]:
     """Write each alert's not-fired verdicts as one ``alert_verdicts`` row; the other rows, returned, go to
     ``decisions``. An alert's verdicts come in one call (the rule engine's batch), in rule order: kept so.
@@ -688,11 +685,9 @@ def _keep_not_fired_apart(s: Session, rows: Sequence[Sequence[Any]]) -> list[Seq
     if not by_alert:
         return kept
     if _is_postgresql(s):
-        import datetime as _dt
-
         _copy(s, _alert_verdicts(), ("alert_id", "target_id", "created_at", "verdicts"), (
-            (alert_id, head[alert_id][0], _copy_time(head[alert_id][1] or _dt.datetime.now(_dt.timezone.utc)),
-             json_bytes(entries)) for alert_id, entries in by_alert.items()))
+            (alert_id, head[alert_id][0], _copy_time(head[alert_id][1] or utcnow()), json_bytes(entries))
+            for alert_id, entries in by_alert.items()))
     else:
         s.execute(_alert_verdicts().insert(), [
             {"alert_id": alert_id, "target_id": head[alert_id][0], "created_at": head[alert_id][1] or utcnow(),
@@ -756,10 +751,15 @@ def all_verdicts(s: Session) -> list[VerdictRow]:
 
 
 def verdict_counts(s: Session) -> dict[tuple[str, str], int]:
-    """{(rule, outcome): verdicts} over both tables."""
+    """{(rule, outcome): verdicts} over both tables (the not-fired lists read, not made rows)."""
     from collections import Counter
 
-    return dict(Counter((r.rule, r.outcome) for r in _verdict_rows(s)))
+    d = _DECISIONS
+    counts = Counter({(rule, outcome): n for rule, outcome, n in s.execute(
+        select(d.c.rule, d.c.outcome, func.count()).group_by(d.c.rule, d.c.outcome))})
+    counts.update((e[0], "not_fired") for (verdicts,) in s.execute(select(_alert_verdicts().c.verdicts))
+                  for e in verdicts or ())
+    return dict(counts)
 
 
 def decision_details(row: Sequence[Any]) -> dict[str, Any]:
