@@ -62,7 +62,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import io
 import json
 import os
 import secrets
@@ -73,8 +72,6 @@ import threading
 import time
 from pathlib import Path
 
-import cavro
-import fastavro
 from confluent_kafka import Consumer
 from sqlalchemy import text
 
@@ -82,14 +79,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from tomd.alerts.broker import LOCAL_GROUP_SETTINGS, LocalBroker, create_topics, produce  # noqa: E402
-from tomd.alerts.decode import _cavro_schema as cavro_schema, _ocf_blocks as ocf_blocks, read_ocf_header  # noqa: E402
+from tomd.alerts.decode import decode_avro_ocf  # noqa: E402
 from tomd.alerts.formats import FORMATS  # noqa: E402
 from tomd.config import Config, Database, Rules, Storage, Stream  # noqa: E402
 from tomd.daemon import Daemon  # noqa: E402
 from tomd.db import migrate  # noqa: E402
 from ingest_daemons import (Counters, DaemonFailed, DaemonProcess, StreamSettings, start_daemons,  # noqa: E402
                             stop_daemons, wait_until, write_config)
-from ingest_daemons import cpu_seconds as daemons_cpu_seconds  # noqa: E402
+from ingest_daemons import cpu_seconds  # noqa: E402
 from scratch_db import scratch_database  # noqa: E402
 from ztf_copies import ztf_copies  # noqa: E402
 
@@ -98,12 +95,12 @@ from ztf_copies import ztf_copies  # noqa: E402
 def ceiling(bootstrap: str, topic: str, n: int, batch_size: int) -> dict:
     """Alerts/s for consume + decode, nothing else, and the milliseconds per alert of each.
 
-    Decoding is what tomd's decoder does, the cheapest correct way: the
-    container header read, its schema parsed once per distinct text
-    (cached), the records read with cavro (``tomd.alerts.decode.OcfSchema``;
-    fastavro's ``schemaless_reader`` for a schema cavro refuses). Re-reading
-    the schema of every message (``fastavro.reader``) would be no ceiling: it
-    costs several times the decode itself.
+    Decoding is tomd's decoder itself (``decode_avro_ocf``), the cheapest
+    correct way: the container header read, its schema parsed once per
+    distinct text (cached), the records read with cavro (fastavro for a
+    schema cavro refuses). Re-reading the schema of every message
+    (``fastavro.reader``) would be no ceiling: it costs several times the
+    decode itself.
     """
     # The prefetch queue tomd's consumer sets (StreamConsumer._kafka_config): without
     # it this loop waits for fetches as long as it decodes.
@@ -111,7 +108,6 @@ def ceiling(bootstrap: str, topic: str, n: int, batch_size: int) -> dict:
                   "auto.offset.reset": "earliest", "enable.auto.commit": False,
                   "queued.max.messages.kbytes": 256 * 1024, **LOCAL_GROUP_SETTINGS})
     c.subscribe([topic])
-    schemas: dict[bytes, object] = {}
     done = 0
     t0 = None
     consume_s = decode_s = 0.0
@@ -126,20 +122,7 @@ def ceiling(bootstrap: str, topic: str, n: int, batch_size: int) -> dict:
         if t0 is not None:
             consume_s += tb - ta
         for v in values:
-            header = read_ocf_header(v)
-            schema = schemas.get(header.schema_json)
-            if schema is None:
-                schema = schemas[header.schema_json] = cavro_schema(header.schema_json) or \
-                    fastavro.parse_schema(json.loads(header.schema_json))
-            for count, block in ocf_blocks(v, header):
-                if isinstance(schema, cavro.Schema):
-                    reader = cavro.MemoryReader(block)
-                    for _ in range(count):
-                        schema.binary_read(reader)
-                else:
-                    bio = io.BytesIO(block)
-                    for _ in range(count):
-                        fastavro.schemaless_reader(bio, schema, None)
+            decode_avro_ocf(v)
             done += 1
         decode_s += time.perf_counter() - tb
     elapsed = time.perf_counter() - (t0 or time.perf_counter())
@@ -147,36 +130,6 @@ def ceiling(bootstrap: str, topic: str, n: int, batch_size: int) -> dict:
     return {"alerts_per_s": round(done / elapsed, 1) if elapsed else 0.0,
             "ms_per_alert": {"consume": round(consume_s / max(done, 1) * 1e3, 3),
                              "decode": round(decode_s / max(done, 1) * 1e3, 3)}}
-
-
-def cpu_seconds(db_name: str | None, broker_pid: int | None) -> dict[str, float]:
-    """CPU seconds (user + system) so far of this process, the database server's backends serving
-    ``db_name``, and the broker: where the machine's time goes, not only this thread's. Linux /proc;
-    empty elsewhere."""
-    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-    out = {"tomd": 0.0, "parse_workers": 0.0, "postgresql": 0.0, "broker": 0.0}
-    try:
-        pids = [p for p in os.listdir("/proc") if p.isdigit()]
-    except OSError:
-        return {}
-    for p in pids:
-        try:
-            stat = Path(f"/proc/{p}/stat").read_text()
-            f = stat[stat.rindex(")") + 2:].split()  # after the command name, which may hold spaces
-            if int(p) == os.getpid():
-                who = "tomd"
-            elif broker_pid is not None and int(p) == broker_pid:
-                who = "broker"
-            elif int(f[1]) == os.getpid():
-                who = "parse_workers"  # the other children of this process (spawned parse workers)
-            elif db_name and db_name in Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace"):
-                who = "postgresql"  # "postgres: 15/main: postgres <db> 127.0.0.1(port) ..."
-            else:
-                continue
-        except OSError:
-            continue
-        out[who] += (int(f[11]) + int(f[12])) / tick
-    return out
 
 
 class StageClock:
@@ -257,10 +210,10 @@ def tomd_rate(kind: str, bootstrap: str, topic: str, n: int, batch_size: int, ru
             while ing.totals.messages < n and time.monotonic() < deadline:
                 if t0 is None and consumer.stats.consumed:
                     t0 = time.perf_counter()
-                    cpu0 = cpu_seconds(db_name, broker_pid)
+                    cpu0 = cpu_seconds({os.getpid()}, db_name, broker_pid, children_as="parse_workers")
                 time.sleep(0.01)
             elapsed = time.perf_counter() - (t0 or time.perf_counter())
-            cpu1 = cpu_seconds(db_name, broker_pid)
+            cpu1 = cpu_seconds({os.getpid()}, db_name, broker_pid, children_as="parse_workers")
             daemon.stop.set()
             waiter.join(60)
         with engine.connect() as c:
@@ -336,7 +289,7 @@ def daemons_rate(bootstrap: str, topic: str, n: int, batch_size: int, daemons: i
 
         wait_until("the first message consumed (the group formed)", first_message, procs, timeout=120)
         t0 = time.perf_counter()
-        cpu0 = daemons_cpu_seconds({d.proc.pid for d in procs}, db_name, broker_pid)
+        cpu0 = cpu_seconds({d.proc.pid for d in procs}, db_name, broker_pid)
         seen.restart_clock()
 
         def all_handled() -> bool:
@@ -354,7 +307,7 @@ def daemons_rate(bootstrap: str, topic: str, n: int, batch_size: int, daemons: i
 
         wait_until(f"{n} messages handled", all_handled, procs, timeout=900, interval=next_look)
         elapsed = time.perf_counter() - t0
-        cpu1 = daemons_cpu_seconds({d.proc.pid for d in procs}, db_name, broker_pid)
+        cpu1 = cpu_seconds({d.proc.pid for d in procs}, db_name, broker_pid)
         finals = [d.metrics() for d in procs]
         with engine.connect() as c:
             stored = c.execute(text("SELECT count(*) FROM alerts")).scalar_one()

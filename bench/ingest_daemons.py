@@ -228,10 +228,12 @@ def stop_daemons(daemons: list[DaemonProcess], grace: float = 30.0) -> None:
             d.proc.wait(10)
 
 
-def cpu_seconds(daemon_pids: set[int], db_name: str, broker_pid: int | None) -> dict[str, float]:
-    """CPU seconds (user + system, all threads) so far of the daemons with their descendants (parse
-    workers, hook workers), the PostgreSQL backends serving ``db_name``, and the broker. Not this
-    process: it only watches. Linux /proc; empty elsewhere."""
+def cpu_seconds(daemon_pids: set[int], db_name: str | None, broker_pid: int | None, *,
+                children_as: str = "tomd") -> dict[str, float]:
+    """CPU seconds (user + system, all threads) so far of the daemons ("tomd") and their descendants
+    (parse workers, hook workers: counted as ``children_as``), the PostgreSQL backends serving
+    ``db_name``, and the broker. bench/ingest.py's in-process run passes its own pid, its parse
+    workers apart. Linux /proc; empty elsewhere."""
     tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
     try:
         pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
@@ -253,18 +255,20 @@ def cpu_seconds(daemon_pids: set[int], db_name: str, broker_pid: int | None) -> 
             p, seen = int(stats[p][1]), seen + 1
         return False
 
-    out = {"tomd": 0.0, "postgresql": 0.0, "broker": 0.0}
+    out = dict.fromkeys(("tomd", children_as, "postgresql", "broker"), 0.0)
     for p, f in stats.items():
-        if of_daemon(p):
-            who = "tomd"
-        elif p == broker_pid:
+        if p == broker_pid:  # before the daemons' descendants: the in-process run started the broker
             who = "broker"
+        elif p in daemon_pids:
+            who = "tomd"
+        elif of_daemon(p):
+            who = children_as
         else:
             try:
                 cmdline = Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace")
             except OSError:
                 continue
-            if db_name not in cmdline:
+            if not db_name or db_name not in cmdline:
                 continue
             who = "postgresql"  # "postgres: 15/main: postgres <db> 127.0.0.1(port) ..."
         out[who] += (int(f[11]) + int(f[12])) / tick

@@ -79,8 +79,7 @@ def _parse_chunk(items: list[tuple[bytes | None, Any, bytes | None]]) -> list[tu
             # The payload goes as one JSON string (unpickling its thousands of objects cost the stream
             # thread more than half of what the worker saved it); cutouts only if they are kept.
             keep = _worker_recipe.keep_cutouts
-            alerts = [dataclasses.replace(a, payload=a.payload if isinstance(a.payload, PayloadJson)
-                                          else PayloadJson(json_bytes(a.payload)),
+            alerts = [dataclasses.replace(a, payload=PayloadJson(json_bytes(a.payload)),
                                           cutouts=a.cutouts if keep else {}) for a in alerts]
         out.append((alerts, error, tb))
     return out

@@ -642,12 +642,10 @@ def insert_decisions(s: Session, rows: Sequence[Sequence[Any] | Mapping[str, Any
             copy.set_types(_copy_types("decisions", tuple(_DECISION_COLUMNS)))
             write = copy.write_row
             for r in rows:
-                created, details = r[5], r[7]
+                created, details = r[5], decision_details(r)
                 if created is not last:
                     stamp = created.astimezone(timezone.utc).replace(tzinfo=None)  # as UTCDateTime stores it
                     last = created
-                if type(details) is tuple:
-                    details = {"clause": r[8], "values": dict(zip(details, r[10:])), "line": r[9]}
                 reason = r[6] or ""
                 if "\x00" in reason:  # an error's text can quote an alert's value; text columns refuse NUL
                     reason = reason.replace("\x00", "\\x00")
@@ -733,10 +731,15 @@ def _verdict_rows(s: Session, alert_id: int | None = None) -> list[VerdictRow]:
 
 
 def _verdict_details(entry: Sequence[Any]) -> dict[str, Any]:
-    """An alert_verdicts entry's details: its dict, or the compact entry's made one (as decision_details)."""
+    """An alert_verdicts entry's details: its dict, or the compact entry's made one."""
     if len(entry) == 7:
-        return {"clause": entry[3], "values": dict(zip(entry[5], entry[6])), "line": entry[4]}
+        return _clause_details(entry[3], entry[4], entry[5], entry[6])
     return entry[3] or {}
+
+
+def _clause_details(clause: Any, line: Any, texts: Sequence[str], values: Sequence[Any]) -> dict[str, Any]:
+    """A not-fired verdict's details from the engine's compact form: the clause, its line, the values it read."""
+    return {"clause": clause, "values": dict(zip(texts, values)), "line": line}
 
 
 def _aware(t):
@@ -766,7 +769,7 @@ def decision_details(row: Sequence[Any]) -> dict[str, Any]:
     """A decision row's details as stored: its dict, or the compact not-fired row's made one."""
     d = row[7]
     if type(d) is tuple:
-        return {"clause": row[8], "values": dict(zip(d, row[10:])), "line": row[9]}
+        return _clause_details(row[8], row[9], d, row[10:])
     return d or {}
 
 
@@ -1674,8 +1677,6 @@ def outbox_backlog(s: Session) -> int:
 
 from datetime import timezone as _tz  # noqa: E402
 
-from tomd.alerts.model import PayloadJson  # noqa: E402
-
 # Binary COPY needs each column's type: the model's, as PostgreSQL names it
 # for the binary format. JSON and JSONB go as bytea, whose binary form is the
 # bytes as they are: json's binary input is the JSON text (checked by the
@@ -1733,7 +1734,7 @@ def _copy_json(value: Any) -> bytes:
     """A json column's binary COPY value: the JSON text's bytes (None as JSON null, as the JSON type binds it)."""
     from tomd.db.migrate import json_bytes
 
-    return value if isinstance(value, PayloadJson) else json_bytes(value)
+    return json_bytes(value)
 
 
 def _copy_jsonb(value: Any) -> bytes:

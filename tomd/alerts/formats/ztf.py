@@ -228,10 +228,8 @@ def _json_default(value: Any) -> Any:
         return float(value)
     if isinstance(value, (bytes, bytearray)):
         return None
-    if isinstance(value, float):  # a float subclass: orjson writes only float itself
+    if isinstance(value, float):  # a float subclass (numpy's): orjson writes only float itself
         return float(value)
-    if isinstance(value, dict):
-        return dict(value)
     return str(value)
 
 
