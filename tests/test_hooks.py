@@ -17,6 +17,7 @@ import textwrap
 import threading
 import time
 from collections import Counter
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -176,8 +177,10 @@ FAILING = """
 def test_failing_hooks_are_retried_with_backoff_then_recorded_failed(db, tmp_path):
     out = tmp_path / "out.txt"
     write(tmp_path / "hooks", "bad.py", FAILING)
-    runner = make_runner(db, tmp_path / "hooks", settings={"bad": {"out": str(out)}}, retry_backoff=3.0,
-                         retry_max=3.0)
+    # an hour's backoff: however slow the machine, no retry comes due inside a pass; the test moves
+    # each due time into the past itself (the clock passing), so it never depends on timing
+    runner = make_runner(db, tmp_path / "hooks", settings={"bad": {"out": str(out)}}, retry_backoff=3600.0,
+                         retry_max=3600.0)
     try:
         runner.start()
         new_targets(db, 2)
@@ -188,6 +191,15 @@ def test_failing_hooks_are_retried_with_backoff_then_recorded_failed(db, tmp_pat
         for r in pending:  # waiting for a later attempt, with the reason kept
             assert r.attempts == 1 and r.next_attempt_at is not None and r.error
         assert runner.run_once().retried + runner.run_once().failed == 0  # nothing is due before its backoff
+        for _ in range(10):  # the backoff passes: each pending run comes due, until all have ended
+            with db.sessions.begin() as s:
+                waiting = s.scalars(select(HookRun).where(HookRun.state == "pending")).all()
+                if not waiting:
+                    break
+                for r in waiting:
+                    assert r.next_attempt_at > datetime.now(timezone.utc) + timedelta(minutes=30)
+                    r.next_attempt_at = datetime.now(timezone.utc) - timedelta(seconds=1)
+            runner.run_once()
         drain(runner, db)
         events = event_ids(db, "target.created")
         for r in runs(db, "bad.raises"):
