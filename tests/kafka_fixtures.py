@@ -30,7 +30,8 @@ def kafka_broker(tmp_path_factory):
     except FileNotFoundError as exc:
         pytest.fail(f"Kafka tests need the Tansu broker: {exc}")
     log_path = tmp_path_factory.mktemp("tansu") / "tansu.log"
-    with LocalBroker(log_path=log_path) as broker:
+    # The broker starts once per session, often while other tests load both cores: give it time.
+    with LocalBroker(log_path=log_path, startup_timeout=90.0) as broker:
         yield broker
 
 
@@ -47,7 +48,7 @@ def make_topic(kafka_broker, kafka_topic):
 
     def make(partitions: int = 1, suffix: str = "") -> str:
         name = kafka_topic + suffix
-        create_topics(kafka_broker.bootstrap, {name: partitions})
+        create_topics(kafka_broker.bootstrap, {name: partitions}, timeout=60.0)
         return name
 
     return make

@@ -21,14 +21,18 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, Producer, TopicPartition
 
 from tomd.alerts.broker import LOCAL_GROUP_SETTINGS, LocalBroker, create_topics, produce
 from tomd.alerts.consumer import ConsumerSettings, RawMessage, StreamConsumer, describe, parse_start
 from tomd.errors import ConfigError, RetryableError
 from tests.kafka.ledger import Ledger
 
-pytestmark = [pytest.mark.kafka, pytest.mark.timeout(60)]
+# Generous on purpose: CI runs the suite on two loaded cores. Every wait below ends as soon as
+# its condition holds, so a long deadline costs nothing when things work.
+PATIENCE = 90.0
+
+pytestmark = [pytest.mark.kafka, pytest.mark.timeout(300)]
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -55,14 +59,16 @@ def settings(broker: LocalBroker, topic: str | list[str], group: str, kafka: dic
 
 
 class Running:
-    """A StreamConsumer running in a thread; ``stop()`` returns after run() did."""
+    """A StreamConsumer running in a thread; ``stop()`` returns after run() did.
+    ``start=False``: the caller starts ``thread`` itself (once what the handler uses is in place)."""
 
-    def __init__(self, consumer: StreamConsumer):
+    def __init__(self, consumer: StreamConsumer, start: bool = True):
         self.consumer = consumer
         self.stop_event = threading.Event()
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
+        if start:
+            self.thread.start()
 
     def _run(self) -> None:
         try:
@@ -74,7 +80,7 @@ class Running:
     def stats(self):
         return self.consumer.stats
 
-    def stop(self, timeout: float = 15.0) -> None:
+    def stop(self, timeout: float = PATIENCE) -> None:
         self.stop_event.set()
         self.thread.join(timeout)
         assert not self.thread.is_alive(), "consumer did not stop"
@@ -95,7 +101,7 @@ def committed(broker: LocalBroker, group: str, topic: str, partitions: int) -> d
     """The group's committed offsets as the broker reports them (-1001: none)."""
     probe = Consumer({"bootstrap.servers": broker.bootstrap, "group.id": group})
     try:
-        tps = probe.committed([TopicPartition(topic, p) for p in range(partitions)], timeout=10)
+        tps = probe.committed([TopicPartition(topic, p) for p in range(partitions)], timeout=30)
         return {tp.partition: tp.offset for tp in tps}
     finally:
         probe.close()
@@ -104,6 +110,19 @@ def committed(broker: LocalBroker, group: str, topic: str, partitions: int) -> d
 def fill(broker: LocalBroker, topic: str, partitions: int, per_partition: int, tag: str = "m") -> int:
     for p in range(partitions):
         produce(broker.bootstrap, topic, (f"{tag}-{p}-{i}".encode() for i in range(per_partition)), partition=p)
+    return partitions * per_partition
+
+
+def fill_at_once(broker: LocalBroker, topic: str, partitions: int, per_partition: int, tag: str = "m") -> int:
+    """Like ``fill``, but one producer and one flush: every partition's records go to the broker
+    in the same produce request, so a consumer fetching meanwhile gets them together."""
+    producer = Producer({"bootstrap.servers": broker.bootstrap, "acks": "all", "linger.ms": 100})
+    failures = []
+    for p in range(partitions):
+        for i in range(per_partition):
+            producer.produce(topic, value=f"{tag}-{p}-{i}".encode(), partition=p,
+                             on_delivery=lambda err, _msg: err is not None and failures.append(err))
+    assert producer.flush(PATIENCE) == 0 and failures == [], failures
     return partitions * per_partition
 
 
@@ -157,7 +176,7 @@ def test_three_partitions_handled_exactly_once_and_committed(kafka_broker, make_
     ledger = Ledger(tmp_path / "ledger.db")
     consumer = StreamConsumer(settings(kafka_broker, topic, "g1", batch_size=50), ledger)
     with running(consumer) as r:
-        wait_for(lambda: ledger.count() == n, 20, f"{n} applied rows")
+        wait_for(lambda: ledger.count() == n, PATIENCE, f"{n} applied rows")
     assert_exactly_once(ledger, topic, 3, 200)
     assert ledger.counters()["delivered"] == n  # no record handed over twice
     assert all(len(batch) <= 50 for batch in ledger.calls)
@@ -168,7 +187,7 @@ def test_three_partitions_handled_exactly_once_and_committed(kafka_broker, make_
     # A later member of the same group starts from the committed offsets: nothing new.
     late = Ledger(tmp_path / "ledger.db")
     with running(StreamConsumer(settings(kafka_broker, topic, "g1"), late)) as r2:
-        wait_for(lambda: len(r2.stats.assigned) == 3, 15, "assignment")
+        wait_for(lambda: len(r2.stats.assigned) == 3, PATIENCE, "assignment")
         time.sleep(0.5)  # a few fetch rounds
     assert late.calls == []
     assert ledger.counters() == {"applied": n, "delivered": n}
@@ -193,7 +212,7 @@ def test_retryable_error_twice_then_success(kafka_broker, make_topic, tmp_path):
 
     ledger = Ledger(tmp_path / "ledger.db", before=flaky)
     with running(StreamConsumer(settings(kafka_broker, topic, group, batch_size=25), ledger)) as r:
-        wait_for(lambda: ledger.count() == n, 20, "all rows")
+        wait_for(lambda: ledger.count() == n, PATIENCE, "all rows")
     assert_exactly_once(ledger, topic, 3, 40)
     assert ledger.counters()["delivered"] == n
     assert r.stats.retries == 2
@@ -213,17 +232,17 @@ def test_database_locked_longer_than_max_poll_interval(kafka_broker, make_topic,
     s = settings(kafka_broker, topic, "g-lock", batch_size=20, retry_max_s=0.4,
                  kafka={"max.poll.interval.ms": 2000})
     with running(StreamConsumer(s, ledger)) as r:
-        wait_for(lambda: ledger.count() == 60, 15, "first 60 rows")
+        wait_for(lambda: ledger.count() == 60, PATIENCE, "first 60 rows")
         rebalances = r.stats.rebalances
         blocker = sqlite3.connect(tmp_path / "ledger.db", isolation_level=None)
         blocker.execute("BEGIN EXCLUSIVE")
         fill(kafka_broker, topic, 2, 30, tag="during")
-        wait_for(lambda: r.stats.retries >= 3, 10, "retries while locked")
+        wait_for(lambda: r.stats.retries >= 3, PATIENCE, "retries while locked")
         assert r.stats.backing_off
         time.sleep(3.0)
         blocker.execute("COMMIT")
         blocker.close()
-        wait_for(lambda: ledger.count() == 120, 15, "rows after the outage")
+        wait_for(lambda: ledger.count() == 120, PATIENCE, "rows after the outage")
         assert r.stats.rebalances == rebalances  # never left the group
         assert not r.stats.backing_off
     assert_exactly_once(ledger, topic, 2, 60)
@@ -244,20 +263,24 @@ def test_rebalance_while_backing_off(kafka_broker, make_topic, tmp_path, strateg
     a_ledger = Ledger(db, busy_timeout=0.05)
     b_ledger = Ledger(db, busy_timeout=0.05)
     blocker = sqlite3.connect(db, isolation_level=None)
+    # The pending batch must hold records of all four partitions, so that whichever two the
+    # rebalance moves, some pending records go (the range assignor's choice depends on random
+    # member ids). So the records arrive together (one produce request), and the first member
+    # waits up to 1 s per consume for a full batch of 100 rather than taking what came first.
     a = Running(StreamConsumer(settings(kafka_broker, topic, group, kafka, batch_size=100,
-                                        retry_max_s=0.3), a_ledger))
+                                        batch_timeout_s=1.0, retry_max_s=0.3), a_ledger))
     b = None
     try:
-        wait_for(lambda: len(a.stats.assigned) == 4, 15, "first member owns 4 partitions")
+        wait_for(lambda: len(a.stats.assigned) == 4, PATIENCE, "first member owns 4 partitions")
         blocker.execute("BEGIN EXCLUSIVE")
-        fill(kafka_broker, topic, 4, 25)
-        wait_for(lambda: a.stats.retries >= 2, 10, "first member backing off")
+        fill_at_once(kafka_broker, topic, 4, 25)
+        wait_for(lambda: a.stats.retries >= 2, PATIENCE, "first member backing off")
         pending = {m.partition for m in a_ledger.calls[-1]}
         b = Running(StreamConsumer(settings(kafka_broker, topic, group, kafka, batch_size=100,
                                             retry_max_s=0.3), b_ledger))
-        wait_for(lambda: len(a.stats.assigned) == 2 and len(b.stats.assigned) == 2, 15, "a 2+2 split")
+        wait_for(lambda: len(a.stats.assigned) == 2 and len(b.stats.assigned) == 2, PATIENCE, "a 2+2 split")
         blocker.execute("COMMIT")
-        wait_for(lambda: ledger_count(db) == 100, 15, "all rows")
+        wait_for(lambda: ledger_count(db) == 100, PATIENCE, "all rows")
         assert pending - {p for _, p in a.stats.assigned}, "the rebalance took nothing pending away"
     finally:
         blocker.close()
@@ -277,7 +300,7 @@ def test_sigkill_between_database_commit_and_offset_commit(kafka_broker, make_to
     group = "g-crash"
     proc = subprocess.run(
         [sys.executable, "-m", "tests.kafka.crash_consumer", kafka_broker.bootstrap, topic, group, str(db), "3", "40"],
-        cwd=REPO, timeout=30, capture_output=True, text=True)
+        cwd=REPO, timeout=180, capture_output=True, text=True)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
 
     ledger = Ledger(db)
@@ -293,8 +316,8 @@ def test_sigkill_between_database_commit_and_offset_commit(kafka_broker, make_to
             assert applied[(topic, p)][:off] == list(range(off))
 
     with running(StreamConsumer(settings(kafka_broker, topic, group, batch_size=40), ledger)):
-        wait_for(lambda: ledger.counters()["applied"] == n, 20, "all rows after the restart")
-        wait_for(lambda: committed(kafka_broker, group, topic, 3) == {0: 100, 1: 100, 2: 100}, 10, "final commit")
+        wait_for(lambda: ledger.counters()["applied"] == n, PATIENCE, "all rows after the restart")
+        wait_for(lambda: committed(kafka_broker, group, topic, 3) == {0: 100, 1: 100, 2: 100}, PATIENCE, "final commit")
     after = ledger.counters()
     assert after["delivered"] > n  # batch 3 was delivered again ...
     assert after["delivered"] - n == before["applied"] - committed_count
@@ -311,20 +334,20 @@ def test_two_members_split_partitions_and_take_over(kafka_broker, make_topic, tm
     a = Running(StreamConsumer(settings(kafka_broker, topic, group, kafka, batch_size=30), a_ledger))
     b = None
     try:
-        wait_for(lambda: len(a.stats.assigned) == 4, 15, "first member owns 4 partitions")
+        wait_for(lambda: len(a.stats.assigned) == 4, PATIENCE, "first member owns 4 partitions")
         fill(kafka_broker, topic, 4, 50, tag="one")
-        wait_for(lambda: ledger_count(db) == 200, 15, "first wave")
+        wait_for(lambda: ledger_count(db) == 200, PATIENCE, "first wave")
         b = Running(StreamConsumer(settings(kafka_broker, topic, group, kafka, batch_size=30), b_ledger))
-        wait_for(lambda: len(a.stats.assigned) == 2 and len(b.stats.assigned) == 2, 15, "a 2+2 split")
+        wait_for(lambda: len(a.stats.assigned) == 2 and len(b.stats.assigned) == 2, PATIENCE, "a 2+2 split")
         assert a.stats.assigned.isdisjoint(b.stats.assigned)
         fill(kafka_broker, topic, 4, 50, tag="two")
-        wait_for(lambda: ledger_count(db) == 400, 15, "second wave")
+        wait_for(lambda: ledger_count(db) == 400, PATIENCE, "second wave")
         assert b_ledger.calls, "the second member handled nothing"
         assert {m.partition for batch in b_ledger.calls for m in batch} == {p for _, p in b.stats.assigned}
         a.stop()
-        wait_for(lambda: len(b.stats.assigned) == 4, 15, "takeover")
+        wait_for(lambda: len(b.stats.assigned) == 4, PATIENCE, "takeover")
         fill(kafka_broker, topic, 4, 50, tag="three")
-        wait_for(lambda: ledger_count(db) == 600, 15, "third wave")
+        wait_for(lambda: ledger_count(db) == 600, PATIENCE, "third wave")
     finally:
         a.stop()
         if b is not None:
@@ -350,14 +373,14 @@ def test_latest_skips_what_was_there_before(kafka_broker, make_topic, tmp_path):
             produce(kafka_broker.bootstrap, topic, [f"old-{p}-{i}".encode()], partition=p)
     ledger = Ledger(tmp_path / "ledger.db")
     with running(StreamConsumer(settings(kafka_broker, topic, "g-latest", start="latest"), ledger)) as r:
-        wait_for(lambda: len(r.stats.assigned) == 2, 15, "assignment")
+        wait_for(lambda: len(r.stats.assigned) == 2, PATIENCE, "assignment")
         # Keep producing until the consumer sees new records on both
         # partitions (its start offset is resolved asynchronously).
         def new_on_both():
             for p in range(2):
                 produce(kafka_broker.bootstrap, topic, [b"new"], partition=p)
             return len(ledger.per_partition()) == 2
-        wait_for(new_on_both, 15, "new records", interval=0.2)
+        wait_for(new_on_both, PATIENCE, "new records", interval=0.2)
     values = {m.value for batch in ledger.calls for m in batch}
     assert values == {b"new"}
     # (new records produced before the start offset was resolved are skipped too)
@@ -374,7 +397,7 @@ def test_timestamp_start_begins_at_the_first_record_at_or_after_it(kafka_broker,
                     timestamp_ms=t0 + (i - 5) * 3_600_000)
     ledger = Ledger(tmp_path / "ledger.db")
     with running(StreamConsumer(settings(kafka_broker, topic, "g-time", start=start.isoformat()), ledger)):
-        wait_for(lambda: ledger.count() == 15, 15, "records from the start time")
+        wait_for(lambda: ledger.count() == 15, PATIENCE, "records from the start time")
         time.sleep(0.3)
     assert ledger.per_partition() == {(topic, p): [5, 6, 7, 8, 9] for p in range(3)}
     assert {m.timestamp_ms >= t0 for batch in ledger.calls for m in batch} == {True}
@@ -395,8 +418,8 @@ def test_timestamp_start_applies_only_to_partitions_without_a_committed_offset(
     ledger = Ledger(tmp_path / "ledger.db")
     start = dt.datetime.fromtimestamp(t0 / 1000, dt.timezone.utc).isoformat()
     with running(StreamConsumer(settings(kafka_broker, topic, group, start=start), ledger)) as r:
-        wait_for(lambda: ledger.count() == 7, 15, "partition 0 from its committed offset")
-        wait_for(lambda: committed(kafka_broker, group, topic, 2)[1] == 10, 10, "skipped records committed")
+        wait_for(lambda: ledger.count() == 7, PATIENCE, "partition 0 from its committed offset")
+        wait_for(lambda: committed(kafka_broker, group, topic, 2)[1] == 10, PATIENCE, "skipped records committed")
         assert r.stats.skipped == 10
     assert ledger.per_partition() == {(topic, 0): [3, 4, 5, 6, 7, 8, 9]}
 
@@ -412,7 +435,8 @@ def test_a_bug_in_the_handler_stops_the_loop_without_committing_its_batch(
 
     ledger = Ledger(tmp_path / "ledger.db", before=buggy)
     r = Running(StreamConsumer(settings(kafka_broker, topic, "g-bug", batch_size=10), ledger))
-    r.thread.join(20)
+    r.thread.join(PATIENCE)
+    assert not r.thread.is_alive(), "the loop did not stop on the handler's bug"
     assert isinstance(r.error, KeyError)
     first = ledger.calls[0]
     assert committed(kafka_broker, "g-bug", topic, 1) == {0: first[-1].offset + 1}
@@ -436,8 +460,9 @@ def test_stop_during_a_batch_finishes_and_commits_it(kafka_broker, make_topic, t
 
     ledger = Ledger(tmp_path / "ledger.db", before=slow)
     consumer = StreamConsumer(settings(kafka_broker, topic, group, batch_size=10), ledger)
-    holder["r"] = r = Running(consumer)
-    r.thread.join(20)
+    holder["r"] = r = Running(consumer, start=False)
+    r.thread.start()  # after holder is filled: the handler reads it
+    r.thread.join(PATIENCE)
     assert not r.thread.is_alive()
     assert r.error is None
     assert len(ledger.calls) == 2
@@ -448,7 +473,7 @@ def test_stop_during_a_batch_finishes_and_commits_it(kafka_broker, make_topic, t
     # The next run continues exactly where the stopped one ended.
     rest = Ledger(tmp_path / "ledger.db")
     with running(StreamConsumer(settings(kafka_broker, topic, group), rest)):
-        wait_for(lambda: rest.count() == 100, 15, "the rest")
+        wait_for(lambda: rest.count() == 100, PATIENCE, "the rest")
     assert_exactly_once(rest, topic, 1, 100)
     assert rest.counters()["delivered"] == 100
 
@@ -460,8 +485,8 @@ def test_regex_subscription_and_lag(kafka_broker, kafka_topic, tmp_path):
     ledger = Ledger(tmp_path / "ledger.db")
     pattern = "^" + kafka_topic.replace(".", r"\.") + "-.*"
     with running(StreamConsumer(settings(kafka_broker, pattern, "g-regex", batch_size=7), ledger)) as r:
-        wait_for(lambda: ledger.count() == 50, 15, "both topics")
-        wait_for(lambda: r.stats.lag == {(f"{kafka_topic}-a", 0): 0, (f"{kafka_topic}-b", 0): 0}, 5, "lag 0")
+        wait_for(lambda: ledger.count() == 50, PATIENCE, "both topics")
+        wait_for(lambda: r.stats.lag == {(f"{kafka_topic}-a", 0): 0, (f"{kafka_topic}-b", 0): 0}, PATIENCE, "lag 0")
         assert r.stats.assigned == {(f"{kafka_topic}-a", 0), (f"{kafka_topic}-b", 0)}
     assert r.stats.assigned == frozenset()
 
@@ -489,13 +514,13 @@ def test_lag_of_every_assigned_partition_from_the_watermarks_at_assignment(kafka
         if call_no == 1:
             seen.append(dict(consumer.stats.lag))
             entered.set()
-            release.wait(20)
+            release.wait(PATIENCE)
 
     ledger = Ledger(tmp_path / "ledger.db", before=hold)
     consumer = StreamConsumer(settings(kafka_broker, topic, group, batch_size=1), ledger)
     with running(consumer) as r:
         try:
-            assert entered.wait(20), "no batch"
+            assert entered.wait(PATIENCE), "no batch"
             first = ledger.calls[0][0]
             lag = seen[0]
         finally:
@@ -505,8 +530,8 @@ def test_lag_of_every_assigned_partition_from_the_watermarks_at_assignment(kafka
         expected = {(topic, 0): 5, (topic, 1): 3, (topic, 2): 0}
         expected[(topic, first.partition)] -= 1  # its record was fetched
         assert lag == expected
-        wait_for(lambda: ledger.count() == 8, 15, "the rest")
-        wait_for(lambda: r.stats.lag == {(topic, 0): 0, (topic, 1): 0, (topic, 2): 0}, 5, "lag 0 everywhere")
+        wait_for(lambda: ledger.count() == 8, PATIENCE, "the rest")
+        wait_for(lambda: r.stats.lag == {(topic, 0): 0, (topic, 1): 0, (topic, 2): 0}, PATIENCE, "lag 0 everywhere")
 
 
 # --------------------------------------------------- Tansu behaviour canaries
