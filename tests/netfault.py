@@ -32,10 +32,14 @@ class TcpProxy:
                 client.close()  # the "database" is down: refuse
                 continue
             try:
-                upstream = socket.create_connection(self.target, timeout=5)
+                upstream = socket.create_connection(self.target, timeout=30)
             except OSError:
                 client.close()
                 continue
+            # The timeout above is for connecting only: left on the socket, it would end the pipe
+            # (and the database connection) whenever the server stays quiet that long, as an idle
+            # pooled connection or a slow query on a loaded machine does.
+            upstream.settimeout(None)
             with self._lock:
                 self._conns += [client, upstream]
             for a, b in ((client, upstream), (upstream, client)):
