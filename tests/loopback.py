@@ -22,8 +22,10 @@ class LoopbackServer:
     FAULTS = ("500", "429", "drop", "accept_then_hang", "accept_then_drop", "accept_then_500")
     path = ""  # the API's path, appended to ``url``
 
-    def __init__(self, hang_s: float = 0.8):
-        self.hang_s = hang_s  # how long an "accept_then_hang" answer keeps the client waiting
+    def __init__(self, hang_s: float = 600.0):
+        # How long an "accept_then_hang" answer keeps the client waiting: far past any client
+        # timeout, so the client's own timeout always ends the wait (leaving the server ends the hang).
+        self.hang_s = hang_s
         self.lock = threading.Lock()
         self.faults: list[str] = []
         self.chaos: tuple[float, random.Random] | None = None
@@ -66,7 +68,8 @@ class LoopbackServer:
         return None
 
     def hang_then_drop(self, h: BaseHTTPRequestHandler) -> None:
-        """The request took effect, the answer never comes (until the client's timeout has passed)."""
+        """The request took effect, the answer never comes (the client's timeout ends its wait; the
+        hang itself lasts ``hang_s`` or until the server is left)."""
         self.stopping.wait(self.hang_s)
         self.drop(h)
 
