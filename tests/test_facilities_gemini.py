@@ -57,7 +57,7 @@ FAST = SubmitSettings(lease_s=30, max_attempts=8, backoff_base_s=0.01, backoff_c
 class GeminiODB(LoopbackServer):
     """A Gemini ODB's ToO servlet on loopback: one program with On Hold templates 12 and 13."""
 
-    def __init__(self, hang_s: float = 0.8):
+    def __init__(self, hang_s: float = 600.0):  # an answer that never comes: the client's timeout ends it
         super().__init__(hang_s)
         self.observations: dict[str, dict[str, str]] = {}
         self.next_obs = 20
@@ -138,8 +138,15 @@ def odb():
         yield s
 
 
+# A loaded machine may take a second or more to answer on loopback: every call must beat the
+# client's timeout (30 s), except where a test makes the servlet hang on purpose: there the client
+# waits HANG_TIMEOUT (the hang lasts until the server is left), or STORM_TIMEOUT in a storm of faults.
+HANG_TIMEOUT = 2.0
+STORM_TIMEOUT = 1.0
+
+
 def client(odb, **kw) -> GeminiClient:
-    args = dict(url=odb.url, email=EMAIL, token=KEY, proposal=PROGRAM, templates=TEMPLATES, timeout=0.3,
+    args = dict(url=odb.url, email=EMAIL, token=KEY, proposal=PROGRAM, templates=TEMPLATES, timeout=30.0,
                 max_attempts=3, backoff_base=0.01, backoff_cap=0.05, rate_limit=1000.0)
     args.update(kw)
     return GeminiClient("gemini", **args)
@@ -277,7 +284,7 @@ def test_429_is_waited_out_and_submitted_once(odb):
 @pytest.mark.parametrize("fault", ["accept_then_hang", "accept_then_drop", "accept_then_500", "500", "drop"])
 def test_unknown_outcome_is_never_resent(odb, fault):
     odb.faults = [fault]
-    c = client(odb)
+    c = client(odb, timeout=HANG_TIMEOUT)
     with pytest.raises(OutcomeUnknown) as err:
         c.submit(c.build_request("gmos-r", target(), Intent(name="tomd-amb")))
     assert isinstance(err.value, PermanentError)
@@ -294,7 +301,7 @@ def test_connection_refused_is_retryable():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     c = GeminiClient("gemini", url=f"http://127.0.0.1:{port}", email=EMAIL, token=KEY, proposal=PROGRAM,
-                     templates=TEMPLATES, timeout=0.3, max_attempts=2, backoff_base=0.01, backoff_cap=0.02)
+                     templates=TEMPLATES, timeout=30.0, max_attempts=2, backoff_base=0.01, backoff_cap=0.02)
     with pytest.raises(RetryableError, match="cannot connect") as err:
         c.submit(c.build_request("gmos-r", target(), Intent(name="t")))
     assert not isinstance(err.value, PermanentError)
@@ -344,8 +351,8 @@ def test_storm_of_faults_no_trigger_twice_every_intent_settles(db, odb):
             create_intent(s, target_id=tid, facility="gemini", template="missing" if i < 2 else "gmos-r",
                           name=f"tomd-g-{i}")
     odb.chaos = (0.35, random.Random(11))
-    sub = Submitter(db.sessions, {"gemini": client(odb)}, FAST)
-    sub.run_until_settled(timeout_s=90)
+    sub = Submitter(db.sessions, {"gemini": client(odb, timeout=STORM_TIMEOUT)}, FAST)
+    sub.run_until_settled(timeout_s=300)
     odb.chaos = None
     notes = odb.notes()
     assert all(c == 1 for c in notes.values()), notes
