@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import http.client
 import logging
 import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlsplit
 
 import pytest
 from sqlalchemy import func, select
@@ -26,12 +29,13 @@ FAST = SubmitSettings(lease_s=30, backoff_base_s=0.01, backoff_cap_s=0.05, settl
 
 @pytest.fixture
 def sim():
-    with SimObservatory(pending_s=3600, hang_s=1.0) as s:
+    # A hang lasts until the simulator stops: only the client's timeout ends it.
+    with SimObservatory(pending_s=3600, hang_s=600.0) as s:
         yield s
 
 
 def client(sim, **kw):
-    args = dict(url=sim.url, token=sim.token, proposal="SIM2026A-001", templates=TEMPLATES, timeout=0.4,
+    args = dict(url=sim.url, token=sim.token, proposal="SIM2026A-001", templates=TEMPLATES, timeout=10.0,
                 max_attempts=2, backoff_base=0.01, backoff_cap=0.05, rate_limit=1000.0)
     args.update(kw)
     return LCOClient("sim", **args)
@@ -44,10 +48,68 @@ def submitted(db, sim, n=1, *, target="SN 2026abc") -> list[tuple[int, int]]:
     with db.sessions.begin() as s:
         ids = [create_intent(s, target_id=tid, facility="sim", template="1m-gri", name=f"st-{target[-3:]}-{i}")
                for i in range(n)]
-    Submitter(db.sessions, {"sim": client(sim)}, FAST, worker_id="w").run_until_settled(timeout_s=20, ids=ids)
+    Submitter(db.sessions, {"sim": client(sim)}, FAST, worker_id="w").run_until_settled(timeout_s=120, ids=ids)
     with db.sessions() as s:
         out = [(i, int(repo.get_observation(s, i).facility_id)) for i in ids]
     return out
+
+
+class Gate:
+    """A loopback HTTP proxy to ``upstream`` that holds the first call matching ``method`` and
+    ``path`` (exact, or "PREFIX*") until ``release`` is set; ``arrived`` is set when that call is
+    held. URLs of the upstream in JSON answers are rewritten to come back through the gate.
+    An explicit synchronisation point: "a call is in flight" for as long as the test needs."""
+
+    def __init__(self, upstream: str, method: str, path: str):
+        self.upstream = urlsplit(upstream)
+        self.arrived, self.release = threading.Event(), threading.Event()
+        held = threading.Lock()  # taken by the one call that is held
+        gate = self
+
+        def matches(m: str, p: str) -> bool:
+            return m == method and (p.startswith(path[:-1]) if path.endswith("*") else p == path)
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:
+                pass
+
+            def _forward(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if matches(self.command, urlsplit(self.path).path) and held.acquire(blocking=False):
+                    gate.arrived.set()
+                    gate.release.wait(300)
+                conn = http.client.HTTPConnection(gate.upstream.hostname, gate.upstream.port, timeout=60)
+                try:
+                    headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
+                    conn.request(self.command, self.path, body=body or None, headers=headers)
+                    resp = conn.getresponse()
+                    data, status = resp.read(), resp.status
+                    keep = {k: v for k, v in resp.getheaders() if k.lower() in ("content-type", "retry-after")}
+                finally:
+                    conn.close()
+                if "json" in keep.get("Content-Type", ""):
+                    data = data.replace(upstream.encode(), gate.url.encode())
+                try:
+                    self.send_response(status)
+                    for k, v in keep.items():
+                        self.send_header(k, v)
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up first
+
+            do_GET = do_POST = _forward
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.release.set()
+        self.server.shutdown()
+        self.server.server_close()
 
 
 def history(db, rid) -> list[tuple[str, str]]:
@@ -174,6 +236,9 @@ def test_a_change_made_elsewhere_first_is_not_overwritten(db, sim):
 def test_faults_record_nothing_wrong_and_the_next_poll_catches_up(db, sim, fault):
     reqs = submitted(db, sim, 3)
     poller = Poller(db.sessions, {"sim": client(sim)})
+    # The hung listing is left by the client's timeout (the hang outlasts the test): a short one keeps the
+    # test quick, on a poller of its own (the same database), so no answer that arrives has to beat it.
+    hung = Poller(db.sessions, {"sim": client(sim, timeout=0.4)})
     poller.poll()
     for _, gid in reqs:
         sim.set_state(gid, "COMPLETED")
@@ -186,7 +251,7 @@ def test_faults_record_nothing_wrong_and_the_next_poll_catches_up(db, sim, fault
         assert p.error is None and len(p.changes) == 3
     else:
         sim.inject(fault, count=10, method="GET", path="/api/requestgroups/", status=503)
-        (p,) = poller.poll()
+        (p,) = (hung if fault == "hang" else poller).poll()
         assert p.error and p.changes == []
         assert [row(db, r).state for r, _ in reqs] == ["pending"] * 3 and changed_events(db) == []
         with db.sessions() as s:
@@ -209,16 +274,23 @@ def test_two_pollers_never_poll_one_facility_at_once(db, sim):
     # Two daemons: separate engines (separate connection pools), the same database.
     other = migrate.connect(db.url)
     try:
-        a = Poller(db.sessions, {"sim": client(sim, timeout=5.0)})
-        b = Poller(migrate.sessions(other), {"sim": client(sim, timeout=5.0)})
-        sim.inject("slow", count=1, method="GET", path="/api/requestgroups/", delay=1.5)
+        # a reaches the facility through a gate that holds its listing until b has polled (a's timeout
+        # outlasts any wait for b: a held listing is never given up and asked again).
+        gate = Gate(sim.url, "GET", "/api/requestgroups/")
+        a = Poller(db.sessions, {"sim": client(sim, url=gate.url, timeout=300.0)})
+        b = Poller(migrate.sessions(other), {"sim": client(sim)})
         before = list_calls(sim)
         results = {}
         ta = threading.Thread(target=lambda: results.setdefault("a", a.poll()[0]))
         ta.start()
-        time.sleep(0.5)  # a holds the facility, waiting on the slow listing
-        results["b"] = b.poll()[0]
-        ta.join(10)
+        try:
+            assert gate.arrived.wait(60), "a never asked for the listing"  # a holds the facility, waiting on it
+            results["b"] = b.poll()[0]
+        finally:
+            gate.release.set()
+            ta.join(60)
+            gate.close()
+        assert not ta.is_alive()
         assert results["b"].skipped and results["b"].changes == []
         assert results["a"].skipped is None and len(results["a"].changes) == 5
         assert list_calls(sim) - before == 1  # only a asked the facility
@@ -238,13 +310,14 @@ def test_concurrent_pollers_record_each_change_once(db, sim):
         sim.set_state(gid, "COMPLETED")
     engines = [migrate.connect(db.url) for _ in range(3)] if db.kind == "postgresql" else []
     try:
-        pollers = [Poller(migrate.sessions(e), {"sim": client(sim, timeout=5.0)}) for e in engines] or \
-            [Poller(db.sessions, {"sim": client(sim, timeout=5.0)})] * 3
+        pollers = [Poller(migrate.sessions(e), {"sim": client(sim)}) for e in engines] or \
+            [Poller(db.sessions, {"sim": client(sim)})] * 3
         threads = [threading.Thread(target=p.poll) for p in pollers]
         for t in threads:
             t.start()
         for t in threads:
-            t.join(30)
+            t.join(120)
+        assert not any(t.is_alive() for t in threads)
         for p in pollers:
             p.poll()
     finally:
@@ -288,14 +361,14 @@ def test_jobs_survive_exceptions_and_run_now(db, sim):
         jobs.add_interval("boom", boom, 1.0)
     jobs.start()
     try:
-        assert boom_ran.wait(10), "a job that raised must run again"
-        deadline = time.time() + 10
+        assert boom_ran.wait(60), "a job that raised must run again"
+        deadline = time.time() + 60
         while jobs.runs.get("poll:sim", 0) < 1 and time.time() < deadline:
             time.sleep(0.05)
         assert jobs.runs["poll:sim"] == 1 and jobs.failures.get("poll:sim") is None
         sim.set_state(gid, "COMPLETED")
         jobs.run_now("poll:sim")
-        deadline = time.time() + 10
+        deadline = time.time() + 60
         while row(db, rid).state != "completed" and time.time() < deadline:
             time.sleep(0.05)
         assert row(db, rid).state == "completed"
@@ -399,12 +472,13 @@ def test_the_daemon_runs_the_status_jobs(db):
         rid = create_intent(s, target_id=tid, facility="lab", template="1m-gri", name="run-1")
     daemon.start()
     try:
-        deadline = time.time() + 30
+        deadline = time.time() + 120
         while row(db, rid).state != "pending":
             assert time.time() < deadline
             time.sleep(0.05)
         (sim,) = daemon.facilities._sims
         sim.set_state(int(row(db, rid).facility_id), "COMPLETED")
+        deadline = time.time() + 120
         while row(db, rid).state != "completed":
             assert time.time() < deadline
             time.sleep(0.05)
@@ -444,7 +518,7 @@ def test_a_poller_that_dies_releases_its_facility(db, sim):
         assert p.skipped and row(db, rid).state == "pending"
         holder.kill()
         holder.wait(10)
-        deadline = time.time() + 20
+        deadline = time.time() + 60
         while True:  # the server notices the closed connection at once; allow it a moment
             (p,) = poller.poll()
             if not p.skipped or time.time() > deadline:
@@ -457,16 +531,28 @@ def test_a_poller_that_dies_releases_its_facility(db, sim):
 
 
 def test_states_progressing_by_themselves_at_the_sim_are_followed(db):
-    with SimObservatory(pending_s=0.5, running_s=3.0) as sim:
+    # The sim's own timeline (nobody calls set_state), with the clock taken out: pending and running
+    # last an hour each, and the test ends each phase by moving its end to now, as time would.
+    with SimObservatory(pending_s=3600.0, running_s=3600.0) as sim:
         ((rid, gid),) = submitted(db, sim)
+        created_by = time.monotonic()  # the group was created before this: its age is at least ours
         poller = Poller(db.sessions, {"sim": client(sim)})
-        seen = []
-        deadline = time.time() + 30
-        while row(db, rid).state != "completed":
-            assert time.time() < deadline
-            seen += [c.new_state for p in poller.poll() for c in p.changes]
-            time.sleep(0.1)
-        # IN_PROGRESS lasts 3 s: polled every 0.1 s it is seen, then COMPLETED, each once.
+        seen = [c.new_state for p in poller.poll() for c in p.changes]
+        assert seen == []  # still pending
+
+        def poll_until(state: str) -> None:
+            deadline = time.time() + 60
+            while row(db, rid).state != state:
+                assert time.time() < deadline, (state, seen)
+                seen.extend(c.new_state for p in poller.poll() for c in p.changes)
+                time.sleep(0.1)
+
+        sim.pending_s = time.monotonic() - created_by  # the observation starts now
+        poll_until("in_progress")
+        sim.running_s = time.monotonic() - created_by - sim.pending_s  # and ends now
+        assert sim.running_s > 0
+        poll_until("completed")
+        # Each state the sim went through is seen, and recorded once.
         assert seen == ["in_progress", "completed"]
         assert [s for s, _ in history(db, rid)] == ["pending", "in_progress", "completed"]
 
