@@ -41,8 +41,12 @@ def write(dir_: Path, name: str, text: str) -> Path:
 
 
 def make_runner(db, hooks_dir: Path, *, registry=None, **kw) -> HookRunner:
-    settings = dict(paths=(str(hooks_dir),), retry_backoff=0.05, retry_max=0.2, poll=0.1, timeout=10.0,
-                    lease_margin=2.0)
+    # timeout: each hook's default limit, and how long a worker may take to start and load the files.
+    # Far above what any of this takes on a loaded machine (a worker runs at nice 10, so it starts
+    # slowest there): nothing here may depend on beating it, and a lease (timeout + lease_margin)
+    # never ends under a run that is merely slow. The tests that time a hook out give it its own.
+    settings = dict(paths=(str(hooks_dir),), retry_backoff=0.05, retry_max=0.2, poll=0.1, timeout=120.0,
+                    lease_margin=30.0)
     settings.update(kw)
     return HookRunner(db.sessions, RunnerSettings(**settings), database_url=db.url, registry=registry)
 
@@ -73,8 +77,9 @@ def runs(db, hook: str | None = None) -> list[HookRun]:
         return list(s.scalars(q))
 
 
-def drain(runner: HookRunner, db, *, deadline_s: float = 60.0) -> None:
-    """run_once until no event is new and no run is pending or running (retries wait their backoff)."""
+def drain(runner: HookRunner, db, *, deadline_s: float = 180.0) -> None:
+    """run_once until no event is new and no run is pending or running (retries wait their backoff);
+    a generous deadline that ends as soon as that holds (worker restarts are slow on a loaded machine)."""
     end = time.monotonic() + deadline_s
     while time.monotonic() < end:
         result = runner.run_once()
@@ -225,8 +230,9 @@ HANGING = """
 
     @on("target.created", timeout="1s", max_attempts=1)
     def a_hangs(ctx):
+        started = time.monotonic()  # one clock for every process on Linux, as the runner's deadlines
         with open(ctx.settings["out"], "a") as f:
-            f.write(f"hang {ctx.event_id} {os.getpid()} {time.time()}\\n")
+            f.write(f"hang {ctx.event_id} {os.getpid()} {started}\\n")
         time.sleep(120)
 
     @on("target.created")
@@ -246,26 +252,38 @@ def test_a_hanging_hook_is_killed_after_its_timeout_and_the_next_hooks_run(db, t
         (tid,) = new_targets(db, 1)
         (event,) = event_ids(db, "target.created")
         died: list[float] = []
+        deadline: list[tuple[int, float]] = []  # (run id, deadline) of the first run the worker went into
 
-        def watch() -> None:  # when the hung worker is gone, by the wall clock the hook wrote its start with
+        def watch() -> None:  # the run's deadline, as the runner holds it, and when the hung worker is gone
             while not died:
+                shared = runner._slots[0].worker.slot
+                if not deadline and shared is not None:
+                    try:
+                        run_id, until = shared.get()
+                    except ValueError:  # closed: a restart replaced it
+                        run_id, until = 0, 0.0
+                    if run_id:
+                        deadline.append((run_id, until))
                 got = lines(out)
                 if got and not _alive(int(got[0].split()[2])):
-                    died.append(time.time())
+                    died.append(time.monotonic())
                 time.sleep(0.01)
 
         watcher = threading.Thread(target=watch, daemon=True)
         watcher.start()
         result = runner.run_once()
-        watcher.join(30)
+        watcher.join(60)
         assert (result.done, result.failed) == (1, 1)
         (hang,) = [r for r in runs(db, "slow.a_hangs") if r.event_id == event]
         assert hang.state == "failed" and "ran longer than 1 s and was killed" in hang.error
         got = lines(out)
         assert got[0].startswith(f"hang {event} ") and got[1].startswith(f"after {event} ")
-        # killed after its 1 s, and soon after: a generous bound on behaviour, not a benchmark
-        lived = died[0] - float(got[0].split()[3])
-        assert 1.0 <= lived < 1.0 + 10.0, lived
+        # Its 1 s counts from the run's start, just before the hook's first line (by how long the
+        # machine takes to get there, the hook's own start may come later): killed at that deadline,
+        # never before it, and soon after (a generous bound on behaviour, not a benchmark).
+        (run_id, until), started = deadline[0], float(got[0].split()[3])
+        assert run_id == hang.id
+        assert until - 1.0 <= started < until <= died[0] < until + 10.0, (until, started, died[0])
         # the worker that hung is gone: the next hook ran in a fresh one
         hung_pid = runner._slots[0].worker.proc.pid
         assert int(got[1].split()[2]) == hung_pid
@@ -297,7 +315,7 @@ def test_a_killed_hook_leaves_no_child_process_behind(db, tmp_path):
         new_targets(db, 1)
         assert runner.run_once().failed == 1
         (child,) = [int(x) for x in lines(out)]
-        _wait(lambda: not _alive(child), timeout=10)  # killed with the worker's process group
+        _wait(lambda: not _alive(child), timeout=60)  # killed with the worker's process group
     finally:
         runner.close()
         if child is not None and _alive(child):
@@ -350,15 +368,18 @@ def test_builtin_subscribers_run_inside_the_transaction_that_marks_them_done(db,
 
     registry = Registry()
     registry.add_builtin("builtin:tagger", ["target.created"], flaky)
-    runner = make_runner(db, tmp_path / "none", registry=registry)
+    # An hour's backoff: however long the pass takes, the retry cannot come due inside it (with a
+    # short one a slow pass ran the second attempt too); the test moves the due time itself.
+    runner = make_runner(db, tmp_path / "none", registry=registry, retry_backoff=3600.0, retry_max=3600.0)
     (tmp_path / "none").mkdir()
     try:
         runner.start()
         (tid,) = new_targets(db, 1)
         first = runner.run_once()
-        assert first.retried == 1
+        assert first.retried == 1 and first.done == 0
         with db.sessions() as s:
             assert repo.tags_of(s, [tid]) == {tid: []}
+        _backoff_passes(db)
         drain(runner, db)
         (run,) = [r for r in runs(db, "builtin:tagger") if r.event_id == event_ids(db, "target.created")[0]]
         assert (run.state, run.attempts) == ("done", 2)
@@ -490,10 +511,10 @@ def test_paced_worker_still_delivers_every_run_and_retry(db, tmp_path):
         _wait(lambda: runner._started)
         waker.start()
         new_targets(db, 12, "P")
-        _wait(lambda: len(lines(out)) >= 12, timeout=60)
+        _wait(lambda: len(lines(out)) >= 12, timeout=180)
         busy.set()
         # its registration is a done record; every event's run failed after its 2 attempts
-        _wait(lambda: hook_states(db).get("paced.bad") == {"done": 1, "failed": 12}, timeout=60)
+        _wait(lambda: hook_states(db).get("paced.bad") == {"done": 1, "failed": 12}, timeout=180)
         assert len(lines(out)) == len(set(lines(out))) == 12  # each event once
         with db.sessions() as s:
             attempts = s.scalars(select(HookRun.attempts).where(HookRun.hook == "paced.bad",
@@ -506,12 +527,32 @@ def test_paced_worker_still_delivers_every_run_and_retry(db, tmp_path):
         t.join(30)
 
 
+def _backoff_passes(db) -> None:
+    """The clock passing: every run waiting for its retry (an hour's backoff) comes due now."""
+    with db.sessions.begin() as s:
+        waiting = s.scalars(select(HookRun).where(HookRun.state == "pending")).all()
+        assert waiting
+        for r in waiting:
+            assert r.next_attempt_at > datetime.now(timezone.utc) + timedelta(minutes=30)
+            r.next_attempt_at = datetime.now(timezone.utc) - timedelta(seconds=1)
+
+
+def _leases_end(db) -> set[tuple[str, int]]:
+    """The clock passing: the claims of a dispatcher that died (long leases) run out now; returns them."""
+    with db.sessions.begin() as s:
+        claimed = s.scalars(select(HookRun).where(HookRun.state == "running")).all()
+        for r in claimed:
+            assert r.claimed_until > datetime.now(timezone.utc)  # not over on their own
+            r.claimed_until = datetime.now(timezone.utc) - timedelta(seconds=1)
+        return {(r.hook, r.event_id) for r in claimed}
+
+
 def hook_states(db) -> dict[str, dict[str, int]]:
     with db.sessions() as s:
         return repo.hook_run_counts(s)
 
 
-def _wait(cond, timeout: float = 30.0) -> None:
+def _wait(cond, timeout: float = 120.0) -> None:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         if cond():
@@ -532,7 +573,9 @@ if __name__ == "__main__":
     url, hooks, out, mode = sys.argv[1:5]
     engine = migrate.connect(url)
     sessions = migrate.sessions(engine)
-    runner = HookRunner(sessions, RunnerSettings(paths=(hooks,), timeout=2.0, lease_margin=1.0, poll=0.1,
+    # Long limits (the worker's start and each run must never race them on a loaded machine): the
+    # test ends the killed dispatcher's leases itself (the clock passing).
+    runner = HookRunner(sessions, RunnerSettings(paths=(hooks,), timeout=120.0, lease_margin=30.0, poll=0.1,
                                                  retry_backoff=0.05, settings={"slowrec": {"out": out}}),
                         database_url=url)
     if mode == "forever":
@@ -589,8 +632,8 @@ def test_after_a_crash_each_hook_gets_each_event_once(db, tmp_path):
         proc.send_signal(signal.SIGKILL)  # the dispatcher dies mid-run, between commits
         proc.wait(30)
     worker_pid = int(lines(out)[-1].split()[2])
-    _wait(lambda: not _alive(worker_pid), timeout=10)  # its worker does not run on without it
-    claimed = {(r.hook, r.event_id) for r in runs(db) if r.state == "running"}  # one batch, one of them in flight
+    _wait(lambda: not _alive(worker_pid), timeout=60)  # its worker does not run on without it
+    claimed = _leases_end(db)  # one batch, one of them in flight; their leases run out
     assert len(claimed) <= 20  # none if it died between two batches
     done_before = len(lines(out))
     assert done_before < 80
@@ -650,8 +693,8 @@ def test_a_dispatcher_killed_before_any_delivery_delivers_each_pair_exactly_once
         proc.send_signal(signal.SIGKILL)
         proc.wait(30)
     assert lines(out) == []  # nothing delivered
-    claimed = [r for r in runs(db) if r.state == "running"]
-    assert claimed  # the dead dispatcher's claims: taken over once their lease ends
+    claimed = _leases_end(db)
+    assert claimed  # the dead dispatcher's claims: taken over once their lease ends (now)
     Path(f"{out}.go").touch()
     second = subprocess.run([sys.executable, str(script), db.url, str(hooks), str(out), "until-done"],
                             cwd=tmp_path, timeout=180, capture_output=True, text=True)
@@ -732,7 +775,7 @@ def test_two_dispatchers_never_run_a_hook_twice_for_one_event(db, tmp_path):
             a.wake()
             b.wake()
         events = event_ids(db, "target.created")
-        _wait(lambda: len(lines(out)) >= len(events) and all(r.state == "done" for r in runs(db)), timeout=120)
+        _wait(lambda: len(lines(out)) >= len(events) and all(r.state == "done" for r in runs(db)), timeout=180)
         time.sleep(0.5)
     finally:
         stop.set()
@@ -756,7 +799,10 @@ def test_an_event_committed_out_of_id_order_is_still_delivered(db, tmp_path):
             with open(ctx.settings["out"], "a") as f:
                 f.write(f"{ctx.event.name}\\n")
     """)
-    runner = make_runner(db, tmp_path / "hooks", settings={"rec": {"out": str(out)}}, commit_window=5.0)
+    # An hour's window: however long the drain below takes, the slow cursor cannot move past SLOW's
+    # id (with 5 s, a slow drain let it); the test then lets a quarter window pass (the slow rescan's
+    # period) instead of sleeping through it.
+    runner = make_runner(db, tmp_path / "hooks", settings={"rec": {"out": str(out)}}, commit_window=3600.0)
     try:
         runner.start()
         slow = db.sessions()
@@ -770,7 +816,8 @@ def test_an_event_committed_out_of_id_order_is_still_delivered(db, tmp_path):
         assert lines(out) == ["FAST0"]  # the fast cursor is now past SLOW's id
         slow.commit()
         slow.close()
-        _wait(lambda: (runner.run_once(), lines(out))[1] == ["FAST0", "SLOW"], timeout=10)
+        runner._last_slow = time.monotonic() - 900.0  # the clock passing: the slow rescan is due
+        _wait(lambda: (runner.run_once(), lines(out))[1] == ["FAST0", "SLOW"], timeout=60)
     finally:
         runner.close()
 
@@ -791,6 +838,7 @@ def _config(tmp_path: Path, db_url: str, hooks_dir: Path, extra: str = "") -> Pa
         paths = ["{tmp_path / 'rules'}"]
         [hooks]
         paths = ["{hooks_dir}"]
+        timeout = "4m"  # also the worker's start (at nice 10): never raced on a loaded machine
     """) + textwrap.dedent(extra))
     return cfg
 
