@@ -21,6 +21,7 @@ from types import SimpleNamespace
 import pytest
 from sqlalchemy import select
 
+from tests.test_status import Gate
 from tests.test_storage import new_bucket, s3_endpoint, store  # noqa: F401  (fixtures)
 from tomd import data_cli
 from tomd.db import repository as repo
@@ -38,8 +39,10 @@ TEMPLATES = {"1m-gri": {"instrument_type": "1M0-SCICAM-SINISTRO", "filters": ["g
                         "exposure_time": 120},
              "1m-gri-x3": {"instrument_type": "1M0-SCICAM-SINISTRO", "filters": ["gp", "rp", "ip"],
                            "exposure_time": 120, "exposure_count": 3}}
-FAST = RetrieveSettings(batch=20, lease_s=60, max_attempts=3, backoff_base_s=30, backoff_cap_s=60,
-                        read_timeout_s=5, connect_timeout_s=2, restarts=2)
+# Leases and backoffs of hours: a test that needs one over moves the due time itself (make_due), so no
+# check of "not due yet" or "still held" depends on how fast the machine is.
+FAST = RetrieveSettings(batch=20, lease_s=3600, max_attempts=3, backoff_base_s=3600, backoff_cap_s=7200,
+                        read_timeout_s=60, connect_timeout_s=10, restarts=2)
 SUBMIT = SubmitSettings(lease_s=30, backoff_base_s=0.01, backoff_cap_s=0.05, settle_s=0.05, batch=50)
 
 
@@ -50,7 +53,7 @@ def sim():
 
 
 def client(sim, **kw) -> LCOClient:
-    args = dict(url=sim.url, token=sim.token, proposal="SIM2026A-001", templates=TEMPLATES, timeout=5,
+    args = dict(url=sim.url, token=sim.token, proposal="SIM2026A-001", templates=TEMPLATES, timeout=60,
                 max_attempts=3, backoff_base=0.01, backoff_cap=0.05, rate_limit=1000.0)
     args.update(kw)
     return LCOClient("sim", **args)
@@ -443,18 +446,24 @@ def test_a_product_being_fetched_elsewhere_is_not_fetched_again(db, sim, tmp_pat
     complete(db, sim, rid)
     sim.archive(frames_per_config=1)
     store = LocalStore(tmp_path / "store")
-    sim.inject("slow", path="/download/*", delay=1.5, count=1)
-    a = retriever(db, sim, store, worker_id="a")
+    # "a" reaches the facility through a gate that holds its first download until "b" has run (its
+    # timeouts outlast any wait for "b": the held download is never given up and fetched again).
+    gate = Gate(sim.url, "GET", "/download/*")
+    patient = RetrieveSettings(**{**FAST.__dict__, "read_timeout_s": 300.0, "grace_s": 300.0})
+    a = retriever(db, sim, store, patient, worker_id="a", client_kw={"url": gate.url})
     b = retriever(db, sim, store, worker_id="b")
     result: list = []
     t = threading.Thread(target=lambda: result.extend(a.run_once()))
     t.start()
-    deadline = time.monotonic() + 10
-    while not sim.downloads() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    make_due(db, rid)  # a poll re-arms the request while "a" is downloading
-    (out_b,) = b.run_once()
-    t.join(20)
+    try:
+        assert gate.arrived.wait(60), "a never started a download"
+        make_due(db, rid)  # a poll re-arms the request while "a" is downloading
+        (out_b,) = b.run_once()
+    finally:
+        gate.release.set()
+        t.join(60)
+        gate.close()
+    assert not t.is_alive()
     (out_a,) = result
     assert any(p.state == "skipped" for p in out_b.products)  # the frame "a" holds
     assert out_b.state == "retry"
@@ -513,12 +522,12 @@ def test_run_loop_fetches_when_due_and_stops(db, sim, tmp_path):
     t.start()
     complete(db, sim, rid)
     r.wake()
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + 60
     while time.monotonic() < deadline and len(products(db, state="stored")) < 3:
         time.sleep(0.05)
     stop.set()
     r.wake()
-    t.join(10)
+    t.join(60)
     assert not t.is_alive()
     assert len(products(db, state="stored")) == 3
     r.close()
@@ -536,7 +545,7 @@ def cli(tmp_path, db, sim, argv: list[str]) -> int:
     args = p.parse_args(argv)
     config = SimpleNamespace(storage=Storage(url=f"file://{tmp_path}/store"),
                              facilities={"sim": Facility(kind="sim", url=sim.url, proposal="SIM2026A-001",
-                                                         timeout=5.0, token=Secret(sim.token))})
+                                                         timeout=60.0, token=Secret(sim.token))})
     return args.func(SimpleNamespace(config=config, sessions=db.sessions), args)
 
 
