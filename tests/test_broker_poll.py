@@ -47,6 +47,7 @@ class FakeService:
         self.requests: list[tuple[str, str, dict, bytes, dict]] = []
         self.faults: list[tuple[str, int | str, dict]] = []  # (path prefix, status or "slow", headers)
         self.slow_s = 1.0
+        self.closed = threading.Event()  # ends a slow answer's wait
         service = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -60,7 +61,7 @@ class FakeService:
                     if url.path.startswith(prefix):
                         del service.faults[i]
                         if status == "slow":
-                            time.sleep(service.slow_s)
+                            service.closed.wait(service.slow_s)
                             break
                         return self._send(status, headers, {"id_code": status, "id_message": "injected fault"})
                 status, headers, obj = service.route(self.command, url.path, query, body, self.headers)
@@ -91,6 +92,7 @@ class FakeService:
         self.thread.start()
 
     def close(self):
+        self.closed.set()
         self.server.shutdown()
         self.server.server_close()
 
@@ -250,7 +252,7 @@ def fink():
 
 
 def stream(fmt: str, url: str, **kw) -> Stream:
-    base = dict(name=fmt.split("-")[0], kind="poll", format=fmt, url=url, interval=0.05, timeout=2.0)
+    base = dict(name=fmt.split("-")[0], kind="poll", format=fmt, url=url, interval=0.05, timeout=10.0)
     return Stream(**{**base, **kw})
 
 
@@ -357,8 +359,10 @@ def test_alerce_full_pages_split_the_window_and_known_objects_are_not_fetched_ag
     st = stream("alerce-api", alerce.url + "/ztf/v1", page_size=3,
                 query={"classifier": "lc_classifier", "class": "SNIa"})
     alerce.faults += [("/ztf/v1/objects", "slow", {}), ("/ztf/v1/objects/ZTF26aalerc3", 500, {})]
-    alerce.slow_s = 0.6
-    st = replace(st, timeout=0.3)
+    # The slow answer never comes in time (it lasts until the service closes): only the client's
+    # timeout ends it, and every other answer has that long to arrive.
+    alerce.slow_s = 600.0
+    st = replace(st, timeout=2.0)
     p = poller(db, st)
     assert p.poll_once(STOP)
     c = counts(db)
@@ -483,12 +487,12 @@ def test_run_polls_on_its_interval_survives_an_unreachable_service_and_stops(db,
     threads = [threading.Thread(target=x.run, args=(stop,)) for x in (a, b)]
     for t in threads:
         t.start()
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + 60
     while (b.stats.polls < 2 or a.stats.failures < 2) and time.monotonic() < deadline:
         time.sleep(0.05)
     stop.set()
     for t in threads:
-        t.join(timeout=10)
+        t.join(timeout=60)
     assert not any(t.is_alive() for t in threads)
     assert b.stats.polls >= 2 and b.stats.consumed >= 1 and counts(db)["alerts"] == 1
     assert a.stats.failures >= 2 and "connection failed" in a.stats.last_error
@@ -629,7 +633,7 @@ def test_the_daemon_runs_a_poll_stream_with_metrics(db, fink, tmp_path):
     daemon.metrics = instrument(daemon)  # wraps the runner's handler: the poll must go through it
     daemon.start()
     try:
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 120
         while counts(db)["alerts"] < 3:
             assert time.monotonic() < deadline, daemon.runners[0].consumer.stats
             time.sleep(0.05)
