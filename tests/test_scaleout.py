@@ -141,6 +141,11 @@ class Proxy:
                     conn.close()
                 if "json" in ctype:
                     data = data.replace(upstream.encode(), proxy.url.encode())
+                # The call ends when the observatory has answered, stamped before the answer goes back:
+                # the daemon cannot go on (end its poll, free the facility) before the stamp, whereas a
+                # stamp after the write could come arbitrarily late (this thread waits for the GIL) and
+                # overlap the other daemon's next poll although the two polls followed each other.
+                end = time.monotonic()
                 self.send_response(status)
                 self.send_header("Content-Type", ctype)
                 self.send_header("Content-Length", str(len(data)))
@@ -150,7 +155,7 @@ class Proxy:
                 self.wfile.write(data)
                 parts = urlsplit(self.path)
                 with proxy._lock:
-                    proxy.calls.append(Call(t0, time.monotonic(), self.command, parts.path, parts.query))
+                    proxy.calls.append(Call(t0, end, self.command, parts.path, parts.query))
 
             do_GET = do_POST = _forward
 
@@ -640,11 +645,16 @@ def test_two_daemons_share_partitions_ingest_once_submit_once_and_take_over(db, 
         wait_until("every intent submitted", lambda: open_intents(db) == 0, daemons)
 
         def split() -> bool:
+            # Counters move just after the commits the waits above saw (a submission is counted after
+            # its row is written): wait until they account for every alert before comparing them.
             ma, mb = a.metrics(), b.metrics()
+            outcomes = sum(total(m, "tomd_submissions_total", facility="sim")
+                           + total(m, "tomd_submission_rejections_total") for m in (ma, mb))
             return (total(ma, "tomd_alerts_ingested_total") + total(mb, "tomd_alerts_ingested_total") == first
+                    and outcomes == first
                     and len(held_partitions(ma, topic) | held_partitions(mb, topic)) == PARTITIONS)
 
-        wait_until("the metrics of both daemons to show the split", split, daemons, timeout=30)
+        wait_until("the metrics of both daemons to show the split", split, daemons)
         ma, mb = a.metrics(), b.metrics()
         pa, pb = held_partitions(ma, topic), held_partitions(mb, topic)
         assert pa and pb and not pa & pb and pa | pb == set(range(PARTITIONS)), (pa, pb)
@@ -668,7 +678,7 @@ def test_two_daemons_share_partitions_ingest_once_submit_once_and_take_over(db, 
                                for m in (a.metrics(), b.metrics()))
                    and all(p.listings() for p in proxies.values())
                    and len(journal.read_text().splitlines()) > 0 and webhook.received
-                   and count(db, DataProduct) > 0, daemons, timeout=60)
+                   and count(db, DataProduct) > 0, daemons)
 
         # 2. A killed mid-stream: b takes over a's partitions and ingests the rest.
         produced2 = produce_spread(kafka_broker.bootstrap, topic, values[first:])
@@ -685,7 +695,7 @@ def test_two_daemons_share_partitions_ingest_once_submit_once_and_take_over(db, 
         ended = end_leases_of(db, a.proc.pid, world.in_flight)
         wait_until("every alert ingested by the survivor", lambda: count(db, AlertRow) == first + second, daemons)
         wait_until("b holding every partition",
-                   lambda: held_partitions(b.metrics(), topic) == set(range(PARTITIONS)), daemons, timeout=60)
+                   lambda: held_partitions(b.metrics(), topic) == set(range(PARTITIONS)), daemons)
         mb = b.metrics()
         assert total(mb, "tomd_consumer_assigned_partitions") == PARTITIONS
         wait_until("b's lag down to 0", lambda: total(b.metrics(), "tomd_consumer_lag_messages") == 0, daemons)
@@ -728,7 +738,7 @@ def test_two_daemons_share_partitions_ingest_once_submit_once_and_take_over(db, 
                 d.proc.send_signal(signal.SIGTERM)
         for d in (a, b):
             try:
-                d.proc.wait(60)
+                d.proc.wait(120)
             except subprocess.TimeoutExpired:
                 d.proc.kill()
         sim.stop()
