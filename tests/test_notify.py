@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime as dt
 import email
+import errno
 import email.policy
 import json
 import logging
@@ -55,12 +56,15 @@ class Clock:
 
 
 class Endpoint:
-    """A loopback HTTP server: records POSTs, answers from a plan (then 200 "ok")."""
+    """A loopback HTTP server: records POSTs, answers from a plan (then 200 "ok").
+
+    A planned delay holds the answer back that long, or until the endpoint closes."""
 
     def __init__(self):
         self.requests: list[dict] = []
         self.plan: list[tuple[int, str, dict, float]] = []  # (status, body, headers, delay)
         self.lock = threading.Lock()
+        self.closing = threading.Event()
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -70,7 +74,7 @@ class Endpoint:
                     outer.requests.append({"path": self.path, "headers": dict(self.headers), "body": body})
                     status, text, headers, delay = outer.plan.pop(0) if outer.plan else (200, "ok", {}, 0.0)
                 if delay:
-                    time.sleep(delay)
+                    outer.closing.wait(delay)
                 data = text.replace("{path}", self.path).encode()
                 try:
                     self.send_response(status)
@@ -97,6 +101,7 @@ class Endpoint:
         return [json.loads(r["body"]) for r in self.requests]
 
     def close(self):
+        self.closing.set()  # answers still held back go now (to clients long gone): nothing waits on them
         self.server.shutdown()
         self.server.server_close()
 
@@ -112,6 +117,31 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def start_smtp(make):
+    """``make(port)``: an aiosmtpd Controller, started on a free port. It binds a port we only
+    chose, which another process may take first: then another port."""
+    for _ in range(20):
+        controller = make(_free_port())
+        try:
+            controller.start()
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise
+            controller.stop(no_assert=True)
+            controller.loop.close()
+            continue
+        return controller
+    raise AssertionError("no free port for the SMTP server")
+
+
+def _refused_port() -> socket.socket:
+    """A loopback socket bound but not listening: connecting to its port is refused, and no other
+    process can take the port while it is held (close it after)."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    return s
 
 
 @pytest.fixture(scope="module")
@@ -169,11 +199,11 @@ class SmtpServer:
 
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ctx.load_cert_chain(str(cert), str(key))
-        self.port = _free_port()
-        self.controller = Controller(Handler(), hostname="127.0.0.1", port=self.port, tls_context=ctx,
-                                     require_starttls=True, auth_required=True, auth_require_tls=True,
-                                     authenticator=authenticator)
-        self.controller.start()
+        # ready_timeout: its start (5 s by default) must not race a loaded machine
+        self.controller = start_smtp(lambda port: Controller(
+            Handler(), hostname="127.0.0.1", port=port, tls_context=ctx, require_starttls=True,
+            auth_required=True, auth_require_tls=True, authenticator=authenticator, ready_timeout=60.0))
+        self.port = self.controller.port
 
     def close(self):
         self.controller.stop()
@@ -346,7 +376,7 @@ def test_slack_shows_the_light_curve_by_presigned_url_on_s3(db, endpoint, s3_end
     check_slack_shape(payload)
     (image,) = [b for b in payload["blocks"] if b["type"] == "image"]
     assert "X-Amz-Signature=" in image["image_url"] and "ZTF24aaabbbc" in image["alt_text"]
-    png = httpx.get(image["image_url"], timeout=10)  # public: no credentials, only the signed URL
+    png = httpx.get(image["image_url"], timeout=60)  # public: no credentials, only the signed URL
     assert png.status_code == 200 and png.content.startswith(b"\x89PNG")
 
 
@@ -398,7 +428,7 @@ def test_webhook_body_is_signed_and_verifiable(db, endpoint):
 def email_channel(smtp: SmtpServer, tls_cert, **kw) -> Channel:
     return Channel(kind="email", to=["night@example.org", "pi@example.org"], smtp_host="127.0.0.1",
                    smtp_port=smtp.port, username="tomd", password=Secret(SMTP_PASSWORD), starttls=True,
-                   ca_file=str(tls_cert[0]), sender="tomd <tomd@example.org>", timeout=10.0, **kw)
+                   ca_file=str(tls_cert[0]), sender="tomd <tomd@example.org>", timeout=60.0, **kw)
 
 
 def test_email_over_starttls_with_login_and_the_light_curve(db, smtp, tls_cert):
@@ -451,12 +481,10 @@ def test_email_refuses_to_log_in_without_tls(db, tls_cert):
         async def handle_DATA(self, server, session, envelope):  # noqa: N802
             return "250 OK"
 
-    port = _free_port()
-    c = Controller(Sink(), hostname="127.0.0.1", port=port)
-    c.start()
+    c = start_smtp(lambda port: Controller(Sink(), hostname="127.0.0.1", port=port, ready_timeout=60.0))
     try:
-        ch = Channel(kind="email", to=["a@example.org"], smtp_host="127.0.0.1", smtp_port=port, username="tomd",
-                     password=Secret(SMTP_PASSWORD))
+        ch = Channel(kind="email", to=["a@example.org"], smtp_host="127.0.0.1", smtp_port=c.port, username="tomd",
+                     password=Secret(SMTP_PASSWORD), timeout=60.0)
         queue(db, "mail", 1)
         (r,) = notifier(db, config_with(mail=ch)).run_once()
     finally:
@@ -566,7 +594,7 @@ def test_a_refusal_is_final_at_once(db, endpoint):
 
 def test_a_slow_endpoint_times_out_and_is_retried(db, endpoint):
     config = config_with(ops=Channel(kind="webhook", url=endpoint.url(), timeout=0.3))
-    endpoint.plan.append((200, "ok", {}, 2.0))
+    endpoint.plan.append((200, "ok", {}, 120.0))  # held until the endpoint closes: no answer can beat 0.3 s
     queue(db, "ops", 1)
     (r,) = notifier(db, config).run_once()
     assert r.state == "retry" and "no answer within 0.3s" in r.error
@@ -604,13 +632,13 @@ def test_two_notifiers_never_send_one_notification_twice(db, endpoint):
 
     def work(n: Notifier):
         barrier.wait()
-        sent[n.worker] = [i for r in n.run_until_idle(timeout_s=60) if r.state == "sent" for i in r.ids]
+        sent[n.worker] = [i for r in n.run_until_idle(timeout_s=300) if r.state == "sent" for i in r.ids]
 
     threads = [threading.Thread(target=work, args=(n,)) for n in (a, b)]
     for t in threads:
         t.start()
     for t in threads:
-        t.join(90)
+        t.join(360)
     deliveries = [r["headers"]["Tomd-Delivery"] for r in endpoint.requests]
     assert len(deliveries) == len(set(deliveries)) == 60 + 7
     assert not set(sent["a"]) & set(sent["b"])
@@ -636,7 +664,7 @@ def test_a_second_notifier_waits_for_the_channel_lock(db, endpoint):
         t.start()
         t.join(1.0)
         assert t.is_alive()  # waiting for the other's transaction
-    t.join(30)
+    t.join(120)
     assert not t.is_alive() and results == [] and endpoint.requests == []
 
 
@@ -665,9 +693,14 @@ def test_secrets_never_reach_logs_or_errors(db, endpoint, caplog):
         assert secret not in caplog.text and secret not in errors
     assert SLACK_TOKEN not in repr(config)
     # a channel that cannot even be reached: the error names the host only
-    dead = config_with(slack=Channel(kind="slack", url=f"http://127.0.0.1:{_free_port()}/services/{SLACK_TOKEN}"))
-    queue(db, "slack", 1, prefix="d")
-    (r,) = notifier(db, dead, clock).run_once()
+    held = _refused_port()
+    try:
+        dead = config_with(slack=Channel(kind="slack", url=f"http://127.0.0.1:{held.getsockname()[1]}/services/"
+                                                             f"{SLACK_TOKEN}"))
+        queue(db, "slack", 1, prefix="d")
+        (r,) = notifier(db, dead, clock).run_once()
+    finally:
+        held.close()
     assert r.state == "retry" and "127.0.0.1" in r.error and SLACK_TOKEN not in r.error + caplog.text
 
 
@@ -878,14 +911,14 @@ def test_run_loop_sends_when_woken_and_stops(db, endpoint):
     try:
         queue(db, "ops", 1)
         n.wake()  # else the next look would be 30 s away
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 120
         while not endpoint.requests and time.monotonic() < deadline:
             time.sleep(0.02)
         assert len(endpoint.requests) == 1
     finally:
         stop.set()
         n.wake()
-        t.join(10)
+        t.join(60)
     assert not t.is_alive()
     assert [r.state for r in rows(db)] == ["sent"]
 
