@@ -74,12 +74,15 @@ def storage_config(request, tmp_path) -> Storage:
 
 
 def examples_runner(db, storage: Storage, settings: dict) -> HookRunner:
+    # timeout: also how long the worker (at nice 10, slowest on a loaded machine) may take to start and
+    # load the files: far above what it needs, nothing here may depend on beating it
     return HookRunner(db.sessions, RunnerSettings(paths=(str(REPO / "hooks"),), retry_backoff=0.05, retry_max=0.1,
-                                                  poll=0.1, timeout=60.0, settings=settings),
+                                                  poll=0.1, timeout=240.0, settings=settings),
                       database_url=db.url, storage_config=storage)
 
 
-def drain(runner: HookRunner, db, deadline_s: float = 90.0) -> None:
+def drain(runner: HookRunner, db, deadline_s: float = 240.0) -> None:
+    """run_once until no run is new, pending or running: a generous deadline that ends as soon as that holds."""
     end = time.monotonic() + deadline_s
     while time.monotonic() < end:
         result = runner.run_once()
@@ -170,7 +173,7 @@ def test_external_pipeline_runs_the_command_on_a_local_copy(db, storage_config, 
             "print('reduced', sys.argv[3], d)")
     settings = {"external_pipeline": {"command": [sys.executable, "-c", copy, "{path}",
                                                   str(out_dir / "{event_id}-{filename}"), "{target}"],
-                                      "timeout": 30, "tag": "reduced"}}
+                                      "timeout": 240, "tag": "reduced"}}
     store = storage_from_config(storage_config)
     runner = examples_runner(db, storage_config, settings)
     data = fits_bytes(keywords=GOOD_KEYS, data=noise())
