@@ -154,13 +154,15 @@ def test_a_daemon_logs_alert_lines_with_their_coordinates_and_ids(db, shared_dat
     alert carries its stream coordinates and ids as JSON fields, every line about a
     submission its request, decision and target."""
     import os
+    import signal
     import subprocess
     import sys
+    import time
     from pathlib import Path
 
     from sqlalchemy import func, select
 
-    from tomd.db.models import Decision
+    from tomd.db.models import AlertRow, Decision, DeadLetter, ObservationRequest
 
     rules = tmp_path / "rules"
     rules.mkdir()
@@ -168,6 +170,7 @@ def test_a_daemon_logs_alert_lines_with_their_coordinates_and_ids(db, shared_dat
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "broken.avro").write_bytes(b"Obj\x01 not really avro")
+    packets = sorted((shared_data / "ztf/ztf-avro-alert").glob("*.avro"))
     cfg = write_daemon_config(tmp_path, db.url, extra=f"""
 [facilities.sim]
 kind = "sim"
@@ -178,11 +181,39 @@ topics = ["{shared_data / 'ztf/ztf-avro-alert'}/*.avro", "{bad}/*.avro"]
 format = "ztf-avro"
 """)
     repo_root = Path(__file__).resolve().parents[1]
-    p = subprocess.run([sys.executable, "-m", "tomd.cli", "--log-format", "json", "run", "--exit-when-idle", "4"],
-                       env={**os.environ, "TOMD_CONFIG": str(cfg)}, cwd=repo_root, capture_output=True, text=True,
-                       timeout=180)
-    assert p.returncode == 0, p.stderr[-3000:]
-    docs = [json.loads(line) for line in p.stderr.splitlines() if line.startswith("{")]
+
+    def finished() -> bool:
+        """Every packet stored, the broken file dead-lettered, every firing submitted."""
+        with db.sessions() as s:
+            alerts = s.scalar(select(func.count()).select_from(AlertRow))
+            dead = s.scalar(select(func.count()).select_from(DeadLetter))
+            fired = s.scalar(select(func.count()).select_from(Decision).where(Decision.outcome == "fired"))
+            sent = s.scalar(select(func.count()).select_from(ObservationRequest).join(
+                Decision, Decision.id == ObservationRequest.decision_id).where(
+                Decision.outcome == "fired", ObservationRequest.state.not_in(("intent", "submitting"))))
+        return alerts == len(packets) and dead >= 1 and sent == fired  # (one alert a file)
+
+    # Stopped (SIGTERM, as systemd stops it) once the database shows all the work done: not after
+    # a few idle seconds (--exit-when-idle), which a slow start or a slow submission could outlast.
+    log_file = tmp_path / "stderr.txt"
+    with log_file.open("w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "tomd.cli", "--log-format", "json", "run"],
+                                env={**os.environ, "TOMD_CONFIG": str(cfg)}, cwd=repo_root,
+                                stdout=subprocess.DEVNULL, stderr=err)
+        try:
+            deadline = time.monotonic() + 180
+            while not finished() and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.1)
+            proc.send_signal(signal.SIGTERM)
+            returncode = proc.wait(120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(30)
+    stderr = log_file.read_text()
+    assert returncode == 0, stderr[-3000:]
+    assert finished(), stderr[-3000:]
+    docs = [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
     with db.sessions() as s:
         fired = s.scalar(select(func.count()).select_from(Decision).where(Decision.outcome == "fired"))
     assert fired > 0
