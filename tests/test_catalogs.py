@@ -106,13 +106,16 @@ class Loopback:
         self.server.server_close()
 
 
+_HELD: list[socket.socket] = []
+
+
 def closed_port_url(path: str) -> str:
-    """A URL where nothing listens (connection refused): the service is down."""
+    """A URL where nothing listens (connection refused): the service is down. The port stays bound
+    (never listening) for the whole session, so no other test or process can start listening on it."""
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return f"http://127.0.0.1:{port}{path}"
+    _HELD.append(s)
+    return f"http://127.0.0.1:{s.getsockname()[1]}{path}"
 
 
 # SIMBAD: identifiers as SIMBAD stores them (padded), one basic row per object.

@@ -297,13 +297,13 @@ def test_unknown_outcome_is_never_resent(odb, fault):
 
 
 def test_connection_refused_is_retryable():
-    with socket.socket() as s:
+    with socket.socket() as s:  # bound, never listening: refused, and no other process can take the port
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    c = GeminiClient("gemini", url=f"http://127.0.0.1:{port}", email=EMAIL, token=KEY, proposal=PROGRAM,
-                     templates=TEMPLATES, timeout=30.0, max_attempts=2, backoff_base=0.01, backoff_cap=0.02)
-    with pytest.raises(RetryableError, match="cannot connect") as err:
-        c.submit(c.build_request("gmos-r", target(), Intent(name="t")))
+        c = GeminiClient("gemini", url=f"http://127.0.0.1:{port}", email=EMAIL, token=KEY, proposal=PROGRAM,
+                         templates=TEMPLATES, timeout=30.0, max_attempts=2, backoff_base=0.01, backoff_cap=0.02)
+        with pytest.raises(RetryableError, match="cannot connect") as err:
+            c.submit(c.build_request("gmos-r", target(), Intent(name="t")))
     assert not isinstance(err.value, PermanentError)
     c.close()
 

@@ -219,12 +219,14 @@ def test_drop_before_processing_is_ambiguous_and_nothing_exists(sim):
 
 
 def test_connection_refused_is_retryable_not_ambiguous():
-    with SimObservatory() as s:
-        url = s.url
-    c = LCOClient("gone", url=url, token="t", proposal="P", templates=TEMPLATES, timeout=30.0, max_attempts=2,
-                  backoff_base=0.01, backoff_cap=0.02)
-    with pytest.raises(RetryableError) as exc:
-        c.submit(c.build_request("1m-gri", sidereal(), Intent(name="x")))
+    import socket
+
+    with socket.socket() as s:  # bound, never listening: refused, and no other process can take the port
+        s.bind(("127.0.0.1", 0))
+        c = LCOClient("gone", url=f"http://127.0.0.1:{s.getsockname()[1]}", token="t", proposal="P",
+                      templates=TEMPLATES, timeout=30.0, max_attempts=2, backoff_base=0.01, backoff_cap=0.02)
+        with pytest.raises(RetryableError) as exc:
+            c.submit(c.build_request("1m-gri", sidereal(), Intent(name="x")))
     assert not isinstance(exc.value, AmbiguousError)
 
 

@@ -378,13 +378,13 @@ def test_statuses_follow_the_swift_teams_decision(api):
 
 
 def test_connection_refused_is_retryable():
-    with socket.socket() as s:
+    with socket.socket() as s:  # bound, never listening: refused, and no other process can take the port
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    c = SwiftClient("swift", url=f"http://127.0.0.1:{port}/toop/submit_json.php", username=USER, token=SECRET,
-                    templates=TEMPLATES, timeout=30.0, max_attempts=2, backoff_base=0.01, backoff_cap=0.02)
-    with pytest.raises(RetryableError, match="cannot connect") as err:
-        c.submit(c.build_request("xrt", target(), Intent(name="t")))
+        c = SwiftClient("swift", url=f"http://127.0.0.1:{port}/toop/submit_json.php", username=USER, token=SECRET,
+                        templates=TEMPLATES, timeout=30.0, max_attempts=2, backoff_base=0.01, backoff_cap=0.02)
+        with pytest.raises(RetryableError, match="cannot connect") as err:
+            c.submit(c.build_request("xrt", target(), Intent(name="t")))
     assert not isinstance(err.value, (AmbiguousError, PermanentError))
     c.close()
 

@@ -32,10 +32,16 @@ def get(url: str, timeout: float = 120.0) -> tuple[int, str, bytes]:
         return e.code, e.headers.get("Content-Type", ""), e.read()
 
 
+_HELD: list[socket.socket] = []
+
+
 def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]  # nothing listens here once the socket is closed
+    """A port where nothing listens (connection refused): bound and never listening for the whole
+    session, so no other test or process can start listening on it meanwhile."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    _HELD.append(s)
+    return s.getsockname()[1]
 
 
 @pytest.fixture

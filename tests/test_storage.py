@@ -399,19 +399,21 @@ def test_check(store: Store, tmp_path) -> None:
 def test_unreachable_endpoint_is_retryable() -> None:
     import socket
 
-    with socket.socket() as sock:  # a port nobody listens on
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     from botocore.client import Config
 
     import boto3
 
-    client = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1",
-                          aws_access_key_id="k", aws_secret_access_key="s",
-                          config=Config(retries={"max_attempts": 1}, connect_timeout=1))
-    store = S3Store("tomd-bucket", endpoint_url=f"http://127.0.0.1:{port}", client=client)
-    with pytest.raises(StorageError) as exc:
-        store.size("x")
+    # A port nobody listens on: bound and never listening while the test runs (refused at once),
+    # so no other process can start listening on it meanwhile.
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        client = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1",
+                              aws_access_key_id="k", aws_secret_access_key="s",
+                              config=Config(retries={"max_attempts": 1}, connect_timeout=1))
+        store = S3Store("tomd-bucket", endpoint_url=f"http://127.0.0.1:{port}", client=client)
+        with pytest.raises(StorageError) as exc:
+            store.size("x")
     assert isinstance(exc.value, RetryableError)
 
 
