@@ -664,3 +664,36 @@ def test_output_to_a_closed_pipe_is_quiet(db, tmp_path):
         err = p.stderr.read().decode()
         p.stderr.close()
         assert p.wait(PATIENCE) == 141 and "Traceback" not in err and "BrokenPipe" not in err, (args, err)
+
+
+def test_exit_when_idle_waits_for_the_group_join_and_for_a_batch_in_hand(db, kafka_broker, make_topic, ztf_values,
+                                                                          tmp_path):
+    """--exit-when-idle counts no idle time before a stream's first partition, nor during a batch:
+    with a limit far shorter than a group join (Tansu answers a join after about half the session
+    timeout), the run used to stop before it had read anything."""
+    topic = make_topic(partitions=1)
+    produce(kafka_broker.bootstrap, topic, ztf_values[:5])
+    cfg = write_config(tmp_path, db, kafka_broker.bootstrap, topic)
+    out = run_until_idle(cfg, idle=0.3)
+    assert count(db, AlertRow) == 5, out
+    assert "never got a partition" not in out
+
+
+def test_exit_when_idle_still_ends_when_the_broker_is_never_reached(db, tmp_path, monkeypatch, caplog):
+    """A catch-up run against a broker that never answers ends after the join's grace, and says why."""
+    import logging
+
+    from tomd import daemon
+    from tomd.config import load_config
+
+    monkeypatch.setattr(daemon, "JOIN_GRACE_S", 2.0)  # 60 s in the daemon; the test need not wait that long
+    cfg = write_config(tmp_path, db, "127.0.0.1:1", "nowhere")
+    caplog.set_level(logging.INFO, logger="tomd")
+    t0 = time.monotonic()
+    code = daemon.run(load_config(cfg), idle_exit_s=0.3)
+    waited = time.monotonic() - t0
+    assert code == 0
+    assert waited >= 2.0  # the join had its grace before idle time counted
+    (warning,) = [r.getMessage() for r in caplog.records if "never got a partition" in r.getMessage()]
+    assert warning.startswith("stream(s) ztf never got a partition in ")
+    assert any(r.getMessage() == "no new messages for 0.3 s: stopping" for r in caplog.records)

@@ -46,6 +46,10 @@ from tomd.errors import UserError
 
 log = logging.getLogger(__name__)
 
+# tomd run --exit-when-idle: how long a stream waiting for its first partition counts as busy
+# (a group join takes seconds; a broker never reached must not hold a catch-up run forever)
+JOIN_GRACE_S = 60.0
+
 
 def parser_for(fmt: str, *, include_test: bool, schema_registry: str | None = None,
                schema_file: str | None = None) -> Parser:
@@ -130,6 +134,13 @@ class FileStream:
                 batch = []
 
     def _handle(self, batch, stop: threading.Event) -> None:
+        self.stats.busy = True  # not idle meanwhile (tomd run --exit-when-idle)
+        try:
+            self._handle_with_retries(batch, stop)
+        finally:
+            self.stats.busy = False
+
+    def _handle_with_retries(self, batch, stop: threading.Event) -> None:
         from tomd.errors import RetryableError
 
         delay = 0.5
@@ -150,6 +161,7 @@ class FileStream:
 class _FileStats:
     consumed: int = 0
     backing_off: bool = False
+    busy: bool = False  # a batch is being handled
 
 
 def build_stages(config: Config):
@@ -430,6 +442,7 @@ class Daemon:
         would run inside the ingest transaction, on the stream's time.
         """
         last_total, last_change = -1, time.monotonic()
+        started = last_change
         ruleset = self.rules.ruleset
         rules_every_s = ruleset.check_every_s
         if math.isfinite(rules_every_s):
@@ -447,11 +460,25 @@ class Daemon:
                     self._look_at_rules()
                 if idle_exit_s is not None:
                     total = sum(r.consumer.stats.consumed for r in self.runners)
-                    busy = any(r.consumer.stats.backing_off for r in self.runners)
+                    # Not idle while a batch is in hand (a long one would otherwise end the run in
+                    # its middle), nor before a Kafka stream's first assignment: joining a group
+                    # takes seconds (3 s of group.initial.rebalance.delay.ms on Apache Kafka), and
+                    # "no new messages" means nothing before the stream could read any. A broker
+                    # never reached must still end a catch-up run: the join gets JOIN_GRACE_S.
+                    joining = time.monotonic() - started < JOIN_GRACE_S and any(
+                        getattr(r.consumer.stats, "rebalances", 1) == 0 for r in self.runners)
+                    busy = joining or any(r.consumer.stats.backing_off or r.consumer.stats.busy
+                                          for r in self.runners)
                     if total != last_total or busy:
                         last_total, last_change = total, time.monotonic()
                     elif time.monotonic() - last_change >= idle_exit_s:
-                        log.info("no new messages for %.0f s: stopping", idle_exit_s)
+                        unassigned = [r.stream.name for r in self.runners
+                                      if getattr(r.consumer.stats, "rebalances", 1) == 0]
+                        if unassigned:
+                            log.warning("stream(s) %s never got a partition in %.0f s (broker unreachable, "
+                                        "or no such topic?)", ", ".join(unassigned),
+                                        time.monotonic() - started)
+                        log.info("no new messages for %g s: stopping", idle_exit_s)
                         self.stop.set()
             self.shutdown()  # the streams' last batches too read the rules without looking
         finally:

@@ -114,6 +114,7 @@ class ConsumerStats:
     errors: int = 0  # non-fatal errors reported by the client
     rebalances: int = 0
     backing_off: bool = False
+    busy: bool = False  # a batch is being handled, or waits for a retry
     consume_seconds: float = 0.0  # in consume() calls that returned records, and building RawMessages
     assigned: frozenset[Partition] = frozenset()
     committed: Mapping[Partition, int] = field(default_factory=dict)  # next offset, as committed by us
@@ -256,6 +257,7 @@ class StreamConsumer:
         this batch, which by then has been handled.
         """
         self._pending = batch
+        self.stats.busy = True
         attempt = 0
         try:
             while self._pending:  # on_revoke drops records of partitions taken away
@@ -277,6 +279,7 @@ class StreamConsumer:
                         return
         finally:
             self._pending = []
+            self.stats.busy = False
             if attempt:
                 self._consumer.resume(self._consumer.assignment())
                 self.stats.backing_off = False
