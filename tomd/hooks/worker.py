@@ -528,7 +528,7 @@ class WorkerProcess:
         if self.proc is None:
             return "not started"
         try:
-            code = self.proc.wait(5)
+            code = self.proc.wait(30)  # its pipe closed: it is exiting (slowly at nice 10 on a busy machine)
         except subprocess.TimeoutExpired:
             code = None
         self._kill_group()  # what the dead worker's hook started must not run on
