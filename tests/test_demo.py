@@ -34,7 +34,7 @@ def test_demo_runs_the_whole_mission_and_ends_by_itself(tmp_path):
         pytest.fail(f"the demo needs the Tansu broker: {exc}")
     work = tmp_path / "demo-work"
     proc = subprocess.run([sys.executable, "-m", "tomd.cli", "demo", "--workdir", str(work)], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=240)
+                          capture_output=True, text=True, timeout=600)
     out, err = proc.stdout, proc.stderr
     assert proc.returncode == 0, f"exit {proc.returncode}\n--- stdout\n{out}\n--- stderr (tail)\n{err[-4000:]}"
     assert "Traceback" not in err, err[-4000:]
