@@ -10,10 +10,12 @@ that never comes (``hang_then_drop``), a drop, or a 5xx.
 
 from __future__ import annotations
 
+import http.client
 import random
 import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlsplit
 
 
 class LoopbackServer:
@@ -91,3 +93,61 @@ class LoopbackServer:
             h.connection.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
+
+
+class Gate:
+    """A loopback HTTP proxy to ``upstream`` that holds the first call matching ``method`` and
+    ``path`` (exact, or "PREFIX*") until ``release`` is set; ``arrived`` is set when that call is
+    held. URLs of the upstream in JSON answers are rewritten to come back through the gate.
+    An explicit synchronisation point: "a call is in flight" for as long as the test needs."""
+
+    def __init__(self, upstream: str, method: str, path: str):
+        self.upstream = urlsplit(upstream)
+        self.arrived, self.release = threading.Event(), threading.Event()
+        held = threading.Lock()  # taken by the one call that is held
+        gate = self
+
+        def matches(m: str, p: str) -> bool:
+            return m == method and (p.startswith(path[:-1]) if path.endswith("*") else p == path)
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:
+                pass
+
+            def _forward(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if matches(self.command, urlsplit(self.path).path) and held.acquire(blocking=False):
+                    gate.arrived.set()
+                    gate.release.wait(300)
+                conn = http.client.HTTPConnection(gate.upstream.hostname, gate.upstream.port, timeout=60)
+                try:
+                    headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
+                    conn.request(self.command, self.path, body=body or None, headers=headers)
+                    resp = conn.getresponse()
+                    data, status = resp.read(), resp.status
+                    keep = {k: v for k, v in resp.getheaders() if k.lower() in ("content-type", "retry-after")}
+                finally:
+                    conn.close()
+                if "json" in keep.get("Content-Type", ""):
+                    data = data.replace(upstream.encode(), gate.url.encode())
+                try:
+                    self.send_response(status)
+                    for k, v in keep.items():
+                        self.send_header(k, v)
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up first
+
+            do_GET = do_POST = _forward
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.release.set()
+        self.server.shutdown()
+        self.server.server_close()

@@ -373,7 +373,6 @@ def test_ztf_each_writer_schema_parsed_once() -> None:
     decode._parsed_schema.cache_clear()
     keys = set()
     for version in ZTF_VERSIONS:
-        schema = ztf_schema(version)
         for i in range(5):
             _, rec, _ = build_ztf(version, candid=3000000000000000000 + 100 * i + ZTF_VERSIONS.index(version))
             for a in parse_message("ztf-avro", ztf_message(version, rec)):

@@ -20,7 +20,7 @@ from sqlalchemy import select
 from tests.test_storage import new_bucket, s3_endpoint, store  # noqa: F401  (fixtures)
 from tomd import data_cli
 from tomd.db import repository as repo
-from tomd.db.models import DataProduct, OutboxEvent, Photometry, utcnow
+from tomd.db.models import DataProduct, OutboxEvent, Photometry
 from tomd.errors import InputError, NotFoundError
 from tomd.products import (
     export_photometry,

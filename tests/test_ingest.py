@@ -392,7 +392,7 @@ def test_a_database_outage_partway_through_the_one_by_one_pass_doubles_nothing(d
         with pytest.raises(RetryableError):
             ing.handle(batch)  # batch refused (NUL) → one by one → outage on a good message
         assert counts(db)["dead_letters"] == 2
-    result = ing.handle(batch)  # the consumer applies the batch again
+    ing.handle(batch)  # the consumer applies the batch again
     again = ing.handle(batch)  # and once more (a redelivery)
     assert again.dead_letters == 0 and again.alerts == 0
     letters = 2 if db.kind == "postgresql" else 1  # SQLite stores the NUL

@@ -19,7 +19,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
-from sqlalchemy import JSON, column, func, insert, select, text
+from sqlalchemy import JSON, column, func, insert, select
 from sqlalchemy import table as sa_table
 
 from tests.conftest import SHARED_DATA, pg_database_at

@@ -21,7 +21,7 @@ from types import SimpleNamespace
 import pytest
 from sqlalchemy import select
 
-from tests.test_status import Gate
+from tests.loopback import Gate
 from tests.test_storage import new_bucket, s3_endpoint, store  # noqa: F401  (fixtures)
 from tomd import data_cli
 from tomd.db import repository as repo
@@ -248,7 +248,6 @@ class CuttingProxy:
 
 def test_connection_dropped_by_the_network_midway(db, sim, store: Store):
     """The line drops mid-body (a real TCP cut): restarted, never recorded complete, no partial object."""
-    import httpx
 
     from tomd.retrieve import download_client
 

@@ -213,7 +213,6 @@ def test_backtest_report_names_targets_per_night_with_hours(shared_data, tmp_pat
 def _stored_series_with_tags(db, tmp_path):
     """Three packets of one object a day apart, stored; tag "hot" and list "watch" put on between the 1st and
     2nd, tag "old" and list "legacy" with no time (from before tomd kept it)."""
-    from datetime import timedelta
 
     from sqlalchemy import update
 

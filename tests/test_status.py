@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import http.client
 import logging
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import urlsplit
 
 import pytest
 from sqlalchemy import func, select
 
+from tests.loopback import Gate
 from tomd.db import migrate
 from tomd.db import repository as repo
 from tomd.db.models import ObservationRequest, ObservationStatus, OutboxEvent, PollState
@@ -52,64 +50,6 @@ def submitted(db, sim, n=1, *, target="SN 2026abc") -> list[tuple[int, int]]:
     with db.sessions() as s:
         out = [(i, int(repo.get_observation(s, i).facility_id)) for i in ids]
     return out
-
-
-class Gate:
-    """A loopback HTTP proxy to ``upstream`` that holds the first call matching ``method`` and
-    ``path`` (exact, or "PREFIX*") until ``release`` is set; ``arrived`` is set when that call is
-    held. URLs of the upstream in JSON answers are rewritten to come back through the gate.
-    An explicit synchronisation point: "a call is in flight" for as long as the test needs."""
-
-    def __init__(self, upstream: str, method: str, path: str):
-        self.upstream = urlsplit(upstream)
-        self.arrived, self.release = threading.Event(), threading.Event()
-        held = threading.Lock()  # taken by the one call that is held
-        gate = self
-
-        def matches(m: str, p: str) -> bool:
-            return m == method and (p.startswith(path[:-1]) if path.endswith("*") else p == path)
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args) -> None:
-                pass
-
-            def _forward(self) -> None:
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                if matches(self.command, urlsplit(self.path).path) and held.acquire(blocking=False):
-                    gate.arrived.set()
-                    gate.release.wait(300)
-                conn = http.client.HTTPConnection(gate.upstream.hostname, gate.upstream.port, timeout=60)
-                try:
-                    headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
-                    conn.request(self.command, self.path, body=body or None, headers=headers)
-                    resp = conn.getresponse()
-                    data, status = resp.read(), resp.status
-                    keep = {k: v for k, v in resp.getheaders() if k.lower() in ("content-type", "retry-after")}
-                finally:
-                    conn.close()
-                if "json" in keep.get("Content-Type", ""):
-                    data = data.replace(upstream.encode(), gate.url.encode())
-                try:
-                    self.send_response(status)
-                    for k, v in keep.items():
-                        self.send_header(k, v)
-                    self.send_header("Content-Length", str(len(data)))
-                    self.end_headers()
-                    self.wfile.write(data)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass  # the client gave up first
-
-            do_GET = do_POST = _forward
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.release.set()
-        self.server.shutdown()
-        self.server.server_close()
 
 
 def history(db, rid) -> list[tuple[str, str]]:

@@ -324,7 +324,7 @@ def _show_results(workdir: Path, cfg_path: Path, sessions, received: list[dict],
     from sqlalchemy import func, select
 
     from tomd.cli import main as tomd_main
-    from tomd.db.models import (AlertRow, DataProduct, DeadLetter, Decision, HookRun, Notice, Notification,
+    from tomd.db.models import (AlertRow, DataProduct, Decision, HookRun, Notice, Notification,
                                 ObservationRequest, OutboxEvent, Photometry)
     from tomd.products import plot_light_curve
 
