@@ -52,6 +52,16 @@ each daemon's partition assignments (``per_daemon[].rebalances``,
 daemon took partitions while the others were busy) is said on the run's
 line: that run's rate counts a rebalance.
 
+Stored cutouts go under ``--data-dir`` (default ``.bench/data`` in the
+repository), a directory per run, all kept until the benchmark ends. Before
+each run the benchmark times creating files and directories there
+(``storage_us_per_create``, CPU per inode): storing cutouts is mostly that
+(three files per alert, three directories per new target). On this
+machine's ext4 it was 10-25 us, and 100-900 us for a while near where tens
+of thousands of files had just been deleted (a test run's /tmp, or the
+previous run's cutouts when each run deleted its own: hence they are kept).
+A deployment's data directory, where files accumulate, is like the former.
+
 With ``--repeat N`` every configuration runs N times, the configurations
 taking turns (a burst of load on the shared machine then hits all of them,
 not one), and each reports its median run by alerts/s, with every run's
@@ -75,7 +85,8 @@ from pathlib import Path
 from confluent_kafka import Consumer
 from sqlalchemy import text
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from tomd.alerts.broker import LOCAL_GROUP_SETTINGS, LocalBroker, create_topics, produce  # noqa: E402
@@ -177,12 +188,26 @@ def write_rules(directory: Path, count: int) -> None:
             f'name = "bench-{i:03d}"\nsources = ["ztf"]\nwhen = "{when}"\nadd_tags = ["bench-{i:03d}"]\n')
 
 
+def storage_us_per_create(directory: Path, n: int = 300) -> float:
+    """CPU microseconds to create an inode in ``directory``: n empty files and n directories."""
+    probe = Path(tempfile.mkdtemp(prefix="probe-", dir=directory))
+    try:
+        t0 = time.process_time()
+        for i in range(n):
+            os.mkdir(probe / f"d{i}")
+            os.close(os.open(probe / f"d{i}" / "f", os.O_WRONLY | os.O_CREAT, 0o644))
+        return round(1e6 * (time.process_time() - t0) / (2 * n), 1)
+    finally:
+        shutil.rmtree(probe, ignore_errors=True)
+
+
 def tomd_rate(kind: str, bootstrap: str, topic: str, n: int, batch_size: int, rules: int = 0,
-              cutouts: bool = True, parse_workers: int = 0, broker_pid: int | None = None) -> dict:
+              cutouts: bool = True, parse_workers: int = 0, broker_pid: int | None = None,
+              data_root: Path | None = None) -> dict:
     url, drop = scratch_database(kind, "ingest")
     # The run's rules and its stored cutouts (~300 MB per 5,000 alerts) go when it ends.
     rules_dir = Path(tempfile.mkdtemp(prefix="tomd-bench-rules-"))
-    data_dir = tempfile.mkdtemp(prefix="tomd-bench-data-")
+    data_dir = tempfile.mkdtemp(prefix="tomd-bench-data-", dir=data_root)
     try:
         engine = migrate.connect(url)
         migrate.upgrade(engine)
@@ -253,16 +278,18 @@ def tomd_rate(kind: str, bootstrap: str, topic: str, n: int, batch_size: int, ru
     finally:
         drop()
         shutil.rmtree(rules_dir, ignore_errors=True)
-        shutil.rmtree(data_dir, ignore_errors=True)
+        # data_dir stays until the benchmark ends (see main): deleting tens of thousands of files
+        # makes creating the next ones nearby slow for a while (ext4, measured: 25 -> 100-900 us).
 
 
 def daemons_rate(bootstrap: str, topic: str, n: int, batch_size: int, daemons: int, rules: int = 0,
-                 cutouts: bool = True, parse_workers: int = 0, broker_pid: int | None = None) -> dict:
+                 cutouts: bool = True, parse_workers: int = 0, broker_pid: int | None = None,
+                 data_root: Path | None = None) -> dict:
     """``daemons`` real ``tomd run`` processes in one consumer group into one fresh PostgreSQL
     database: the run record of ``tomd_rate`` without its per-stage times (see the module docstring)."""
     url, drop = scratch_database("postgresql", "ingest")
     db_name = url.rsplit("/", 1)[-1]
-    work = Path(tempfile.mkdtemp(prefix="tomd-bench-daemons-"))  # config, rules, hooks, stored cutouts
+    work = Path(tempfile.mkdtemp(prefix="tomd-bench-daemons-", dir=data_root))  # config, rules, hooks, cutouts
     procs: list[DaemonProcess] = []
     engine = None
     try:
@@ -342,8 +369,7 @@ def daemons_rate(bootstrap: str, topic: str, n: int, batch_size: int, daemons: i
         stop_daemons(procs)
         if engine is not None:
             engine.dispose()
-        drop()
-        shutil.rmtree(work, ignore_errors=True)
+        drop()  # work (stored cutouts) stays until the benchmark ends, as in tomd_rate
 
 
 def run_line(run: dict) -> str:
@@ -354,7 +380,9 @@ def run_line(run: dict) -> str:
             f"{run['parse_workers']} parse workers, "
             + ("1 daemon (in this process)" if d == 1 else f"{d} daemons (tomd run processes)")
             + f": {run['alerts_per_s']} alerts/s end to end, {run['of_ceiling']:.2f} of the consume+decode "
-            f"ceiling measured just before ({ceil['alerts_per_s']} alerts/s); ")
+            f"ceiling measured just before ({ceil['alerts_per_s']} alerts/s); "
+            + (f"creating a file or directory where cutouts go cost {run['storage_us_per_create']} us; "
+               if run["cutouts"] else ""))
     if d == 1:
         line += "ms per alert: " + ", ".join(f"{s} {v}" for s, v in run["ms_per_alert"].items())
     else:
@@ -381,7 +409,19 @@ def main() -> None:
     p.add_argument("--daemons", default="1",
                    help="daemons sharing the work, e.g. 1,2: 1 runs in this process (stages timed), "
                         "N >= 2 starts N `tomd run` processes in one consumer group (PostgreSQL only)")
+    p.add_argument("--data-dir", type=Path, default=REPO / ".bench" / "data",
+                   help="where runs store cutouts, a new directory each (default: .bench/data in the repository)")
     args = p.parse_args()
+    args.data_dir.mkdir(parents=True, exist_ok=True)
+    # Every run's cutouts stay here until the end (tomd_rate says why), then go at once.
+    data_root = Path(tempfile.mkdtemp(prefix="tomd-bench-", dir=args.data_dir))
+    try:
+        run_all(args, data_root)
+    finally:
+        shutil.rmtree(data_root, ignore_errors=True)
+
+
+def run_all(args: argparse.Namespace, data_root: Path) -> None:
     configs = []
     skipped: set[tuple[str, int]] = set()
     for k, r, cut, w, d in [(k, r, cut, int(w), int(d)) for k in args.backends.split(",")
@@ -417,17 +457,19 @@ def main() -> None:
         for _ in range(args.repeat):
             for k, r, cut, w, d in configs:
                 ceil = ceiling(broker.bootstrap, topic, args.alerts, args.batch_size)
+                create_us = storage_us_per_create(data_root)
                 if d == 1:
                     run = tomd_rate(k, broker.bootstrap, topic, args.alerts, args.batch_size, int(r), cut == "on", w,
-                                    broker_pid=broker.pid)
+                                    broker_pid=broker.pid, data_root=data_root)
                     run["daemons"] = 1
                 else:
                     try:
                         run = daemons_rate(broker.bootstrap, topic, args.alerts, args.batch_size, d, int(r),
-                                           cut == "on", w, broker_pid=broker.pid)
+                                           cut == "on", w, broker_pid=broker.pid, data_root=data_root)
                     except DaemonFailed as exc:
                         raise SystemExit(f"{k}, {r} rules, cutouts {cut}, {w} parse workers, {d} daemons: {exc}")
                 run["ceiling"] = ceil
+                run["storage_us_per_create"] = create_us
                 # The machine is shared: the load says how much of it this run had.
                 run["load_average_1min"] = round(os.getloadavg()[0], 2)
                 run["of_ceiling"] = round(run["alerts_per_s"] / ceil["alerts_per_s"], 3)
