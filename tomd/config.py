@@ -413,7 +413,7 @@ class Stream:
     schema_file: Optional[str] = None
     include_test: bool = False
     localization_max_deg: float = opt(0.1, check=_between(hi=180.0, above=0.0))
-    store_cutouts: bool = True  # ZTF/Rubin image stamps as data products (0.1-3 ms per alert: bench/ingest.py)
+    store_cutouts: bool = True  # ZTF/Rubin image stamps as data products (~0.4 ms of CPU per alert: bench/ingest.py)
     # Kafka streams: processes that parse beside the stream thread's database work (0: the stream
     # thread parses). Worth it only with a core to spare (README, Benchmarks).
     parse_workers: int = opt(0, check=_between(0, 8))
