@@ -51,6 +51,11 @@ log = logging.getLogger(__name__)
 JOIN_GRACE_S = 60.0
 
 
+def _never_assigned(runners) -> list[str]:
+    """The Kafka streams that have not had a partition yet (a file stream has no group to join)."""
+    return [r.stream.name for r in runners if getattr(r.consumer.stats, "rebalances", None) == 0]
+
+
 def parser_for(fmt: str, *, include_test: bool, schema_registry: str | None = None,
                schema_file: str | None = None) -> Parser:
     """The bytes → Alerts function for a stream's format.
@@ -465,15 +470,13 @@ class Daemon:
                     # takes seconds (3 s of group.initial.rebalance.delay.ms on Apache Kafka), and
                     # "no new messages" means nothing before the stream could read any. A broker
                     # never reached must still end a catch-up run: the join gets JOIN_GRACE_S.
-                    joining = time.monotonic() - started < JOIN_GRACE_S and any(
-                        getattr(r.consumer.stats, "rebalances", 1) == 0 for r in self.runners)
+                    joining = time.monotonic() - started < JOIN_GRACE_S and bool(_never_assigned(self.runners))
                     busy = joining or any(r.consumer.stats.backing_off or r.consumer.stats.busy
                                           for r in self.runners)
                     if total != last_total or busy:
                         last_total, last_change = total, time.monotonic()
                     elif time.monotonic() - last_change >= idle_exit_s:
-                        unassigned = [r.stream.name for r in self.runners
-                                      if getattr(r.consumer.stats, "rebalances", 1) == 0]
+                        unassigned = _never_assigned(self.runners)
                         if unassigned:
                             log.warning("stream(s) %s never got a partition in %.0f s (broker unreachable, "
                                         "or no such topic?)", ", ".join(unassigned),
