@@ -471,8 +471,7 @@ class Daemon:
                     # "no new messages" means nothing before the stream could read any. A broker
                     # never reached must still end a catch-up run: the join gets JOIN_GRACE_S.
                     joining = time.monotonic() - started < JOIN_GRACE_S and bool(_never_assigned(self.runners))
-                    busy = joining or any(r.consumer.stats.backing_off or r.consumer.stats.busy
-                                          for r in self.runners)
+                    busy = joining or any(r.consumer.stats.busy for r in self.runners)  # backing off too
                     if total != last_total or busy:
                         last_total, last_change = total, time.monotonic()
                     elif time.monotonic() - last_change >= idle_exit_s:
